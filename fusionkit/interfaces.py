@@ -1,0 +1,176 @@
+"""Interfaces of the component kinds fusionkit composes.
+
+A model is ``encoders -> fusion -> gate -> head``:
+
+* **encoder** (one per modality): ``(B, T, F_m) -> (B, T, D_m)``.
+* **fusion**: ``{modality: (B, T, D_m)} -> {stream: (B, T, S, D_s)}``, a *stack* of ``S``
+  per-step features for each output stream. A fusion that produces one fused sequence returns
+  one stream with ``S = 1``; a recursive fusion returns ``[X0, X1, ..., XN]`` (``S = N + 1``)
+  per modality so that a gate can choose among the steps.
+* **gate**: ``{stream: (B, T, S, D_s)} -> (B, T, D)`` plus the per-frame step weights
+  ``{stream: (B, T, S)}`` it used (so they can be saved and plotted).
+* **head**: ``(B, T, D) -> (B, T, n_targets)``.
+* **dataset**: yields :class:`Video` records (per-frame features and labels).
+
+``mask`` arguments are ``(B, T)`` boolean tensors, ``True`` on real frames and ``False`` on
+padding. Components must not let padded frames change the output on real frames beyond
+what their receptive field implies (padding sits at the end of a window).
+
+Components are ``torch.nn.Module`` objects that also satisfy the protocols below; they are
+built by the ``build`` function a plugin registers (see :mod:`fusionkit.registry`) with the
+keyword arguments documented on each ``*Build`` protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor
+
+__all__ = [
+    "Dataset",
+    "DatasetBuild",
+    "Encoder",
+    "EncoderBuild",
+    "Fusion",
+    "FusionBuild",
+    "Gate",
+    "GateBuild",
+    "GateOutput",
+    "Head",
+    "HeadBuild",
+    "Video",
+]
+
+
+@dataclass
+class Video:
+    """One video (trial) as a dataset delivers it.
+
+    Attributes:
+        name: unique id within the dataset (e.g. ``"118-30-640x480_left"``).
+        features: modality -> ``(N, F_m)`` float tensor, row ``i`` is video frame ``i``.
+        labels: ``(N, n_targets)`` float tensor (valence, arousal in [-1, 1]).
+        label_mask: ``(N,)`` bool, ``False`` where a frame carries no label (never trained
+            or scored on).
+        fps: frames per second of this video.
+        frame_ids: optional ``(N,)`` int tensor of the original frame numbers.
+    """
+
+    name: str
+    features: dict[str, Tensor]
+    labels: Tensor
+    label_mask: Tensor
+    fps: float = 30.0
+    frame_ids: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """A source of videos split into named partitions.
+
+    Attributes:
+        feature_dims: modality -> per-frame feature size ``F_m``.
+        targets: names of the label columns, e.g. ``("valence", "arousal")``.
+    """
+
+    feature_dims: dict[str, int]
+    targets: tuple[str, ...]
+
+    def splits(self) -> tuple[str, ...]:
+        """Names of the partitions this dataset provides (e.g. train, val, test)."""
+        ...
+
+    def videos(self, split: str) -> Sequence[Video]:
+        """All videos of ``split``; raises :class:`fusionkit.errors.DataError` if unknown."""
+        ...
+
+
+class DatasetBuild(Protocol):
+    def __call__(self, params: BaseModel) -> Dataset: ...
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Per-modality temporal encoder ``(B, T, F) -> (B, T, out_dim)``."""
+
+    out_dim: int
+
+    def __call__(self, x: Tensor, mask: Tensor) -> Tensor: ...
+
+
+class EncoderBuild(Protocol):
+    def __call__(self, params: BaseModel, *, in_dim: int, modality: str) -> Encoder: ...
+
+
+@runtime_checkable
+class Fusion(Protocol):
+    """``{modality: (B, T, D_m)} -> {stream: (B, T, S, D_s)}``.
+
+    Attributes:
+        out_dims: stream -> feature size ``D_s`` of its stack.
+        num_steps: ``S``, the number of stacked steps (1 for a plain fusion).
+        fixed_length: the only window length ``T`` the fusion accepts, or ``None``.
+    """
+
+    out_dims: dict[str, int]
+    num_steps: int
+    fixed_length: int | None
+
+    def __call__(self, feats: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]: ...
+
+
+class FusionBuild(Protocol):
+    def __call__(self, params: BaseModel, *, in_dims: dict[str, int]) -> Fusion: ...
+
+
+@dataclass
+class GateOutput:
+    """What a gate returns.
+
+    Attributes:
+        features: ``(B, T, D)`` fused sequence handed to the head.
+        weights: stream -> ``(B, T, S)`` non-negative per-frame weights over the steps.
+    """
+
+    features: Tensor
+    weights: dict[str, Tensor]
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """``{stream: (B, T, S, D_s)} -> GateOutput`` with ``features`` of size ``out_dim``."""
+
+    out_dim: int
+
+    def __call__(self, stacks: dict[str, Tensor], mask: Tensor) -> GateOutput: ...
+
+
+class GateBuild(Protocol):
+    def __call__(self, params: BaseModel, *, in_dims: dict[str, int], num_steps: int) -> Gate: ...
+
+
+@runtime_checkable
+class Head(Protocol):
+    """``(B, T, D) -> (B, T, n_targets)``."""
+
+    def __call__(self, x: Tensor, mask: Tensor) -> Tensor: ...
+
+
+class HeadBuild(Protocol):
+    def __call__(self, params: BaseModel, *, in_dim: int, n_targets: int) -> Head: ...
+
+
+def masked_fill_padding(x: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
+    """Return ``x`` (``(B, T, ...)``) with padded frames set to ``value`` (out of place)."""
+    shape = mask.shape + (1,) * (x.dim() - mask.dim())
+    return torch.where(mask.reshape(shape), x, torch.as_tensor(value, dtype=x.dtype))

@@ -1,0 +1,1 @@
+"""fusionkit_encoders plugin package."""

@@ -1,0 +1,1 @@
+"""fusionkit_rjca plugin package."""

@@ -1,0 +1,1 @@
+"""fusionkit_synthetic plugin package."""
