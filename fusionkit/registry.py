@@ -87,9 +87,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 class Registry:
     """Name -> :class:`Component` tables, one per kind."""
 
-    _items: dict[str, dict[str, Component]] = field(
-        default_factory=lambda: {k: {} for k in KINDS}
-    )
+    _items: dict[str, dict[str, Component]] = field(default_factory=lambda: {k: {} for k in KINDS})
     failures: list[PluginLoadFailure] = field(default_factory=list)
     _current: tuple[str, str, str] = ("<direct>", "", "")
 
@@ -180,7 +178,10 @@ def load_registry(*, strict: bool | None = None) -> Registry:
     """
     strict = _strict_from_env() if strict is None else strict
     registry = Registry()
-    eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.dist.name if e.dist else "", e.name))
+    eps = sorted(
+        md.entry_points(group=ENTRY_POINT_GROUP),
+        key=lambda e: (e.dist.name if e.dist else "", e.name),
+    )
     for ep in eps:
         dist = ep.dist.name if ep.dist is not None else "<unknown>"
         version = ep.dist.version if ep.dist is not None else ""
@@ -205,7 +206,9 @@ def load_registry(*, strict: bool | None = None) -> Registry:
             continue
         for comp in scratch.components():
             registry._current = (comp.distribution, comp.version, comp.plugin)
-            registry.add(comp.kind, comp.name, build=comp.build, params=comp.params, summary=comp.summary)
+            registry.add(
+                comp.kind, comp.name, build=comp.build, params=comp.params, summary=comp.summary
+            )
         registry._current = ("<direct>", "", "")
     return registry
 

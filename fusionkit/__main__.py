@@ -1,0 +1,3 @@
+from fusionkit.cli import main
+
+main()

@@ -1,0 +1,203 @@
+"""The ``fusionkit`` command line: run, eval, plugins, recipe."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fusionkit.errors import FusionkitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="fusionkit: audio-visual fusion for continuous valence/arousal.",
+)
+plugins_app = typer.Typer(no_args_is_help=True, help="List and inspect installed plugins.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Validate and show recipes.")
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _split_recipe_args(
+    recipe: str | None, overrides: list[str] | None
+) -> tuple[str | None, list[str]]:
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        return None, [recipe, *overrides]
+    return recipe, overrides
+
+
+def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column("split")
+    for t in targets:
+        table.add_column(f"CCC {t}", justify="right")
+    if len(targets) > 1:
+        table.add_column("CCC mean", justify="right", style="bold")
+    for t in targets:
+        table.add_column(f"PCC {t}", justify="right")
+        table.add_column(f"RMSE {t}", justify="right")
+    table.add_column("frames", justify="right")
+    for split, m in splits.items():
+        row = [split] + [f"{m[f'ccc_{t}']:.4f}" for t in targets]
+        if len(targets) > 1:
+            row.append(f"{m['ccc_mean']:.4f}")
+        for t in targets:
+            row += [f"{m[f'pcc_{t}']:.4f}", f"{m[f'rmse_{t}']:.4f}"]
+        row.append(str(m["n_frames"]))
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def run(
+    recipe: Annotated[
+        str | None, typer.Argument(help="recipe YAML (default: the embedded quickstart)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. training.lr=1e-3")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the interrupted run of this recipe")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+) -> None:
+    """Train and evaluate a recipe; writes a run directory under output.dir."""
+    from fusionkit.recipe import load_recipe
+    from fusionkit.runs import prepare_run_dir
+    from fusionkit.train import Trainer
+
+    path, ovr = _split_recipe_args(recipe, overrides)
+    rc = load_recipe(path, ovr)
+    run_dir = prepare_run_dir(rc, resume=resume)
+    out = None if quiet else console
+    console.print(f"[bold]fusionkit run[/] {rc.run_name} -> {run_dir}")
+    trainer = Trainer(rc, run_dir, console=out)
+    console.print(
+        f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on "
+        f"{trainer.device} ({'bf16' if trainer.bf16 else 'fp32'})"
+    )
+    try:
+        result = trainer.fit(resume=resume)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"\n[yellow]interrupted[/]: the last finished epoch is saved in {run_dir}\n"
+            f"resume with: fusionkit run {path or ''} {' '.join(ovr)} --resume".replace("  ", " ")
+        )
+        raise typer.Exit(130) from None
+    console.print(
+        metrics_table(
+            f"{rc.run_name} (best epoch {result.best_epoch})",
+            result.metrics,
+            list(rc.model.targets),
+        )
+    )
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+) -> None:
+    """Reload a run's best weights and recompute its metrics; compares with metrics.json."""
+    from fusionkit.checkpoint import load_weights
+    from fusionkit.runs import load_run_recipe, read_metrics
+    from fusionkit.train import BEST_FILE, Trainer
+
+    rc = load_run_recipe(run_dir)
+    stored = read_metrics(run_dir)
+    trainer = Trainer(rc, run_dir, console=None)
+    load_weights(Path(run_dir) / BEST_FILE, trainer.model)
+    results, _ = trainer.evaluate_splits()
+    console.print(metrics_table(f"{rc.run_name} (re-evaluated)", results, list(rc.model.targets)))
+    mismatches = [
+        f"{split}.{k}: stored {stored['splits'][split][k]!r}, now {v!r}"
+        for split, m in results.items()
+        for k, v in m.items()
+        if split in stored.get("splits", {}) and stored["splits"][split].get(k) != v
+    ]
+    if mismatches:
+        err_console.print("[red]differs from metrics.json:[/]\n  " + "\n  ".join(mismatches))
+        raise typer.Exit(1)
+    console.print("[green]reproduces metrics.json exactly[/]")
+
+
+@plugins_app.command("list")
+def plugins_list(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,
+) -> None:
+    """Every registered component with its kind, distribution and version."""
+    from fusionkit.registry import load_registry
+
+    reg = load_registry(strict=strict or None)
+    comps = reg.components()
+    if as_json:
+        data = {
+            "components": [
+                {
+                    "kind": c.kind,
+                    "name": c.name,
+                    "distribution": c.distribution,
+                    "version": c.version,
+                    "plugin": c.plugin,
+                    "summary": c.summary,
+                }
+                for c in comps
+            ],
+            "failures": [f.__dict__ for f in reg.failures],
+        }
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title="fusionkit components")
+    for col in ("kind", "name", "distribution", "version", "summary"):
+        table.add_column(col)
+    for c in comps:
+        table.add_row(c.kind, c.name, c.distribution, c.version, c.summary)
+    console.print(table)
+    for f in reg.failures:
+        err_console.print(f"[yellow]skipped plugin {f.plugin} ({f.distribution}): {f.error}[/]")
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    recipe: Annotated[str | None, typer.Argument(help="recipe YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Check a recipe (and overrides) without running it."""
+    from fusionkit.recipe import load_recipe
+
+    path, ovr = _split_recipe_args(recipe, overrides)
+    rc = load_recipe(path, ovr)
+    console.print(f"[green]ok[/]: {path or 'embedded quickstart'} ({rc.run_name})")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: Annotated[str | None, typer.Argument(help="recipe YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+) -> None:
+    """Print the resolved recipe (defaults filled in) as YAML."""
+    from fusionkit.recipe import load_recipe, recipe_to_yaml
+
+    path, ovr = _split_recipe_args(recipe, overrides)
+    typer.echo(recipe_to_yaml(load_recipe(path, ovr)))
+
+
+def main() -> None:
+    """Console entry point: user mistakes print one message, no traceback."""
+    try:
+        app()
+    except FusionkitError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

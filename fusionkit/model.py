@@ -1,0 +1,117 @@
+"""Composition of registered components into one model: encoders -> fusion -> gate -> head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from fusionkit.errors import RecipeError, ShapeError
+from fusionkit.interfaces import GateOutput
+from fusionkit.recipe import Recipe
+from fusionkit.registry import Registry, get_registry
+
+__all__ = ["FusionModel", "ModelOutput", "build_model"]
+
+
+@dataclass
+class ModelOutput:
+    """``pred``: ``(B, T, n_targets)``; ``gate_weights``: stream -> ``(B, T, S)``."""
+
+    pred: Tensor
+    gate_weights: dict[str, Tensor]
+
+
+class FusionModel(nn.Module):
+    """``{modality: (B, T, F_m)} -> (B, T, n_targets)`` through the four component kinds."""
+
+    def __init__(
+        self, encoders: nn.ModuleDict, fusion: nn.Module, gate: nn.Module, head: nn.Module
+    ):
+        super().__init__()
+        self.encoders = encoders
+        self.fusion = fusion
+        self.gate = gate
+        self.head = head
+        self.modalities = sorted(encoders.keys())
+
+    def forward(self, inputs: dict[str, Tensor], mask: Tensor) -> ModelOutput:
+        feats = {}
+        for m in self.modalities:
+            if m not in inputs:
+                raise ShapeError(f"model expects modality {m!r}; batch has {sorted(inputs)}")
+            feats[m] = self.encoders[m](inputs[m], mask)
+        stacks = self.fusion(feats, mask)
+        gated: GateOutput = self.gate(stacks, mask)
+        pred = self.head(gated.features, mask)
+        return ModelOutput(pred=pred, gate_weights=gated.weights)
+
+
+def _build(registry: Registry, kind: str, spec, path: str, **kwargs):
+    comp = registry.get(kind, spec.name)
+    params = comp.params.model_validate(spec.params)
+    try:
+        module = comp.build(params, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError([f"{path}: building {kind} {spec.name!r} failed: {exc}"]) from exc
+    if not isinstance(module, nn.Module):
+        raise RecipeError(
+            [
+                f"{path}: {kind} {spec.name!r} from '{comp.distribution}' built a "
+                f"{type(module).__name__}, not a torch.nn.Module"
+            ]
+        )
+    return module
+
+
+def build_model(
+    recipe: Recipe, feature_dims: dict[str, int], registry: Registry | None = None
+) -> FusionModel:
+    """Build the model a validated recipe describes for a dataset's feature sizes."""
+    registry = registry or get_registry()
+    spec = recipe.model
+    unknown = sorted(set(spec.encoders) - set(feature_dims))
+    if unknown:
+        raise RecipeError(
+            [
+                f"model.encoders.{m}: dataset {recipe.data.name!r} has no modality {m!r}; it "
+                f"provides: {', '.join(sorted(feature_dims))}"
+                for m in unknown
+            ]
+        )
+    encoders = nn.ModuleDict(
+        {
+            m: _build(
+                registry, "encoder", s, f"model.encoders.{m}", in_dim=feature_dims[m], modality=m
+            )
+            for m, s in spec.encoders.items()
+        }
+    )
+    in_dims = {m: int(enc.out_dim) for m, enc in encoders.items()}
+    fusion = _build(registry, "fusion", spec.fusion, "model.fusion", in_dims=in_dims)
+    fixed = getattr(fusion, "fixed_length", None)
+    if fixed is not None and fixed != recipe.data.window:
+        raise RecipeError(
+            [
+                f"model.fusion: {spec.fusion.name!r} only accepts windows of T={fixed} frames but "
+                f"data.window={recipe.data.window}; set data.window={fixed} or use a "
+                "length-agnostic mode of the fusion"
+            ]
+        )
+    gate = _build(
+        registry,
+        "gate",
+        spec.gate,
+        "model.gate",
+        in_dims=dict(fusion.out_dims),
+        num_steps=int(fusion.num_steps),
+    )
+    head = _build(
+        registry,
+        "head",
+        spec.head,
+        "model.head",
+        in_dim=int(gate.out_dim),
+        n_targets=len(spec.targets),
+    )
+    return FusionModel(encoders, fusion, gate, head)

@@ -1,0 +1,161 @@
+"""Baseline components: per-frame linear encoder, concatenation fusion, last-step gate, head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from einops import rearrange
+from pydantic import BaseModel, Field
+from torch import Tensor, nn
+
+from fusionkit.errors import ShapeError
+from fusionkit.interfaces import GateOutput
+
+__all__ = [
+    "ConcatFusion",
+    "ConcatParams",
+    "LastStepGate",
+    "LinearEncoder",
+    "LinearParams",
+    "RegressionHead",
+    "RegressionHeadParams",
+]
+
+
+class LinearParams(BaseModel):
+    model_config = {"extra": "forbid"}
+    dim: int = Field(128, ge=1, description="output feature size D")
+    activation: Literal["none", "relu", "leaky_relu", "tanh"] = Field(
+        "leaky_relu", description="non-linearity after the projection"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after the activation")
+    layer_norm: bool = Field(False, description="LayerNorm the input features first")
+
+
+_ACT = {"none": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh}
+
+
+class LinearEncoder(nn.Module):
+    """Per-frame projection ``(B, T, F) -> (B, T, dim)``; no temporal context."""
+
+    def __init__(self, params: LinearParams, in_dim: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dim = params.dim
+        self.net = nn.Sequential(
+            nn.LayerNorm(in_dim) if params.layer_norm else nn.Identity(),
+            nn.Linear(in_dim, params.dim),
+            _ACT[params.activation](),
+            nn.Dropout(params.dropout),
+        )
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.in_dim:
+            raise ShapeError(
+                f"encoder 'linear' expected (B, T, F={self.in_dim}); got {tuple(x.shape)}"
+            )
+        return self.net(x)
+
+
+class ConcatParams(BaseModel):
+    model_config = {"extra": "forbid"}
+    normalize: bool = Field(False, description="L2-normalise each modality per frame first")
+
+
+class ConcatFusion(nn.Module):
+    """Per-frame concatenation of the modalities (sorted by name) as one stream with S = 1.
+
+    ``{m: (B, T, D_m)} -> {"fused": (B, T, 1, sum D_m)}``. With a single modality this is the
+    unimodal baseline.
+    """
+
+    fixed_length = None
+    num_steps = 1
+
+    def __init__(self, params: ConcatParams, in_dims: dict[str, int]) -> None:
+        super().__init__()
+        self.modalities = sorted(in_dims)
+        self.normalize = params.normalize
+        self.out_dims = {"fused": sum(in_dims.values())}
+
+    def forward(self, feats: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        missing = [m for m in self.modalities if m not in feats]
+        if missing:
+            raise ShapeError(
+                f"fusion 'concat' expected modalities {self.modalities}; missing {missing}"
+            )
+        xs = [feats[m] for m in self.modalities]
+        if self.normalize:
+            xs = [nn.functional.normalize(x, dim=-1) for x in xs]
+        lengths = {m: tuple(x.shape[:2]) for m, x in zip(self.modalities, xs, strict=True)}
+        if len(set(lengths.values())) != 1:
+            raise ShapeError(f"fusion 'concat' needs equal (B, T) across modalities; got {lengths}")
+        fused = torch.cat(xs, dim=-1)
+        return {"fused": rearrange(fused, "b t d -> b t 1 d")}
+
+
+class LastStepGate(nn.Module):
+    """Take the last step of every stream and concatenate the streams (sorted by name).
+
+    ``{s: (B, T, S, D_s)} -> (B, T, sum D_s)``; the weights are one-hot on the last step.
+    """
+
+    def __init__(self, in_dims: dict[str, int], num_steps: int) -> None:
+        super().__init__()
+        self.streams = sorted(in_dims)
+        self.num_steps = num_steps
+        self.out_dim = sum(in_dims.values())
+
+    def forward(self, stacks: dict[str, Tensor], mask: Tensor) -> GateOutput:
+        feats = [stacks[s][:, :, -1] for s in self.streams]
+        weights = {}
+        for s in self.streams:
+            b, t, steps, _ = stacks[s].shape
+            w = torch.zeros(b, t, steps, device=stacks[s].device, dtype=stacks[s].dtype)
+            w[..., -1] = 1.0
+            weights[s] = w
+        return GateOutput(features=torch.cat(feats, dim=-1), weights=weights)
+
+
+class RegressionHeadParams(BaseModel):
+    model_config = {"extra": "forbid"}
+    hidden: int = Field(256, ge=1, description="hidden size of the first Linear")
+    batchnorm: bool = Field(True, description="BatchNorm1d over channels after the first Linear")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the output Linear")
+    tanh: bool = Field(True, description="squash outputs into [-1, 1]")
+
+
+class RegressionHead(nn.Module):
+    """The released head: Linear -> BatchNorm1d -> LeakyReLU -> Linear -> tanh.
+
+    ``(B, T, D) -> (B, T, n_targets)``. BatchNorm statistics are taken over valid frames only
+    during training (padding does not dilute them).
+    """
+
+    def __init__(self, params: RegressionHeadParams, in_dim: int, n_targets: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.fc1 = nn.Linear(in_dim, params.hidden)
+        self.bn = nn.BatchNorm1d(params.hidden) if params.batchnorm else None
+        self.act = nn.LeakyReLU()
+        self.drop = nn.Dropout(params.dropout)
+        self.fc2 = nn.Linear(params.hidden, n_targets)
+        self.tanh = params.tanh
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise ShapeError(f"head expected (B, T, D={self.in_dim}); got {tuple(x.shape)}")
+        h = self.fc1(x)
+        if self.bn is not None:
+            flat = rearrange(h, "b t c -> (b t) c")
+            keep = rearrange(mask, "b t -> (b t)")
+            if self.training and bool(keep.any()):
+                normed = torch.zeros_like(flat)
+                normed[keep] = self.bn(flat[keep]).to(flat.dtype)
+                flat = normed
+            else:
+                flat = self.bn(flat).to(flat.dtype)
+            h = rearrange(flat, "(b t) c -> b t c", b=x.shape[0])
+        y = self.fc2(self.drop(self.act(h)))
+        return torch.tanh(y) if self.tanh else y

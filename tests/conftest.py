@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny in-test dataset registered next to the installed plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from pydantic import BaseModel, Field
+
+from fusionkit.interfaces import Video
+from fusionkit.registry import Registry, load_registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TinyParams(BaseModel):
+    model_config = {"extra": "forbid"}
+    seed: int = 0
+    videos: int = Field(5, ge=1)
+
+
+class TinyDataset:
+    """Random-walk latents observed by two noisy modalities; a few unlabelled frames."""
+
+    feature_dims: ClassVar[dict[str, int]] = {"audio": 6, "video": 5}
+    targets = ("valence", "arousal")
+
+    def __init__(self, params: TinyParams) -> None:
+        self.params = params
+
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "val", "test")
+
+    def videos(self, split: str) -> list[Video]:
+        offset = {"train": 0, "val": 1, "test": 2}[split]
+        g = torch.Generator().manual_seed(self.params.seed * 10 + offset)
+        out = []
+        for i in range(self.params.videos):
+            n = int(torch.randint(120, 400, (1,), generator=g))
+            lat = (torch.cumsum(torch.randn(n, 2, generator=g) * 0.15, 0)).tanh()
+            audio = lat[:, 1:2].repeat(1, 6) + 0.4 * torch.randn(n, 6, generator=g)
+            video = lat[:, 0:1].repeat(1, 5) + 0.4 * torch.randn(n, 5, generator=g)
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[10:15] = False
+            out.append(Video(f"{split}_{i}", {"audio": audio, "video": video}, lat, mask))
+        return out
+
+
+def make_registry() -> Registry:
+    reg = load_registry(strict=True)
+    reg.add("dataset", "tiny", build=TinyDataset, params=TinyParams, summary="test data")
+    return reg
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return make_registry()
+
+
+def tiny_recipe(tmp_path: Path, **training) -> dict:
+    return {
+        "name": "tiny",
+        "data": {"name": "tiny", "params": {"seed": 0}, "window": 64, "hop": 48},
+        "model": {
+            "encoders": {
+                "audio": {"name": "linear", "params": {"dim": 8}},
+                "video": {"name": "linear", "params": {"dim": 8}},
+            },
+            "fusion": {"name": "concat"},
+            "gate": {"name": "last"},
+            "head": {"name": "regression", "params": {"hidden": 8, "dropout": 0.2}},
+        },
+        "training": {"epochs": 4, "batch_size": 4, "lr": 3e-3, "seed": 0, **training},
+        "evaluation": {"splits": ["val", "test"], "batch_size": 8},
+        "output": {"dir": str(tmp_path)},
+    }

@@ -1,0 +1,134 @@
+"""Plugin discovery through real entry points, tolerant loading, and name clashes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fusionkit.errors import PluginError
+from fusionkit.registry import load_registry
+
+BUILTINS = {
+    ("encoder", "linear"),
+    ("fusion", "concat"),
+    ("gate", "last"),
+    ("head", "regression"),
+}
+
+
+def make_distribution(root: Path, dist: str, module: str, source: str) -> None:
+    """Install a throwaway distribution (dist-info + module) into ``root`` on sys.path."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.3.dist-info"  # PEP 427 escaping
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[fusionkit]\n{module} = {module}\n")
+
+
+GOOD = """
+import fusionkit
+from torch import nn
+
+@fusionkit.hookimpl
+def fusionkit_register_components(registry):
+    registry.add("gate", "mine", build=lambda p, *, in_dims, num_steps: nn.Identity())
+"""
+
+
+def test_builtins_are_discovered_through_entry_points():
+    reg = load_registry(strict=True)
+    found = {(c.kind, c.name) for c in reg.components()}
+    assert found >= BUILTINS
+    assert all(c.distribution == "fusionkit" and c.version for c in reg.components())
+
+
+def test_third_party_distribution_is_discovered(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "fk-thirdparty", "fk_thirdparty", GOOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    comp = load_registry(strict=True).get("gate", "mine")
+    assert (comp.distribution, comp.version, comp.plugin) == (
+        "fk-thirdparty",
+        "0.3",
+        "fk_thirdparty",
+    )
+
+
+def test_broken_plugin_warns_once_and_others_still_load(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "fk-broken", "fk_broken", "raise ImportError('no such thing')\n")
+    make_distribution(tmp_path, "fk-thirdparty", "fk_thirdparty", GOOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = load_registry(strict=False)
+    msgs = [str(w.message) for w in caught if "fusionkit" in str(w.message)]
+    assert len(msgs) == 1 and "fk-broken" in msgs[0] and "no such thing" in msgs[0]
+    assert ("gate", "mine") in reg and ("fusion", "concat") in reg
+    with pytest.raises(PluginError, match="fk-broken"):
+        load_registry(strict=True)
+
+
+def test_invalid_registration_is_rejected_without_partial_state(tmp_path, monkeypatch):
+    make_distribution(
+        tmp_path,
+        "fk-bad",
+        "fk_bad",
+        """
+        import fusionkit
+
+        @fusionkit.hookimpl
+        def fusionkit_register_components(registry):
+            registry.add("gate", "half", build=lambda p, **k: None)
+            registry.add("fusoin", "x", build=lambda p, **k: None)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg = load_registry(strict=False)
+    assert ("gate", "half") not in reg
+    assert any("did you mean 'fusion'" in str(w.message) for w in caught)
+
+
+def test_duplicate_names_are_an_error_naming_both(tmp_path, monkeypatch):
+    make_distribution(
+        tmp_path,
+        "fk-clash",
+        "fk_clash",
+        """
+        import fusionkit
+
+        @fusionkit.hookimpl
+        def fusionkit_register_components(registry):
+            registry.add("fusion", "concat", build=lambda p, **k: None)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as info:
+        load_registry(strict=False)
+    assert "'fusionkit'" in str(info.value) and "'fk-clash'" in str(info.value)
+
+
+def test_unknown_component_lookup_lists_registered():
+    reg = load_registry(strict=True)
+    with pytest.raises(PluginError, match=r"unknown gate 'lats' \(did you mean 'last'\?\)"):
+        reg.get("gate", "lats")
+
+
+def test_plugins_list_cli_json():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusionkit", "plugins", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    data = json.loads(proc.stdout)
+    found = {(c["kind"], c["name"]) for c in data["components"]}
+    assert found >= BUILTINS
+    assert data["failures"] == []

@@ -1,0 +1,163 @@
+"""Training, resume, evaluation reproducibility and run directories (tiny in-test dataset)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusionkit.checkpoint import load_weights
+from fusionkit.data import FrameStore, window_starts
+from fusionkit.errors import CheckpointError, RecipeError
+from fusionkit.evaluate import predict
+from fusionkit.recipe import validate_recipe
+from fusionkit.runs import prepare_run_dir
+from fusionkit.train import BEST_FILE, METRICS_FILE, STATE_FILE, Trainer
+from tests.conftest import TinyDataset, TinyParams, tiny_recipe
+
+
+def train(tmp_path, registry, resume=False, run_dir=None, hook=None, **training):
+    rc = validate_recipe(tiny_recipe(tmp_path, **training), "tiny", registry)
+    run_dir = run_dir or prepare_run_dir(rc, registry=registry)
+    return Trainer(rc, run_dir, registry=registry, on_epoch_end=hook).fit(resume=resume), run_dir
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"), [(50, [0]), (64, [0]), (65, [0, 1]), (160, [0, 48, 96])]
+)
+def test_window_starts_cover_every_frame(n, expected):
+    starts = window_starts(n, 64, 48)
+    assert starts == expected
+    covered = set()
+    for s in starts:
+        covered |= set(range(s, min(s + 64, n)))
+    assert covered == set(range(n))
+
+
+def test_frame_store_pads_and_masks():
+    videos = TinyDataset(TinyParams(videos=2)).videos("train")
+    store = FrameStore(videos, ["audio", "video"], [0, 1], window=500, hop=400)
+    batch = store.batch(torch.arange(store.num_windows))
+    for i, v in enumerate(videos):
+        n = v.num_frames
+        assert batch.mask[i, :n].all() and not batch.mask[i, n:].any()
+        assert torch.equal(batch.inputs["audio"][i, :n], v.features["audio"])
+        assert (batch.inputs["audio"][i, n:] == 0).all()
+        assert torch.equal(batch.target_mask[i, :n], v.label_mask)
+        assert not batch.target_mask[i, n:].any()
+
+
+def test_prediction_averages_overlapping_windows(tmp_path, registry):
+    """Frame predictions equal the mean over all windows that contain the frame."""
+    rc = validate_recipe(tiny_recipe(tmp_path), "tiny", registry)
+    tr = Trainer(rc, tmp_path / "r", registry=registry)
+    videos = tr.dataset.videos("val")[:1]
+    store = FrameStore(videos, ["audio", "video"], [0, 1], window=64, hop=48)
+    got = predict(tr.model, store, batch_size=3).pred
+    tr.model.eval()
+    n = videos[0].num_frames
+    acc, cnt = torch.zeros(n, 2), torch.zeros(n, 1)
+    with torch.no_grad():
+        for s in window_starts(n, 64, 48):
+            e = min(s + 64, n)
+            x = {m: videos[0].features[m][s:e][None] for m in ("audio", "video")}
+            acc[s:e] += tr.model(x, torch.ones(1, e - s, dtype=torch.bool)).pred[0]
+            cnt[s:e] += 1
+    torch.testing.assert_close(got, acc / cnt, atol=1e-5, rtol=1e-5)
+
+
+def test_training_improves_and_writes_run_dir(tmp_path, registry):
+    result, run_dir = train(tmp_path, registry, epochs=6)
+    for name in (
+        STATE_FILE,
+        BEST_FILE,
+        METRICS_FILE,
+        "recipe.yaml",
+        "manifest.json",
+        "predictions/val.safetensors",
+    ):
+        assert (run_dir / name).is_file(), name
+    hist = result.history
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert result.metrics["val"]["ccc_mean"] > 0.3
+    stored = json.loads((run_dir / METRICS_FILE).read_text())
+    assert stored["splits"]["test"] == result.metrics["test"]
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path, registry):
+    full, _ = train(tmp_path / "a", registry, epochs=5)
+
+    def interrupt(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    rc = validate_recipe(tiny_recipe(tmp_path / "b", epochs=5), "tiny", registry)
+    run_dir = prepare_run_dir(rc, registry=registry)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(rc, run_dir, registry=registry, on_epoch_end=interrupt).fit()
+    assert not (run_dir / METRICS_FILE).exists()
+    resumed = Trainer(rc, prepare_run_dir(rc, resume=True, registry=registry), registry=registry)
+    out = resumed.fit(resume=True)
+    assert out.metrics == full.metrics
+    assert [h["train_loss"] for h in out.history] == [h["train_loss"] for h in full.history]
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, registry):
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=1), "tiny", registry)
+    prepare_run_dir(rc, registry=registry)
+    other = validate_recipe(tiny_recipe(tmp_path, epochs=1, lr=0.5), "tiny", registry)
+    with pytest.raises(RecipeError, match=r"training\.lr"):
+        prepare_run_dir(other, resume=True, registry=registry)
+
+
+def test_new_run_never_overwrites_existing(tmp_path, registry):
+    rc = validate_recipe(tiny_recipe(tmp_path), "tiny", registry)
+    first = prepare_run_dir(rc, registry=registry)
+    (first / "keep.txt").write_text("x")
+    second = prepare_run_dir(rc, registry=registry)
+    assert second != first and (first / "keep.txt").read_text() == "x"
+
+
+def test_reloaded_weights_reproduce_metrics_exactly(tmp_path, registry):
+    result, run_dir = train(tmp_path, registry, epochs=3)
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=3), "tiny", registry)
+    fresh = Trainer(rc, run_dir, registry=registry)
+    load_weights(run_dir / BEST_FILE, fresh.model)
+    again, _ = fresh.evaluate_splits()
+    assert again == result.metrics
+
+
+def test_seeded_runs_are_identical_and_seed_matters(tmp_path, registry):
+    a, _ = train(tmp_path / "a", registry, epochs=2, seed=1)
+    b, _ = train(tmp_path / "b", registry, epochs=2, seed=1)
+    c, _ = train(tmp_path / "c", registry, epochs=2, seed=2)
+    assert a.metrics == b.metrics
+    assert a.metrics != c.metrics
+
+
+def test_corrupt_checkpoint_is_named(tmp_path, registry):
+    _result, run_dir = train(tmp_path, registry, epochs=1)
+    (run_dir / BEST_FILE).write_bytes(b"not a safetensors file")
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=1), "tiny", registry)
+    with pytest.raises(CheckpointError, match=BEST_FILE):
+        load_weights(run_dir / BEST_FILE, Trainer(rc, run_dir, registry=registry).model)
+
+
+def test_padding_content_does_not_change_the_loss(tmp_path, registry):
+    """Garbage written into padded frames must not change predictions on real frames."""
+    rc = validate_recipe(tiny_recipe(tmp_path), "tiny", registry)
+    tr = Trainer(rc, tmp_path / "r", registry=registry)
+    tr.model.eval()
+    videos = tr.dataset.videos("val")[:2]
+    store = FrameStore(videos, ["audio", "video"], [0, 1], window=500, hop=400)
+    batch = store.batch(torch.arange(store.num_windows))
+    dirty = {
+        m: torch.where(batch.mask[..., None], x, torch.full_like(x, 99.0))
+        for m, x in batch.inputs.items()
+    }
+    with torch.no_grad():
+        clean = tr.model(batch.inputs, batch.mask).pred
+        noisy = tr.model(dirty, batch.mask).pred
+    torch.testing.assert_close(clean[batch.mask], noisy[batch.mask])
