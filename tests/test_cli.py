@@ -1,0 +1,124 @@
+"""The CLI as a user meets it: Ctrl-C then --resume, eval reproducibility, recipe commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tiny_recipe
+from tests.test_plugins import make_distribution
+
+TINY_PLUGIN = """
+import fusionkit
+from tests.conftest import TinyDataset, TinyParams
+
+@fusionkit.hookimpl
+def fusionkit_register_components(registry):
+    registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
+"""
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHONUNBUFFERED="1")
+    recipe = tmp_path / "tiny.yaml"
+    raw = tiny_recipe(tmp_path / "runs", epochs=12)
+    raw["training"]["early_stopping"] = 50
+    recipe.write_text(yaml.safe_dump(raw))
+    return env, recipe
+
+
+def fk(args, env, cwd, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "fusionkit", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+def test_ctrl_c_then_resume_matches_uninterrupted_run(cli_env, tmp_path):
+    env, recipe = cli_env
+    ref = fk(["run", str(recipe), "output.name=ref", "-q"], env, tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusionkit", "run", str(recipe), "output.name=cut", "-q"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state = tmp_path / "runs" / "cut" / "state.safetensors"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "cut" / "metrics.json").exists()
+    res = fk(["run", str(recipe), "output.name=cut", "--resume", "-q"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    a = json.loads((tmp_path / "runs" / "ref" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "runs" / "cut" / "metrics.json").read_text())
+    assert a["splits"] == b["splits"]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
+    env, recipe = cli_env
+    run = fk(["run", str(recipe), "training.epochs=2", "-q"], env, tmp_path)
+    assert run.returncode == 0, run.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    ok = fk(["eval", str(run_dir)], env, tmp_path)
+    assert ok.returncode == 0 and "reproduces metrics.json exactly" in ok.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["splits"]["val"]["ccc_mean"] += 0.01
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    bad = fk(["eval", str(run_dir)], env, tmp_path)
+    assert bad.returncode == 1 and "val.ccc_mean" in bad.stderr
+
+
+def test_eval_on_missing_run_dir_is_one_clear_line(tmp_path):
+    res = fk(["eval", str(tmp_path / "nope")], dict(os.environ), tmp_path)
+    assert res.returncode == 2 and "run directory not found" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_recipe_show_prints_resolved_defaults(cli_env, tmp_path):
+    env, recipe = cli_env
+    res = fk(["recipe", "show", str(recipe), "training.lr=0.5"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    shown = yaml.safe_load(res.stdout)
+    assert shown["training"]["lr"] == 0.5
+    assert shown["model"]["head"]["params"]["batchnorm"] is True
+
+
+def test_run_saves_resolved_recipe_with_overrides(cli_env, tmp_path):
+    env, recipe = cli_env
+    res = fk(["run", str(recipe), "training.epochs=1", "training.lr=0.002", "-q"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "recipe.yaml").read_text())
+    assert saved["training"]["lr"] == 0.002 and saved["training"]["epochs"] == 1
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert {"kind": "dataset", "name": "tiny", "distribution": "fk-tiny", "version": "0.3"} in (
+        manifest["components"]
+    )
+    assert Path(tmp_path / "runs" / "tiny" / "model.safetensors").is_file()
