@@ -37,25 +37,37 @@ def _split_recipe_args(
     return recipe, overrides
 
 
+def _short(targets: list[str]) -> dict[str, str]:
+    """Column labels: initials (V, A) when they are unambiguous, else the full names."""
+    initials = [t[:1].upper() for t in targets]
+    if len(set(initials)) == len(targets):
+        return dict(zip(targets, initials, strict=True))
+    return {t: t for t in targets}
+
+
 def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[str]) -> Table:
+    """Rich table of per-split metrics (CCC per target and mean, PCC, RMSE, frames)."""
+    short = _short(targets)
     table = Table(title=title)
     table.add_column("split")
     for t in targets:
-        table.add_column(f"CCC {t}", justify="right")
+        table.add_column(f"CCC-{short[t]}", justify="right")
     if len(targets) > 1:
-        table.add_column("CCC mean", justify="right", style="bold")
-    for t in targets:
-        table.add_column(f"PCC {t}", justify="right")
-        table.add_column(f"RMSE {t}", justify="right")
+        table.add_column("CCC-mean", justify="right", style="bold")
+    for metric in ("PCC", "RMSE"):
+        for t in targets:
+            table.add_column(f"{metric}-{short[t]}", justify="right")
     table.add_column("frames", justify="right")
     for split, m in splits.items():
         row = [split] + [f"{m[f'ccc_{t}']:.4f}" for t in targets]
         if len(targets) > 1:
             row.append(f"{m['ccc_mean']:.4f}")
-        for t in targets:
-            row += [f"{m[f'pcc_{t}']:.4f}", f"{m[f'rmse_{t}']:.4f}"]
+        row += [f"{m[f'pcc_{t}']:.4f}" for t in targets]
+        row += [f"{m[f'rmse_{t}']:.4f}" for t in targets]
         row.append(str(m["n_frames"]))
         table.add_row(*row)
+    if len(short) and any(k != v for k, v in short.items()):
+        table.caption = ", ".join(f"{v} = {k}" for k, v in short.items())
     return table
 
 
@@ -71,14 +83,26 @@ def run(
         bool, typer.Option("--resume", help="continue the interrupted run of this recipe")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=1, help="parallel CPU processes for a sweep")
+    ] = 1,
 ) -> None:
-    """Train and evaluate a recipe; writes a run directory under output.dir."""
+    """Train and evaluate a recipe (or every point of its sweep) into run directories."""
     from fusionkit.recipe import load_recipe
     from fusionkit.runs import prepare_run_dir
     from fusionkit.train import Trainer
 
     path, ovr = _split_recipe_args(recipe, overrides)
     rc = load_recipe(path, ovr)
+    if rc.sweep:
+        from fusionkit.sweep import run_grid
+
+        record = run_grid(rc, str(path or "<default>"), workers=workers, console=console)
+        failed = [t for t, r in record["runs"].items() if r["status"] != "done"]
+        if failed:
+            err_console.print(f"[red]{len(failed)} run(s) failed[/]: {', '.join(failed)}")
+            raise typer.Exit(1)
+        return
     run_dir = prepare_run_dir(rc, resume=resume)
     out = None if quiet else console
     console.print(f"[bold]fusionkit run[/] {rc.run_name} -> {run_dir}")
@@ -130,6 +154,22 @@ def eval_cmd(
         err_console.print("[red]differs from metrics.json:[/]\n  " + "\n  ".join(mismatches))
         raise typer.Exit(1)
     console.print("[green]reproduces metrics.json exactly[/]")
+
+
+@app.command()
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="grid or run directories")],
+    split: Annotated[str, typer.Option(help="split whose metrics are tabulated")] = "test",
+    out: Annotated[Path | None, typer.Option(help="write the Markdown table here")] = None,
+) -> None:
+    """Table of CCC (mean ± std over seeds) per variant for finished runs."""
+    from fusionkit.checkpoint import atomic_write_text
+    from fusionkit.report import collect_runs, markdown_table, summarize
+
+    text = markdown_table(summarize(collect_runs(paths), split))
+    if out is not None:
+        atomic_write_text(out, text)
+    typer.echo(text)
 
 
 @plugins_app.command("list")

@@ -124,6 +124,10 @@ class Recipe(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="grid axes: dotted recipe path -> list of values (see docs/recipes.md)",
+    )
 
     @property
     def run_name(self) -> str:
