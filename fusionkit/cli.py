@@ -234,6 +234,21 @@ def recipe_show(
     typer.echo(recipe_to_yaml(load_recipe(path, ovr)))
 
 
+@recipe_app.command("schema")
+def recipe_schema(
+    out: Annotated[Path | None, typer.Option(help="write the schema to this file")] = None,
+) -> None:
+    """JSON Schema of recipes with every installed component's params (for editors)."""
+    from fusionkit.checkpoint import atomic_write_text
+    from fusionkit.schema import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2)
+    if out is not None:
+        atomic_write_text(out, text + "\n")
+    else:
+        typer.echo(text)
+
+
 def main() -> None:
     """Console entry point: user mistakes print one message, no traceback."""
     try:
