@@ -1,0 +1,52 @@
+"""Mask helpers shared by the encoders: lengths from a ``(B, T)`` mask and masked BatchNorm."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from fusionkit.errors import ShapeError
+
+__all__ = ["MaskedBatchNorm1d", "check_mask", "lengths_from_mask"]
+
+
+def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
+    """Raise :class:`ShapeError` unless ``mask`` is ``(B, T)`` matching ``x``'s ``(B, T, ...)``."""
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ShapeError(
+            f"{name}: mask must be (B, T) = {tuple(x.shape[:2])} like the features; "
+            f"got {tuple(mask.shape)}"
+        )
+
+
+def lengths_from_mask(mask: Tensor) -> Tensor:
+    """Number of valid frames per item, ``(B,)`` int64 on the CPU, at least 1.
+
+    Padding sits at the end of a window (see :mod:`fusionkit.interfaces`), so the valid
+    frames of item ``b`` are ``0 .. lengths[b] - 1``. A fully padded item is given length 1
+    so that ``pack_padded_sequence`` accepts it; its outputs are padding anyway.
+    """
+    return mask.sum(dim=1).clamp(min=1).to(device="cpu", dtype=torch.int64)
+
+
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` over the channels of ``(B, C, T)`` whose training statistics skip padding.
+
+    In training mode the batch mean/variance (and the running estimates) are computed from the
+    valid frames only, so padded frames cannot shift the normalisation of real ones; padded
+    output frames are set to zero. In eval mode it is the plain running-statistics affine map.
+    The parameters and buffers are those of ``nn.BatchNorm1d`` (checkpoints are compatible).
+    """
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if mask is None or not self.training or bool(mask.all()):
+            return super().forward(x)
+        flat = rearrange(x, "b c t -> (b t) c")
+        keep = rearrange(mask, "b t -> (b t)")
+        if not bool(keep.any()):
+            return super().forward(x)
+        normed = super().forward(flat[keep])
+        out = flat.new_zeros(flat.shape[0], flat.shape[1], dtype=normed.dtype)
+        out[keep] = normed
+        return rearrange(out, "(b t) c -> b c t", b=x.shape[0])

@@ -1,0 +1,65 @@
+"""Bidirectional LSTM encoder that packs sequences by their mask lengths.
+
+``(B, T, F) -> (B, T, 2 * hidden)`` (or ``(B, T, proj)`` with a projection). Sequences are
+packed with the number of valid frames of each item, so the backward direction of a valid
+frame starts at the item's last valid frame and never reads padding. Padded output frames
+are zero (before the optional projection).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fusionkit.errors import ShapeError
+from fusionkit_encoders._masking import check_mask, lengths_from_mask
+
+__all__ = ["BiLSTMEncoder", "BiLSTMParams"]
+
+
+class BiLSTMParams(BaseModel):
+    """Parameters of the ``bilstm`` encoder."""
+
+    model_config = {"extra": "forbid"}
+
+    hidden: int = Field(64, ge=1, le=4096, description="hidden size per direction")
+    layers: int = Field(1, ge=1, le=8, description="number of stacked bidirectional layers")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="dropout between stacked layers (needs layers > 1)"
+    )
+    proj: int | None = Field(
+        None, ge=1, description="if set, a per-frame Linear(2*hidden -> proj) gives out_dim"
+    )
+
+
+class BiLSTMEncoder(nn.Module):
+    """Masked bidirectional LSTM ``(B, T, F) -> (B, T, out_dim)``."""
+
+    def __init__(self, params: BiLSTMParams, in_dim: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.lstm = nn.LSTM(
+            in_dim,
+            params.hidden,
+            num_layers=params.layers,
+            dropout=params.dropout if params.layers > 1 else 0.0,
+            bidirectional=True,
+            batch_first=True,
+        )
+        self.proj = nn.Linear(2 * params.hidden, params.proj) if params.proj else None
+        self.out_dim = params.proj if params.proj else 2 * params.hidden
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """``x``: ``(B, T, F)``, ``mask``: ``(B, T)`` bool -> ``(B, T, out_dim)``."""
+        if x.dim() != 3 or x.shape[-1] != self.in_dim:
+            raise ShapeError(
+                f"encoder 'bilstm' expected (B, T, F={self.in_dim}); got {tuple(x.shape)}"
+            )
+        check_mask("encoder 'bilstm'", x, mask)
+        packed = pack_padded_sequence(
+            x, lengths_from_mask(mask), batch_first=True, enforce_sorted=False
+        )
+        out, _ = self.lstm(packed)
+        h, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.proj(h) if self.proj is not None else h
