@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from fusionkit_encoders.tcn import TCNParams
 from pydantic import ValidationError
 
 from fusionkit.errors import ShapeError
 from fusionkit.registry import get_registry
+from fusionkit_encoders.tcn import TCNParams
 
 
 def _build(name: str, in_dim: int, **params):

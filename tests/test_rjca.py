@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from fusionkit_rjca.fusion import RJCAFusion, RJCAParams
 from pydantic import ValidationError
 
 from fusionkit.errors import ShapeError
 from fusionkit.registry import get_registry
+from fusionkit_rjca.fusion import RJCAFusion, RJCAParams
 
 DV, DA = 24, 12  # small video / audio dims for fast tests
 

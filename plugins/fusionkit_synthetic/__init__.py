@@ -1,1 +1,9 @@
-"""fusionkit_synthetic plugin package."""
+"""fusionkit_synthetic: the embedded ``synthetic`` dataset plugin (no files, no downloads).
+
+See ``docs/synthetic.md`` for the generative process and its knobs.
+"""
+
+from fusionkit_synthetic.dataset import SyntheticDataset, VideoInfo, build
+from fusionkit_synthetic.params import SyntheticParams
+
+__all__ = ["SyntheticDataset", "SyntheticParams", "VideoInfo", "build"]

@@ -1,0 +1,133 @@
+"""The ``synthetic`` dataset: lazily generated, cached per split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fusionkit.errors import DataError
+from fusionkit.interfaces import Video
+from fusionkit_synthetic.generator import (
+    SPLITS,
+    ObservationMaps,
+    VideoArrays,
+    build_maps,
+    generate_video,
+)
+from fusionkit_synthetic.params import SyntheticParams
+
+__all__ = ["SyntheticDataset", "VideoInfo", "build"]
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Per-video generative facts that are not per-frame tensors (for analysis and tests).
+
+    Attributes:
+        name: the video's name.
+        lag: audio lag in frames (audio frame ``i`` observes the latents at ``i - lag``).
+        speech_ratio: expected fraction of frames with speech.
+        audio_gain: multiplicative gain of the speech part of the audio.
+        audio_dropout, video_dropout: missing (zeroed) ``[start, stop)`` span, or None.
+    """
+
+    name: str
+    lag: int
+    speech_ratio: float
+    audio_gain: float
+    audio_dropout: tuple[int, int] | None
+    video_dropout: tuple[int, int] | None
+
+
+class SyntheticDataset:
+    """Embedded audio-visual valence/arousal dataset (no files, deterministic by seed).
+
+    Each :class:`~fusionkit.interfaces.Video` has ``features`` ``{"audio": (N, audio_dim),
+    "video": (N, video_dim)}`` (float32), ``labels`` ``(N, 2)`` (valence, arousal; 0 where
+    unlabeled), ``label_mask`` ``(N,)`` and ``extras`` ``{"latent": (N, 2) true valence and
+    arousal on every frame, "speech": (N,) speech activity on the audio timeline}``.
+
+    A split is generated on first use and cached; :meth:`videos` returns the cached records
+    (do not modify their tensors in place).
+    """
+
+    targets: tuple[str, ...] = ("valence", "arousal")
+
+    def __init__(self, params: SyntheticParams) -> None:
+        self.params = params
+        self.feature_dims: dict[str, int] = {"audio": params.audio_dim, "video": params.video_dim}
+        self._maps: ObservationMaps | None = None
+        self._videos: dict[str, list[Video]] = {}
+        self._info: dict[str, list[VideoInfo]] = {}
+
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS
+
+    def num_videos(self, split: str) -> int:
+        """Number of videos configured for ``split``."""
+        self._check(split)
+        p = self.params
+        return {"train": p.num_train, "val": p.num_val, "test": p.num_test}[split]
+
+    def videos(self, split: str) -> list[Video]:
+        """All videos of ``split`` (generated on first call, then cached)."""
+        self._generate(split)
+        return list(self._videos[split])
+
+    def info(self, split: str) -> list[VideoInfo]:
+        """Per-video generative facts (lag, speaking ratio, ...) of ``split``, in video order."""
+        self._generate(split)
+        return list(self._info[split])
+
+    def _check(self, split: str) -> None:
+        if split not in SPLITS:
+            raise DataError(
+                f"synthetic dataset has no split {split!r}; valid splits: {', '.join(SPLITS)}"
+            )
+
+    def _generate(self, split: str) -> None:
+        self._check(split)
+        if split in self._videos:
+            return
+        if self._maps is None:
+            self._maps = build_maps(self.params)
+        videos, infos = [], []
+        for index in range(self.num_videos(split)):
+            name = f"syn_{split}_{index:03d}"
+            arrays = generate_video(self.params, self._maps, split, index)
+            videos.append(self._to_video(name, arrays))
+            infos.append(
+                VideoInfo(
+                    name=name,
+                    lag=arrays.lag,
+                    speech_ratio=arrays.speech_ratio,
+                    audio_gain=arrays.audio_gain,
+                    audio_dropout=arrays.audio_dropout,
+                    video_dropout=arrays.video_dropout,
+                )
+            )
+        self._videos[split], self._info[split] = videos, infos
+
+    def _to_video(self, name: str, arrays: VideoArrays) -> Video:
+        def f32(x: object) -> torch.Tensor:
+            return torch.as_tensor(x, dtype=torch.float32).contiguous()
+
+        mask = torch.as_tensor(arrays.label_mask, dtype=torch.bool)
+        latent = f32(arrays.latent)
+        labels = torch.where(mask[:, None], latent, torch.zeros(()))
+        n = latent.shape[0]
+        return Video(
+            name=name,
+            features={"audio": f32(arrays.audio), "video": f32(arrays.video)},
+            labels=labels,
+            label_mask=mask,
+            fps=float(self.params.fps),
+            frame_ids=torch.arange(n, dtype=torch.int64),
+            extras={"latent": latent, "speech": f32(arrays.speech)},
+        )
+
+
+def build(params: SyntheticParams) -> SyntheticDataset:
+    """Registry build function of the ``synthetic`` dataset."""
+    return SyntheticDataset(params)

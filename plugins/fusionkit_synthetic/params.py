@@ -1,0 +1,104 @@
+"""Parameters (the recipe's ``data.params`` block) of the ``synthetic`` dataset."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+__all__ = ["SyntheticParams"]
+
+
+class SyntheticParams(BaseModel):
+    """Knobs of the synthetic audio-visual valence/arousal dataset (see ``docs/synthetic.md``).
+
+    Every knob draws from its own random stream, so changing one (say ``lag_max``) leaves
+    everything it does not govern (latents, speech activity, noise draws, ...) bitwise unchanged.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**63 - 1,
+        description="seed of the dataset itself (observation maps and every video); "
+        "independent of the training seed",
+    )
+    num_train: int = Field(48, ge=1, le=100_000, description="number of videos in 'train'")
+    num_val: int = Field(16, ge=1, le=100_000, description="number of videos in 'val'")
+    num_test: int = Field(16, ge=1, le=100_000, description="number of videos in 'test'")
+    min_frames: int = Field(300, ge=16, le=1_000_000, description="shortest video, in frames")
+    max_frames: int = Field(1200, ge=16, le=1_000_000, description="longest video, in frames")
+    fps: float = Field(
+        30.0,
+        ge=1.0,
+        le=240.0,
+        description="frames per second; the latent dynamics are specified in seconds, so a "
+        "higher fps gives more (and more correlated) frames per second of affect",
+    )
+    audio_dim: int = Field(32, ge=4, le=4096, description="size of an audio feature vector")
+    video_dim: int = Field(48, ge=4, le=4096, description="size of a video feature vector")
+    audio_noise: float = Field(
+        0.5, ge=0.0, le=10.0, description="std of i.i.d. Gaussian noise added to audio features"
+    )
+    video_noise: float = Field(
+        0.5, ge=0.0, le=10.0, description="std of i.i.d. Gaussian noise added to video features"
+    )
+    lag_max: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="max |audio lag| in frames; each video draws an integer lag uniformly in "
+        "[-lag_max, lag_max] and audio frame i observes the latents at frame i - lag "
+        "(edge-clamped); 0 = aligned",
+    )
+    frame_drop: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.95,
+        description="probability that a frame of a modality is a frozen copy of the previous "
+        "one (independently per modality)",
+    )
+    modality_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="probability, per video and modality, that one span of 10-50% of the "
+        "video's frames is missing in that modality (features set to zeros)",
+    )
+    unlabeled_rate: float = Field(
+        0.02,
+        ge=0.0,
+        le=0.5,
+        description="approximate fraction of frames, in runs of 5-30 frames, that carry no "
+        "label (label_mask False, label 0), like Aff-Wild2's -5 rows",
+    )
+    cross_talk: float = Field(
+        0.4,
+        ge=0.0,
+        le=1.0,
+        description="visibility of the weak dimension in each modality (arousal in video, "
+        "valence in audio): the correlation of its display with the displayed affect, the rest "
+        "being a smooth nuisance; 0 = invisible, 1 = as visible as the strong dimension",
+    )
+    display_noise: float = Field(
+        0.4,
+        ge=0.0,
+        le=5.0,
+        description="std (in latent stds) of the smooth, per-modality noise in how faces and "
+        "voices display the affect; sets the ceiling any model can reach",
+    )
+    speech_ratio: float = Field(
+        0.6,
+        ge=0.05,
+        le=1.0,
+        description="mean fraction of frames with speech; audio carries affect only while "
+        "someone speaks (per-video ratio varies around this)",
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> SyntheticParams:
+        if self.min_frames > self.max_frames:
+            raise ValueError(
+                f"min_frames ({self.min_frames}) must not exceed max_frames ({self.max_frames})"
+            )
+        return self
