@@ -53,21 +53,20 @@ def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[s
     for t in targets:
         table.add_column(f"CCC-{short[t]}", justify="right")
     if len(targets) > 1:
-        table.add_column("CCC-mean", justify="right", style="bold")
+        table.add_column("CCC-mean", justify="right", style="bold", no_wrap=True, min_width=8)
     for metric in ("PCC", "RMSE"):
         for t in targets:
             table.add_column(f"{metric}-{short[t]}", justify="right")
-    table.add_column("frames", justify="right")
     for split, m in splits.items():
         row = [split] + [f"{m[f'ccc_{t}']:.4f}" for t in targets]
         if len(targets) > 1:
             row.append(f"{m['ccc_mean']:.4f}")
         row += [f"{m[f'pcc_{t}']:.4f}" for t in targets]
         row += [f"{m[f'rmse_{t}']:.4f}" for t in targets]
-        row.append(str(m["n_frames"]))
         table.add_row(*row)
-    if len(short) and any(k != v for k, v in short.items()):
-        table.caption = ", ".join(f"{v} = {k}" for k, v in short.items())
+    caption = [f"{v} = {k}" for k, v in short.items() if k != v]
+    caption.append("frames: " + ", ".join(f"{s} {m['n_frames']}" for s, m in splits.items()))
+    table.caption = "; ".join(caption)
     return table
 
 
