@@ -19,9 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="fusionkit: audio-visual fusion for continuous valence/arousal.",
 )
-plugins_app = typer.Typer(no_args_is_help=True, help="List and inspect installed plugins.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Validate and show recipes.")
-app.add_typer(plugins_app, name="plugins")
 app.add_typer(recipe_app, name="recipe")
 
 console = Console()
@@ -155,59 +153,6 @@ def eval_cmd(
     console.print("[green]reproduces metrics.json exactly[/]")
 
 
-@app.command()
-def report(
-    paths: Annotated[list[Path], typer.Argument(help="grid or run directories")],
-    split: Annotated[str, typer.Option(help="split whose metrics are tabulated")] = "test",
-    out: Annotated[Path | None, typer.Option(help="write the Markdown table here")] = None,
-) -> None:
-    """Table of CCC (mean ± std over seeds) per variant for finished runs."""
-    from fusionkit.checkpoint import atomic_write_text
-    from fusionkit.report import collect_runs, markdown_table, summarize
-
-    text = markdown_table(summarize(collect_runs(paths), split))
-    if out is not None:
-        atomic_write_text(out, text)
-    typer.echo(text)
-
-
-@plugins_app.command("list")
-def plugins_list(
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,
-) -> None:
-    """Every registered component with its kind, distribution and version."""
-    from fusionkit.registry import load_registry
-
-    reg = load_registry(strict=strict or None)
-    comps = reg.components()
-    if as_json:
-        data = {
-            "components": [
-                {
-                    "kind": c.kind,
-                    "name": c.name,
-                    "distribution": c.distribution,
-                    "version": c.version,
-                    "plugin": c.plugin,
-                    "summary": c.summary,
-                }
-                for c in comps
-            ],
-            "failures": [f.__dict__ for f in reg.failures],
-        }
-        typer.echo(json.dumps(data, indent=2))
-        return
-    table = Table(title="fusionkit components")
-    for col in ("kind", "name", "distribution", "version", "summary"):
-        table.add_column(col)
-    for c in comps:
-        table.add_row(c.kind, c.name, c.distribution, c.version, c.summary)
-    console.print(table)
-    for f in reg.failures:
-        err_console.print(f"[yellow]skipped plugin {f.plugin} ({f.distribution}): {f.error}[/]")
-
-
 @recipe_app.command("validate")
 def recipe_validate(
     recipe: Annotated[str | None, typer.Argument(help="recipe YAML")] = None,
@@ -246,6 +191,18 @@ def recipe_schema(
         atomic_write_text(out, text + "\n")
     else:
         typer.echo(text)
+
+
+def _register_subcommands() -> None:
+    # Each area keeps its commands in its own module (fusionkit/cli_*.py).
+    from fusionkit import cli_data, cli_plugins, cli_report
+
+    app.add_typer(cli_plugins.app, name="plugins")
+    cli_report.register(app)
+    cli_data.register(app)
+
+
+_register_subcommands()
 
 
 def main() -> None:

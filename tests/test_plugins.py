@@ -132,3 +132,15 @@ def test_plugins_list_cli_json():
     found = {(c["kind"], c["name"]) for c in data["components"]}
     assert found >= BUILTINS
     assert data["failures"] == []
+
+
+def test_core_imports_no_plugin_package():
+    """The core knows components only through the registry, never by importing a plugin."""
+    core = Path(__file__).resolve().parents[1] / "fusionkit"
+    offenders = [
+        f"{p.name}:{i}"
+        for p in core.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "import fusionkit_" in line or "from fusionkit_" in line
+    ]
+    assert offenders == []
