@@ -1,0 +1,100 @@
+"""Online (streaming) prediction: valence/arousal frame by frame from live features.
+
+:class:`StreamingPredictor` keeps the most recent ``context`` frames of every modality in a
+ring buffer and, for each pushed frame, runs the model on the buffered frames and returns the
+prediction for the newest one. No future frame is ever used, so the algorithmic latency is one
+frame; the compute latency is one forward pass over ``context`` frames.
+
+- For a **causal** model (causal encoders such as ``tcn``, per-frame fusion and gate, a
+  per-frame head) whose receptive field fits in ``context``, the streamed prediction for frame
+  ``t`` equals the offline prediction for frame ``t`` exactly.
+- For a model that attends across its window (``rjca`` correlates over all frames of the
+  window), the streamed prediction is the *trailing-window* prediction: the model applied to
+  frames ``t - context + 1 .. t``, read at the last frame. It differs from the offline
+  (centred, overlapping-window averaged) prediction, which uses future frames.
+- A fusion with a fixed window length (``rjca`` faithful mode) gets its window padded at the
+  end while fewer frames than that have arrived, with the padding masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusionkit.errors import ShapeError
+from fusionkit.model import FusionModel
+
+__all__ = ["StreamingPredictor"]
+
+
+class StreamingPredictor:
+    """Frame-by-frame predictor over a trailing window.
+
+    Args:
+        model: a built :class:`~fusionkit.model.FusionModel` (put in eval mode here).
+        feature_dims: modality -> feature size of one frame.
+        context: frames kept in the buffer (the window the model sees); a fusion's
+            ``fixed_length``, when it has one, overrides it.
+
+    Example::
+
+        sp = StreamingPredictor(model, {"audio": 32, "video": 48}, context=300)
+        va = sp.push({"audio": a_t, "video": v_t})  # (n_targets,) for frame t
+    """
+
+    def __init__(self, model: FusionModel, feature_dims: dict[str, int], context: int) -> None:
+        fixed = getattr(model.fusion, "fixed_length", None)
+        self.context = int(fixed or context)
+        if self.context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
+        self.fixed = fixed is not None
+        self.model = model.eval()
+        self.modalities = list(model.modalities)
+        missing = [m for m in self.modalities if m not in feature_dims]
+        if missing:
+            raise ShapeError(f"feature_dims lacks {missing}; the model uses {self.modalities}")
+        device = next(model.parameters()).device
+        self.buffers = {
+            m: torch.zeros(2 * self.context, feature_dims[m], device=device)
+            for m in self.modalities
+        }
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame pushed so far (start of a new video)."""
+        self.count = 0
+        self._end = 0
+
+    @torch.no_grad()
+    def push(self, frame: dict[str, Tensor]) -> Tensor:
+        """Add one frame (``{modality: (F_m,)}``) and return its prediction ``(n_targets,)``."""
+        # Double-length buffer: each frame is written at i and i + context, so the last
+        # ``context`` frames are always one contiguous slice (no per-frame roll or copy).
+        c = self.context
+        slot = self.count % c
+        for m in self.modalities:
+            x = frame.get(m)
+            buf = self.buffers[m]
+            if x is None or x.shape != buf.shape[1:]:
+                got = None if x is None else tuple(x.shape)
+                raise ShapeError(
+                    f"streaming frame {self.count}: expected {m} of shape ({buf.shape[1]},); "
+                    f"got {got}"
+                )
+            buf[slot] = x
+            buf[slot + c] = x
+        self.count += 1
+        n = min(self.count, c)
+        start = slot + 1 if self.count >= c else 0
+        window = {m: self.buffers[m][start : start + n] for m in self.modalities}
+        length = c if self.fixed else n
+        inputs = {}
+        for m, x in window.items():
+            if length > n:
+                x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
+            inputs[m] = x.unsqueeze(0)
+        mask = torch.zeros(1, length, dtype=torch.bool, device=self.device)
+        mask[0, :n] = True
+        out = self.model(inputs, mask)
+        return out.pred[0, n - 1].float()

@@ -1,0 +1,76 @@
+"""Streaming prediction equals the offline model where the definitions coincide."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusionkit.errors import ShapeError
+from fusionkit.model import build_model
+from fusionkit.recipe import validate_recipe
+from fusionkit.streaming import StreamingPredictor
+from tests.conftest import tiny_recipe
+
+DIMS = {"audio": 6, "video": 5}
+
+
+def model_for(tmp_path, registry, **model):
+    raw = tiny_recipe(tmp_path)
+    raw["model"].update(model)
+    rc = validate_recipe(raw, "tiny", registry)
+    torch.manual_seed(0)
+    return build_model(rc, DIMS, registry).eval()
+
+
+def frames(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(n, d, generator=g) for m, d in DIMS.items()}
+
+
+def stream(sp, xs, n):
+    return torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
+
+
+def test_causal_model_streams_exactly_its_offline_output(tmp_path, registry):
+    tcn = {"name": "tcn", "params": {"channels": [8, 8], "kernel_size": 3}}  # receptive field 13
+    model = model_for(tmp_path, registry, encoders={"audio": tcn, "video": tcn})
+    n = 60
+    xs = frames(n)
+    with torch.no_grad():
+        offline = model({m: x[None] for m, x in xs.items()}, torch.ones(1, n, dtype=torch.bool))
+    online = stream(StreamingPredictor(model, DIMS, context=20), xs, n)
+    torch.testing.assert_close(online, offline.pred[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_model_streams_its_trailing_window(tmp_path, registry):
+    model = model_for(
+        tmp_path,
+        registry,
+        fusion={"name": "rjca", "params": {"num_steps": 2}},
+        gate={"name": "tagf"},
+    )
+    n, c = 40, 16
+    xs = frames(n, seed=1)
+    online = stream(StreamingPredictor(model, DIMS, context=c), xs, n)
+    with torch.no_grad():
+        for t in (0, 5, c - 1, c, n - 1):
+            lo = max(0, t - c + 1)
+            win = {m: x[lo : t + 1][None] for m, x in xs.items()}
+            ref = model(win, torch.ones(1, t + 1 - lo, dtype=torch.bool)).pred[0, -1]
+            torch.testing.assert_close(online[t], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reset_starts_a_new_video(tmp_path, registry):
+    model = model_for(tmp_path, registry)
+    xs = frames(10)
+    sp = StreamingPredictor(model, DIMS, context=8)
+    first = stream(sp, xs, 10)
+    sp.reset()
+    again = stream(sp, xs, 10)
+    torch.testing.assert_close(first, again)
+
+
+def test_wrong_frame_shape_names_modality(tmp_path, registry):
+    sp = StreamingPredictor(model_for(tmp_path, registry), DIMS, context=8)
+    with pytest.raises(ShapeError, match=r"expected audio of shape \(6,\); got \(7,\)"):
+        sp.push({"audio": torch.zeros(7), "video": torch.zeros(5)})
