@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,12 +84,17 @@ def run(
     workers: Annotated[
         int, typer.Option("--workers", "-j", min=1, help="parallel CPU processes for a sweep")
     ] = 1,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="fail if any installed plugin fails to load")
+    ] = False,
 ) -> None:
     """Train and evaluate a recipe (or every point of its sweep) into run directories."""
     from fusionkit.recipe import load_recipe
     from fusionkit.runs import prepare_run_dir
     from fusionkit.train import Trainer
 
+    if strict:  # through the environment so that sweep worker processes are strict too
+        os.environ["FUSIONKIT_STRICT_PLUGINS"] = "1"
     path, ovr = _split_recipe_args(recipe, overrides)
     rc = load_recipe(path, ovr)
     if rc.sweep:

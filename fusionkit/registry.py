@@ -28,13 +28,25 @@ __all__ = [
     "KINDS",
     "Component",
     "PluginLoadFailure",
+    "PluginLoadWarning",
     "Registry",
     "did_you_mean",
     "get_registry",
+    "raise_for_failures",
 ]
 
 #: The component kinds the core knows how to compose.
-KINDS: tuple[str, ...] = ("dataset", "encoder", "fusion", "gate", "head", "perturbation")
+KINDS: tuple[str, ...] = (
+    "dataset",
+    "encoder",
+    "fusion",
+    "gate",
+    "head",
+    "perturbation",
+    # feature extractors run by dataset plugins at extraction time (`fusionkit extract`)
+    "audio_backbone",
+    "visual_backbone",
+)
 ENTRY_POINT_GROUP = "fusionkit"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -72,9 +84,16 @@ class Component:
 
 @dataclass(frozen=True)
 class PluginLoadFailure:
+    """A plugin skipped by tolerant loading: its entry point, distribution and the error."""
+
     plugin: str
     distribution: str
     error: str
+    version: str = ""
+
+
+class PluginLoadWarning(UserWarning):
+    """Category of the one warning emitted per plugin skipped by tolerant loading."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -197,10 +216,11 @@ def load_registry(*, strict: bool | None = None) -> Registry:
                 raise PluginError(
                     f"plugin '{ep.name}' from distribution '{dist}' {version} failed to load: {msg}"
                 ) from None
-            registry.failures.append(PluginLoadFailure(ep.name, dist, msg))
+            registry.failures.append(PluginLoadFailure(ep.name, dist, msg, version))
             warnings.warn(
                 f"fusionkit: skipped plugin '{ep.name}' from distribution '{dist}' {version}: "
-                f"{msg} (set FUSIONKIT_STRICT_PLUGINS=1 to make this an error)",
+                f"{msg} (use --strict or FUSIONKIT_STRICT_PLUGINS=1 to make this an error)",
+                PluginLoadWarning,
                 stacklevel=2,
             )
             continue
@@ -211,6 +231,17 @@ def load_registry(*, strict: bool | None = None) -> Registry:
             )
         registry._current = ("<direct>", "", "")
     return registry
+
+
+def raise_for_failures(registry: Registry) -> None:
+    """Strict mode after the fact: raise :class:`PluginError` naming every plugin that failed to
+    load into ``registry`` (for settings read after the registry was built, e.g. a recipe's)."""
+    if registry.failures:
+        skipped = "; ".join(
+            f"plugin '{f.plugin}' from distribution '{f.distribution}' {f.version}: {f.error}"
+            for f in registry.failures
+        )
+        raise PluginError(f"strict plugin loading: {len(registry.failures)} failed: {skipped}")
 
 
 @lru_cache(maxsize=1)

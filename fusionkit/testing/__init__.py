@@ -1,0 +1,165 @@
+"""Conformance kit: contract tests for fusionkit components, for plugin authors and CI.
+
+Each ``check_*`` function builds a component several times, feeds it dummy batches and returns a
+:class:`ConformanceReport` of named checks (pass, fail, skip or warn) whose messages say what was
+expected and what came back, with shapes::
+
+    fusion 'mine': expected output stream 'audio' (B=3, T=7, S=3, D=16); got (3, 7, 16)
+
+Use it from pytest (``report.assert_ok()`` raises with the whole report), or from the command line
+through ``fusionkit plugins check NAME``.
+
+Example:
+    >>> from fusionkit.testing import check_component
+    >>> check_component("gate", "last").ok
+    True
+
+The checks of encoders, fusions, gates and heads (ids accepted by ``skip=``; docs/plugins.md
+has the full contract):
+
+========================  =======================================================================
+``build``                 the build function returns a ``torch.nn.Module`` with the attributes
+                          of its kind (``out_dim``; ``out_dims``, ``num_steps``, ``fixed_length``)
+``params``                params model: dump -> validate -> equal (Python, JSON and YAML), JSON
+                          Schema, unknown keys rejected; a field without description is a warning
+``shapes``                output shapes and dtype for B in {1, 3} and T in {1, 7, 32} (or the
+                          fusion's ``fixed_length``), full and padded masks; finite outputs; the
+                          inputs are not modified; gates: weights non-negative, summing to 1
+``shapes-single-stream``  gates: the same with one stream ``fused`` and S = 1
+``masking``               eval mode: changing only padded frames leaves valid outputs unchanged
+``masking-train``         the same in train mode (dropout seeded identically)
+``batch-independence``    eval mode: an item's output does not depend on the other batch items
+``gradients``             train mode: every parameter gets a finite, non-zero gradient, and the
+                          gradient reaches every input tensor (fusion, gate, head)
+``determinism``           built twice under one torch seed: same weights and outputs (eval and
+                          train mode)
+``safetensors``           the state dict saved with safetensors and loaded into a fresh
+                          instance gives the same outputs
+``cuda``                  on CUDA (skipped without a GPU): same outputs as on CPU, backward works
+``bf16-cpu``              under ``torch.autocast("cpu", bfloat16)``: right shapes, finite
+                          outputs and gradients
+``bf16-cuda``             the same on CUDA (the training configuration there)
+========================  =======================================================================
+
+Datasets get a lighter contract (``build``, ``params``, ``protocol``, ``videos``,
+``unknown-split``, ``determinism``), perturbations ``build``, ``params``, ``apply``,
+``out-of-place`` and ``determinism``; any other kind only the ``params`` checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from fusionkit.testing._modules import check_encoder, check_fusion, check_gate, check_head
+from fusionkit.testing._params import params_checks, resolve_params
+from fusionkit.testing._records import check_dataset, check_perturbation
+from fusionkit.testing._report import (
+    CHECKS,
+    CheckResult,
+    ConformanceReport,
+    Runner,
+    known_checks,
+)
+
+if TYPE_CHECKING:
+    from fusionkit.registry import Registry
+
+__all__ = [
+    "CHECKS",
+    "CheckResult",
+    "ConformanceReport",
+    "check_component",
+    "check_dataset",
+    "check_encoder",
+    "check_fusion",
+    "check_gate",
+    "check_head",
+    "check_perturbation",
+    "check_registry",
+    "known_checks",
+]
+
+_KIND_CHECKS: dict[str, Callable[..., ConformanceReport]] = {
+    "encoder": check_encoder,
+    "fusion": check_fusion,
+    "gate": check_gate,
+    "head": check_head,
+    "dataset": check_dataset,
+    "perturbation": check_perturbation,
+}
+
+
+def check_component(
+    kind: str,
+    name: str,
+    params: Mapping[str, Any] | BaseModel | None = None,
+    *,
+    registry: Registry | None = None,
+    skip: Iterable[str] = (),
+    seed: int = 0,
+    **dims: Any,
+) -> ConformanceReport:
+    """Run the conformance checks on a registered component.
+
+    Args:
+        kind: ``encoder``, ``fusion``, ``gate``, ``head``, ``dataset`` or ``perturbation``
+            (any other kind gets the ``params`` checks only).
+        name: its registered name.
+        params: its params (a mapping validated by its params model, or an instance);
+            default: the params model's defaults.
+        registry: a :class:`fusionkit.registry.Registry` (default: the installed plugins).
+        skip: check ids to skip.
+        seed: torch seed.
+        **dims: forwarded to the kind's ``check_*`` function (``in_dims=``, ``num_steps=``, ...).
+
+    Returns:
+        The report; ``report.assert_ok()`` raises with every failure explained.
+
+    Example:
+        >>> report = check_component("fusion", "concat", {"normalize": True})
+        >>> report.ok, report.kind
+        (True, 'fusion')
+    """
+    from fusionkit.registry import get_registry
+
+    registry = registry or get_registry()
+    comp = registry.get(kind, name)
+    report = ConformanceReport(kind, name, comp.distribution, comp.version)
+    resolved, problem = resolve_params(comp.params, params)
+    fn = _KIND_CHECKS.get(kind)
+    if resolved is None:
+        report.results.append(CheckResult("params", "skip" if not params else "fail", problem))
+        return report
+    if fn is None:
+        runner = Runner(report, skip, f"{kind} '{name}'")
+        runner.run("params", lambda: params_checks(resolved))
+        report.results.append(
+            CheckResult("behaviour", "skip", f"no behavioural contract for kind '{kind}' yet")
+        )
+        return report
+    out = fn(comp.build, resolved, name=name, skip=skip, seed=seed, **dims)
+    out.distribution, out.version = comp.distribution, comp.version
+    return out
+
+
+def check_registry(
+    registry: Registry | None = None,
+    *,
+    kinds: Iterable[str] | None = None,
+    distribution: str | None = None,
+    skip: Iterable[str] = (),
+) -> list[ConformanceReport]:
+    """Check every registered component (optionally of some kinds or one distribution)."""
+    from fusionkit.registry import get_registry
+
+    registry = registry or get_registry()
+    wanted = set(kinds) if kinds is not None else None
+    return [
+        check_component(c.kind, c.name, registry=registry, skip=skip)
+        for c in registry.components()
+        if (wanted is None or c.kind in wanted)
+        and (distribution is None or c.distribution == distribution)
+    ]
