@@ -1,9 +1,12 @@
-"""`fusionkit report`: comparison tables from finished runs."""
+"""`fusionkit report` (comparison reports) and `fusionkit robustness` (perturbation sweeps on
+trained checkpoints)."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,18 +17,142 @@ err_console = Console(stderr=True)
 
 def register(app: typer.Typer) -> None:
     app.command()(report)
+    app.command()(robustness)
 
 
 def report(
     paths: Annotated[list[Path], typer.Argument(help="grid or run directories")],
-    split: Annotated[str, typer.Option(help="split whose metrics are tabulated")] = "test",
-    out: Annotated[Path | None, typer.Option(help="write the Markdown table here")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write report.md, report.html, CSVs and plots/ into this directory"),
+    ] = None,
+    split: Annotated[str, typer.Option(help="split whose metrics are compared")] = "test",
+    baseline: Annotated[
+        str | None, typer.Option(help="variant the others are compared with (default: first)")
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option(min=100, help="paired-bootstrap resamples over videos")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap resampling")] = 0,
+    gate_videos: Annotated[
+        int, typer.Option(min=1, help="videos shown in each gate plot (the longest ones)")
+    ] = 3,
+    throughput: Annotated[
+        bool,
+        typer.Option(
+            "--throughput/--no-throughput",
+            help="measure inference frames/s of each variant now (cached per run)",
+        ),
+    ] = True,
+    remeasure: Annotated[
+        bool, typer.Option("--remeasure", help="measure throughput again (ignore the caches)")
+    ] = False,
+    html_page: Annotated[bool, typer.Option("--html/--no-html", help="write report.html")] = True,
 ) -> None:
-    """Table of CCC (mean ± std over seeds) per variant for finished runs."""
-    from fusionkit.checkpoint import atomic_write_text
-    from fusionkit.report import collect_runs, markdown_table, summarize
+    """Compare finished runs: CCC mean ± std over seeds, Δ vs a baseline with a paired
+    bootstrap, cost, robustness curves and gate plots (Markdown, HTML, CSV)."""
+    from fusionkit.report import build_report, render_markdown, results_table, write_report
 
-    text = markdown_table(summarize(collect_runs(paths), split))
-    if out is not None:
-        atomic_write_text(out, text)
-    typer.echo(text)
+    rep = build_report(
+        paths,
+        split=split,
+        baseline=baseline,
+        n_boot=bootstrap,
+        boot_seed=seed,
+        gate_videos=gate_videos,
+        throughput=throughput,
+        remeasure=remeasure,
+    )
+    rep.command = "fusionkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if out is None:
+        typer.echo(render_markdown(rep))
+        return
+    written = write_report(rep, out, html_page=html_page)
+    typer.echo(results_table(rep))
+    console.print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
+
+
+def _parse_values(text: str) -> list[Any]:
+    import yaml
+
+    from fusionkit.errors import FusionkitError
+
+    try:
+        values = [yaml.safe_load(v) for v in text.split(",") if v.strip()]
+    except yaml.YAMLError as exc:
+        raise FusionkitError(f"--values {text!r}: not comma-separated values ({exc})") from None
+    if not values:
+        raise FusionkitError("--values: give at least one value, e.g. --values=-30,-15,0,15,30")
+    return values
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    from fusionkit.recipe import parse_overrides
+
+    out: dict[str, Any] = {}
+    for path, value in parse_overrides(items):
+        out[".".join(path)] = value
+    return out
+
+
+def robustness(
+    paths: Annotated[list[Path], typer.Argument(help="run or grid directories (trained)")],
+    perturb: Annotated[
+        str | None,
+        typer.Option(help="perturbation to sweep (default: each run recipe's sweeps)"),
+    ] = None,
+    axis: Annotated[str | None, typer.Option(help="the perturbation param swept, e.g. k")] = None,
+    values: Annotated[
+        str | None, typer.Option(help="comma-separated values, e.g. --values=-30,-15,0,15,30")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="fixed param key=value (repeatable)")
+    ] = None,
+    split: Annotated[list[str] | None, typer.Option(help="split(s) evaluated")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the per-video perturbation draws")] = 0,
+    name: Annotated[str | None, typer.Option(help="results file robustness/<name>.json")] = None,
+) -> None:
+    """Evaluate trained runs under a perturbation swept over values (no retraining).
+
+    Results go to <run>/robustness/<name>.json; values already computed are skipped. Example:
+    fusionkit robustness runs/misalignment --perturb shift --param modality=audio --axis k
+    --values=-30,-15,0,15,30
+    """
+    from fusionkit.errors import FusionkitError
+    from fusionkit.recipe import RobustnessSpec
+    from fusionkit.report import collect_runs
+    from fusionkit.robustness import resolve_spec, run_recipe_robustness
+
+    specs: list[RobustnessSpec] | None = None
+    if perturb is not None:
+        if axis is None or values is None:
+            raise FusionkitError(
+                "--perturb needs --axis and --values (e.g. --axis k --values=0,15)"
+            )
+        specs = [
+            resolve_spec(
+                RobustnessSpec(
+                    name=name,
+                    perturbation=perturb,
+                    params=_parse_params(param or []),
+                    axis=axis,
+                    values=_parse_values(values),
+                    splits=split or ["test"],
+                    seed=seed,
+                )
+            )
+        ]
+    elif any(x is not None for x in (axis, values, param, split, name)):
+        raise FusionkitError("--axis/--values/--param/--split/--name need --perturb")
+    runs = collect_runs(paths)
+    for run in runs:
+        console.print(f"[bold]{run.run_dir}[/]")
+
+        def show(split_: str, value: Any, m: dict[str, float]) -> None:
+            console.print(f"  {split_} {value!s:>8}  CCC mean {m['ccc_mean']:.4f}")
+
+        records = run_recipe_robustness(run.run_dir, specs, on_value=show)
+        if not records:
+            console.print("  (its recipe declares no evaluation.robustness; use --perturb)")
+        for rec in records:
+            console.print(f"  robustness/{rec['name']}.json: complete")

@@ -36,6 +36,8 @@ __all__ = [
     "DatasetBuild",
     "Encoder",
     "EncoderBuild",
+    "ExtractReport",
+    "Extractable",
     "Fusion",
     "FusionBuild",
     "Gate",
@@ -43,6 +45,9 @@ __all__ = [
     "GateOutput",
     "Head",
     "HeadBuild",
+    "Perturbation",
+    "PerturbationBuild",
+    "SubmissionFrames",
     "Video",
 ]
 
@@ -174,3 +179,82 @@ def masked_fill_padding(x: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
     """Return ``x`` (``(B, T, ...)``) with padded frames set to ``value`` (out of place)."""
     shape = mask.shape + (1,) * (x.dim() - mask.dim())
     return torch.where(mask.reshape(shape), x, torch.as_tensor(value, dtype=x.dtype))
+
+
+@runtime_checkable
+class Perturbation(Protocol):
+    """A seeded, out-of-place corruption of one video (robustness tests, augmentation).
+
+    Called as ``perturbation(video, generator)``; returns a **new** :class:`Video` and never
+    writes into the tensors of ``video`` (unchanged tensors may be shared). All randomness must
+    come from ``generator``, a ``torch.Generator`` that fusionkit seeds per video from
+    ``(seed, perturbation name, video name)`` (see :mod:`fusionkit.perturb`), so a result does
+    not depend on the order or the subset of videos perturbed.
+    """
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video: ...
+
+
+class PerturbationBuild(Protocol):
+    def __call__(self, params: BaseModel) -> Perturbation: ...
+
+
+# --------------------------------------------------------------------------- optional protocols
+# A dataset may implement these in addition to :class:`Dataset`; the core checks with
+# ``isinstance`` and never requires them.
+
+
+@dataclass
+class ExtractReport:
+    """What one feature-extraction pass did.
+
+    Attributes:
+        total: jobs considered (one per cache file).
+        computed: jobs run because their cache was missing.
+        refreshed: jobs re-run because their cache was stale or corrupt (label -> reason).
+        skipped: jobs whose cache was already valid.
+        failed: label -> error message (each message names the file it concerns).
+        seconds: wall time of the pass.
+        cache_dirs: the cache folders written (each has a ``manifest.json``).
+    """
+
+    total: int = 0
+    computed: int = 0
+    refreshed: dict[str, str] = field(default_factory=dict)
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    cache_dirs: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Extractable(Protocol):
+    """A dataset whose raw data must be turned into feature caches before training.
+
+    ``fusionkit extract RECIPE`` calls :meth:`extract`; training then only reads the caches.
+    """
+
+    def extract(self, *, workers: int = 1, progress: bool = True) -> ExtractReport:
+        """Compute every missing, stale or corrupt cache (valid ones are skipped).
+
+        Args:
+            workers: parallel worker processes.
+            progress: show a progress display on stderr.
+        """
+        ...
+
+
+@runtime_checkable
+class SubmissionFrames(Protocol):
+    """A dataset that knows the official per-frame rows of a prediction file.
+
+    ``fusionkit predict`` writes one line per listed row, in order, with the prediction of the
+    row's frame: the :class:`Video` row whose ``frame_ids`` entry is the last one ``<=`` that
+    frame index. Frames past a video's end get its last prediction (padding); frames the list
+    omits are not written (truncation).
+    """
+
+    def submission_frames(self, split: str) -> dict[str, list[tuple[str, int]]]:
+        """Video name -> ``(row name, 0-based frame index)`` pairs, e.g.
+        ``("<video>/00001.jpg", 0)``, in the order the file must list them."""
+        ...

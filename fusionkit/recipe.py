@@ -25,7 +25,9 @@ __all__ = [
     "EvaluationSpec",
     "ModelSpec",
     "OutputSpec",
+    "PerturbationSpec",
     "Recipe",
+    "RobustnessSpec",
     "TrainingSpec",
     "apply_overrides",
     "default_recipe_path",
@@ -86,6 +88,42 @@ class PlateauSpec(_Strict):
     min_lr: float = Field(1e-8, ge=0.0)
 
 
+class PerturbationSpec(_Strict):
+    """A registered perturbation with its params and the seed of its per-video draws."""
+
+    name: str = Field(description="registered perturbation name (see `fusionkit plugins list`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the perturbation's params")
+    seed: int = Field(0, description="per-video generators derive from (seed, name, video)")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class RobustnessSpec(_Strict):
+    """An evaluation sweep of one perturbation param over values, on a trained checkpoint."""
+
+    name: str | None = Field(
+        None, description="results file robustness/<name>.json (default: <perturbation>_<axis>)"
+    )
+    perturbation: str = Field(description="registered perturbation name")
+    params: dict[str, Any] = Field(default_factory=dict, description="fixed params")
+    axis: str = Field(description="the params field swept (e.g. k for shift)")
+    values: list[Any] = Field(min_length=1, description="values of the axis, in plot order")
+    splits: list[str] = Field(default_factory=lambda: ["test"])
+    seed: int = 0
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.perturbation}_{self.axis}"
+
+
 class TrainingSpec(_Strict):
     epochs: int = Field(30, ge=0)
     batch_size: int = Field(12, ge=1)
@@ -103,12 +141,20 @@ class TrainingSpec(_Strict):
     mask_padding: bool = Field(
         True, description="exclude padded frames from the loss (the released code includes them)"
     )
+    perturbations: list[PerturbationSpec] = Field(
+        default_factory=list,
+        description="applied in order to the training split only (drawn once per video)",
+    )
 
 
 class EvaluationSpec(_Strict):
     splits: list[str] = Field(default_factory=lambda: ["val", "test"])
     batch_size: int = Field(32, ge=1)
     save_predictions: bool = True
+    robustness: list[RobustnessSpec] = Field(
+        default_factory=list,
+        description="perturbation sweeps run on the best checkpoint (see docs/ablations.md)",
+    )
 
 
 class OutputSpec(_Strict):
@@ -127,6 +173,11 @@ class Recipe(_Strict):
     sweep: dict[str, list[Any]] = Field(
         default_factory=dict,
         description="grid axes: dotted recipe path -> list of values (see docs/recipes.md)",
+    )
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="named sets of overrides (dotted path -> value), one grid axis "
+        "(see docs/ablations.md)",
     )
 
     @property
@@ -277,6 +328,20 @@ def validate_recipe(raw: Any, source: str = "<recipe>", registry: Registry | Non
     fusion = _check_component(registry, "fusion", model.fusion, "model.fusion", problems)
     gate = _check_component(registry, "gate", model.gate, "model.gate", problems)
     head = _check_component(registry, "head", model.head, "model.head", problems)
+    perturbations = [
+        _check_perturbation(registry, p, f"training.perturbations.{i}", problems)
+        for i, p in enumerate(recipe.training.perturbations)
+    ]
+    robustness = [
+        _check_robustness(registry, r, f"evaluation.robustness.{i}", problems)
+        for i, r in enumerate(recipe.evaluation.robustness)
+    ]
+    labels = [r.label for r in robustness]
+    for dup in sorted({x for x in labels if labels.count(x) > 1}):
+        problems.append(
+            f"evaluation.robustness: two sweeps write robustness/{dup}.json; give them "
+            "distinct `name`s"
+        )
     if data.hop > data.window:
         problems.append(
             f"data.hop: {data.hop} is larger than data.window={data.window}; frames between "
@@ -290,8 +355,58 @@ def validate_recipe(raw: Any, source: str = "<recipe>", registry: Registry | Non
             "model": model.model_copy(
                 update={"encoders": encoders, "fusion": fusion, "gate": gate, "head": head}
             ),
+            "training": recipe.training.model_copy(update={"perturbations": perturbations}),
+            "evaluation": recipe.evaluation.model_copy(update={"robustness": robustness}),
         }
     )
+
+
+def _check_perturbation(
+    registry: Registry, spec: PerturbationSpec, path: str, problems: list[str]
+) -> PerturbationSpec:
+    checked = _check_component(
+        registry, "perturbation", ComponentSpec(name=spec.name, params=spec.params), path, problems
+    )
+    return spec.model_copy(update={"params": checked.params})
+
+
+def _check_robustness(
+    registry: Registry, spec: RobustnessSpec, path: str, problems: list[str]
+) -> RobustnessSpec:
+    """Check the perturbation, that ``axis`` is one of its params, and every value of it."""
+    if ("perturbation", spec.perturbation) not in registry:
+        known = registry.names("perturbation")
+        problems.append(
+            f"{path}.perturbation: unknown perturbation {spec.perturbation!r}"
+            f"{did_you_mean(spec.perturbation, known)}; registered perturbations: "
+            f"{', '.join(known) or '(none)'}"
+        )
+        return spec
+    model = registry.get("perturbation", spec.perturbation).params
+    if spec.axis not in model.model_fields:
+        fields = list(model.model_fields)
+        problems.append(
+            f"{path}.axis: {spec.perturbation!r} has no param {spec.axis!r}"
+            f"{did_you_mean(spec.axis, fields)}; its params: {', '.join(fields)}"
+        )
+        return spec
+    if spec.axis in spec.params:
+        problems.append(f"{path}.params.{spec.axis}: is the swept axis; remove it from params")
+        return spec
+    if len({repr(v) for v in spec.values}) != len(spec.values):
+        problems.append(f"{path}.values: contains duplicates ({spec.values})")
+    resolved: dict[str, Any] | None = None
+    for j, value in enumerate(spec.values):
+        try:
+            params = model.model_validate({**spec.params, spec.axis: value})
+        except ValidationError as exc:
+            problems.extend(_describe_errors(exc, model, prefix=f"{path}.values.{j} -> "))
+            continue
+        resolved = params.model_dump(mode="json")
+    if resolved is None:
+        return spec
+    resolved.pop(spec.axis)
+    return spec.model_copy(update={"params": resolved})
 
 
 def default_recipe_path() -> Path:

@@ -127,6 +127,14 @@ class Trainer:
         self.device = resolve_device(tr.device)
         self.bf16 = use_bf16(tr.precision, self.device)
         self.dataset = build_dataset(recipe, self.registry)
+        if tr.perturbations:  # training-time perturbations: the train split only
+            from fusionkit.perturb import PerturbedDataset, build_perturbation
+
+            perts = [
+                build_perturbation(p.name, p.params, p.seed, self.registry)
+                for p in tr.perturbations
+            ]
+            self.dataset = PerturbedDataset(self.dataset, perts, [recipe.data.train_split])
         self.targets = tuple(recipe.model.targets)
         torch.manual_seed(tr.seed)
         self.model: FusionModel = build_model(recipe, self.dataset.feature_dims, self.registry)
@@ -297,6 +305,10 @@ class Trainer:
         atomic_write_json(self.run_dir / METRICS_FILE, payload)
         if self.recipe.evaluation.save_predictions:
             self.save_predictions(preds)
+        if self.recipe.evaluation.robustness:  # perturbation sweeps on the best weights
+            from fusionkit.robustness import run_recipe_robustness
+
+            run_recipe_robustness(self.run_dir, trainer=self)
         return RunResult(self.run_dir, results, state["best_epoch"], state["history"], preds)
 
     def evaluate_splits(self) -> tuple[dict[str, dict[str, float]], dict[str, SplitPredictions]]:

@@ -110,3 +110,133 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path, registry):
     assert std == pytest.approx(statistics.stdev(values))
     table = markdown_table(list(rows.values()))
     assert f"{sum(values) / 3:.3f} ± {statistics.stdev(values):.3f}" in table
+
+
+# ------------------------------------------------------------------------------- variants
+
+
+def variant_recipe(tmp_path, registry, variants, sweep=None, **model):
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["model"]["fusion"] = {"name": "rjca", "params": {"num_steps": 2}}
+    raw["model"]["gate"] = {"name": "tagf", "params": {"temperature": 0.5}}
+    raw["model"].update(model)
+    raw["variants"] = variants
+    raw["sweep"] = sweep or {}
+    return validate_recipe(raw, "ablation.yaml", registry)
+
+
+def test_variants_change_several_fields_together_crossed_with_the_sweep(tmp_path, registry):
+    rc = variant_recipe(
+        tmp_path,
+        registry,
+        {
+            "concat": {"model.fusion": {"name": "concat"}, "model.gate.name": "last"},
+            "rjca": {"model.gate.name": "last", "model.fusion.params.num_steps": 1},
+            "tagf_temporal": {"model.gate": {"name": "tagf_temporal", "params": {"hidden": 8}}},
+        },
+        {"training.seed": [0, 1]},
+    )
+    points = expand_grid(rc, registry=registry)
+    assert [p.tag for p in points] == [
+        "concat_seed-0",
+        "concat_seed-1",
+        "rjca_seed-0",
+        "rjca_seed-1",
+        "tagf_temporal_seed-0",
+        "tagf_temporal_seed-1",
+    ]
+    by = {p.tag: p.recipe.model for p in points}
+    assert (by["concat_seed-1"].fusion.name, by["concat_seed-1"].gate.name) == ("concat", "last")
+    assert "num_steps" not in by["concat_seed-1"].fusion.params  # rjca params dropped
+    assert (by["rjca_seed-0"].fusion.name, by["rjca_seed-0"].gate.name) == ("rjca", "last")
+    assert by["rjca_seed-0"].fusion.params["num_steps"] == 1
+    assert by["tagf_temporal_seed-0"].gate.params["hidden"] == 8
+    assert [p.values for p in points[:2]] == [
+        {"variant": "concat", "training.seed": 0},
+        {"variant": "concat", "training.seed": 1},
+    ]
+
+
+def test_changing_a_component_name_drops_the_old_params(tmp_path, registry):
+    # the base gate is tagf with temperature 0.5; 'last' takes no params, grjca has its own
+    rc = variant_recipe(tmp_path, registry, {}, {"model.gate.name": ["last", "grjca", "tagf"]})
+    gates = {
+        p.recipe.model.gate.name: p.recipe.model.gate.params
+        for p in expand_grid(rc, registry=registry)
+    }
+    assert gates["last"] == {}
+    assert gates["grjca"]["temperature"] == 0.1  # grjca's default, not tagf's 0.5
+    assert gates["tagf"]["temperature"] == 0.5  # same component: params kept
+    rc = variant_recipe(
+        tmp_path,
+        registry,
+        {"g": {"model.gate.params.temperature": 2.0, "model.gate.name": "grjca"}},
+    )
+    (point,) = expand_grid(rc, registry=registry)
+    assert point.recipe.model.gate.params["temperature"] == 2.0  # set next to the name: kept
+
+
+def test_variant_mistakes_are_reported_before_any_run(tmp_path, registry):
+    with pytest.raises(RecipeError) as err:
+        expand_grid(
+            variant_recipe(
+                tmp_path,
+                registry,
+                {"bad name": {"model.gate.name": "last"}, "empty": {}, "out": {"output.dir": "x"},
+                 "twice": {"training.seed": 3}},
+                {"training.seed": [0, 1]},
+            ),
+            registry=registry,
+        )  # fmt: skip
+    text = str(err.value)
+    assert "variants.bad name: variant names are" in text
+    assert "variants.empty: needs at least one" in text
+    assert "variants.out.output.dir: a variant cannot set output" in text
+    assert "variants.twice.training.seed: is also a sweep axis" in text
+    rc = variant_recipe(tmp_path, registry, {"x": {"model.gate.name": "tagff"}})
+    with pytest.raises(RecipeError, match=r"sweep point x\].*did you mean 'tagf'"):
+        expand_grid(rc, registry=registry)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_variant_grid_runs_and_reports_in_declared_order(tmp_path, registry):
+    rc = variant_recipe(
+        tmp_path,
+        registry,
+        {"zeta": {"model.gate.name": "last"}, "alpha": {"model.fusion": {"name": "concat"},
+                                                        "model.gate.name": "last"}},
+    )  # fmt: skip
+    record = run_grid(rc, registry=registry)
+    assert record["order"] == ["zeta", "alpha"]
+    assert record["variants"]["alpha"]["model.gate.name"] == "last"
+    rows = summarize(collect_runs([tmp_path / "tiny"]), "test")
+    assert [r["variant"] for r in rows] == ["zeta", "alpha"]
+
+
+def test_parallel_workers_give_the_serial_results(tmp_path):
+    """-j 2 (spawned worker processes) trains the same models as one process (at the same
+    thread count: a different count changes float summation order, hence the weights)."""
+    import torch
+
+    raw = tiny_recipe(tmp_path / "par", epochs=1, num_threads=1)
+    raw["data"] = {
+        "name": "synthetic",  # installed, so the spawned workers find it
+        "params": {"num_train": 3, "num_val": 2, "num_test": 2, "min_frames": 100,
+                   "max_frames": 150},
+        "window": 64,
+        "hop": 48,
+    }  # fmt: skip
+    raw["variants"] = {"a": {"model.head.params.hidden": 4}, "b": {"model.head.params.hidden": 6}}
+    par = run_grid(validate_recipe(raw, "p"), workers=2)
+    raw["output"]["dir"] = str(tmp_path / "ser")
+    threads = torch.get_num_threads()
+    try:
+        ser = run_grid(validate_recipe(raw, "s"), workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert par["order"] == ser["order"] == ["a", "b"]
+    for tag in ("a", "b"):
+        assert par["runs"][tag]["status"] == ser["runs"][tag]["status"] == "done"
+        m_par = json.loads((tmp_path / "par" / "tiny" / tag / "metrics.json").read_text())
+        m_ser = json.loads((tmp_path / "ser" / "tiny" / tag / "metrics.json").read_text())
+        assert m_par["splits"] == m_ser["splits"]

@@ -1,0 +1,120 @@
+"""Signal perturbations: additive noise at a given SNR, whole-modality dropout and dropout of
+spans of frames."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, Field
+
+from fusionkit.interfaces import Video
+from fusionkit.perturb import check_modalities, stream_generator, with_features
+
+__all__ = [
+    "ModalityDropout",
+    "ModalityDropoutParams",
+    "Noise",
+    "NoiseParams",
+    "SpanDropout",
+    "SpanDropoutParams",
+]
+
+
+class NoiseParams(BaseModel):
+    """Params of ``noise``."""
+
+    model_config = {"extra": "forbid"}
+
+    modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
+    snr_db: float = Field(
+        20.0, ge=-60.0, le=120.0, description="signal-to-noise ratio in dB, per video and modality"
+    )
+
+
+class Noise:
+    """Additive white Gaussian noise at a given SNR.
+
+    Per video and modality, the signal power is the mean square of its features over all frames
+    and dimensions, ``P = mean(x**2)``, and the noise is i.i.d. ``N(0, P / 10**(snr_db/10))``.
+    A stream with ``P = 0`` is left as is.
+    """
+
+    def __init__(self, params: NoiseParams) -> None:
+        self.params = params
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video:
+        updates = {}
+        for m in check_modalities(video, self.params.modalities, "noise"):
+            x = video.features[m]
+            power = float(x.double().pow(2).mean()) if x.numel() else 0.0
+            std = math.sqrt(power / 10 ** (self.params.snr_db / 10))
+            noise = torch.randn(x.shape, generator=stream_generator(generator, m))
+            updates[m] = x + (std * noise).to(x.dtype)
+        return with_features(video, updates)
+
+
+class ModalityDropoutParams(BaseModel):
+    """Params of ``modality_dropout``."""
+
+    model_config = {"extra": "forbid"}
+
+    modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
+    p: float = Field(1.0, ge=0.0, le=1.0, description="probability per video and modality")
+    fill: float = Field(0.0, description="value of every feature of a dropped modality")
+
+
+class ModalityDropout:
+    """Whole-modality absence: with probability ``p`` (independently per video and modality)
+    every frame of the modality is set to ``fill``."""
+
+    def __init__(self, params: ModalityDropoutParams) -> None:
+        self.params = params
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video:
+        updates = {}
+        for m in check_modalities(video, self.params.modalities, "modality_dropout"):
+            x = video.features[m]
+            if float(torch.rand((), generator=stream_generator(generator, m))) < self.params.p:
+                updates[m] = torch.full_like(x, self.params.fill)
+        return with_features(video, updates)
+
+
+class SpanDropoutParams(BaseModel):
+    """Params of ``span_dropout``."""
+
+    model_config = {"extra": "forbid"}
+
+    modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
+    rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of frames dropped")
+    span: int = Field(30, ge=1, description="frames per dropped span")
+    same_spans: bool = Field(False, description="drop the same frames in every modality")
+    fill: float = Field(0.0, description="value of the features of dropped frames")
+
+
+class SpanDropout:
+    """Missing spans of frames: the video is cut into consecutive blocks of ``span`` frames and
+    ``round(rate * blocks)`` blocks, chosen at random, are set to ``fill`` (independently per
+    modality unless ``same_spans``)."""
+
+    def __init__(self, params: SpanDropoutParams) -> None:
+        self.params = params
+
+    def dropped(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``(n,)`` bool mask of the dropped frames of one stream."""
+        span = self.params.span
+        blocks = -(-n // span)
+        chosen = torch.randperm(blocks, generator=generator)[: round(self.params.rate * blocks)]
+        hit = torch.zeros(blocks, dtype=torch.bool)
+        hit[chosen] = True
+        return hit.repeat_interleave(span)[:n]
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video:
+        updates = {}
+        for m in check_modalities(video, self.params.modalities, "span_dropout"):
+            x = video.features[m]
+            g = stream_generator(generator, "*" if self.params.same_spans else m)
+            drop = self.dropped(x.shape[0], g)
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+            updates[m] = torch.where(drop.reshape(shape), torch.full_like(x, self.params.fill), x)
+        return with_features(video, updates)

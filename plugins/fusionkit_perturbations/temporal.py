@@ -1,0 +1,113 @@
+"""Temporal perturbations: a fixed shift of one modality, random per-video jitter, and dropped
+(frozen) frames.
+
+Sign convention (the same as the synthetic dataset's ``lag``): shifting a modality by ``+k``
+makes its frame ``i`` show what the original showed at frame ``i - k``, i.e. that stream
+arrives ``k`` frames late; ``-k`` makes it early. Frames shifted in from outside the video
+repeat the first (or last) frame (edge padding), so the length never changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+
+from fusionkit.interfaces import Video
+from fusionkit.perturb import check_modalities, shift_index, stream_generator, with_features
+
+__all__ = [
+    "FrameDrop",
+    "FrameDropParams",
+    "Jitter",
+    "JitterParams",
+    "Shift",
+    "ShiftParams",
+]
+
+_MAX_SHIFT = 100_000
+
+
+class ShiftParams(BaseModel):
+    """Params of ``shift``."""
+
+    model_config = {"extra": "forbid"}
+
+    modality: str = Field("audio", description="the modality shifted against the others")
+    k: int = Field(
+        0,
+        ge=-_MAX_SHIFT,
+        le=_MAX_SHIFT,
+        description="frames; +k: frame i shows original frame i-k (late), -k: early",
+    )
+
+
+class Shift:
+    """Shift one modality by ``k`` frames against the others (and the labels), edge-padded."""
+
+    def __init__(self, params: ShiftParams) -> None:
+        self.params = params
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video:
+        (m,) = check_modalities(video, [self.params.modality], "shift")
+        if self.params.k == 0:
+            return with_features(video, {})
+        x = video.features[m]
+        return with_features(video, {m: x[shift_index(x.shape[0], self.params.k)]})
+
+
+class JitterParams(BaseModel):
+    """Params of ``jitter``."""
+
+    model_config = {"extra": "forbid"}
+
+    modality: str = Field("audio", description="the modality shifted against the others")
+    max_k: int = Field(
+        0, ge=0, le=_MAX_SHIFT, description="each video's shift is uniform in [-max_k, max_k]"
+    )
+
+
+class Jitter:
+    """Shift one modality of each video by its own random ``k`` in ``[-max_k, max_k]``."""
+
+    def __init__(self, params: JitterParams) -> None:
+        self.params = params
+
+    def draw(self, generator: torch.Generator) -> int:
+        """The shift of one video (uniform over the ``2 max_k + 1`` integers)."""
+        m = self.params.max_k
+        return int(torch.randint(-m, m + 1, (1,), generator=generator))
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video:
+        (m,) = check_modalities(video, [self.params.modality], "jitter")
+        k = self.draw(generator)
+        x = video.features[m]
+        return with_features(video, {m: x[shift_index(x.shape[0], k)]})
+
+
+class FrameDropParams(BaseModel):
+    """Params of ``frame_drop``."""
+
+    model_config = {"extra": "forbid"}
+
+    modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
+    p: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a frame is dropped")
+
+
+class FrameDrop:
+    """Dropped frames: each frame after the first is lost with probability ``p``, independently
+    per modality, and replaced by the last frame that arrived (a frozen frame)."""
+
+    def __init__(self, params: FrameDropParams) -> None:
+        self.params = params
+
+    def __call__(self, video: Video, generator: torch.Generator) -> Video:
+        updates = {}
+        for m in check_modalities(video, self.params.modalities, "frame_drop"):
+            x = video.features[m]
+            n = x.shape[0]
+            g = stream_generator(generator, m)
+            kept = torch.rand(n, generator=g) >= self.params.p
+            kept[:1] = True
+            source = torch.where(kept, torch.arange(n), torch.zeros(n, dtype=torch.long))
+            updates[m] = x[torch.cummax(source, dim=0).values]
+        return with_features(video, updates)

@@ -1,0 +1,171 @@
+"""Evaluation sweeps on trained checkpoints: no retraining, resume, recorded params, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import fusionkit.registry as fk_registry
+from fusionkit.recipe import RobustnessSpec, validate_recipe
+from fusionkit.robustness import (
+    load_trained,
+    missing_values,
+    resolve_spec,
+    robustness_complete,
+    run_recipe_robustness,
+    run_sweep,
+)
+from fusionkit.runs import prepare_run_dir
+from fusionkit.train import Trainer
+from tests.conftest import make_registry, tiny_recipe
+
+SHIFT = {"name": "shift", "perturbation": "shift", "params": {"modality": "audio"}, "axis": "k"}
+
+
+def train(tmp_path, registry, robustness=None, name="run"):
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["output"]["name"] = name
+    if robustness:
+        raw["evaluation"]["robustness"] = robustness
+    rc = validate_recipe(raw, "r", registry)
+    run_dir = prepare_run_dir(rc, registry=registry)
+    Trainer(rc, run_dir, registry=registry).fit()
+    return run_dir
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, registry):
+    tmp = tmp_path_factory.mktemp("rob")
+    return train(tmp, registry, [{**SHIFT, "values": [-6, 0, 6], "splits": ["val", "test"]}])
+
+
+def test_recipe_sweep_runs_after_training_and_records_its_params(trained):
+    rec = json.loads((trained / "robustness" / "shift.json").read_text())
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert rec["perturbation"] == "shift" and rec["axis"] == "k" and rec["seed"] == 0
+    assert rec["params"] == {"modality": "audio"}
+    assert rec["checkpoint_sha256"] == sha(trained / "model.safetensors")
+    for split in ("val", "test"):
+        assert list(rec["results"][split]) == ["-6", "0", "6"]
+        assert rec["results"][split]["6"]["params"] == {"modality": "audio", "k": 6}
+        # shifting by 0 is the identity: exactly the clean metrics of the run
+        assert rec["results"][split]["0"]["metrics"] == metrics["splits"][split]
+    assert rec["results"]["test"]["6"]["metrics"] != metrics["splits"]["test"]
+
+
+def test_new_sweep_reuses_the_checkpoint_and_skips_computed_values(trained, registry, monkeypatch):
+    before = {f: sha(trained / f) for f in ("model.safetensors", "state.safetensors")}
+    metrics_before = (trained / "metrics.json").read_text()
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("retrained"))
+    spec = resolve_spec(
+        RobustnessSpec(perturbation="noise", axis="snr_db", values=[10, 0]), registry
+    )
+    calls = []
+    run_recipe_robustness(trained, [spec], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", 10), ("test", 0)]
+    calls.clear()
+    bigger = spec.model_copy(update={"values": [10, 0, -5]})
+    run_recipe_robustness(trained, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", -5)]  # only the new value is computed
+    assert {f: sha(trained / f) for f in before} == before
+    assert (trained / "metrics.json").read_text() == metrics_before
+
+
+def test_interrupted_sweep_resumes(tmp_path, registry):
+    run_dir = train(tmp_path, registry)
+    spec = resolve_spec(RobustnessSpec(**SHIFT, values=[-4, 0, 4, 8]), registry)
+    trainer = load_trained(run_dir, registry)
+
+    def stop_after_two(split, value, metrics):
+        if value == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(trainer, spec, on_value=stop_after_two)
+    assert missing_values(run_dir, spec) == [("test", 4), ("test", 8)]
+    seen = []
+    run_sweep(trainer, spec, on_value=lambda s, v, m: seen.append(v))
+    assert seen == [4, 8] and not missing_values(run_dir, spec)
+
+
+def test_results_are_deterministic_and_invalidated_by_a_new_checkpoint(tmp_path, registry):
+    spec = resolve_spec(
+        RobustnessSpec(perturbation="jitter", axis="max_k", values=[10], seed=3), registry
+    )
+    a, b = train(tmp_path, registry, name="a"), train(tmp_path, registry, name="b")
+    ra = run_recipe_robustness(a, [spec], registry)[0]["results"]["test"]["10"]["metrics"]
+    rb = run_recipe_robustness(b, [spec], registry)[0]["results"]["test"]["10"]["metrics"]
+    assert ra == rb  # same checkpoint recipe and seed -> same perturbed metrics
+    other = spec.model_copy(update={"seed": 4})
+    assert missing_values(a, other) == [("test", 10)]  # another seed is another sweep
+    (a / "model.safetensors").write_bytes((b / "state.safetensors").read_bytes())
+    assert missing_values(a, spec) == [("test", 10)]  # the checkpoint changed: recompute
+
+
+def test_grid_point_with_missing_robustness_only_evaluates(tmp_path, registry, monkeypatch):
+    from fusionkit.sweep import run_grid
+
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["sweep"] = {"training.seed": [0]}
+    rc = validate_recipe(raw, "g", registry)
+    run_grid(rc, registry=registry)
+    raw["evaluation"]["robustness"] = [{**SHIFT, "values": [0, 5]}]
+    rc2 = validate_recipe(raw, "g", registry)
+    run_dir = tmp_path / "tiny" / "seed-0"
+    point = rc2.model_copy(update={"sweep": {}})
+    assert not robustness_complete(run_dir, point)
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("retrained"))
+    weights = sha(run_dir / "model.safetensors")
+    record = run_grid(rc2, registry=registry)
+    assert record["runs"]["seed-0"]["status"] == "done"
+    assert robustness_complete(run_dir, point)
+    assert sha(run_dir / "model.safetensors") == weights
+    # anything else changed in a finished point is refused, naming the field
+    raw["training"]["lr"] = 0.5
+    raw["evaluation"]["robustness"][0]["values"] = [0, 5, 9]
+    record = run_grid(validate_recipe(raw, "g", registry), registry=registry)
+    assert record["runs"]["seed-0"]["status"] == "failed"
+    assert "training.lr differ" in record["runs"]["seed-0"]["error"]
+
+
+@pytest.fixture
+def cli_registry(monkeypatch):
+    """The CLI's global registry with the in-test `tiny` dataset added."""
+    fk_registry.clear_registry_cache()
+    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
+    yield
+    fk_registry.clear_registry_cache()
+
+
+def test_cli_robustness_and_report(tmp_path, cli_registry):
+    from fusionkit.cli import app
+
+    run_dir = train(tmp_path, fk_registry.get_registry())
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["robustness", str(run_dir), "--perturb", "shift", "--axis", "k", "--values", "-5,0,5",
+         "--param", "modality=video", "--name", "video_shift"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rec = json.loads((run_dir / "robustness" / "video_shift.json").read_text())
+    assert rec["params"] == {"modality": "video"} and list(rec["results"]["test"]) == [
+        "-5",
+        "0",
+        "5",
+    ]
+    res = runner.invoke(app, ["robustness", str(run_dir), "--perturb", "shift", "--axis", "kk",
+                              "--values=1"])  # fmt: skip
+    assert res.exit_code != 0 and "has no param 'kk'" in str(res.exception)
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["report", str(run_dir), "--out", str(out), "--no-throughput"])
+    assert res.exit_code == 0, res.output
+    assert (out / "plots" / "robustness_video_shift.png").is_file()
+    assert "Robustness: video_shift" in (out / "report.md").read_text()
