@@ -97,7 +97,12 @@ def run(
         os.environ["FUSIONKIT_STRICT_PLUGINS"] = "1"
     path, ovr = _split_recipe_args(recipe, overrides)
     rc = load_recipe(path, ovr)
-    if rc.sweep:
+    if rc.strict_plugins:
+        from fusionkit.registry import get_registry, raise_for_failures
+
+        os.environ["FUSIONKIT_STRICT_PLUGINS"] = "1"
+        raise_for_failures(get_registry())
+    if rc.sweep or rc.variants:
         from fusionkit.sweep import run_grid
 
         record = run_grid(rc, str(path or "<default>"), workers=workers, console=console)

@@ -179,6 +179,9 @@ class Recipe(_Strict):
         description="named sets of overrides (dotted path -> value), one grid axis "
         "(see docs/ablations.md)",
     )
+    strict_plugins: bool = Field(
+        False, description="fail if any installed plugin failed to load (like --strict)"
+    )
 
     @property
     def run_name(self) -> str:

@@ -90,7 +90,11 @@ def prepare_run_dir(
     base = run_dir or Path(recipe.output.dir) / recipe.run_name
     text = recipe_to_yaml(recipe)
     if resume and (base / RECIPE_FILE).is_file():
-        saved = yaml.safe_load((base / RECIPE_FILE).read_text())
+        # Re-validate the saved recipe so that fields added to the schema since (with their
+        # defaults) do not count as a change.
+        saved = validate_recipe(
+            yaml.safe_load((base / RECIPE_FILE).read_text()), str(base / RECIPE_FILE), registry
+        ).model_dump(mode="json")
         diffs = _diff(saved, recipe.model_dump(mode="json"))
         if diffs:
             raise RecipeError(

@@ -133,3 +133,41 @@ def test_strict_makes_the_broken_plugin_an_error(broken_env, tmp_path):
     env = dict(broken_env, FUSIONKIT_STRICT_PLUGINS="1")
     listed = fk(["plugins", "list"], env, tmp_path)
     assert listed.returncode == 2 and "fk-broken-demo" in listed.stderr
+
+
+def test_recipe_strict_plugins_setting_fails_on_a_broken_plugin(tmp_path):
+    """`strict_plugins: true` in a recipe turns the tolerant warning into an error."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.test_plugins import make_distribution
+
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "fk-broken", "fk_broken", "raise ImportError('no such thing')\n")
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}")
+    base = [
+        sys.executable,
+        "-m",
+        "fusionkit",
+        "recipe",
+        "validate",
+        str(REPO / "recipes" / "quickstart.yaml"),
+    ]
+    ok = subprocess.run(base, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "fk-broken" in ok.stderr  # tolerant: one warning
+    run = [
+        sys.executable,
+        "-m",
+        "fusionkit",
+        "run",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "strict_plugins=true",
+        "training.epochs=1",
+        "-q",
+    ]
+    res = subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "fk-broken" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -161,3 +161,24 @@ def test_padding_content_does_not_change_the_loss(tmp_path, registry):
         clean = tr.model(batch.inputs, batch.mask).pred
         noisy = tr.model(dirty, batch.mask).pred
     torch.testing.assert_close(clean[batch.mask], noisy[batch.mask])
+
+
+def test_written_files_have_normal_permissions(tmp_path, registry):
+    import os
+
+    _, run_dir = train(tmp_path, registry, epochs=1)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (METRICS_FILE, BEST_FILE, "recipe.yaml"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_resume_accepts_a_saved_recipe_lacking_newer_default_fields(tmp_path, registry):
+    import yaml
+
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=1), "tiny", registry)
+    run_dir = prepare_run_dir(rc, registry=registry)
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    del saved["evaluation"]["save_predictions"]  # as if written by an older fusionkit
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert prepare_run_dir(rc, resume=True, registry=registry) == run_dir

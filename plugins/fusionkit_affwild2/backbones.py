@@ -1,0 +1,312 @@
+"""Feature extractors run by ``fusionkit extract``: audio and visual backbones.
+
+Contracts (what the ``affwild2`` extractor feeds a registered backbone):
+
+* ``audio_backbone``: ``(B, patch_frames, n_mels)`` log-mel patches -> ``(B, out_dim)``.
+* ``visual_backbone``: ``(B, 3, input_size, input_size)`` RGB faces scaled to ``[-1, 1]``
+  -> ``(B, out_dim)``; the module exposes ``input_size``.
+
+Built with random weights (seeded by ``seed``) or loaded from a user-supplied safetensors file
+(``weights``; never a pickle). Key names follow the widely used PyTorch ports, so converted
+weights load directly: ``vggish`` uses the ``features.*`` / ``embeddings.*`` layout of the
+torchvggish port, ``ir50`` the ``input_layer`` / ``body`` / ``output_layer`` layout of the
+arcface IR backbones (a ``module.`` prefix is stripped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from fusionkit.errors import DataError
+
+__all__ = [
+    "IR50",
+    "AudioCNN",
+    "AudioCNNParams",
+    "FaceCNN",
+    "FaceCNNParams",
+    "IR50Params",
+    "VGGish",
+    "VGGishParams",
+    "load_backbone_weights",
+]
+
+
+class _WeightsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Path | None = Field(
+        None, description="safetensors file with the backbone's weights (default: random init)"
+    )
+    seed: int = Field(0, ge=0, description="seed of the random initialisation")
+
+
+def load_backbone_weights(module: nn.Module, path: Path) -> None:
+    """Load safetensors weights strictly; a mismatch names the file and the keys."""
+    if not Path(path).is_file():
+        raise DataError(f"backbone weights file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(
+            f"backbone weights {path} are not a readable safetensors file: {exc}"
+        ) from None
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(tensors))
+        if tensors[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:4]}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:3]))
+        raise DataError(
+            f"backbone weights {path} do not fit {type(module).__name__}: {', '.join(parts)}"
+        )
+    module.load_state_dict(tensors, strict=True)
+
+
+# --------------------------------------------------------------------------- audio
+
+
+class VGGishParams(_WeightsParams):
+    """VGGish (fixed architecture: 96x64 patches -> 128-d)."""
+
+    final_relu: bool = Field(
+        True,
+        description="ReLU after the last layer, as in the torchvggish port; the TensorFlow "
+        "original has none (the weights are the same either way)",
+    )
+
+
+class VGGish(nn.Module):
+    """VGGish: 6 conv layers in 4 blocks (64, 128, 2x256, 2x512, 2x2 max-pool after each
+    block) then FC 12288 -> 4096 -> 4096 -> 128, ReLU after every layer but (optionally) the
+    last (72.1 M parameters).
+
+    ``(B, 96, 64)`` log-mel patches -> ``(B, 128)``.
+    """
+
+    out_dim = 128
+    patch_shape = (96, 64)
+
+    def __init__(self, final_relu: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for block in ((64,), (128,), (256, 256), (512, 512)):
+            for c_out in block:
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True)]
+                c_in = c_out
+            layers.append(nn.MaxPool2d(2, 2))
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(
+            nn.Linear(512 * 6 * 4, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 128),
+            nn.ReLU(inplace=True) if final_relu else nn.Identity(),
+        )
+
+    def forward(self, patches: Tensor) -> Tensor:
+        if tuple(patches.shape[1:]) != self.patch_shape:
+            raise DataError(
+                f"vggish expects (B, 96, 64) log-mel patches, got {tuple(patches.shape)}; keep "
+                "logmel.patch_frames=96 and logmel.n_mels=64"
+            )
+        x = self.features(rearrange(patches, "b t mel -> b 1 t mel"))
+        # flatten in (time, mel, channel) order, as the original TensorFlow model does
+        return self.embeddings(rearrange(x, "b c t mel -> b (t mel c)"))
+
+
+class AudioCNNParams(_WeightsParams):
+    """A light audio CNN (any patch size)."""
+
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64, 128], min_length=1, description="conv block widths"
+    )
+    dim: int = Field(128, ge=1, description="embedding size")
+
+
+class AudioCNN(nn.Module):
+    """Conv3x3-BN-ReLU-MaxPool blocks, global average pooling, Linear: ``(B, T, M) -> (B, dim)``."""
+
+    def __init__(self, params: AudioCNNParams) -> None:
+        super().__init__()
+        self.out_dim = params.dim
+        self.blocks = _conv_stack(1, params.channels)
+        self.proj = nn.Linear(params.channels[-1], params.dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        x = self.blocks(rearrange(patches, "b t mel -> b 1 t mel"))
+        return self.proj(x.mean(dim=(2, 3)))
+
+
+def _conv_stack(c_in: int, channels: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c_out in channels:
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2, ceil_mode=True),
+        ]
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- visual
+
+
+class IR50Params(_WeightsParams):
+    """IR-ResNet-50 as released for 40x40 faces."""
+
+    input_size: int = Field(40, ge=8, description="face size (multiple of 8; as released: 40)")
+    dim: int = Field(512, ge=1, description="embedding size (as released: 512)")
+    dropout: float = Field(0.4, ge=0.0, lt=1.0, description="dropout of the output layer")
+    l2_normalize: bool = Field(True, description="L2-normalise the embedding (as released)")
+
+    @model_validator(mode="after")
+    def _multiple_of_8(self) -> IR50Params:
+        if self.input_size % 8:
+            raise ValueError(f"input_size must be a multiple of 8, got {self.input_size}")
+        return self
+
+
+class _IRUnit(nn.Module):
+    """Improved-residual bottleneck: BN-Conv-PReLU-Conv-BN plus a (projected) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        if c_in == c_out:
+            self.shortcut_layer: nn.Module = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut_layer = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+        self.res_layer = nn.Sequential(
+            nn.BatchNorm2d(c_in),
+            nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+            nn.PReLU(c_out),
+            nn.Conv2d(c_out, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res_layer(x) + self.shortcut_layer(x)
+
+
+class IR50(nn.Module):
+    """IR-ResNet-50 (arcface ``ir`` mode): stages of 3, 4, 14, 3 units with 64, 128, 256, 512
+    channels and strides 1, 2, 2, 2 (a 40x40 face gives a 5x5x512 map), then
+    BN -> Dropout -> FC(512 * (s/8)^2 -> 512) -> BN1d and (as released) L2 normalisation.
+
+    ``(B, 3, s, s)`` in ``[-1, 1]`` -> ``(B, dim)``.
+    """
+
+    def __init__(self, params: IR50Params) -> None:
+        super().__init__()
+        self.input_size = params.input_size
+        self.out_dim = params.dim
+        self.l2_normalize = params.l2_normalize
+        self.input_layer = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64)
+        )
+        units: list[nn.Module] = []
+        c_in = 64
+        for c_out, count, stride in ((64, 3, 1), (128, 4, 2), (256, 14, 2), (512, 3, 2)):
+            for k in range(count):
+                units.append(_IRUnit(c_in, c_out, stride if k == 0 else 1))
+                c_in = c_out
+        self.body = nn.Sequential(*units)
+        side = params.input_size // 8
+        self.output_layer = nn.Sequential(
+            nn.BatchNorm2d(512),
+            nn.Dropout(params.dropout),
+            nn.Flatten(),
+            nn.Linear(512 * side * side, params.dim),
+            nn.BatchNorm1d(params.dim),
+        )
+
+    def forward(self, faces: Tensor) -> Tensor:
+        if faces.shape[-1] != self.input_size or faces.shape[-2] != self.input_size:
+            raise DataError(
+                f"ir50 expects {self.input_size}x{self.input_size} faces, got {tuple(faces.shape)}"
+            )
+        x = self.output_layer(self.body(self.input_layer(faces)))
+        return nn.functional.normalize(x, dim=-1) if self.l2_normalize else x
+
+
+class FaceCNNParams(_WeightsParams):
+    """A light face CNN."""
+
+    input_size: int = Field(40, ge=4, description="face size fed to the network")
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64, 128], min_length=1, description="conv block widths"
+    )
+    dim: int = Field(512, ge=1, description="embedding size")
+
+
+class FaceCNN(nn.Module):
+    """Conv3x3-BN-ReLU-MaxPool blocks, global average pooling, Linear."""
+
+    def __init__(self, params: FaceCNNParams) -> None:
+        super().__init__()
+        self.input_size = params.input_size
+        self.out_dim = params.dim
+        self.blocks = _conv_stack(3, params.channels)
+        self.proj = nn.Linear(params.channels[-1], params.dim)
+
+    def forward(self, faces: Tensor) -> Tensor:
+        return self.proj(self.blocks(faces).mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _make(factory, params: _WeightsParams) -> nn.Module:
+    """Build under a private RNG seeded by ``params.seed`` (the global RNG is untouched),
+    then load the weights file if one is given; returns the module in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        module = factory()
+    if params.weights is not None:
+        load_backbone_weights(module, params.weights)
+    return module.eval()
+
+
+def build_vggish(params: VGGishParams) -> VGGish:
+    return _make(lambda: VGGish(params.final_relu), params)
+
+
+def build_audio_cnn(params: AudioCNNParams) -> AudioCNN:
+    return _make(lambda: AudioCNN(params), params)
+
+
+def build_ir50(params: IR50Params) -> IR50:
+    return _make(lambda: IR50(params), params)
+
+
+def build_face_cnn(params: FaceCNNParams) -> FaceCNN:
+    return _make(lambda: FaceCNN(params), params)
+
+
+def describe(module: nn.Module) -> tuple[int, int | None]:
+    """``(out_dim, input_size or None)`` of a built backbone."""
+    return int(module.out_dim), getattr(module, "input_size", None)

@@ -1,0 +1,200 @@
+"""Extraction jobs: raw media -> per-frame audio features, face crops -> per-frame visual
+features, each written as one cache file (see :mod:`fusionkit.extract`).
+
+Jobs are small picklable records run by :func:`execute` in worker processes; each builds its
+backbone once per process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fusionkit.errors import DataError
+from fusionkit.extract import CacheFolder, file_sha256
+from fusionkit.registry import get_registry
+from fusionkit_affwild2.faces import read_faces
+from fusionkit_affwild2.layout import crop_indices
+from fusionkit_affwild2.logmel import LogMel, frame_patches, patch_starts
+from fusionkit_affwild2.media import load_audio, probe
+from fusionkit_affwild2.params import BackboneSpec, LogMelParams
+
+__all__ = [
+    "AudioJob",
+    "VisualJob",
+    "backbone_dims",
+    "backbone_identity",
+    "build_backbone",
+    "execute",
+    "resolve_device",
+]
+
+_MODELS: dict[str, nn.Module] = {}
+
+
+def resolve_device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise DataError("data.params.device: 'cuda' requested but no CUDA device is available")
+    return spec
+
+
+def build_backbone(kind: str, spec: dict[str, Any], device: str) -> nn.Module:
+    """The registered backbone ``spec`` on ``device`` in eval mode (memoised per process)."""
+    key = json.dumps([kind, spec, device], sort_keys=True)
+    if key not in _MODELS:
+        comp = get_registry().get(kind, spec["name"])
+        module = comp.build(comp.params.model_validate(spec["params"]))
+        _MODELS[key] = module.to(device).eval()
+    return _MODELS[key]
+
+
+def backbone_dims(kind: str, spec: BackboneSpec) -> tuple[int, int | None]:
+    """``(out_dim, input_size)`` of a backbone, from its architecture alone (built on the
+    meta device: no memory, no weights read)."""
+    comp = get_registry().get(kind, spec.name)
+    params = comp.params.model_validate(spec.params)
+    if "weights" in type(params).model_fields:
+        params = params.model_copy(update={"weights": None})
+    with torch.device("meta"):
+        module = comp.build(params)
+    return int(module.out_dim), getattr(module, "input_size", None)
+
+
+def backbone_identity(spec: BackboneSpec) -> dict[str, Any]:
+    """What defines a backbone's outputs: name, params, and the weights file's SHA-256 in
+    place of its path (moving the file keeps the caches valid, changing it does not)."""
+    params = dict(spec.params)
+    weights = params.pop("weights", None)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise DataError(f"backbone weights file {path} does not exist")
+        params["weights_sha256"] = file_sha256(path)
+    return {"name": spec.name, "params": params}
+
+
+@torch.inference_mode()
+def _run_batched(model: nn.Module, inputs: list[Tensor], device: str) -> Tensor:
+    outs = [model(x.to(device)).float().cpu() for x in inputs]
+    return torch.cat(outs) if outs else torch.zeros(0, int(model.out_dim))
+
+
+@dataclass(frozen=True)
+class AudioJob:
+    """Audio features of one raw video: one row per video frame.
+
+    Writes ``features`` ``(F, D)`` and ``present`` ``(F,)`` (the frame's patch overlaps real
+    audio) with ``info`` = the media's :class:`~fusionkit_affwild2.media.MediaInfo` plus the
+    audio length.
+    """
+
+    item: str
+    media: str
+    cache_root: str
+    extractor: dict[str, Any]
+    versions: dict[str, str]
+    backbone: dict[str, Any]
+    logmel: dict[str, Any]
+    anchor: str
+    sync: str
+    frame_count: str
+    batch_size: int
+    device: str
+
+    def run(self) -> None:
+        path = Path(self.media)
+        info = probe(path, self.frame_count)  # type: ignore[arg-type]
+        if info.num_frames == 0:
+            raise DataError(f"media file {path} has no video frames")
+        lm_params = LogMelParams.model_validate(self.logmel)
+        front = LogMel(lm_params)
+        wave = load_audio(path, lm_params.sample_rate, self.sync)  # type: ignore[arg-type]
+        real = 0 if wave.numel() < front.win else 1 + (wave.numel() - front.win) // front.hop
+        logmel = front(wave)
+        starts = patch_starts(
+            info.num_frames,
+            info.fps,
+            front.frames_per_second,
+            lm_params.patch_frames,
+            self.anchor,  # type: ignore[arg-type]
+        )
+        present = (starts < real) & (starts + lm_params.patch_frames > 0)
+        model = build_backbone("audio_backbone", self.backbone, self.device)
+        feats = torch.cat(
+            [
+                _run_batched(
+                    model, [frame_patches(logmel, chunk, lm_params.patch_frames)], self.device
+                )
+                for chunk in starts.split(self.batch_size)
+            ]
+        )
+        folder = CacheFolder(self.cache_root, "audio", self.extractor, self.versions)
+        folder.write(
+            self.item,
+            {"features": feats.contiguous(), "present": present},
+            {"media": path},
+            {
+                **info.to_dict(),
+                "audio_seconds": wave.numel() / lm_params.sample_rate,
+                "logmel_frames": real,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class VisualJob:
+    """Visual features of one trial's face crops: row ``k`` from ``%05d.jpg`` of ``k + 1``.
+
+    Writes ``features`` ``(K, D)`` (zeros where no crop) and ``present`` ``(K,)``, with ``K``
+    the highest crop number.
+    """
+
+    item: str
+    crops: str
+    cache_root: str
+    extractor: dict[str, Any]
+    versions: dict[str, str]
+    backbone: dict[str, Any]
+    resize: int
+    batch_size: int
+    device: str
+
+    def run(self) -> None:
+        folder_path = Path(self.crops)
+        crops = crop_indices(folder_path)
+        model = build_backbone("visual_backbone", self.backbone, self.device)
+        size = int(getattr(model, "input_size", self.resize))
+        n = max(crops) + 1 if crops else 0
+        order = sorted(crops)
+        outs = []
+        for s in range(0, len(order), self.batch_size):
+            faces = read_faces(
+                [crops[i] for i in order[s : s + self.batch_size]], self.resize, size
+            )
+            outs.append(_run_batched(model, [faces], self.device))
+        out = torch.cat(outs) if outs else torch.zeros(0, int(model.out_dim))
+        feats = torch.zeros(n, int(model.out_dim))
+        present = torch.zeros(n, dtype=torch.bool)
+        if order:
+            idx = torch.tensor(order)
+            feats[idx] = out
+            present[idx] = True
+        folder = CacheFolder(self.cache_root, "video", self.extractor, self.versions)
+        folder.write(
+            self.item,
+            {"features": feats, "present": present},
+            {"crops": folder_path},
+            {"crops": len(order), "max_frame": n},
+        )
+
+
+def execute(job: AudioJob | VisualJob) -> None:
+    """Worker entry point of :func:`fusionkit.extract.run_jobs`."""
+    job.run()

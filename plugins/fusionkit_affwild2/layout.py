@@ -1,0 +1,294 @@
+"""The official Aff-Wild2 tree: annotation folders, label files, raw media, crops, splits.
+
+Every reader raises :class:`~fusionkit.errors.DataError` naming the file (and line) at fault.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusionkit.errors import DataError
+
+__all__ = [
+    "HEADER",
+    "MEDIA_SUFFIXES",
+    "UNLABELLED",
+    "Labels",
+    "crop_indices",
+    "find_annotation_sets",
+    "fold_split",
+    "index_media",
+    "media_name",
+    "read_labels",
+    "read_name_list",
+    "read_submission_template",
+]
+
+HEADER = "valence,arousal"
+#: The value marking an unannotated frame in both columns.
+UNLABELLED = -5.0
+MEDIA_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".mpg", ".mpeg", ".webm", ".m4v")
+_SIDE = re.compile(r"_(left|right)$")
+_CROP = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
+# Folder names of the partitions across ABAW editions.
+TRAIN_NAMES = ("Train_Set", "Training_Set")
+VAL_NAMES = ("Validation_Set",)
+
+
+def media_name(trial: str) -> str:
+    """The raw video a trial comes from: ``_left`` / ``_right`` trials share it."""
+    return _SIDE.sub("", trial)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One annotation file.
+
+    Attributes:
+        values: ``(L, 2)`` float32 valence, arousal; 0 on unannotated rows.
+        mask: ``(L,)`` bool, False on ``-5`` rows.
+        path: the file read.
+    """
+
+    values: np.ndarray
+    mask: np.ndarray
+    path: Path
+
+    @property
+    def rows(self) -> int:
+        return int(self.values.shape[0])
+
+
+def read_labels(path: Path) -> Labels:
+    """Read ``valence,arousal`` then one ``v,a`` row per video frame; ``-5`` marks a frame
+    without annotation (masked). Values other than ``-5`` must lie in ``[-1, 1]``."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read annotation file {path}: {exc}") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines or lines[0].strip().replace(" ", "").lower() != HEADER:
+        first = lines[0].strip() if lines else "<empty file>"
+        raise DataError(f"{path}:1: expected the header {HEADER!r}, found {first!r}")
+    values = np.zeros((len(lines) - 1, 2), dtype=np.float32)
+    mask = np.ones(len(lines) - 1, dtype=bool)
+    for k, line in enumerate(lines[1:]):
+        parts = line.split(",")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            v, a = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise DataError(
+                f"{path}:{k + 2}: expected two comma-separated numbers, found {line.strip()!r}"
+            ) from None
+        if v == UNLABELLED or a == UNLABELLED:
+            mask[k] = False
+            continue
+        if not (-1.0 <= v <= 1.0 and -1.0 <= a <= 1.0):
+            raise DataError(
+                f"{path}:{k + 2}: values must be in [-1, 1] or -5 (unannotated), found "
+                f"{line.strip()!r}"
+            )
+        values[k] = (v, a)
+    if not len(mask):
+        raise DataError(f"{path}: header but no frame rows")
+    return Labels(values, mask, path)
+
+
+def read_name_list(path: Path) -> list[str]:
+    """Video names, one per line (blank lines and ``#`` comments ignored; a ``.txt`` or media
+    extension and a header line ``video``/``name`` are tolerated)."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read video list {path}: {exc}") from None
+    names: list[str] = []
+    for line in lines:
+        item = line.split("#", 1)[0].strip().strip(",")
+        if not item or item.lower() in {"video", "name", "videos", "video_name"}:
+            continue
+        stem = Path(item).stem if Path(item).suffix.lower() in {".txt", *MEDIA_SUFFIXES} else item
+        names.append(stem)
+    if not names:
+        raise DataError(f"video list {path} names no video")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"video list {path} names {', '.join(dup[:5])} more than once")
+    return names
+
+
+def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
+    """The organisers' sample prediction file: ``image_location,...`` then
+    ``<video>/<frame>.jpg,...`` rows. Returns video -> ``(row name, 0-based frame)`` in file
+    order."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read submission template {path}: {exc}") from None
+    if not lines or not lines[0].lower().startswith("image_location"):
+        raise DataError(f"{path}:1: expected a header starting with 'image_location'")
+    out: dict[str, list[tuple[str, int]]] = {}
+    for k, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        loc = line.split(",", 1)[0].strip()
+        video, _, image = loc.rpartition("/")
+        m = _CROP.match(image)
+        if not video or m is None or int(m.group(1)) < 1:
+            raise DataError(f"{path}:{k}: expected '<video>/<5-digit frame>.jpg', found {loc!r}")
+        out.setdefault(video, []).append((loc, int(m.group(1)) - 1))
+    return out
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass(frozen=True)
+class AnnotationSets:
+    """The annotation folders of one edition: ``train`` and ``val`` paths."""
+
+    base: Path
+    train: Path
+    val: Path
+
+
+def _sets_in(folder: Path) -> AnnotationSets | None:
+    train = next((folder / n for n in TRAIN_NAMES if (folder / n).is_dir()), None)
+    val = next((folder / n for n in VAL_NAMES if (folder / n).is_dir()), None)
+    if train is None or val is None:
+        return None
+    return AnnotationSets(folder, train, val)
+
+
+def find_annotation_sets(root: Path, explicit: Path | None = None) -> AnnotationSets:
+    """Locate the VA annotation folders under ``root`` (both ABAW namings), or check
+    ``explicit`` (a folder holding ``Train_Set|Training_Set`` and ``Validation_Set``)."""
+    if explicit is not None:
+        folder = explicit if explicit.is_absolute() else root / explicit
+        sets = _sets_in(folder)
+        if sets is None:
+            raise DataError(
+                f"annotation folder {folder} must hold Train_Set (or Training_Set) and "
+                "Validation_Set sub-folders"
+            )
+        return sets
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist or is not a folder")
+    candidates: list[Path] = []
+    for pattern in (
+        "VA_Estimation_Challenge",
+        "*/VA_Estimation_Challenge",
+        "*/*/VA_Estimation_Challenge",
+        "annotations/VA_Set",
+        "*/annotations/VA_Set",
+        "VA_Set",
+        "*/VA_Set",
+    ):
+        candidates.extend(p for p in sorted(root.glob(pattern)) if p.is_dir())
+    found = [s for s in (_sets_in(c) for c in dict.fromkeys(candidates)) if s is not None]
+    if not found:
+        raise DataError(
+            f"no VA annotations under {root}: expected <root>/<N>th_ABAW_Annotations/"
+            "VA_Estimation_Challenge/{Train_Set,Validation_Set}/ or <root>/annotations/VA_Set/"
+            "{Train_Set|Training_Set,Validation_Set}/ (or set data.params.annotations)"
+        )
+    if len(found) > 1:
+        listing = ", ".join(str(s.base) for s in found)
+        raise DataError(
+            f"several VA annotation folders under {root}: {listing}; choose one with "
+            "data.params.annotations=PATH"
+        )
+    return found[0]
+
+
+def label_files(folder: Path) -> dict[str, Path]:
+    """Trial name -> annotation file of one partition folder."""
+    files = {p.stem: p for p in sorted(folder.glob("*.txt")) if not p.name.startswith(".")}
+    if not files:
+        raise DataError(f"annotation folder {folder} holds no .txt files")
+    return files
+
+
+def index_media(root: Path, video_dirs: Sequence[str]) -> dict[str, Path]:
+    """Media stem -> raw video file, searching ``video_dirs`` (under ``root`` or absolute)
+    recursively; the first folder listed wins a name found twice (with a warning)."""
+    index: dict[str, Path] = {}
+    clashes: list[str] = []
+    for d in video_dirs:
+        folder = Path(d) if Path(d).is_absolute() else root / d
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.rglob("*")):
+            if p.suffix.lower() not in MEDIA_SUFFIXES or not p.is_file():
+                continue
+            if p.stem in index:
+                clashes.append(f"{p} (using {index[p.stem]})")
+                continue
+            index[p.stem] = p
+    if clashes:
+        warnings.warn(
+            f"affwild2: {len(clashes)} raw video name(s) found twice: {'; '.join(clashes[:5])}",
+            stacklevel=2,
+        )
+    return index
+
+
+def find_media(trial: str, index: dict[str, Path], root: Path, video_dirs: Iterable[str]) -> Path:
+    """The raw video of ``trial`` (suffix stripped); a DataError names what was searched."""
+    base = media_name(trial)
+    for key in (base, trial):
+        if key in index:
+            return index[key]
+    where = ", ".join(str(root / d) for d in video_dirs)
+    raise DataError(
+        f"no raw video for trial {trial!r}: expected {base}.mp4 (or .avi, ...) under {where}; "
+        "set data.params.video_dirs if the videos are elsewhere"
+    )
+
+
+def crop_indices(folder: Path) -> dict[int, Path]:
+    """0-based frame index -> crop file of a ``cropped_aligned/<trial>/`` folder (files are
+    ``%05d.jpg``, 1-based; frames without a face have no file)."""
+    if not folder.is_dir():
+        raise DataError(f"face-crop folder {folder} does not exist")
+    out: dict[int, Path] = {}
+    for entry in folder.iterdir():
+        m = _CROP.match(entry.name)
+        if m is not None and int(m.group(1)) >= 1:
+            out[int(m.group(1)) - 1] = entry
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def fold_split(train: Sequence[str], val: Sequence[str], fold: int, chunks: int = 5):
+    """Train / val trial lists of a cross-validation fold (as released, built explicitly).
+
+    The sorted official train trials are cut into ``chunks`` consecutive chunks of
+    ``len // chunks`` trials (the last one takes the remainder); the official validation set
+    is chunk ``chunks + 1``. Fold ``k`` rolls the chunk list by ``k`` (``np.roll``): the last
+    rolled chunk validates and the others train. Fold 0 is the official split; fold 1
+    validates on the last train chunk and trains on the official validation set.
+    """
+    if not 0 <= fold <= chunks:
+        raise DataError(f"fold {fold} is out of range 0..{chunks}")
+    names = sorted(train)
+    if fold and len(names) < chunks:
+        raise DataError(f"{len(names)} train trials cannot be cut into {chunks} chunks")
+    size = len(names) // chunks
+    parts = [names[i * size : (i + 1) * size] for i in range(chunks - 1)]
+    parts.append(names[(chunks - 1) * size :])
+    parts.append(sorted(val))
+    n = len(parts)
+    rolled = [parts[(i - fold) % n] for i in range(n)]
+    return [t for part in rolled[:-1] for t in part], list(rolled[-1])

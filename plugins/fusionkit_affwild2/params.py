@@ -1,0 +1,217 @@
+"""Parameters (the recipe's ``data.params`` blocks) of the ``affwild2`` and ``features``
+datasets, and of the feature extractors they run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "AffWild2Params",
+    "AudioParams",
+    "BackboneSpec",
+    "FeaturesParams",
+    "LogMelParams",
+    "SplitParams",
+    "VisualParams",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneSpec(_Strict):
+    """A registered extractor by name with its params (checked against the registry)."""
+
+    name: str = Field(description="registered audio_backbone / visual_backbone name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the backbone's params")
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+def _check_backbone(kind: str, spec: BackboneSpec) -> BackboneSpec:
+    from fusionkit.registry import get_registry
+
+    registry = get_registry()
+    comp = registry.get(kind, spec.name)  # raises with the registered names listed
+    params = comp.params.model_validate(spec.params)
+    return BackboneSpec(name=spec.name, params=params.model_dump(mode="json"))
+
+
+class LogMelParams(_Strict):
+    """VGGish-style log-mel front end (defaults = VGGish)."""
+
+    sample_rate: int = Field(16000, ge=1000, description="mono waveform rate after resampling")
+    window_ms: float = Field(25.0, gt=0, description="STFT window length")
+    hop_ms: float = Field(10.0, gt=0, description="STFT hop; one log-mel frame per hop")
+    n_mels: int = Field(64, ge=1, description="mel bands")
+    f_min: float = Field(125.0, ge=0, description="lowest mel band edge (Hz)")
+    f_max: float = Field(7500.0, gt=0, description="highest mel band edge (Hz)")
+    log_offset: float = Field(0.01, gt=0, description="log(mel + offset)")
+    patch_frames: int = Field(96, ge=1, description="log-mel frames per patch (96 = 0.96 s)")
+
+    @model_validator(mode="after")
+    def _band(self) -> LogMelParams:
+        if self.f_max <= self.f_min or self.f_max > self.sample_rate / 2:
+            raise ValueError(
+                f"need f_min < f_max <= sample_rate / 2 (got {self.f_min}, {self.f_max}, "
+                f"{self.sample_rate})"
+            )
+        return self
+
+
+class AudioParams(_Strict):
+    """Audio feature extraction: decode, mono, resample, log-mel patches, backbone."""
+
+    backbone: BackboneSpec = Field(
+        default_factory=lambda: BackboneSpec(name="vggish"),
+        description="audio_backbone applied to each frame's log-mel patch",
+    )
+    logmel: LogMelParams = Field(
+        default_factory=LogMelParams, description="log-mel front end (VGGish defaults)"
+    )
+    anchor: Literal["start", "center"] = Field(
+        "start",
+        description="start: frame i's patch starts at i/fps (as released, ~0.48 s look-ahead); "
+        "center: the patch is centred on i/fps",
+    )
+    sync: Literal["container", "none"] = Field(
+        "container",
+        description="container: shift audio by its start time minus the video's (container "
+        "timestamps) so t=0 is the first video frame; none: audio sample 0 = frame 0",
+    )
+    batch_size: int = Field(256, ge=1, description="patches per backbone call")
+
+    @model_validator(mode="after")
+    def _known_backbone(self) -> AudioParams:
+        self.backbone = _check_backbone("audio_backbone", self.backbone)
+        return self
+
+
+class VisualParams(_Strict):
+    """Visual feature extraction from the organisers' face crops."""
+
+    backbone: BackboneSpec = Field(
+        default_factory=lambda: BackboneSpec(name="ir50"),
+        description="visual_backbone applied to each face crop",
+    )
+    resize: int = Field(
+        48,
+        ge=4,
+        description="crops are resized to resize x resize (as released: 48), then "
+        "centre-cropped to the backbone's input size",
+    )
+    batch_size: int = Field(256, ge=1, description="crops per backbone call")
+
+    @model_validator(mode="after")
+    def _known_backbone(self) -> VisualParams:
+        self.backbone = _check_backbone("visual_backbone", self.backbone)
+        return self
+
+
+class SplitParams(_Strict):
+    """Which trials form train / val: the official split or a cross-validation fold."""
+
+    fold: int = Field(
+        0,
+        ge=0,
+        description="0 = official split; k > 0 rolls the chunks as the released code does "
+        "(fold 1 validates on the last train chunk and trains on the official val set)",
+    )
+    chunks: int = Field(5, ge=2, description="number of chunks the official train set is cut into")
+
+    @model_validator(mode="after")
+    def _fold_range(self) -> SplitParams:
+        if self.fold > self.chunks:
+            raise ValueError(f"fold must be in 0..{self.chunks} (chunks + official val)")
+        return self
+
+
+class AffWild2Params(_Strict):
+    """The ``affwild2`` dataset: an Aff-Wild2 copy in the official layout (see docs/data.md)."""
+
+    root: Path = Field(description="dataset root: cropped_aligned/, raw videos, annotations")
+    annotations: Path | None = Field(
+        None,
+        description="folder holding Train_Set|Training_Set and Validation_Set (default: found "
+        "under root: */VA_Estimation_Challenge or annotations/VA_Set)",
+    )
+    crops_dir: str = Field("cropped_aligned", description="face-crop folder under root")
+    video_dirs: list[str] = Field(
+        default_factory=lambda: ["raw_videos", "videos", "batch1", "batch2", "batch3"],
+        description="folders (under root, or absolute) searched recursively for raw videos",
+    )
+    cache_dir: Path | None = Field(
+        None, description="feature caches (default: <root>/fusionkit_cache)"
+    )
+    test_list: Path | None = Field(
+        None, description="text file naming the test videos, one per line (enables split 'test')"
+    )
+    submission_template: Path | None = Field(
+        None,
+        description="the organisers' sample prediction file (image_location,valence,arousal); "
+        "its rows define each test video's frames",
+    )
+    split: SplitParams = Field(
+        default_factory=SplitParams, description="official split (fold 0) or a CV fold"
+    )
+    audio: AudioParams = Field(
+        default_factory=AudioParams, description="audio feature extraction (VGGish by default)"
+    )
+    video: VisualParams = Field(
+        default_factory=VisualParams, description="face feature extraction (IR-50 by default)"
+    )
+    frame_count: Literal["decode", "packets"] = Field(
+        "decode",
+        description="how a video's frame count is measured: decode every frame, or count "
+        "demuxed packets (much faster; equal for the usual codecs)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="extraction device (auto: CUDA when present)"
+    )
+    verify_sources: bool = Field(
+        True,
+        description="when loading caches, check that raw media and crop folders are unchanged "
+        "(stale caches are an error)",
+    )
+    missing_face: Literal["zero", "previous"] = Field(
+        "zero",
+        description="features of frames without a face crop: zeros, or the previous face's",
+    )
+
+
+class FeaturesParams(_Strict):
+    """The ``features`` dataset: precomputed per-video arrays plus Aff-Wild2-format labels."""
+
+    features_dir: Path = Field(description="folder of per-video feature arrays")
+    layout: Literal["by_modality", "by_video"] = Field(
+        "by_modality",
+        description="by_modality: <features_dir>/<modality>/<video>.npy; by_video: "
+        "<features_dir>/<video>/<modality>.npy (.npy or .safetensors)",
+    )
+    modalities: list[str] | None = Field(
+        None, description="modalities to load (default: every one found)"
+    )
+    labels: Path = Field(
+        description="folder holding Train_Set|Training_Set and Validation_Set label files, or a "
+        "root to search for */VA_Estimation_Challenge or annotations/VA_Set"
+    )
+    rows: Literal["all_frames", "labelled_frames"] = Field(
+        "all_frames",
+        description="all_frames: row i is frame i; labelled_frames: one row per non -5 label "
+        "row, in order (the released compacted format); rows are put back on their frames",
+    )
+    shared_media: bool = Field(
+        True,
+        description="a <video>_left/_right without its own array uses <video>'s (e.g. audio)",
+    )
+    test_list: Path | None = Field(None, description="text file naming the test videos")
+    split: SplitParams = Field(
+        default_factory=SplitParams, description="official split (fold 0) or a CV fold"
+    )
