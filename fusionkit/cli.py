@@ -111,10 +111,16 @@ def run(
             err_console.print(f"[red]{len(failed)} run(s) failed[/]: {', '.join(failed)}")
             raise typer.Exit(1)
         return
+    fresh = not (resume and (Path(rc.output.dir) / rc.run_name).exists())
     run_dir = prepare_run_dir(rc, resume=resume)
     out = None if quiet else console
     console.print(f"[bold]fusionkit run[/] {rc.run_name} -> {run_dir}")
-    trainer = Trainer(rc, run_dir, console=out)
+    try:
+        trainer = Trainer(rc, run_dir, console=out)
+    except FusionkitError:
+        if fresh:  # e.g. a missing data folder: leave no empty run directory behind
+            _remove_unstarted_run(run_dir)
+        raise
     console.print(
         f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on "
         f"{trainer.device} ({'bf16' if trainer.bf16 else 'fp32'})"
@@ -135,6 +141,16 @@ def run(
         )
     )
     console.print(f"run directory: {run_dir}")
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    """Delete a run directory that holds only what prepare_run_dir wrote."""
+    from fusionkit.runs import MANIFEST_FILE, RECIPE_FILE
+
+    if {p.name for p in run_dir.iterdir()} <= {RECIPE_FILE, MANIFEST_FILE}:
+        for p in run_dir.iterdir():
+            p.unlink()
+        run_dir.rmdir()
 
 
 @app.command("eval")
@@ -216,10 +232,21 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Console entry point: user mistakes print one message, no traceback."""
+    import warnings
+
+    from rich.markup import escape
+
+    warnings.formatwarning = _format_warning  # one plain line, not file:line + source
     try:
         app()
     except FusionkitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)

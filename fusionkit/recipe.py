@@ -57,6 +57,9 @@ class ComponentSpec(_Strict):
 class DataSpec(_Strict):
     name: str = Field(description="dataset plugin name")
     params: dict[str, Any] = Field(default_factory=dict, description="dataset params")
+    root: str | None = Field(
+        None, description="shorthand for data.params.root, for datasets that read a folder"
+    )
     window: int = Field(300, ge=1, description="window length in frames")
     hop: int = Field(200, ge=1, description="hop between window starts in frames")
     train_split: str = "train"
@@ -319,8 +322,23 @@ def validate_recipe(raw: Any, source: str = "<recipe>", registry: Registry | Non
     registry = registry or get_registry()
     problems: list[str] = []
     data = recipe.data
+    data_raw = dict(data.params)
+    if data.root is not None and (kind_name := ("dataset", data.name)) in registry:
+        fields = registry.get(*kind_name).params.model_fields
+        if "root" not in fields:
+            problems.append(
+                f"data.root: dataset {data.name!r} reads no folder (it has no 'root' parameter); "
+                "remove data.root"
+            )
+        elif data_raw.get("root") not in (None, data.root):
+            problems.append(
+                f"data.root: {data.root!r} conflicts with data.params.root="
+                f"{data_raw['root']!r}; set only one of them"
+            )
+        else:
+            data_raw["root"] = data.root
     checked = _check_component(
-        registry, "dataset", ComponentSpec(name=data.name, params=data.params), "data", problems
+        registry, "dataset", ComponentSpec(name=data.name, params=data_raw), "data", problems
     )
     data_params = checked.params
     model = recipe.model

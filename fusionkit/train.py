@@ -136,6 +136,7 @@ class Trainer:
             ]
             self.dataset = PerturbedDataset(self.dataset, perts, [recipe.data.train_split])
         self.targets = tuple(recipe.model.targets)
+        target_columns(recipe, self.dataset)  # fail before any work on an unknown target
         torch.manual_seed(tr.seed)
         self.model: FusionModel = build_model(recipe, self.dataset.feature_dims, self.registry)
         self.model.to(self.device)

@@ -122,3 +122,44 @@ def test_run_saves_resolved_recipe_with_overrides(cli_env, tmp_path):
         manifest["components"]
     )
     assert Path(tmp_path / "runs" / "tiny" / "model.safetensors").is_file()
+
+
+def test_failed_start_leaves_no_empty_run_dir(tmp_path):
+    """A data error before training starts removes the fresh run folder."""
+    res = fk(
+        ["run", str(REPO / "recipes" / "quickstart.yaml"), "model.targets=[valence, dominance]"],
+        dict(os.environ),
+        tmp_path,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "'dominance' is not a label" in res.stderr
+    assert not (tmp_path / "runs" / "quickstart").exists()
+
+
+def test_data_root_shorthand_reaches_dataset_params(tmp_path, registry):
+    from fusionkit.errors import RecipeError
+    from fusionkit.recipe import validate_recipe
+
+    raw = tiny_recipe(tmp_path)
+    raw["data"]["root"] = "/data"
+    with pytest.raises(RecipeError, match=r"data\.root: dataset 'tiny' reads no folder"):
+        validate_recipe(raw, "r.yaml", registry)
+    affwild = {**tiny_recipe(tmp_path)["data"], "name": "affwild2", "root": "/data/aw2"}
+    raw = {**tiny_recipe(tmp_path), "data": affwild}
+    raw["data"].pop("params")
+    rc = validate_recipe(raw, "r.yaml", registry)
+    assert rc.data.params["root"] == "/data/aw2"
+
+
+def test_error_message_keeps_bracketed_text(monkeypatch, capsys):
+    import fusionkit.cli as cli
+    from fusionkit.errors import DataError
+
+    def boom():
+        raise DataError("labels file x.txt: column [arousal] is missing")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    assert "column [arousal] is missing" in capsys.readouterr().err
