@@ -102,6 +102,11 @@ def run(
 
         os.environ["FUSIONKIT_STRICT_PLUGINS"] = "1"
         raise_for_failures(get_registry())
+    if (rc.sweep or rc.variants) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FusionkitError(
+            "a recipe with sweep/variants cannot run under torchrun: run the grid without "
+            "torchrun (points run one after another), or torchrun one point at a time"
+        )
     if rc.sweep or rc.variants:
         from fusionkit.sweep import run_grid
 
@@ -111,16 +116,30 @@ def run(
             err_console.print(f"[red]{len(failed)} run(s) failed[/]: {', '.join(failed)}")
             raise typer.Exit(1)
         return
+    from fusionkit.distributed import init_from_env, share_from_main
+    from fusionkit.train import resolve_device
+
+    # Under torchrun every process runs this command; rank 0 owns the run directory.
+    dist_info = init_from_env(resolve_device(rc.training.device).type)
     fresh = not (resume and (Path(rc.output.dir) / rc.run_name).exists())
-    run_dir = prepare_run_dir(rc, resume=resume)
+    run_dir = prepare_run_dir(rc, resume=resume) if dist_info.is_main else None
+    run_dir = Path(str(share_from_main(dist_info, str(run_dir) if run_dir else None)))
+    if not dist_info.is_main:
+        quiet = True
+        console.quiet = True
     out = None if quiet else console
     console.print(f"[bold]fusionkit run[/] {rc.run_name} -> {run_dir}")
     try:
         trainer = Trainer(rc, run_dir, console=out)
     except FusionkitError:
-        if fresh:  # e.g. a missing data folder: leave no empty run directory behind
+        if fresh and dist_info.is_main:  # e.g. a missing data folder: leave no empty run dir
             _remove_unstarted_run(run_dir)
         raise
+    if dist_info.enabled:
+        console.print(
+            f"data parallel: {dist_info.world_size} processes, "
+            f"{dist_info.world_size * rc.training.batch_size} windows per optimizer step"
+        )
     console.print(
         f"model: {sum(p.numel() for p in trainer.model.parameters()):,} parameters on "
         f"{trainer.device} ({'bf16' if trainer.bf16 else 'fp32'})"

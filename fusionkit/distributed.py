@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "barrier", "init_from_env", "shutdown"]
+__all__ = ["DistInfo", "barrier", "init_from_env", "share_from_main", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,12 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def share_from_main(info: DistInfo, value: object) -> object:
+    """Rank 0's ``value`` on every rank (e.g. the run directory it created)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fusionkit.checkpoint import atomic_write_json, load_state, save_state, save_weights
 from fusionkit.data import FrameStore
+from fusionkit.distributed import barrier, init_from_env
 from fusionkit.errors import CheckpointError, DataError, RecipeError
 from fusionkit.evaluate import SplitPredictions, evaluate
 from fusionkit.interfaces import Dataset
@@ -125,6 +126,9 @@ class Trainer:
         if tr.num_threads:
             torch.set_num_threads(tr.num_threads)
         self.device = resolve_device(tr.device)
+        self.dist = init_from_env(self.device.type)  # torchrun: one process per device
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.bf16 = use_bf16(tr.precision, self.device)
         self.dataset = build_dataset(recipe, self.registry)
         if tr.perturbations:  # training-time perturbations: the train split only
@@ -140,22 +144,30 @@ class Trainer:
         torch.manual_seed(tr.seed)
         self.model: FusionModel = build_model(recipe, self.dataset.feature_dims, self.registry)
         self.model.to(self.device)
+        if self.dist.rank > 0:  # same initial weights everywhere, own dropout stream per rank
+            torch.manual_seed(tr.seed + 7919 * self.dist.rank)
 
     def _log(self, msg: str) -> None:
         if self.console is not None:
             self.console.print(msg)
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
+        """RNG state of this process, or of every process (keys suffixed by rank) under DDP."""
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return rng
+        if not self.dist.enabled:
+            return rng
+        gathered: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
+        return {f"{k}.{r}": v for r, states in enumerate(gathered) for k, v in states.items()}
 
     def _set_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        suffix = f".{self.dist.rank}" if f"cpu.{self.dist.rank}" in rng else ""
+        if "cpu" + suffix in rng:
+            torch.set_rng_state(rng["cpu" + suffix])
+        if "cuda" + suffix in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda" + suffix], self.device)
 
     def fit(self, resume: bool = False) -> RunResult:
         rc, tr = self.recipe, self.recipe.training
@@ -191,7 +203,17 @@ class Trainer:
 
         n_win = train.num_windows
         bs = tr.batch_size
-        steps = math.ceil(n_win / bs)
+        world, rank = self.dist.world_size, self.dist.rank
+        # Under DDP each process takes every world-th window of the epoch's permutation
+        # (padded by wrapping so that all processes run the same number of steps).
+        per_rank = math.ceil(n_win / world)
+        steps = math.ceil(per_rank / bs)
+        fwd: torch.nn.Module = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            fwd = DistributedDataParallel(model, device_ids=ids)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -213,6 +235,8 @@ class Trainer:
                 model.train()
                 gen = torch.Generator().manual_seed(tr.seed * 1_000_003 + epoch)
                 perm = torch.randperm(n_win, generator=gen)
+                if world > 1:
+                    perm = torch.cat([perm, perm[: per_rank * world - n_win]])[rank::world]
                 loss_sum = torch.zeros((), device=self.device)
                 progress.reset(step_task, total=steps)
                 for i in range(steps):
@@ -223,7 +247,7 @@ class Trainer:
                         else (torch.ones_like(batch.mask) & (batch.target_mask | ~batch.mask))
                     )
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        out = model(batch.inputs, batch.mask)
+                        out = fwd(batch.inputs, batch.mask)
                     loss = ccc_loss(out.pred.float(), batch.targets, loss_mask)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -232,6 +256,9 @@ class Trainer:
                     opt.step()
                     loss_sum += loss.detach()
                     progress.advance(step_task)
+                if world > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                    loss_sum /= world
                 train_loss = float(loss_sum) / steps
                 metrics, _ = evaluate(model, val, self.targets, rc.evaluation.batch_size, self.bf16)
                 score = metrics["ccc_mean"]
@@ -241,10 +268,11 @@ class Trainer:
                 improved = score > state["best_ccc"]
                 if improved:
                     state.update(best_ccc=score, best_epoch=epoch, bad_epochs=0)
+                if improved and self.dist.is_main:
                     save_weights(
                         self.run_dir / BEST_FILE, model, {"epoch": epoch, "val_ccc_mean": score}
                     )
-                else:
+                if not improved:
                     state["bad_epochs"] += 1
                 elapsed = time.perf_counter() - t0
                 record = {
@@ -260,13 +288,16 @@ class Trainer:
                 state["epoch"] = epoch + 1
                 if state["bad_epochs"] >= tr.early_stopping:
                     state["stopped_early"] = True
-                save_state(
-                    self.run_dir / STATE_FILE,
-                    model,
-                    opt,
-                    {"scheduler": sched.state_dict(), "trainer": state},
-                    self._rng_state(),
-                )
+                rng = self._rng_state()  # collective under DDP: every rank calls it
+                if self.dist.is_main:
+                    save_state(
+                        self.run_dir / STATE_FILE,
+                        model,
+                        opt,
+                        {"scheduler": sched.state_dict(), "trainer": state},
+                        rng,
+                    )
+                barrier(self.dist)
                 progress.update(
                     ep_task,
                     advance=1,
@@ -279,6 +310,7 @@ class Trainer:
             self._log(
                 f"early stop after epoch {state['epoch'] - 1} (best epoch {state['best_epoch']})"
             )
+        barrier(self.dist)
         return self.finish(state)
 
     def finish(self, state: dict[str, Any]) -> RunResult:
@@ -288,9 +320,11 @@ class Trainer:
         best = self.run_dir / BEST_FILE
         if best.is_file():
             load_weights(best, self.model)
-        else:
+        elif self.dist.is_main:
             save_weights(best, self.model, {"epoch": -1})
         results, preds = self.evaluate_splits()
+        if not self.dist.is_main:  # rank 0 writes the run directory
+            return RunResult(self.run_dir, results, state["best_epoch"], state["history"], preds)
         payload = {
             "run": self.recipe.run_name,
             "best_epoch": state["best_epoch"],

@@ -1,0 +1,102 @@
+"""DDP through torchrun with the gloo backend on 2 CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from fusionkit.data import window_starts
+from tests.conftest import REPO, TinyDataset, TinyParams, tiny_recipe
+from tests.test_plugins import make_distribution
+
+TINY_PLUGIN = """
+import fusionkit
+from tests.conftest import TinyDataset, TinyParams
+
+@fusionkit.hookimpl
+def fusionkit_register_components(registry):
+    registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
+    raw = tiny_recipe(tmp_path / "runs", epochs=3)
+    # BatchNorm statistics and dropout masks are per process; without them the two set-ups
+    # compute the same gradients (mean over the same windows), up to float summation order.
+    raw["model"]["head"]["params"] = {"hidden": 8, "dropout": 0.0, "batchnorm": False}
+    raw["training"].update(num_threads=1)
+    videos = TinyDataset(TinyParams(seed=0)).videos("train")
+    n_win = sum(len(window_starts(v.num_frames, 64, 48)) for v in videos)
+    assert n_win % 2 == 0, "pick data so that both processes see disjoint halves"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "fusionkit",
+            "run",
+            str(recipe),
+            "output.name=ddp",
+            "training.batch_size=4",
+            "-q",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusionkit",
+            "run",
+            str(recipe),
+            "output.name=single",
+            "training.batch_size=8",
+            "-q",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["ddp", "single"]  # one dir, rank 0's
+    a = json.loads((runs / "ddp" / "metrics.json").read_text())
+    b = json.loads((runs / "single" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for key in ("ccc_valence", "ccc_arousal", "ccc_mean"):
+            assert a["splits"][split][key] == pytest.approx(b["splits"][split][key], abs=1e-4)
+    la = [h["train_loss"] for h in a["history"]]
+    lb = [h["train_loss"] for h in b["history"]]
+    assert la == pytest.approx(lb, abs=1e-4)
