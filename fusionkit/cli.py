@@ -87,6 +87,12 @@ def run(
     strict: Annotated[
         bool, typer.Option("--strict", help="fail if any installed plugin fails to load")
     ] = False,
+    executor: Annotated[
+        str, typer.Option(help="where grid points run: 'local' processes or a 'ray' cluster")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or local)")
+    ] = None,
 ) -> None:
     """Train and evaluate a recipe (or every point of its sweep) into run directories."""
     from fusionkit.recipe import load_recipe
@@ -110,7 +116,16 @@ def run(
     if rc.sweep or rc.variants:
         from fusionkit.sweep import run_grid
 
-        record = run_grid(rc, str(path or "<default>"), workers=workers, console=console)
+        if executor not in ("local", "ray"):
+            raise FusionkitError(f"--executor: unknown {executor!r}; use 'local' or 'ray'")
+        record = run_grid(
+            rc,
+            str(path or "<default>"),
+            workers=workers,
+            console=console,
+            executor=executor,
+            ray_address=ray_address,
+        )
         failed = [t for t, r in record["runs"].items() if r["status"] != "done"]
         if failed:
             err_console.print(f"[red]{len(failed)} run(s) failed[/]: {', '.join(failed)}")

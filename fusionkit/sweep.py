@@ -229,8 +229,16 @@ def run_grid(
     workers: int = 1,
     console: Console | None = None,
     registry: Registry | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) every point of a recipe's grid; returns the grid record."""
+    """Run (or continue) every point of a recipe's grid; returns the grid record.
+
+    ``executor="local"`` runs points in this process (``workers=1``) or in a pool of
+    ``workers`` spawned processes; ``executor="ray"`` submits every point as a Ray task to the
+    cluster at ``ray_address`` (default: ``RAY_ADDRESS`` or a new local instance), each task
+    asking for ``workers`` CPUs' worth of threads (default 1).
+    """
     points = expand_grid(recipe, source, registry)
     grid_dir = Path(recipe.output.dir) / recipe.run_name
     grid_dir.mkdir(parents=True, exist_ok=True)
@@ -271,7 +279,9 @@ def run_grid(
             say(f"  [red]failed[/] {tag}: {error.splitlines()[-1]}")
         atomic_write_json(grid_dir / GRID_FILE, record)
 
-    if workers <= 1 or len(todo) <= 1:
+    if executor == "ray":
+        _run_on_ray(todo, workers, done, ray_address)
+    elif workers <= 1 or len(todo) <= 1:
         for p in todo:
             try:
                 done(p.tag, _run_point(p.recipe.model_dump(mode="json"), 0, registry), None)
@@ -314,3 +324,37 @@ def run_grid(
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     return record
+
+
+def _run_on_ray(todo: list[GridPoint], threads: int, done: Any, address: str | None) -> None:
+    """Dispatch grid points to a Ray cluster (optional dependency ``fusionkit[ray]``).
+
+    Every node needs fusionkit and the plugins the recipe uses installed, and ``output.dir``
+    must be on a filesystem all nodes share (each task writes its own run directory).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise FusionkitError(
+            "--executor ray needs Ray: pip install 'fusionkit[ray]' (or use the default local "
+            "executor, -j N for parallel processes)"
+        ) from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    threads = max(1, threads)
+    task = ray.remote(num_cpus=threads, max_retries=0)(_run_point)
+    refs = {task.remote(p.recipe.model_dump(mode="json"), threads): p.tag for p in todo}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    done(refs[ref], ray.get(ref), None)
+                except Exception as exc:  # RayTaskError wraps the worker's exception
+                    cause = getattr(exc, "cause", None) or exc
+                    done(refs[ref], None, f"{type(cause).__name__}: {cause}")
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
