@@ -101,6 +101,13 @@ class FrameStore:
         self.win_start = torch.tensor(starts, dtype=torch.long)
         self.device = torch.device(device)
         self._arange = torch.arange(window, device=self.device)
+        # Index tables on the device too, so that gathering a batch is device-side only.
+        self._dev = {
+            "video": self.win_video.to(self.device),
+            "start": self.win_start.to(self.device),
+            "length": self.lengths.to(self.device),
+            "offset": self.offsets.to(self.device),
+        }
 
     @property
     def num_windows(self) -> int:
@@ -115,11 +122,16 @@ class FrameStore:
         return slice(off, off + int(self.lengths[i]))
 
     def batch(self, windows: Tensor) -> Batch:
-        """Gather windows (indices into the window table) into a padded :class:`Batch`."""
-        vid = self.win_video[windows].to(self.device)
-        start = self.win_start[windows].to(self.device)
-        length = self.lengths.to(self.device)[vid]
-        offset = self.offsets.to(self.device)[vid]
+        """Gather windows (indices into the window table) into a padded :class:`Batch`.
+
+        ``windows`` may live on the CPU or, to avoid a host-to-device copy per step, on the
+        store's device.
+        """
+        windows = windows.to(self.device, non_blocking=True)
+        vid = self._dev["video"][windows]
+        start = self._dev["start"][windows]
+        length = self._dev["length"][vid]
+        offset = self._dev["offset"][vid]
         pos = start[:, None] + self._arange[None, :]
         mask = pos < length[:, None]
         flat = torch.where(mask, offset[:, None] + pos, torch.zeros_like(pos))

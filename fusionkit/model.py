@@ -41,6 +41,10 @@ class FusionModel(nn.Module):
             if m not in inputs:
                 raise ShapeError(f"model expects modality {m!r}; batch has {sorted(inputs)}")
             feats[m] = self.encoders[m](inputs[m], mask)
+        return self.forward_encoded(feats, mask)
+
+    def forward_encoded(self, feats: dict[str, Tensor], mask: Tensor) -> ModelOutput:
+        """Fusion, gate and head on already encoded ``{modality: (B, T, D_m)}``."""
         stacks = self.fusion(feats, mask)
         gated: GateOutput = self.gate(stacks, mask)
         pred = self.head(gated.features, mask)

@@ -12,6 +12,10 @@ frame; the compute latency is one forward pass over ``context`` frames.
   window), the streamed prediction is the *trailing-window* prediction: the model applied to
   frames ``t - context + 1 .. t``, read at the last frame. It differs from the offline
   (centred, overlapping-window averaged) prediction, which uses future frames.
+- An encoder that declares an integer ``receptive_field`` (a causal encoder such as ``tcn``:
+  its output at frame ``t`` depends on frames ``t - receptive_field + 1 .. t`` only) is run
+  once per frame on its receptive field, and its outputs are cached; other encoders re-encode
+  the whole window at every frame.
 - A fusion with a fixed window length (``rjca`` faithful mode) gets its window padded at the
   end while fewer frames than that have arrived, with the padding masked.
 """
@@ -58,6 +62,17 @@ class StreamingPredictor:
             m: torch.zeros(2 * self.context, feature_dims[m], device=device)
             for m in self.modalities
         }
+        # causal encoders: modality -> receptive field; their outputs are cached per frame
+        self.causal = {
+            m: int(rf)
+            for m in self.modalities
+            if isinstance(rf := getattr(model.encoders[m], "receptive_field", None), int)
+            and 0 < rf <= self.context
+        }
+        self.encoded = {
+            m: torch.zeros(2 * self.context, int(model.encoders[m].out_dim), device=device)
+            for m in self.causal
+        }
         self.device = device
         self.reset()
 
@@ -87,14 +102,27 @@ class StreamingPredictor:
         self.count += 1
         n = min(self.count, c)
         start = slot + 1 if self.count >= c else 0
-        window = {m: self.buffers[m][start : start + n] for m in self.modalities}
         length = c if self.fixed else n
-        inputs = {}
-        for m, x in window.items():
-            if length > n:
-                x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
-            inputs[m] = x.unsqueeze(0)
         mask = torch.zeros(1, length, dtype=torch.bool, device=self.device)
         mask[0, :n] = True
-        out = self.model(inputs, mask)
+        feats = {}
+        for m in self.modalities:
+            if m in self.causal:  # encode only the newest frame, from its receptive field
+                k = min(n, self.causal[m])
+                recent = self.buffers[m][start + n - k : start + n].unsqueeze(0)
+                ones = torch.ones(1, k, dtype=torch.bool, device=self.device)
+                newest = self.model.encoders[m](recent, ones)[0, -1]
+                self.encoded[m][slot] = newest
+                self.encoded[m][slot + c] = newest
+                x = self.encoded[m][start : start + n]
+            else:
+                x = self.buffers[m][start : start + n]
+                if length > n:
+                    x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
+                feats[m] = self.model.encoders[m](x.unsqueeze(0), mask)
+                continue
+            if length > n:
+                x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
+            feats[m] = x.unsqueeze(0)
+        out = self.model.forward_encoded(feats, mask)
         return out.pred[0, n - 1].float()

@@ -237,6 +237,7 @@ class Trainer:
                 perm = torch.randperm(n_win, generator=gen)
                 if world > 1:
                     perm = torch.cat([perm, perm[: per_rank * world - n_win]])[rank::world]
+                perm = perm.to(self.device)  # one copy per epoch, none per step
                 loss_sum = torch.zeros((), device=self.device)
                 progress.reset(step_task, total=steps)
                 for i in range(steps):
