@@ -12,8 +12,11 @@ frame; the compute latency is one forward pass over ``context`` frames.
   window), the streamed prediction is the *trailing-window* prediction: the model applied to
   frames ``t - context + 1 .. t``, read at the last frame. It differs from the offline
   (centred, overlapping-window averaged) prediction, which uses future frames.
-- An encoder that declares an integer ``receptive_field`` (a causal encoder such as ``tcn``:
-  its output at frame ``t`` depends on frames ``t - receptive_field + 1 .. t`` only) is run
+- An encoder with a streaming form (``init_stream(batch, device)`` and
+  ``step(frame, state) -> (output, state)``, as ``tcn`` has) encodes each new frame in O(1)
+  from its carried state, which equals encoding the whole stream.
+- Otherwise an encoder that declares an integer ``receptive_field`` (a causal encoder: its
+  output at frame ``t`` depends on frames ``t - receptive_field + 1 .. t`` only) is run
   once per frame on its receptive field, and its outputs are cached; other encoders re-encode
   the whole window at every frame.
 - A fusion with a fixed window length (``rjca`` faithful mode) gets its window padded at the
@@ -69,6 +72,9 @@ class StreamingPredictor:
             if isinstance(rf := getattr(model.encoders[m], "receptive_field", None), int)
             and 0 < rf <= self.context
         }
+        self.stateful = [
+            m for m in self.causal if callable(getattr(model.encoders[m], "step", None))
+        ]
         self.encoded = {
             m: torch.zeros(2 * self.context, int(model.encoders[m].out_dim), device=device)
             for m in self.causal
@@ -79,7 +85,7 @@ class StreamingPredictor:
     def reset(self) -> None:
         """Forget every frame pushed so far (start of a new video)."""
         self.count = 0
-        self._end = 0
+        self.states = {m: self.model.encoders[m].init_stream(1, self.device) for m in self.stateful}
 
     @torch.no_grad()
     def push(self, frame: dict[str, Tensor]) -> Tensor:
@@ -107,11 +113,15 @@ class StreamingPredictor:
         mask[0, :n] = True
         feats = {}
         for m in self.modalities:
-            if m in self.causal:  # encode only the newest frame, from its receptive field
-                k = min(n, self.causal[m])
-                recent = self.buffers[m][start + n - k : start + n].unsqueeze(0)
-                ones = torch.ones(1, k, dtype=torch.bool, device=self.device)
-                newest = self.model.encoders[m](recent, ones)[0, -1]
+            if m in self.stateful:  # O(1): one step of the streaming form
+                y, self.states[m] = self.model.encoders[m].step(frame[m][None], self.states[m])
+                newest = y[0]
+            if m in self.causal:
+                if m not in self.stateful:  # encode the newest frame from its receptive field
+                    k = min(n, self.causal[m])
+                    recent = self.buffers[m][start + n - k : start + n].unsqueeze(0)
+                    ones = torch.ones(1, k, dtype=torch.bool, device=self.device)
+                    newest = self.model.encoders[m](recent, ones)[0, -1]
                 self.encoded[m][slot] = newest
                 self.encoded[m][slot + c] = newest
                 x = self.encoded[m][start : start + n]

@@ -31,9 +31,13 @@ def stream(sp, xs, n):
     return torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
 
 
-def test_causal_model_streams_exactly_its_offline_output(tmp_path, registry):
+@pytest.mark.parametrize("encoder_path", ["stateful_step", "receptive_field"])
+def test_causal_model_streams_exactly_its_offline_output(tmp_path, registry, encoder_path):
     tcn = {"name": "tcn", "params": {"channels": [8, 8], "kernel_size": 3}}  # receptive field 13
     model = model_for(tmp_path, registry, encoders={"audio": tcn, "video": tcn})
+    if encoder_path == "receptive_field":  # hide the streaming form: re-encode the last 13
+        for enc in model.encoders.values():
+            enc.step = None
     n = 60
     xs = frames(n)
     with torch.no_grad():
@@ -74,3 +78,18 @@ def test_wrong_frame_shape_names_modality(tmp_path, registry):
     sp = StreamingPredictor(model_for(tmp_path, registry), DIMS, context=8)
     with pytest.raises(ShapeError, match=r"expected audio of shape \(6,\); got \(7,\)"):
         sp.push({"audio": torch.zeros(7), "video": torch.zeros(5)})
+
+
+def test_tcn_step_by_step_equals_forward(tmp_path, registry):
+    tcn = {"name": "tcn", "params": {"channels": [6, 6, 4], "kernel_size": 5}}
+    model = model_for(tmp_path, registry, encoders={"audio": tcn, "video": tcn})
+    enc = model.encoders["video"]
+    x = torch.randn(2, 50, DIMS["video"])
+    with torch.no_grad():
+        full = enc(x, torch.ones(2, 50, dtype=torch.bool))
+        state = enc.init_stream(2)
+        steps = []
+        for t in range(50):
+            y, state = enc.step(x[:, t], state)
+            steps.append(y)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from einops import rearrange
 from pydantic import BaseModel, Field, PositiveInt
 from torch import Tensor, nn
@@ -69,6 +70,12 @@ class _CausalConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (self.left_pad, 0)))
 
+    def step(self, x: Tensor, past: Tensor) -> tuple[Tensor, Tensor]:
+        """One new frame ``x`` ``(B, C_in)`` given the last ``left_pad`` inputs ``past``
+        ``(B, C_in, left_pad)`` -> output ``(B, C_out)`` and the updated ``past``."""
+        window = torch.cat([past, rearrange(x, "b c -> b c 1")], dim=-1)
+        return self.conv(window)[..., -1], window[..., 1:]
+
 
 class CausalBlock(nn.Module):
     """One residual TCN block ``(B, C_in, T) -> (B, C_out, T)`` (see module docstring)."""
@@ -98,6 +105,14 @@ class CausalBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.net(x) + self.residual(x))
 
+    def step(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Streaming form of :meth:`forward` for one frame ``(B, C_in)`` (eval mode)."""
+        conv1, act1, _, conv2, act2, _ = self.net
+        h, past1 = conv1.step(x, state[0])
+        h, past2 = conv2.step(act1(h), state[1])
+        res = self.residual(rearrange(x, "b c -> b c 1"))[..., 0]
+        return self.act(act2(h) + res), [past1, past2]
+
 
 class TCNEncoder(nn.Module):
     """Causal TCN ``(B, T, F) -> (B, T, channels[-1])``.
@@ -120,6 +135,34 @@ class TCNEncoder(nn.Module):
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.norm = MaskedBatchNorm1d(self.out_dim) if params.batchnorm else None
+
+    def init_stream(self, batch: int, device: torch.device | str = "cpu") -> list[list[Tensor]]:
+        """Zero state for :meth:`step` (the zero left-padding of a sequence start)."""
+        state = []
+        for block in self.blocks:
+            conv1, conv2 = block.net[0], block.net[3]
+            state.append(
+                [
+                    torch.zeros(batch, conv1.conv.in_channels, conv1.left_pad, device=device),
+                    torch.zeros(batch, conv2.conv.in_channels, conv2.left_pad, device=device),
+                ]
+            )
+        return state
+
+    def step(self, x: Tensor, state: list[list[Tensor]]) -> tuple[Tensor, list[list[Tensor]]]:
+        """Encode one new frame ``(B, F)`` -> ``(B, out_dim)`` in O(1) per frame (eval mode).
+
+        Keeps the last ``(kernel - 1) * dilation`` inputs of every convolution, so a stream of
+        ``step`` calls from :meth:`init_stream` equals :meth:`forward` on the whole sequence.
+        """
+        new_state = []
+        h = x
+        for block, st in zip(self.blocks, state, strict=True):
+            h, st = block.step(h, st)
+            new_state.append(st)
+        if self.norm is not None:
+            h = self.norm(rearrange(h, "b c -> b c 1"))[..., 0]
+        return h, new_state
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """``x``: ``(B, T, F)``, ``mask``: ``(B, T)`` bool -> ``(B, T, out_dim)``."""
