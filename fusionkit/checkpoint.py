@@ -27,6 +27,7 @@ __all__ = [
     "load_weights",
     "save_state",
     "save_weights",
+    "state_dict_mismatch",
 ]
 
 
@@ -115,26 +116,36 @@ def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
 
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(tensors))
-        if tuple(tensors[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    problems = state_dict_mismatch(model.state_dict(), tensors)
+    if problems:
         raise CheckpointError(
-            f"{path} does not fit the model built from the run's recipe: {', '.join(parts)}"
+            f"{path} does not fit the model built from the run's recipe: {problems}"
         )
     model.load_state_dict(tensors, strict=True)
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
+    """Describe how ``loaded`` differs from a module's ``own`` state dict ("" if it fits):
+    missing and unexpected keys and shape mismatches, a few of each."""
+
+    def few(keys: list[str]) -> str:
+        return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
+
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    shapes = [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(loaded))
+        if tuple(loaded[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {few(unexpected)}")
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    return ", ".join(parts)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import textwrap
 from pathlib import Path
 from typing import ClassVar
 
@@ -76,3 +78,31 @@ def tiny_recipe(tmp_path: Path, **training) -> dict:
         "evaluation": {"splits": ["val", "test"], "batch_size": 8},
         "output": {"dir": str(tmp_path)},
     }
+
+
+def make_distribution(root: Path, dist: str, module: str, source: str) -> None:
+    """Install a throwaway distribution (dist-info + module) into ``root`` on sys.path."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-0.3.dist-info"  # PEP 427 escaping
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[fusionkit]\n{module} = {module}\n")
+
+
+TINY_PLUGIN = """
+import fusionkit
+from tests.conftest import TinyDataset, TinyParams
+
+@fusionkit.hookimpl
+def fusionkit_register_components(registry):
+    registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
+"""
+
+
+def tiny_plugin_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a `fusionkit` subprocess that sees the `tiny` dataset as an installed
+    third-party plugin (a throwaway distribution on PYTHONPATH)."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
+    return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", **extra)

@@ -13,25 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_recipe
-from tests.test_plugins import make_distribution
-
-TINY_PLUGIN = """
-import fusionkit
-from tests.conftest import TinyDataset, TinyParams
-
-@fusionkit.hookimpl
-def fusionkit_register_components(registry):
-    registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
-"""
+from tests.conftest import REPO, tiny_plugin_env, tiny_recipe
 
 
 @pytest.fixture
 def cli_env(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", PYTHONUNBUFFERED="1")
+    env = tiny_plugin_env(tmp_path, PYTHONUNBUFFERED="1")
     recipe = tmp_path / "tiny.yaml"
     raw = tiny_recipe(tmp_path / "runs", epochs=12)
     raw["training"]["early_stopping"] = 50

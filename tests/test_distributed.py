@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,17 +12,7 @@ import torch
 import yaml
 
 from fusionkit.data import window_starts
-from tests.conftest import REPO, TinyDataset, TinyParams, tiny_recipe
-from tests.test_plugins import make_distribution
-
-TINY_PLUGIN = """
-import fusionkit
-from tests.conftest import TinyDataset, TinyParams
-
-@fusionkit.hookimpl
-def fusionkit_register_components(registry):
-    registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
-"""
+from tests.conftest import TinyDataset, TinyParams, tiny_plugin_env, tiny_recipe
 
 
 def free_port() -> int:
@@ -34,10 +23,7 @@ def free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
+    env = tiny_plugin_env(tmp_path, OMP_NUM_THREADS="1")
     raw = tiny_recipe(tmp_path / "runs", epochs=3)
     # BatchNorm statistics and dropout masks are per process; without them the two set-ups
     # compute the same gradients (mean over the same windows), up to float summation order.

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_plugins import make_distribution
+from tests.conftest import REPO, make_distribution
 
 DIST = "fusionkit-xattn"
 EXAMPLE = REPO / "examples" / "fusionkit-xattn"
@@ -141,8 +140,7 @@ def test_recipe_strict_plugins_setting_fails_on_a_broken_plugin(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
-    from tests.test_plugins import make_distribution
+    from tests.conftest import REPO, make_distribution
 
     site = tmp_path / "site"
     site.mkdir()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from fusionkit.errors import PluginError
 from fusionkit.registry import load_registry
+from tests.conftest import make_distribution
 
 BUILTINS = {
     ("encoder", "linear"),
@@ -20,15 +20,6 @@ BUILTINS = {
     ("gate", "last"),
     ("head", "regression"),
 }
-
-
-def make_distribution(root: Path, dist: str, module: str, source: str) -> None:
-    """Install a throwaway distribution (dist-info + module) into ``root`` on sys.path."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-0.3.dist-info"  # PEP 427 escaping
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text(f"[fusionkit]\n{module} = {module}\n")
 
 
 GOOD = """

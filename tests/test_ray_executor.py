@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_recipe
-from tests.test_plugins import make_distribution
+from tests.conftest import tiny_plugin_env, tiny_recipe
 
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fusionkit[ray]'")
 
-TINY_PLUGIN = """
-import fusionkit
-from tests.conftest import TinyDataset, TinyParams
-
-@fusionkit.hookimpl
-def fusionkit_register_components(registry):
-    registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
-"""
-
 
 def test_ray_executor_runs_the_grid_like_the_local_one(tmp_path):
-    site = tmp_path / "site"
-    site.mkdir()
-    make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", RAY_ADDRESS="")
+    env = tiny_plugin_env(tmp_path, RAY_ADDRESS="")
     raw = tiny_recipe(tmp_path / "runs", epochs=2)
     raw["training"]["num_threads"] = 1
     raw["sweep"] = {"training.seed": [0, 1], "model.encoders.audio.params.dim": [8, 0]}

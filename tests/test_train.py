@@ -182,3 +182,14 @@ def test_resume_accepts_a_saved_recipe_lacking_newer_default_fields(tmp_path, re
     del saved["evaluation"]["save_predictions"]  # as if written by an older fusionkit
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved))
     assert prepare_run_dir(rc, resume=True, registry=registry) == run_dir
+
+
+def test_weights_of_another_architecture_are_named_precisely(tmp_path, registry):
+    _, run_dir = train(tmp_path, registry, epochs=1)
+    raw = tiny_recipe(tmp_path)
+    raw["model"]["head"]["params"]["hidden"] = 16
+    other = Trainer(validate_recipe(raw, "tiny", registry), tmp_path / "o", registry=registry)
+    with pytest.raises(
+        CheckpointError, match=r"shape mismatch head\.bn\.bias: file \(8,\) vs model \(16,\)"
+    ):
+        load_weights(run_dir / BEST_FILE, other.model)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from fusionkit.checkpoint import state_dict_mismatch
 from fusionkit.errors import DataError
 
 __all__ = [
@@ -59,25 +60,9 @@ def load_backbone_weights(module: nn.Module, path: Path) -> None:
             f"backbone weights {path} are not a readable safetensors file: {exc}"
         ) from None
     tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(tensors))
-        if tensors[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:4]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:4]}")
-        if shapes:
-            parts.append("shape mismatch " + "; ".join(shapes[:3]))
-        raise DataError(
-            f"backbone weights {path} do not fit {type(module).__name__}: {', '.join(parts)}"
-        )
+    problems = state_dict_mismatch(module.state_dict(), tensors)
+    if problems:
+        raise DataError(f"backbone weights {path} do not fit {type(module).__name__}: {problems}")
     module.load_state_dict(tensors, strict=True)
 
 
