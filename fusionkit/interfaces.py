@@ -175,12 +175,6 @@ class HeadBuild(Protocol):
     def __call__(self, params: BaseModel, *, in_dim: int, n_targets: int) -> Head: ...
 
 
-def masked_fill_padding(x: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
-    """Return ``x`` (``(B, T, ...)``) with padded frames set to ``value`` (out of place)."""
-    shape = mask.shape + (1,) * (x.dim() - mask.dim())
-    return torch.where(mask.reshape(shape), x, torch.as_tensor(value, dtype=x.dtype))
-
-
 @runtime_checkable
 class Perturbation(Protocol):
     """A seeded, out-of-place corruption of one video (robustness tests, augmentation).

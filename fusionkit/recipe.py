@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from fusionkit.errors import RecipeError
 from fusionkit.registry import Registry, did_you_mean, get_registry
@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+#: A params block: a mapping, with ``params:`` left empty in YAML (None) read as ``{}``.
+Params = Annotated[dict[str, Any], BeforeValidator(lambda v: {} if v is None else v)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,17 +50,12 @@ class ComponentSpec(_Strict):
     """A registered component by name, with its params block (checked by the plugin's model)."""
 
     name: str = Field(description="registered component name (see `fusionkit plugins list`)")
-    params: dict[str, Any] = Field(default_factory=dict, description="the component's params")
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
+    params: Params = Field(default_factory=dict, description="the component's params")
 
 
 class DataSpec(_Strict):
     name: str = Field(description="dataset plugin name")
-    params: dict[str, Any] = Field(default_factory=dict, description="dataset params")
+    params: Params = Field(default_factory=dict, description="dataset params")
     root: str | None = Field(
         None, description="shorthand for data.params.root, for datasets that read a folder"
     )
@@ -64,11 +63,6 @@ class DataSpec(_Strict):
     hop: int = Field(200, ge=1, description="hop between window starts in frames")
     train_split: str = "train"
     val_split: str = "val"
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
 
 
 class ModelSpec(_Strict):
@@ -95,13 +89,8 @@ class PerturbationSpec(_Strict):
     """A registered perturbation with its params and the seed of its per-video draws."""
 
     name: str = Field(description="registered perturbation name (see `fusionkit plugins list`)")
-    params: dict[str, Any] = Field(default_factory=dict, description="the perturbation's params")
+    params: Params = Field(default_factory=dict, description="the perturbation's params")
     seed: int = Field(0, description="per-video generators derive from (seed, name, video)")
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
 
 
 class RobustnessSpec(_Strict):
@@ -111,16 +100,11 @@ class RobustnessSpec(_Strict):
         None, description="results file robustness/<name>.json (default: <perturbation>_<axis>)"
     )
     perturbation: str = Field(description="registered perturbation name")
-    params: dict[str, Any] = Field(default_factory=dict, description="fixed params")
+    params: Params = Field(default_factory=dict, description="fixed params")
     axis: str = Field(description="the params field swept (e.g. k for shift)")
     values: list[Any] = Field(min_length=1, description="values of the axis, in plot order")
     splits: list[str] = Field(default_factory=lambda: ["test"])
     seed: int = 0
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
 
     @property
     def label(self) -> str:

@@ -15,10 +15,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fusionkit.checkpoint import atomic_write_json, load_state, save_state, save_weights
+from fusionkit.checkpoint import (
+    atomic_write_json,
+    load_state,
+    load_weights,
+    save_state,
+    save_tensors,
+    save_weights,
+)
 from fusionkit.data import FrameStore
 from fusionkit.distributed import barrier, init_from_env
-from fusionkit.errors import CheckpointError, DataError, RecipeError
+from fusionkit.errors import DataError, RecipeError
 from fusionkit.evaluate import SplitPredictions, evaluate
 from fusionkit.interfaces import Dataset
 from fusionkit.metrics import ccc_loss
@@ -122,6 +129,7 @@ class Trainer:
         self.console = console
         self.registry = registry or get_registry()
         self.on_epoch_end = on_epoch_end
+        self._stores: dict[str, FrameStore] = {}  # evaluated splits, for save_predictions
         tr = recipe.training
         if tr.num_threads:
             torch.set_num_threads(tr.num_threads)
@@ -242,10 +250,9 @@ class Trainer:
                 progress.reset(step_task, total=steps)
                 for i in range(steps):
                     batch = train.batch(perm[i * bs : (i + 1) * bs])
+                    # mask_padding=False (as released): padded frames count, with target 0
                     loss_mask = (
-                        batch.target_mask
-                        if tr.mask_padding
-                        else (torch.ones_like(batch.mask) & (batch.target_mask | ~batch.mask))
+                        batch.target_mask if tr.mask_padding else batch.target_mask | ~batch.mask
                     )
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                         out = fwd(batch.inputs, batch.mask)
@@ -316,8 +323,6 @@ class Trainer:
 
     def finish(self, state: dict[str, Any]) -> RunResult:
         """Reload the best weights and evaluate every split listed in the recipe."""
-        from fusionkit.checkpoint import load_weights
-
         best = self.run_dir / BEST_FILE
         if best.is_file():
             load_weights(best, self.model)
@@ -355,13 +360,10 @@ class Trainer:
                 self.model, store, self.targets, self.recipe.evaluation.batch_size, self.bf16
             )
             results[split], preds[split] = m, p
-            self._stores = getattr(self, "_stores", {})
             self._stores[split] = store
         return results, preds
 
     def save_predictions(self, preds: dict[str, SplitPredictions]) -> None:
-        from fusionkit.checkpoint import save_tensors
-
         for split, p in preds.items():
             store = self._stores[split]
             tensors: dict[str, torch.Tensor] = {}
@@ -374,8 +376,3 @@ class Trainer:
                     tensors[f"gate/{s}/{name}"] = w[sl]
             meta = {"targets": json.dumps(list(self.targets)), "videos": json.dumps(store.names)}
             save_tensors(self.run_dir / "predictions" / f"{split}.safetensors", tensors, meta)
-
-
-def check_resumable(run_dir: Path) -> None:
-    if not (run_dir / STATE_FILE).is_file() and (run_dir / METRICS_FILE).is_file():
-        raise CheckpointError(f"{run_dir} has metrics but no training state; cannot resume")

@@ -152,3 +152,12 @@ def test_cli_prints_one_clear_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "training.lrr: unknown key (did you mean 'lr'?)" in proc.stderr
     assert not Path(tmp_path, "runs").exists()  # failed before any work started
+
+
+def test_empty_params_blocks_read_as_defaults(tmp_path, registry):
+    """`params:` left empty in YAML (None) means the component's defaults."""
+    raw = tiny_recipe(tmp_path)
+    raw["model"]["head"]["params"] = None
+    raw["data"]["params"] = None
+    rc = validate_recipe(raw, "r.yaml", registry)
+    assert rc.model.head.params["hidden"] == 256 and rc.data.params["seed"] == 0

@@ -4,9 +4,11 @@ datasets, and of the feature extractors they run."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fusionkit.recipe import ComponentSpec
 
 __all__ = [
     "AffWild2Params",
@@ -23,16 +25,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BackboneSpec(_Strict):
-    """A registered extractor by name with its params (checked against the registry)."""
-
-    name: str = Field(description="registered audio_backbone / visual_backbone name")
-    params: dict[str, Any] = Field(default_factory=dict, description="the backbone's params")
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return {} if v is None else v
+# A backbone is a registered component by name with its params, like any recipe component.
+BackboneSpec = ComponentSpec
 
 
 def _check_backbone(kind: str, spec: BackboneSpec) -> BackboneSpec:
