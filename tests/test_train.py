@@ -145,9 +145,19 @@ def test_corrupt_checkpoint_is_named(tmp_path, registry):
         load_weights(run_dir / BEST_FILE, Trainer(rc, run_dir, registry=registry).model)
 
 
-def test_padding_content_does_not_change_the_loss(tmp_path, registry):
-    """Garbage written into padded frames must not change predictions on real frames."""
-    rc = validate_recipe(tiny_recipe(tmp_path), "tiny", registry)
+@pytest.mark.parametrize(
+    "model",
+    [
+        {},  # per-frame baseline
+        {"fusion": {"name": "rjca"}, "gate": {"name": "tagf_temporal"}},  # mixes frames in time
+    ],
+)
+def test_padding_content_does_not_change_predictions(tmp_path, registry, model):
+    """Garbage written into padded frames must not change predictions on real frames, also
+    for components that attend across time (RJCA's correlation, a BiLSTM over time)."""
+    raw = tiny_recipe(tmp_path)
+    raw["model"].update(model)
+    rc = validate_recipe(raw, "tiny", registry)
     tr = Trainer(rc, tmp_path / "r", registry=registry)
     tr.model.eval()
     videos = tr.dataset.videos("val")[:2]
