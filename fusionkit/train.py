@@ -249,20 +249,9 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device)
                 progress.reset(step_task, total=steps)
                 for i in range(steps):
-                    batch = train.batch(perm[i * bs : (i + 1) * bs])
-                    # mask_padding=False (as released): padded frames count, with target 0
-                    loss_mask = (
-                        batch.target_mask if tr.mask_padding else batch.target_mask | ~batch.mask
-                    )
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        out = fwd(batch.inputs, batch.mask)
-                    loss = ccc_loss(out.pred.float(), batch.targets, loss_mask)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if tr.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+                    loss_sum += self.backward_step(fwd, train, perm[i * bs : (i + 1) * bs])
                     opt.step()
-                    loss_sum += loss.detach()
                     progress.advance(step_task)
                 if world > 1:
                     torch.distributed.all_reduce(loss_sum)
@@ -320,6 +309,24 @@ class Trainer:
             )
         barrier(self.dist)
         return self.finish(state)
+
+    def backward_step(
+        self, fwd: torch.nn.Module, store: FrameStore, windows: torch.Tensor
+    ) -> torch.Tensor:
+        """Gather ``windows`` of ``store``, forward, loss and backward (gradients clipped when
+        ``training.grad_clip``); returns the detached loss. Nothing in it waits for the device:
+        no tensor value is read on the host (``tests/test_train.py`` checks it)."""
+        tr = self.recipe.training
+        batch = store.batch(windows)
+        # mask_padding=False (as released): padded frames count, with target 0
+        loss_mask = batch.target_mask if tr.mask_padding else batch.target_mask | ~batch.mask
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = fwd(batch.inputs, batch.mask)
+        loss = ccc_loss(out.pred.float(), batch.targets, loss_mask)
+        loss.backward()
+        if tr.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        return loss.detach()
 
     def finish(self, state: dict[str, Any]) -> RunResult:
         """Reload the best weights and evaluate every split listed in the recipe."""

@@ -203,3 +203,39 @@ def test_weights_of_another_architecture_are_named_precisely(tmp_path, registry)
         CheckpointError, match=r"shape mismatch head\.bn\.bias: file \(8,\) vs model \(16,\)"
     ):
         load_weights(run_dir / BEST_FILE, other.model)
+
+
+MODELS = {  # every built-in encoder, fusion, gate and head, in released-like compositions
+    "concat": ("linear", "concat", "last", {}),
+    "tcn-rjca": ("tcn", "rjca", "last", {"mode": "agnostic"}),
+    "bilstm-grjca": ("bilstm", "rjca", "grjca", {}),
+    "tagf-faithful": ("linear", "rjca", "tagf", {"mode": "faithful", "length": 500}),
+    "tagf_temporal": ("tcn", "rjca", "tagf_temporal", {}),
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_training_step_never_waits_for_the_device(tmp_path, registry, model, grad_clip):
+    """Gathering a batch (with padded windows), forward, loss and backward dispatch no op that
+    reads a tensor value on the host: on a GPU the host would stall every step."""
+    from fusionkit.testing import host_syncs
+
+    encoder, fusion, gate, fusion_params = MODELS[model]
+    raw = tiny_recipe(tmp_path, grad_clip=grad_clip)
+    enc_params = {"tcn": {"channels": [8, 8]}, "bilstm": {"hidden": 4}}.get(encoder, {"dim": 8})
+    raw["model"].update(
+        encoders={m: {"name": encoder, "params": enc_params} for m in ("audio", "video")},
+        fusion={"name": fusion, "params": fusion_params},
+        gate={"name": gate},
+    )
+    raw["data"].update(window=500, hop=400)  # longer than every video: padded windows
+    rc = validate_recipe(raw, "tiny", registry)
+    tr = Trainer(rc, tmp_path / "r", registry=registry)
+    store = FrameStore(tr.dataset.videos("train"), ["audio", "video"], [0, 1], 500, 400)
+    windows = torch.arange(4)
+    assert store.batch(windows).mask.logical_not().any()  # the batch does contain padding
+    tr.model.train()
+    found = host_syncs(lambda: tr.backward_step(tr.model, store, windows))
+    assert found == []
+    assert all(p.grad is not None for p in tr.model.parameters())

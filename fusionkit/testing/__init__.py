@@ -31,6 +31,9 @@ has the full contract):
 ``batch-independence``    eval mode: an item's output does not depend on the other batch items
 ``gradients``             train mode: every parameter gets a finite, non-zero gradient, and the
                           gradient reaches every input tensor (fusion, gate, head)
+``host-sync``             train-mode forward + backward dispatches no op that makes the host
+                          wait for a GPU (``.item()``, ``nonzero``, boolean indexing,
+                          ``pack_padded_sequence``, copies to the CPU); a warning, not a failure
 ``determinism``           built twice under one torch seed: same weights and outputs (eval and
                           train mode)
 ``safetensors``           the state dict saved with safetensors and loaded into a fresh
@@ -63,12 +66,14 @@ from fusionkit.testing._report import (
     Runner,
     known_checks,
 )
+from fusionkit.testing._sync import SYNC_OPS, host_syncs
 
 if TYPE_CHECKING:
     from fusionkit.registry import Registry
 
 __all__ = [
     "CHECKS",
+    "SYNC_OPS",
     "CheckResult",
     "ConformanceReport",
     "check_component",
@@ -79,6 +84,7 @@ __all__ = [
     "check_head",
     "check_perturbation",
     "check_registry",
+    "host_syncs",
     "known_checks",
 ]
 

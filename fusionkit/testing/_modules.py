@@ -21,6 +21,7 @@ from fusionkit.testing._adapters import (
 )
 from fusionkit.testing._params import params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, NotApplicable, Runner, Violation
+from fusionkit.testing._sync import host_syncs
 from fusionkit.testing._util import (
     BATCH_SIZES,
     close,
@@ -205,7 +206,8 @@ class ModuleChecks:
         for v in outs.values():
             if v.requires_grad:
                 w = torch.rand(v.shape, generator=wgen).to(device) + 0.5
-                terms.append((v.float() * w)[mask].sum())
+                valid = mask.reshape(mask.shape + (1,) * (v.dim() - 2))  # no boolean indexing
+                terms.append((v.float() * w * valid).sum())
         if not terms:
             raise Violation(
                 "no output requires grad in train mode; the component cannot be trained"
@@ -252,6 +254,17 @@ class ModuleChecks:
                 f"train mode (B=3, T={self._t_main()}) backward of the valid outputs: "
                 + "; ".join(problems)
             )
+
+    def host_sync(self) -> str | None:
+        module = self.module
+        assert module is not None
+        found = host_syncs(lambda: self._backward(module, "cpu"))
+        if found:
+            return (
+                "train-mode forward + backward forces device-to-host syncs, which leave a GPU "
+                "idle while the host waits: " + "; ".join(found)
+            )
+        return None
 
     def determinism(self) -> None:
         t = self._t_main()
@@ -408,6 +421,7 @@ def run_module_checks(
     runner.run("masking-train", lambda: checks.masking(train=True))
     runner.run("batch-independence", checks.batch_independence)
     runner.run("gradients", checks.gradients)
+    runner.run("host-sync", checks.host_sync)
     runner.run("determinism", checks.determinism)
     runner.run("safetensors", checks.safetensors)
     runner.run("cuda", checks.cuda)

@@ -19,6 +19,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
         "masking-train",
         "batch-independence",
         "gradients",
+        "host-sync",
         "determinism",
         "safetensors",
         "cuda",

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from fusionkit.errors import ShapeError
 from fusionkit.interfaces import GateOutput
+from fusionkit.layers import masked_batch_norm
 
 __all__ = [
     "ConcatFusion",
@@ -149,13 +150,7 @@ class RegressionHead(nn.Module):
         h = self.fc1(x)
         if self.bn is not None:
             flat = rearrange(h, "b t c -> (b t) c")
-            keep = rearrange(mask, "b t -> (b t)")
-            if self.training and bool(keep.any()):
-                normed = torch.zeros_like(flat)
-                normed[keep] = self.bn(flat[keep]).to(flat.dtype)
-                flat = normed
-            else:
-                flat = self.bn(flat).to(flat.dtype)
+            flat = masked_batch_norm(self.bn, flat, rearrange(mask, "b t -> (b t)"))
             h = rearrange(flat, "(b t) c -> b t c", b=x.shape[0])
         y = self.fc2(self.drop(self.act(h)))
         return torch.tanh(y) if self.tanh else y

@@ -7,6 +7,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from fusionkit.errors import ShapeError
+from fusionkit.layers import masked_batch_norm
 
 __all__ = ["MaskedBatchNorm1d", "check_mask", "lengths_from_mask"]
 
@@ -40,13 +41,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        if mask is None or not self.training or bool(mask.all()):
+        if mask is None:
             return super().forward(x)
         flat = rearrange(x, "b c t -> (b t) c")
-        keep = rearrange(mask, "b t -> (b t)")
-        if not bool(keep.any()):
-            return super().forward(x)
-        normed = super().forward(flat[keep])
-        out = flat.new_zeros(flat.shape[0], flat.shape[1], dtype=normed.dtype)
-        out[keep] = normed
+        out = masked_batch_norm(self, flat, rearrange(mask, "b t -> (b t)"))
         return rearrange(out, "(b t) c -> b c t", b=x.shape[0])

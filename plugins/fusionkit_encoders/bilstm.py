@@ -1,9 +1,10 @@
-"""Bidirectional LSTM encoder that packs sequences by their mask lengths.
+"""Bidirectional LSTM encoder that keeps padding out of both directions.
 
-``(B, T, F) -> (B, T, 2 * hidden)`` (or ``(B, T, proj)`` with a projection). Sequences are
-packed with the number of valid frames of each item, so the backward direction of a valid
-frame starts at the item's last valid frame and never reads padding. Padded output frames
-are zero (before the optional projection).
+``(B, T, F) -> (B, T, 2 * hidden)`` (or ``(B, T, proj)`` with a projection). The backward
+direction of a valid frame starts at the item's last valid frame and never reads padding;
+padded output frames are zero (before the optional projection). One layer runs through
+:func:`fusionkit.layers.shifted_bilstm` (no host synchronisation); stacked layers pack the
+sequences by length, which reads the lengths on the host once per call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fusionkit.errors import ShapeError
+from fusionkit.layers import shifted_bilstm
 from fusionkit_encoders._masking import check_mask, lengths_from_mask
 
 __all__ = ["BiLSTMEncoder", "BiLSTMParams"]
@@ -57,6 +59,9 @@ class BiLSTMEncoder(nn.Module):
                 f"encoder 'bilstm' expected (B, T, F={self.in_dim}); got {tuple(x.shape)}"
             )
         check_mask("encoder 'bilstm'", x, mask)
+        if self.lstm.num_layers == 1:
+            h = shifted_bilstm(self.lstm, x, mask)
+            return self.proj(h) if self.proj is not None else h
         packed = pack_padded_sequence(
             x, lengths_from_mask(mask), batch_first=True, enforce_sorted=False
         )

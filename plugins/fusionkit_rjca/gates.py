@@ -20,10 +20,10 @@ from einops import einsum, rearrange, reduce
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fusionkit.errors import ShapeError
 from fusionkit.interfaces import GateOutput
+from fusionkit.layers import shifted_bilstm
 
 __all__ = [
     "GRJCAGate",
@@ -207,8 +207,6 @@ class TAGFGate(_StackGate):
 
 
 # ------------------------------------------------------------------------- tagf_temporal
-
-
 class TAGFTemporalParams(BaseModel):
     """Parameters of the ``tagf_temporal`` gate (time-axis reading of TAGF)."""
 
@@ -230,8 +228,9 @@ class TAGFTemporalParams(BaseModel):
 class TAGFTemporalGate(_StackGate):
     """Time-aware gate: per stream a BiLSTM over time gives per-frame weights over steps.
 
-    ``{s: (B, T, S, D_s)} -> (B, T, sum D_s)``. Sequences are packed by mask length so padded
-    frames never reach valid ones (neither direction).
+    ``{s: (B, T, S, D_s)} -> (B, T, sum D_s)``. Padded frames never reach valid ones in either
+    direction (:func:`shifted_bilstm`: the result of packing by mask length, without a host
+    synchronisation).
     """
 
     name = "tagf_temporal"
@@ -257,10 +256,7 @@ class TAGFTemporalGate(_StackGate):
             seq = stack[:, :, -1]
         else:
             seq = reduce(stack, "b t s d -> b t d", "mean")
-        lengths = mask.sum(dim=1).clamp(min=1).to(device="cpu", dtype=torch.int64)
-        packed = pack_padded_sequence(seq, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm[s](packed)
-        h, _ = pad_packed_sequence(out, batch_first=True, total_length=stack.shape[1])
+        h = shifted_bilstm(self.lstm[s], seq, mask)
         logits = self.score[s](h)  # b t s
         return torch.softmax(logits.float() / self.temperature, dim=-1)
 

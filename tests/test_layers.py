@@ -1,0 +1,100 @@
+"""Sync-free padding-aware layers (fusionkit.layers) against the usual host-syncing forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fusionkit.layers import masked_batch_norm, shifted_bilstm
+from fusionkit.testing import host_syncs
+
+
+def _mask(lengths: list[int], t: int) -> torch.Tensor:
+    return torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def _packed_reference(lstm: nn.LSTM, seq: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The usual way to run a BiLSTM on padded rows: pack by length (lengths on the host)."""
+    packed = pack_padded_sequence(
+        seq, torch.tensor(lengths), batch_first=True, enforce_sorted=False
+    )
+    out, _ = lstm(packed)
+    return pad_packed_sequence(out, batch_first=True, total_length=seq.shape[1])[0]
+
+
+def test_shifted_bilstm_equals_packing_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 5, bidirectional=True, batch_first=True)
+    lengths = [11, 4, 1, 9]  # full, half, single frame, almost full
+    seq = torch.randn(4, 11, 6)
+    x1, x2 = seq.clone().requires_grad_(), seq.clone().requires_grad_()
+    ref = _packed_reference(lstm, x1, lengths)
+    got = shifted_bilstm(lstm, x2, _mask(lengths, 11))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # zeros on padding as well
+    w = torch.randn_like(ref)
+    grad_ref = torch.autograd.grad((ref * w).sum(), [x1, *lstm.parameters()])
+    grad_got = torch.autograd.grad((got * w).sum(), [x2, *lstm.parameters()])
+    for a, b in zip(grad_got, grad_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shifted_bilstm_rejects_stacked_lstms() -> None:
+    with pytest.raises(ValueError, match="num_layers=2"):
+        shifted_bilstm(
+            nn.LSTM(3, 4, 2, bidirectional=True, batch_first=True),
+            torch.ones(1, 2, 3),
+            torch.ones(1, 2, dtype=torch.bool),
+        )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_masked_batch_norm_equals_batch_norm_on_the_kept_rows(momentum: float | None) -> None:
+    torch.manual_seed(0)
+    ours, ref = nn.BatchNorm1d(5, momentum=momentum), nn.BatchNorm1d(5, momentum=momentum)
+    with torch.no_grad():
+        for bn in (ours, ref):
+            bn.weight.copy_(torch.linspace(0.5, 2.0, 5))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+    for step in range(3):  # running statistics accumulate over several batches
+        x = torch.randn(20, 5) * 3 + step
+        keep = torch.rand(20) < 0.6
+        keep[:2] = True
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = masked_batch_norm(ours, x1, keep)
+        want = ref(x2[keep])
+        torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+        w = torch.randn_like(want)
+        g1 = torch.autograd.grad((got[keep] * w).sum(), [x1, ours.weight, ours.bias])
+        g2 = torch.autograd.grad((want * w).sum(), [x2, ref.weight, ref.bias])
+        for a, b in zip(g1, g2, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    ours.eval(), ref.eval()
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(masked_batch_norm(ours, x, torch.zeros(7, dtype=torch.bool)), ref(x))
+
+
+def test_masked_batch_norm_leaves_running_stats_alone_without_two_kept_rows() -> None:
+    bn = nn.BatchNorm1d(3)
+    keep = torch.tensor([False, True, False])
+    masked_batch_norm(bn, torch.randn(3, 3), keep)
+    assert torch.equal(bn.running_mean, torch.zeros(3))
+    assert torch.equal(bn.running_var, torch.ones(3))
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_the_layers_and_their_usual_forms_as_seen_by_host_syncs() -> None:
+    lstm, bn = nn.LSTM(4, 3, bidirectional=True, batch_first=True), nn.BatchNorm1d(4)
+    x, mask = torch.randn(2, 6, 4), _mask([6, 3], 6)
+    flat, keep = x.reshape(12, 4), mask.reshape(12)
+    assert host_syncs(lambda: shifted_bilstm(lstm, x, mask).sum().backward()) == []
+    assert host_syncs(lambda: masked_batch_norm(bn, flat, keep).sum().backward()) == []
+    packed = host_syncs(lambda: _packed_reference(lstm, x, [6, 3]))
+    assert any(s.startswith("_pack_padded_sequence") for s in packed)
+    indexed = host_syncs(lambda: bn(flat[keep]))
+    assert any(s.startswith("index:") for s in indexed)
