@@ -125,6 +125,10 @@ class Fusion(Protocol):
         out_dims: stream -> feature size ``D_s`` of its stack.
         num_steps: ``S``, the number of stacked steps (1 for a plain fusion).
         fixed_length: the only window length ``T`` the fusion accepts, or ``None``.
+
+    Optional: ``frame_local = True`` declares that, in eval mode, output frame ``t`` depends
+    on input frame ``t`` only (a gate or head may declare it too). Streaming prediction then
+    computes that component for the newest frame alone; the conformance kit checks it.
     """
 
     out_dims: dict[str, int]
@@ -153,7 +157,10 @@ class GateOutput:
 
 @runtime_checkable
 class Gate(Protocol):
-    """``{stream: (B, T, S, D_s)} -> GateOutput`` with ``features`` of size ``out_dim``."""
+    """``{stream: (B, T, S, D_s)} -> GateOutput`` with ``features`` of size ``out_dim``.
+
+    Optional: ``frame_local = True`` (see :class:`Fusion`).
+    """
 
     out_dim: int
 
@@ -166,7 +173,10 @@ class GateBuild(Protocol):
 
 @runtime_checkable
 class Head(Protocol):
-    """``(B, T, D) -> (B, T, n_targets)``."""
+    """``(B, T, D) -> (B, T, n_targets)``.
+
+    Optional: ``frame_local = True`` (see :class:`Fusion`).
+    """
 
     def __call__(self, x: Tensor, mask: Tensor) -> Tensor: ...
 

@@ -19,6 +19,10 @@ frame; the compute latency is one forward pass over ``context`` frames.
   output at frame ``t`` depends on frames ``t - receptive_field + 1 .. t`` only) is run
   once per frame on its receptive field, and its outputs are cached; other encoders re-encode
   the whole window at every frame.
+- Components after the encoders that declare ``frame_local = True`` (output frame ``t``
+  depends on input frame ``t`` only, in eval mode) are computed for the newest frame alone
+  when everything after them is frame-local too: with ``tagf`` (a BiLSTM over the steps of
+  each frame) and the ``regression`` head, only RJCA runs over the whole window.
 - A fusion with a fixed window length (``rjca`` faithful mode) gets its window padded at the
   end while fewer frames than that have arrived, with the padding masked.
 """
@@ -79,6 +83,13 @@ class StreamingPredictor:
             m: torch.zeros(2 * self.context, int(model.encoders[m].out_dim), device=device)
             for m in self.causal
         }
+        # fusion, gate, head: from the first of a frame-local tail on, only the newest frame
+        # is computed (a frame-local component's frame t depends on its input's frame t only)
+        tail = [getattr(c, "frame_local", False) is True for c in (model.fusion, model.gate)]
+        tail.append(getattr(model.head, "frame_local", False) is True)
+        self.local_from = 3
+        while self.local_from > 0 and tail[self.local_from - 1]:
+            self.local_from -= 1
         self.device = device
         self.reset()
 
@@ -134,5 +145,19 @@ class StreamingPredictor:
             if length > n:
                 x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
             feats[m] = x.unsqueeze(0)
-        out = self.model.forward_encoded(feats, mask)
-        return out.pred[0, n - 1].float()
+        return self._tail(feats, mask, n)
+
+    def _tail(self, feats: dict[str, Tensor], mask: Tensor, n: int) -> Tensor:
+        """Fusion, gate and head; those from ``local_from`` on see the newest frame only."""
+        newest = slice(n - 1, n)
+        model, cut = self.model, self.local_from
+        if cut == 0:
+            feats, mask = {m: x[:, newest] for m, x in feats.items()}, mask[:, newest]
+        stacks = model.fusion(feats, mask)
+        if cut == 1:
+            stacks, mask = {s: x[:, newest] for s, x in stacks.items()}, mask[:, newest]
+        fused = model.gate(stacks, mask).features
+        if cut == 2:
+            fused, mask = fused[:, newest], mask[:, newest]
+        pred = model.head(fused, mask)
+        return pred[0, 0 if cut < 3 else n - 1].float()

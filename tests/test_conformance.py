@@ -193,6 +193,46 @@ def test_module_faults_are_caught(fault, check, expect):
     assert expect in _failure(report, check)
 
 
+def test_false_frame_local_claim_fails_and_true_one_passes():
+    registry = load_registry(strict=True)
+    comp = registry.get("gate", "tagf_temporal")  # a BiLSTM over time: not frame-local
+
+    def claiming(params, *, in_dims, num_steps):
+        gate = comp.build(params, in_dims=in_dims, num_steps=num_steps)
+        gate.frame_local = True
+        return gate
+
+    msg = _failure(check_gate(claiming, comp.params(), name="claim"), "frame-local")
+    assert "declares frame_local = True, but output 'features' at frame" in msg
+    report = check_component("gate", "tagf", registry=registry)
+    assert {r.check: r.status for r in report.results}["frame-local"] == "pass"
+
+
+class Syncing(nn.Module):
+    """Encoder that reads a value on the host and indexes with a boolean mask."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_dim, 4)
+        self.out_dim = 4
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        y = self.lin(x)
+        if bool(mask.all()):
+            return y
+        out = torch.zeros_like(y)
+        out[mask] = y[mask]
+        return out
+
+
+def test_host_syncs_are_reported_as_a_warning_naming_the_ops():
+    report = check_encoder(lambda p, *, in_dim, modality: Syncing(in_dim), NoParams(), name="s")
+    result = {r.check: r for r in report.results}["host-sync"]
+    assert result.status == "warn" and report.ok
+    assert "_local_scalar_dense: reads a value on the host" in result.message
+    assert "boolean-mask indexing" in result.message
+
+
 def test_build_must_return_a_module_and_failures_skip_the_rest():
     report = check_head(lambda p, *, in_dim, n_targets: "nope", NoParams(), name="h")
     assert "build returned str; expected a torch.nn.Module" in _failure(report, "build")

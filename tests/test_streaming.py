@@ -42,20 +42,26 @@ def test_causal_model_streams_exactly_its_offline_output(tmp_path, registry, enc
     xs = frames(n)
     with torch.no_grad():
         offline = model({m: x[None] for m, x in xs.items()}, torch.ones(1, n, dtype=torch.bool))
-    online = stream(StreamingPredictor(model, DIMS, context=20), xs, n)
+    sp = StreamingPredictor(model, DIMS, context=20)
+    assert sp.local_from == 0  # concat, last and the head are frame-local: one frame each
+    online = stream(sp, xs, n)
     torch.testing.assert_close(online, offline.pred[0], atol=1e-5, rtol=1e-5)
 
 
-def test_attention_model_streams_its_trailing_window(tmp_path, registry):
+@pytest.mark.parametrize(("gate", "local_from"), [("tagf", 1), ("grjca", 1), ("tagf_temporal", 2)])
+def test_attention_model_streams_its_trailing_window(tmp_path, registry, gate, local_from):
+    """Frame-local gates and heads run on the newest frame only; the result is unchanged."""
     model = model_for(
         tmp_path,
         registry,
         fusion={"name": "rjca", "params": {"num_steps": 2}},
-        gate={"name": "tagf"},
+        gate={"name": gate},
     )
     n, c = 40, 16
     xs = frames(n, seed=1)
-    online = stream(StreamingPredictor(model, DIMS, context=c), xs, n)
+    sp = StreamingPredictor(model, DIMS, context=c)
+    assert sp.local_from == local_from  # 1: gate and head see one frame; 2: the head only
+    online = stream(sp, xs, n)
     with torch.no_grad():
         for t in (0, 5, c - 1, c, n - 1):
             lo = max(0, t - c + 1)

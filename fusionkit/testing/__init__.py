@@ -29,6 +29,8 @@ has the full contract):
 ``masking``               eval mode: changing only padded frames leaves valid outputs unchanged
 ``masking-train``         the same in train mode (dropout seeded identically)
 ``batch-independence``    eval mode: an item's output does not depend on the other batch items
+``frame-local``           components declaring ``frame_local = True``: in eval mode, output
+                          frame k does not change when every other input frame changes
 ``gradients``             train mode: every parameter gets a finite, non-zero gradient, and the
                           gradient reaches every input tensor (fusion, gate, head)
 ``host-sync``             train-mode forward + backward dispatches no op that makes the host

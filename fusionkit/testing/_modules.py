@@ -182,6 +182,36 @@ class ModuleChecks:
                             f"(T={t}, eval mode); items must not influence each other in eval"
                         )
 
+    def frame_local(self) -> None:
+        module = self.module
+        assert module is not None
+        if getattr(module, "frame_local", False) is not True:
+            raise NotApplicable("does not declare frame_local = True")
+        t = max(self._lengths())
+        if t < 2:
+            raise NotApplicable(f"the only window length is T={t}: no other frames to change")
+        k = t // 2
+        mask = padding_mask([t] * 3, t)
+        x = self.a.inputs(3, t, self.gen)
+        noise = self.a.inputs(3, t, self.gen)
+        others = torch.arange(t) != k
+        y = {}
+        for name, v in x.items():
+            shape = (1, t) + (1,) * (v.dim() - 2)
+            y[name] = torch.where(others.reshape(shape), 5.0 * noise[name] - 2.0, v)
+        module.eval()
+        with torch.no_grad():
+            a = self._call(module, x, mask, what=f"(B=3, T={t})")
+            b = self._call(module, y, mask, what=f"(B=3, T={t}, other frames changed)")
+        for name in a:
+            if not close(a[name][:, k], b[name][:, k]):
+                raise Violation(
+                    f"declares frame_local = True, but output {name!r} at frame {k} changed by "
+                    f"up to {max_diff(a[name][:, k], b[name][:, k]):.3g} when only the other "
+                    f"frames changed (B=3, T={t}, eval mode); remove the attribute or make "
+                    "the component per-frame"
+                )
+
     def _backward(
         self, module: nn.Module, device: torch.device | str, autocast: torch.dtype | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
@@ -420,6 +450,7 @@ def run_module_checks(
     runner.run("masking", lambda: checks.masking(train=False))
     runner.run("masking-train", lambda: checks.masking(train=True))
     runner.run("batch-independence", checks.batch_independence)
+    runner.run("frame-local", checks.frame_local)
     runner.run("gradients", checks.gradients)
     runner.run("host-sync", checks.host_sync)
     runner.run("determinism", checks.determinism)

@@ -18,6 +18,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
         "masking",
         "masking-train",
         "batch-independence",
+        "frame-local",
         "gradients",
         "host-sync",
         "determinism",

@@ -40,6 +40,8 @@ _ACT = {"none": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh"
 class LinearEncoder(nn.Module):
     """Per-frame projection ``(B, T, F) -> (B, T, dim)``; no temporal context."""
 
+    receptive_field = 1  # causal: frame t depends on frame t only (streaming encodes one frame)
+
     def __init__(self, params: LinearParams, in_dim: int) -> None:
         super().__init__()
         self.in_dim = in_dim
@@ -73,6 +75,7 @@ class ConcatFusion(nn.Module):
 
     fixed_length = None
     num_steps = 1
+    frame_local = True  # frame t of the output depends on frame t of the input only
 
     def __init__(self, params: ConcatParams, in_dims: dict[str, int]) -> None:
         super().__init__()
@@ -101,6 +104,8 @@ class LastStepGate(nn.Module):
 
     ``{s: (B, T, S, D_s)} -> (B, T, sum D_s)``; the weights are one-hot on the last step.
     """
+
+    frame_local = True
 
     def __init__(self, in_dims: dict[str, int], num_steps: int) -> None:
         super().__init__()
@@ -133,6 +138,8 @@ class RegressionHead(nn.Module):
     ``(B, T, D) -> (B, T, n_targets)``. BatchNorm statistics are taken over valid frames only
     during training (padding does not dilute them).
     """
+
+    frame_local = True  # in eval mode (BatchNorm mixes frames only through training statistics)
 
     def __init__(self, params: RegressionHeadParams, in_dim: int, n_targets: int) -> None:
         super().__init__()

@@ -49,6 +49,7 @@ class _StackGate(nn.Module):
     """Shared validation and output assembly for gates over ``{s: (B, T, S, D_s)}``."""
 
     name = "gate"
+    frame_local = False  # True when frame t of the output depends on frame t of the input only
 
     def __init__(self, in_dims: dict[str, int], num_steps: int) -> None:
         super().__init__()
@@ -116,6 +117,7 @@ class GRJCAGate(_StackGate):
     """
 
     name = "grjca"
+    frame_local = True
 
     def __init__(self, params: GRJCAParams, in_dims: dict[str, int], num_steps: int) -> None:
         super().__init__(in_dims, num_steps)
@@ -188,6 +190,7 @@ class TAGFGate(_StackGate):
     """
 
     name = "tagf"
+    frame_local = True  # the BiLSTM runs over the steps of one frame
 
     def __init__(self, params: TAGFParams, in_dims: dict[str, int], num_steps: int) -> None:
         super().__init__(in_dims, num_steps)
