@@ -125,6 +125,14 @@ class TrainingSpec(_Strict):
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU"
     )
     num_threads: int | None = Field(None, ge=1, description="CPU threads (null: torch default)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the training forward/backward (measure first: it did not "
+        "pay on the CPU, docs/benchmarks.md); evaluation stays eager",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode when compile is true"
+    )
     mask_padding: bool = Field(
         True, description="exclude padded frames from the loss (the released code includes them)"
     )

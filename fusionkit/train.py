@@ -222,6 +222,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             fwd = DistributedDataParallel(model, device_ids=ids)
+        if tr.compile:  # the weights stay those of `model`: checkpoints are unaffected
+            fwd = torch.compile(fwd, mode=tr.compile_mode)
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -347,6 +349,7 @@ class Trainer:
             "parameters": count_parameters(self.model),
             "device": str(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
+            "compile": self.recipe.training.compile,
             "splits": results,
             "history": state["history"],
         }

@@ -239,3 +239,25 @@ def test_training_step_never_waits_for_the_device(tmp_path, registry, model, gra
     found = host_syncs(lambda: tr.backward_step(tr.model, store, windows))
     assert found == []
     assert all(p.grad is not None for p in tr.model.parameters())
+
+
+def test_compile_option_trains_through_torch_compile(tmp_path, registry, monkeypatch):
+    """training.compile wraps the training forward in torch.compile with the chosen mode (the
+    test swaps in dynamo's eager backend: no C++ toolchain, same arithmetic as eager)."""
+    real_compile, calls = torch.compile, []
+
+    def recording(model, mode=None, **kw):
+        calls.append(mode)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", recording)
+    torch._dynamo.reset()
+    compiled, run_dir = train(
+        tmp_path / "c", registry, epochs=2, compile=True, compile_mode="reduce-overhead"
+    )
+    eager, _ = train(tmp_path / "e", registry, epochs=2)
+    assert calls == ["reduce-overhead"]
+    assert json.loads((run_dir / METRICS_FILE).read_text())["compile"] is True
+    for split in ("val", "test"):
+        for key, value in eager.metrics[split].items():
+            assert compiled.metrics[split][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
