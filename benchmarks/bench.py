@@ -1,15 +1,34 @@
 """Throughput and memory of the fusion models, fusionkit plugins vs a plain eager baseline.
 
-Measures per model: training step (forward + 1-CCC loss + backward + Adam step) and inference
+Measures per row: training step (forward + 1-CCC loss + backward + Adam step) and inference
 (forward, no grad) as windows/s and frames/s, the median over timed repeats after warm-up,
-peak memory (CUDA: max allocated; CPU: peak RSS of a fresh process per model), and the FLOPs
-of one training step (``torch.utils.flop_counter``).
+peak memory (CUDA: max allocated; CPU: peak RSS of a fresh process per row), the FLOPs of one
+training step (``torch.utils.flop_counter``) and its bytes (a dispatch-mode counter: the bytes
+of every tensor each aten op reads and writes, so an upper bound on memory traffic when no op
+is fused), and from both a roofline lower bound on the step time where the device's peaks are
+known (table below, or ``--peak-tflops``/``--peak-gbs``). FLOPs and bytes are counted on the
+uncompiled model, also for ``compile`` rows: compiling changes neither the FLOPs nor this
+unfused byte count (it does cut the real traffic, by fusing).
+
+Rows are ``--models`` entries, each ``MODEL[:OPT+OPT...]`` with options ``bf16``/``fp32``
+(autocast precision) and ``compile``/``eager`` (``torch.compile`` on/off) overriding the global
+``--bf16``/``--compile`` for that row, e.g. ``tagf_eager,tagf,tagf:bf16,tagf:bf16+compile``.
+Each row runs in a fresh process. ``vs_eager`` is the ``tagf_eager`` row's training step time
+(as that row is given) over this row's; rows of ``tagf_eager`` run first so that every row
+has it.
+
+``--profile`` runs a few more training steps of each row under ``torch.profiler`` and reports
+the wall time per step, the device-busy time per step (CUDA: the union of the intervals of the
+kernel/memcpy/memset events, so kernels that overlap count once; n/a on the CPU), the host time
+spent inside aten ops (union of ``aten::`` op intervals; on the CPU all of them run on the main
+thread) and the top-5 kernels (CUDA) or aten ops (CPU) by self time.
 
 Examples::
 
     python benchmarks/bench.py                                   # released shapes, CPU
     python benchmarks/bench.py --encoders tcn                    # with the TCN front ends
-    python benchmarks/bench.py --batch 64 --device cuda --bf16 --compile
+    python benchmarks/bench.py --batch 64 --device cuda \\
+        --models tagf_eager,tagf,tagf:bf16,tagf:bf16+compile --profile
 """
 
 from __future__ import annotations
@@ -22,11 +41,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +73,347 @@ GATES = {
     "tagf_temporal": "tagf_temporal",
 }
 MODELS = [*GATES, "tagf_eager"]
+EAGER = "tagf_eager"
+
+# --- per-row variants -------------------------------------------------------------------------
+
+#: option -> (Variant field, value)
+OPTIONS: dict[str, tuple[str, bool]] = {
+    "bf16": ("bf16", True),
+    "fp32": ("bf16", False),
+    "compile": ("compile", True),
+    "eager": ("compile", False),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One table row: a model and how it runs."""
+
+    spec: str
+    model: str
+    bf16: bool
+    compile: bool
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+
+def parse_variant(spec: str, *, bf16: bool = False, compile: bool = False) -> Variant:
+    """``MODEL[:OPT+OPT...]`` -> :class:`Variant`; the options override ``bf16``/``compile``.
+
+    Raises ValueError naming an unknown model or option (and the valid ones), or two options
+    that contradict each other (``bf16+fp32``, ``compile+eager``).
+    """
+    spec = spec.strip()
+    name, _, opts = spec.partition(":")
+    name = name.strip()
+    if name not in MODELS:
+        raise ValueError(
+            f"--models entry {spec!r}: unknown model {name!r}; models: {', '.join(MODELS)}"
+        )
+    fields = {"bf16": bf16, "compile": compile}
+    given: dict[str, str] = {}
+    for opt in (o.strip() for o in opts.split("+")) if opts else ():
+        if opt not in OPTIONS:
+            raise ValueError(
+                f"--models entry {spec!r}: unknown option {opt!r}; valid options: "
+                f"{', '.join(OPTIONS)} (joined with '+', e.g. tagf:bf16+compile)"
+            )
+        field, value = OPTIONS[opt]
+        if field in given and given[field] != opt:
+            raise ValueError(f"--models entry {spec!r}: options {given[field]!r} and {opt!r} clash")
+        given[field] = opt
+        fields[field] = value
+    return Variant(spec=spec, model=name, **fields)
+
+
+def parse_models(models: str, *, bf16: bool = False, compile: bool = False) -> list[Variant]:
+    return [parse_variant(s, bf16=bf16, compile=compile) for s in models.split(",") if s.strip()]
+
+
+def run_order(variants: list[Variant]) -> list[Variant]:
+    """The ``tagf_eager`` rows first (so that ``vs_eager`` is known for every row), then the
+    others, each group in the given order."""
+    return [v for v in variants if v.model == EAGER] + [v for v in variants if v.model != EAGER]
+
+
+# --- bytes per step ---------------------------------------------------------------------------
+
+#: ops that move no data (views, aliases, allocations without initialisation); any op whose
+#: schema marks it as a view (``OpOverload.is_view``: view, t, transpose, expand, permute,
+#: as_strided, slice, select, ...) is skipped too.
+FREE_OPS = frozenset(
+    {
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "as_strided",
+        "t",
+        "transpose",
+        "expand",
+        "permute",
+        "detach",
+        "alias",
+        "lift_fresh",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "_local_scalar_dense",
+    }
+)
+#: ops that copy only sometimes: free when the output shares the first input's storage.
+MAYBE_VIEW_OPS = frozenset({"reshape", "contiguous", "flatten", "reshape_as", "view_as"})
+
+
+def tensor_bytes(tree: object) -> int:
+    """Bytes of every tensor in a (nested) structure: ``numel * element_size`` each."""
+    leaves, _ = tree_flatten(tree)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _storage(t: object) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+    except RuntimeError:
+        return None
+
+
+def _written(func, args: tuple, kwargs: dict) -> list:
+    """The arguments an op's schema marks as mutated (``Tensor(a!)``)."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            if i < len(args):
+                out.append(args[i])
+            elif arg.name in kwargs:
+                out.append(kwargs[arg.name])
+    return out
+
+
+class ByteCounter(TorchDispatchMode):
+    """Sums the bytes of every tensor input and output of each aten op run under it.
+
+    The total is an upper bound on device-memory traffic for unfused execution: each op is
+    taken to read all its inputs and write all its outputs once (an in-place op's tensor counts
+    as read and written, also when the op returns nothing, like ``_foreach_mul_``). Views and
+    metadata ops (:data:`FREE_OPS`, ``OpOverload.is_view``) add nothing, nor does an ``out=``
+    argument as an input.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.by_op: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if getattr(func, "is_view", False) or name in FREE_OPS:
+            return out
+        if name in MAYBE_VIEW_OPS and args and _storage(out) == _storage(args[0]):
+            return out
+        ins = (args, {k: v for k, v in kwargs.items() if k != "out"})
+        n = tensor_bytes(ins) + tensor_bytes(out)
+        if out is None:  # in-place ops returning nothing (_foreach_*_): count the writes
+            n += tensor_bytes(_written(func, args, kwargs))
+        self.total += n
+        self.by_op[name] += n
+        return out
+
+
+# --- roofline ---------------------------------------------------------------------------------
+
+# Dense (no sparsity) peaks from the NVIDIA H100 SXM5 datasheet (H100 Tensor Core GPU
+# datasheet): BF16 989 TFLOP/s, TF32 494 TFLOP/s, FP32 (no tensor cores) 67 TFLOP/s, HBM3
+# 3.35 TB/s; H100 PCIe: 756 / 378 / 51 TFLOP/s, HBM2e 2.0 TB/s; H200 (NVIDIA H200 datasheet):
+# the H100 SXM compute, HBM3e 4.8 TB/s. First matching substring of the device name wins.
+PEAKS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0, "gbs": 2000.0}),
+    ("H100", {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0, "gbs": 3350.0}),
+    ("H200", {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0, "gbs": 4800.0}),
+]
+PEAK_SOURCE = {
+    "H100 PCIe": "NVIDIA H100 PCIe datasheet",
+    "H100": "NVIDIA H100 SXM5 datasheet",
+    "H200": "NVIDIA H200 datasheet",
+}
+LAB_NOTE = (
+    "measured on the lab's H100 (80GB HBM3): 798 TFLOP/s for an 8192^3 bf16 matmul and about "
+    "3.0 TB/s for a device-to-device copy (read + write), i.e. ~81% and ~90% of the spec peaks"
+)
+
+
+def device_peaks(device_name: str) -> tuple[str, dict[str, float]] | None:
+    """(table key, peaks) of the first :data:`PEAKS` entry whose key is in ``device_name``."""
+    for key, peaks in PEAKS:
+        if key.lower() in device_name.lower():
+            return key, peaks
+    return None
+
+
+def pick_peaks(
+    device_type: str,
+    device_name: str,
+    bf16: bool,
+    peak_tflops: float | None = None,
+    peak_gbs: float | None = None,
+) -> dict[str, Any]:
+    """Peak compute (TFLOP/s) and bandwidth (GB/s) for a row: the flags where given, else the
+    table's (CUDA only) for the row's precision (bf16 -> bf16 tensor cores, fp32 -> plain fp32,
+    not TF32). Keys: tflops, gbs, source (None where unknown)."""
+    tflops = gbs = None
+    src = []
+    table = device_peaks(device_name) if device_type == "cuda" else None
+    if table is not None:
+        key, peaks = table
+        tflops, gbs = peaks["bf16" if bf16 else "fp32"], peaks["gbs"]
+        src.append(f"{key} {'bf16' if bf16 else 'fp32'} spec, {PEAK_SOURCE[key]}")
+    if peak_tflops is not None:
+        tflops = peak_tflops
+        src.append("--peak-tflops")
+    if peak_gbs is not None:
+        gbs = peak_gbs
+        src.append("--peak-gbs")
+    return {"tflops": tflops, "gbs": gbs, "source": "; ".join(src) or None}
+
+
+def roofline(
+    flops: float | None,
+    nbytes: float | None,
+    peak_tflops: float | None,
+    peak_gbs: float | None,
+) -> dict[str, Any] | None:
+    """Roofline lower bound on a step: ``max(flops / peak_flops, bytes / peak_bw)``, in ms.
+
+    Terms whose count or peak is unknown are left out (the max of the others is still a lower
+    bound); None when neither term is known. ``bound`` names the larger term.
+    """
+    terms = {}
+    if flops is not None and peak_tflops:
+        terms["compute"] = flops / (peak_tflops * 1e12) * 1e3
+    if nbytes is not None and peak_gbs:
+        terms["memory"] = nbytes / (peak_gbs * 1e9) * 1e3
+    if not terms:
+        return None
+    bound = max(terms, key=terms.get)
+    return {
+        "roofline_ms": terms[bound],
+        "compute_ms": terms.get("compute"),
+        "memory_ms": terms.get("memory"),
+        "bound": bound,
+    }
+
+
+def roofline_pct(roofline_ms: float | None, step_ms: float) -> float | None:
+    """Measured step as a fraction of its roofline bound, in percent (100 = at the roofline)."""
+    return None if roofline_ms is None else 100.0 * roofline_ms / step_ms
+
+
+# --- profiling --------------------------------------------------------------------------------
+
+DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by a set of ``(start, end)`` intervals (overlaps count once)."""
+    total = 0.0
+    cur_s = cur_e = None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def _is_device_work(e: Any) -> bool:
+    """A CUDA kernel, memcpy or memset event (not a GPU-side user annotation range)."""
+    if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+        return False
+    act = getattr(e, "activity_type", None)  # absent in older torch
+    return act is None or act in DEVICE_ACTIVITIES
+
+
+def _top(totals: dict[str, list[float]], k: int) -> list[dict[str, Any]]:
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:k]
+    return [{"name": n[:200], "self_ms": t / 1e3, "calls": int(c)} for n, (t, c) in rows]
+
+
+def summarize_profile(events: Iterable[Any], steps: int, wall_s: float, top: int = 5) -> dict:
+    """Per-step busy times and the top kernels/ops from ``torch.profiler`` events.
+
+    ``events`` are ``prof.events()`` (``FunctionEvent``: name, device_type, thread, time_range
+    in us, self_cpu_time_total). Device busy = union of CUDA kernel/memcpy/memset intervals;
+    host op time = union of ``aten::`` op intervals over the host threads (on CUDA the backward
+    runs on autograd's device thread, on the CPU on the main thread; the threads take turns, so
+    this is the time some thread is inside an aten op). Top: CUDA kernels by summed duration
+    when there are any, else aten ops by self CPU time.
+    """
+    events = list(events)
+    dev = [e for e in events if _is_device_work(e)]
+    ops = [
+        e
+        for e in events
+        if e.device_type == DeviceType.CPU
+        and e.name.startswith("aten::")
+        and not getattr(e, "is_async", False)
+    ]
+    host_us = union_length((e.time_range.start, e.time_range.end) for e in ops)
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    if dev:
+        busy_us = union_length((e.time_range.start, e.time_range.end) for e in dev)
+        for e in dev:
+            totals[e.name][0] += e.time_range.end - e.time_range.start
+            totals[e.name][1] += 1
+        top_kind = "CUDA kernels/memcpy by total time"
+    else:
+        busy_us = None
+        for e in ops:
+            totals[e.name][0] += e.self_cpu_time_total
+            totals[e.name][1] += 1
+        top_kind = "aten ops by self CPU time"
+    wall_ms = wall_s * 1e3 / steps
+    busy_ms = None if busy_us is None else busy_us / 1e3 / steps
+    host_ms = host_us / 1e3 / steps
+    return {
+        "steps": steps,
+        "wall_ms": wall_ms,
+        "device_busy_ms": busy_ms,
+        "device_busy_pct": None if busy_ms is None else 100.0 * busy_ms / wall_ms,
+        "host_ops_ms": host_ms,
+        "host_ops_pct": 100.0 * host_ms / wall_ms,
+        "n_device_events": len(dev),
+        "top_kind": top_kind,
+        "top": _top(totals, top),
+    }
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    _sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return summarize_profile(prof.events(), steps, wall)
+
+
+# --- models and measurement -------------------------------------------------------------------
 
 
 class Identity(nn.Module):
@@ -88,7 +455,7 @@ def build(name: str, encoders: str, mode: str, length: int) -> nn.Module:
         )
     else:
         enc = nn.ModuleDict({m: Identity(d) for m, d in DIMS.items()})
-    if name == "tagf_eager":
+    if name == EAGER:
         return EagerWrapper(enc, length)
     dims = {m: e.out_dim for m, e in enc.items()}
     if name == "concat":
@@ -105,28 +472,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args: argparse.Namespace, name: str) -> dict:
+def _tf32() -> dict[str, bool] | None:
+    if not torch.cuda.is_available():
+        return None
+    return {
+        "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cudnn": bool(torch.backends.cudnn.allow_tf32),
+    }
+
+
+def measure(args: argparse.Namespace, var: Variant) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build(name, args.encoders, args.mode, args.length).to(device)
+    model = build(var.model, args.encoders, args.mode, args.length).to(device)
     feat = RAW if args.encoders == "tcn" else DIMS
     b, t = args.batch, args.length
     inputs = {m: torch.randn(b, t, d, device=device) for m, d in feat.items()}
     mask = torch.ones(b, t, dtype=torch.bool, device=device)
     target = torch.rand(b, t, 2, device=device) * 2 - 1
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model) if var.compile else model
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred = fwd(inputs, mask).pred
-        loss = ccc_loss(pred.float(), target, mask)
-        loss.backward()
-        opt.step()
+    def make_train_step(forward: Callable) -> Callable[[], None]:
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=var.bf16):
+                pred = forward(inputs, mask).pred
+            loss = ccc_loss(pred.float(), target, mask)
+            loss.backward()
+            opt.step()
+
+        return train_step
+
+    train_step = make_train_step(fwd)
 
     def infer_step():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=var.bf16):
             fwd(inputs, mask)
 
     def timed(step, train: bool) -> float:
@@ -151,26 +532,62 @@ def measure(args: argparse.Namespace, name: str) -> dict:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     infer_s = timed(infer_step, False)
-    flops = None
-    if not args.compile:
-        from torch.utils.flop_counter import FlopCounterMode
-
+    prof = None
+    if args.profile:
         model.train()
-        with FlopCounterMode(display=False) as counter:
-            train_step()
-        flops = counter.get_total_flops()
+        prof = profile_steps(train_step, device, args.profile_steps)
+
+    # FLOPs and bytes on the uncompiled model: both are properties of the computation.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    eager_step = make_train_step(model)
+    with FlopCounterMode(display=False) as counter:
+        eager_step()
+    flops = counter.get_total_flops()
+    with ByteCounter() as bc:
+        eager_step()
+    _sync(device)
+    nbytes = bc.total
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peaks = pick_peaks(device.type, name, var.bf16, args.peak_tflops, args.peak_gbs)
+    roof = roofline(flops, nbytes, peaks["tflops"], peaks["gbs"])
+    train_ms = train_s * 1e3
     return {
-        "model": name,
+        "model": var.model,
+        "variant": var.spec,
+        "precision": var.precision,
+        "bf16": var.bf16,
+        "compile": var.compile,
         "params": sum(p.numel() for p in model.parameters()),
-        "train_step_ms": train_s * 1e3,
+        "train_step_ms": train_ms,
         "train_windows_s": b / train_s,
         "train_frames_s": b * t / train_s,
         "infer_windows_s": b / infer_s,
         "infer_frames_s": b * t / infer_s,
         "peak_mem_mb": peak / 2**20,
-        "train_gflop": None if flops is None else flops / 1e9,
-        "train_gflops_s": None if flops is None else flops / train_s / 1e9,
+        "train_gflop": flops / 1e9,
+        "train_gflops_s": flops / train_s / 1e9,
+        "train_gb": nbytes / 1e9,
+        "train_gb_s": nbytes / train_s / 1e9,
+        "top_bytes_ops": {
+            k: v / 1e9 for k, v in sorted(bc.by_op.items(), key=lambda kv: -kv[1])[:5]
+        },
+        "peak_tflops": peaks["tflops"],
+        "peak_gbs": peaks["gbs"],
+        "peak_source": peaks["source"],
+        "tf32": _tf32(),
+        "roofline_ms": None if roof is None else roof["roofline_ms"],
+        "roofline_bound": None if roof is None else roof["bound"],
+        "roofline_compute_ms": None if roof is None else roof["compute_ms"],
+        "roofline_memory_ms": None if roof is None else roof["memory_ms"],
+        "roofline_pct": roofline_pct(None if roof is None else roof["roofline_ms"], train_ms),
+        "profile": prof,
     }
+
+
+# --- output -----------------------------------------------------------------------------------
 
 
 def machine(args: argparse.Namespace) -> str:
@@ -187,16 +604,169 @@ def machine(args: argparse.Namespace) -> str:
 
 
 def _cell(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
     if isinstance(v, float):
-        return f"{v:,.1f}"
+        if abs(v) >= 10:
+            return f"{v:,.1f}"
+        return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
 
 
+COLS = [
+    "model",
+    "precision",
+    "compile",
+    "params",
+    "train_step_ms",
+    "vs_eager",
+    "train_windows_s",
+    "train_frames_s",
+    "infer_frames_s",
+    "peak_mem_mb",
+    "train_gflop",
+    "train_gb",
+    "train_gflops_s",
+    "roofline_ms",
+    "% of roofline",
+]
+
+
+def table_row(row: dict) -> str:
+    cells = []
+    for c in COLS:
+        if c == "vs_eager":
+            v = row.get("vs_eager")
+            cells.append("" if v is None else f"{v:.2f}x")
+        elif c == "% of roofline":
+            v = row.get("roofline_pct")
+            bound = {"compute": "compute", "memory": "mem"}.get(row.get("roofline_bound"), "")
+            cells.append("" if v is None else f"{v:.1f}% ({bound})")
+        elif c == "compile":
+            cells.append("compile" if row["compile"] else "eager")
+        else:
+            cells.append(_cell(row.get(c)))
+    return "| " + " | ".join(cells) + " |"
+
+
+def profile_section(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r.get("profile")]
+    if not rows:
+        return []
+    p0 = rows[0]["profile"]
+    cuda = any(r["profile"]["device_busy_ms"] is not None for r in rows)
+    out = [
+        "",
+        f"## Profile: {p0['steps']} training steps per row under torch.profiler, after timing",
+        "",
+        "device busy = union of CUDA kernel/memcpy/memset intervals per step (overlaps once)"
+        if cuda
+        else "device busy: n/a on the CPU (no device timeline)",
+        "host aten ops = union of aten:: op intervals per step, host threads together (main "
+        "thread; on CUDA also autograd's backward thread)",
+        "wall = profiled step (profiler overhead included); step = the timed train_step_ms",
+        "",
+        "| model | precision | compile | wall_ms | step_ms | device_busy_ms | busy % wall | "
+        "busy % step | host_aten_ms | host % wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        p = r["profile"]
+        busy = p["device_busy_ms"]
+        cells = [
+            r["model"],
+            r["precision"],
+            "compile" if r["compile"] else "eager",
+            _cell(p["wall_ms"]),
+            _cell(r["train_step_ms"]),
+            "n/a" if busy is None else _cell(busy),
+            "n/a" if busy is None else f"{p['device_busy_pct']:.1f}%",
+            "n/a" if busy is None else f"{100 * busy / r['train_step_ms']:.1f}%",
+            _cell(p["host_ops_ms"]),
+            f"{p['host_ops_pct']:.1f}%",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        p = r["profile"]
+        out.append("")
+        out.append(f"top-5 {p['top_kind']}, {r['variant']} (ms per step, calls per step):")
+        for k in p["top"]:
+            name = k["name"] if len(k["name"]) <= 90 else k["name"][:87] + "..."
+            out.append(
+                f"  {k['self_ms'] / p['steps']:9.3f} ms  {k['calls'] / p['steps']:7.1f}x  {name}"
+            )
+    return out
+
+
+def footer(rows: list[dict]) -> list[str]:
+    out = [
+        "",
+        "train_gflop: torch.utils.flop_counter, one training step. train_gb: bytes of every "
+        "tensor each aten op reads and writes over one training step (views free), an upper "
+        "bound on memory traffic without fusion; both counted uncompiled.",
+    ]
+    if any(r.get("roofline_ms") is not None for r in rows):
+        srcs = sorted({r["peak_source"] for r in rows if r.get("peak_source")})
+        out.append(
+            "roofline_ms = max(FLOPs / peak FLOP/s, bytes / peak bandwidth); % of roofline = "
+            "roofline_ms / train_step_ms, (compute|mem) = the larger term. Peaks: "
+            + "; ".join(
+                sorted(
+                    {
+                        f"{r['precision']} {r['peak_tflops']} TFLOP/s, {r['peak_gbs']} GB/s"
+                        for r in rows
+                        if r.get("roofline_ms") is not None
+                    }
+                )
+            )
+            + f" ({'; '.join(srcs)})."
+        )
+        tf = next((r["tf32"] for r in rows if r.get("tf32")), None)
+        if tf and any(not r["bf16"] for r in rows):
+            out.append(
+                "fp32 rows use the plain fp32 peak; TF32 allowed: matmul "
+                f"{tf['matmul']}, cuDNN {tf['cudnn']} (TF32 tensor-core peak 494 TFLOP/s on "
+                "H100/H200, so where TF32 runs, the fp32 bound is loose)."
+            )
+    else:
+        out.append(
+            "roofline: no peaks known for this device (CUDA table: H100, H100 PCIe, H200); "
+            "give --peak-tflops/--peak-gbs to compute one."
+        )
+    out.append(f"Note: {LAB_NOTE}.")
+    return out
+
+
+def run_child(args: argparse.Namespace, var: Variant) -> dict | str:
+    """One row in a fresh process; the row, or a one-line failure message."""
+    argv = [a for a in sys.argv[1:]]
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, *argv, "--single", var.spec],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=args.row_timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return f"timed out after {args.row_timeout} s"
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
+        return lines[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="rows, MODEL[:OPT+OPT], OPT one of bf16, fp32, compile, eager",
+    )
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--length", type=int, default=300)
     ap.add_argument("--encoders", choices=["none", "tcn"], default="none")
@@ -208,69 +778,62 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for rows without fp32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile rows without eager")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--profile", action="store_true", help="torch.profiler section per row")
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--peak-tflops", type=float, help="peak compute for the roofline")
+    ap.add_argument("--peak-gbs", type=float, help="peak memory bandwidth (GB/s) for it")
+    ap.add_argument("--row-timeout", type=float, help="seconds per row (default: none)")
     ap.add_argument("--json", type=Path, help="append results as JSON lines here")
     ap.add_argument("--single", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.single:  # child process: one model, JSON on stdout
-        print(json.dumps(measure(args, args.single)))
+    try:
+        variants = parse_models(args.models, bf16=args.bf16, compile=args.compile)
+        if args.single:
+            single = parse_variant(args.single, bf16=args.bf16, compile=args.compile)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.single:  # child process: one row, JSON on stdout
+        print(json.dumps(measure(args, single)))
         return
-    print(f"# {machine(args)}")
+    mach = machine(args)
+    print(f"# {mach}")
     print(
         f"# batch {args.batch}, T {args.length}, encoders {args.encoders}, rjca {args.mode}, "
-        f"bf16 {args.bf16}, compile {args.compile}, median of {args.repeats} after "
+        f"defaults bf16 {args.bf16} compile {args.compile}, median of {args.repeats} after "
         f"{args.warmup} warm-up"
     )
-    cols = [
-        "model",
-        "params",
-        "train_step_ms",
-        "train_windows_s",
-        "train_frames_s",
-        "infer_frames_s",
-        "peak_mem_mb",
-        "train_gflop",
-        "train_gflops_s",
-    ]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for name in args.models.split(","):
-        argv = [a for a in sys.argv[1:]]
-        out = subprocess.run(
-            [sys.executable, __file__, *argv, "--single", name],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode != 0:
-            print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |")
+    print("| " + " | ".join(COLS) + " |")
+    print("|" + "---|" * len(COLS), flush=True)
+    eager_ms = eager_spec = None
+    rows = []
+    for var in run_order(variants):
+        row = run_child(args, var)
+        if isinstance(row, str):
+            print(f"| {var.spec} | failed: {row} |", flush=True)
             continue
-        row = json.loads(out.stdout)
+        if var.model == EAGER and eager_ms is None:
+            eager_ms, eager_spec = row["train_step_ms"], var.spec
         row.update(
-            machine=machine(args),
+            machine=mach,
             batch=args.batch,
             length=args.length,
             encoders=args.encoders,
             mode=args.mode,
-            bf16=args.bf16,
-            compile=args.compile,
+            vs_eager=None if eager_ms is None else eager_ms / row["train_step_ms"],
+            eager_variant=eager_spec,
         )
+        rows.append(row)
         if args.json:
             with args.json.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        cells = []
-        for c in cols:
-            v = row[c]
-            cells.append(
-                f"{v:,.1f}"
-                if isinstance(v, float)
-                else (f"{v:,}" if isinstance(v, int) else str(v))
-            )
-        print("| " + " | ".join(cells) + " |", flush=True)
+        print(table_row(row), flush=True)
+    for line in profile_section(rows) + footer(rows):
+        print(line)
 
 
 if __name__ == "__main__":
