@@ -32,5 +32,5 @@ def fusionkit_register_components(registry: Registry) -> None:
         "bilstm",
         build=build_bilstm,
         params=BiLSTMParams,
-        summary="bidirectional LSTM packed by mask lengths (no padding leak)",
+        summary="bidirectional LSTM; padding reaches no valid frame in either direction",
     )
