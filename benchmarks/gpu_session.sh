@@ -21,7 +21,7 @@
 #      (kind: nvidia-h100-x1, the default; the roofline peak table knows H100 and H200.)
 #   3. What comes back under $OUT (6 files, the limit is 8):
 #        env.txt        nvidia-smi, python/torch/CUDA/cuDNN versions, TF32 flags, plugins
-#        pytest.log     the CUDA tests (tests whose id contains "cuda": the bf16 autocast ones)
+#        pytest.log     the CUDA tests (ids containing "cuda": bf16 autocast, no host sync)
 #        bench64.log    batch 64, T 300: tagf_eager, tagf, tagf:bf16, rjca:bf16,
 #                       tagf_temporal:bf16, tagf:bf16+compile, with --profile (busy time,
 #                       top kernels), FLOPs, bytes and the roofline per row
@@ -138,7 +138,8 @@ print("components:", ", ".join(f"{c.kind}/{c.name}" for c in r.components()))
 
 # --- (b) the CUDA tests -----------------------------------------------------------------------
 # Every test file is collected (a file that cannot import, e.g. for av, is reported and skipped)
-# and the tests with "cuda" in their id run: the bf16 autocast tests of encoders, rjca, gates.
+# and the tests with "cuda" in their id run: the bf16 autocast tests of encoders, rjca, gates,
+# and the training step of every built-in component under CUDA sync debug mode "error".
 step "cuda tests" "$OUT/pytest.log" "${T_B:-60}" -- "${PY[@]}" -m pytest -q -p no:cacheprovider \
   --continue-on-collection-errors -k cuda tests
 

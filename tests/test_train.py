@@ -214,15 +214,10 @@ MODELS = {  # every built-in encoder, fusion, gate and head, in released-like co
 }
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("grad_clip", [None, 1.0])
-def test_training_step_never_waits_for_the_device(tmp_path, registry, model, grad_clip):
-    """Gathering a batch (with padded windows), forward, loss and backward dispatch no op that
-    reads a tensor value on the host: on a GPU the host would stall every step."""
-    from fusionkit.testing import host_syncs
-
+def _padded_trainer(tmp_path, registry, model, **training):
+    """A Trainer for MODELS[model] on the tiny data, with windows longer than every video."""
     encoder, fusion, gate, fusion_params = MODELS[model]
-    raw = tiny_recipe(tmp_path, grad_clip=grad_clip)
+    raw = tiny_recipe(tmp_path, **training)
     enc_params = {"tcn": {"channels": [8, 8]}, "bilstm": {"hidden": 4}}.get(encoder, {"dim": 8})
     raw["model"].update(
         encoders={m: {"name": encoder, "params": enc_params} for m in ("audio", "video")},
@@ -232,13 +227,39 @@ def test_training_step_never_waits_for_the_device(tmp_path, registry, model, gra
     raw["data"].update(window=500, hop=400)  # longer than every video: padded windows
     rc = validate_recipe(raw, "tiny", registry)
     tr = Trainer(rc, tmp_path / "r", registry=registry)
-    store = FrameStore(tr.dataset.videos("train"), ["audio", "video"], [0, 1], 500, 400)
-    windows = torch.arange(4)
+    store = FrameStore(tr.dataset.videos("train"), ["audio", "video"], [0, 1], 500, 400, tr.device)
+    windows = torch.arange(4, device=tr.device)
     assert store.batch(windows).mask.logical_not().any()  # the batch does contain padding
     tr.model.train()
+    return tr, store, windows
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_training_step_never_waits_for_the_device(tmp_path, registry, model, grad_clip):
+    """Gathering a batch (with padded windows), forward, loss and backward dispatch no op that
+    reads a tensor value on the host: on a GPU the host would stall every step."""
+    from fusionkit.testing import host_syncs
+
+    tr, store, windows = _padded_trainer(tmp_path, registry, model, grad_clip=grad_clip)
     found = host_syncs(lambda: tr.backward_step(tr.model, store, windows))
     assert found == []
     assert all(p.grad is not None for p in tr.model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_training_step_never_waits_for_the_device_on_cuda(tmp_path, registry, model):
+    """The same on a GPU, judged by CUDA itself: sync debug mode 'error' raises on any
+    synchronising call (bf16 autocast, as `precision: auto` trains there)."""
+    tr, store, windows = _padded_trainer(tmp_path, registry, model, device="cuda", grad_clip=1.0)
+    tr.backward_step(tr.model, store, windows)  # warm-up: library handles, cuDNN plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tr.backward_step(tr.model, store, windows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_compile_option_trains_through_torch_compile(tmp_path, registry, monkeypatch):
