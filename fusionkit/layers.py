@@ -24,7 +24,7 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: Tensor, keep: Tensor) -> Tensor:
     where ``nn.BatchNorm1d`` would raise), and puts zeros on the other rows. Otherwise it is
     ``bn(x)``: running statistics do not depend on the batch.
     """
-    if not (bn.training or not bn.track_running_stats):
+    if not bn.training and bn.track_running_stats:
         return bn(x)
     xf = x.float()
     w = rearrange(keep, "n -> n 1").to(xf.dtype)

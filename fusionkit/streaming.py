@@ -85,8 +85,8 @@ class StreamingPredictor:
         }
         # fusion, gate, head: from the first of a frame-local tail on, only the newest frame
         # is computed (a frame-local component's frame t depends on its input's frame t only)
-        tail = [getattr(c, "frame_local", False) is True for c in (model.fusion, model.gate)]
-        tail.append(getattr(model.head, "frame_local", False) is True)
+        parts = (model.fusion, model.gate, model.head)
+        tail = [getattr(c, "frame_local", False) is True for c in parts]
         self.local_from = 3
         while self.local_from > 0 and tail[self.local_from - 1]:
             self.local_from -= 1

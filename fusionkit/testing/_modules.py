@@ -121,17 +121,21 @@ class ModuleChecks:
                             f"forward modified its inputs in place: {changed}; work on copies"
                         )
 
-    def _padded_pair(self, t: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        b = 3
-        lengths = [t, max(1, t // 2), 1]
-        mask = padding_mask(lengths, t)
+    def _changed_pair(
+        self, b: int, t: int, frames: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Inputs ``x`` and a copy ``y`` whose ``frames`` (bool, ``(B|1, T)``) are noise."""
         x = self.a.inputs(b, t, self.gen)
         noise = self.a.inputs(b, t, self.gen)
-        pad = ~mask
         y = {}
         for k, v in x.items():
-            shape = pad.shape + (1,) * (v.dim() - 2)
-            y[k] = torch.where(pad.reshape(shape), 10.0 * noise[k] + 3.0, v)
+            shape = frames.shape + (1,) * (v.dim() - 2)
+            y[k] = torch.where(frames.reshape(shape), 10.0 * noise[k] + 3.0, v)
+        return x, y
+
+    def _padded_pair(self, t: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        mask = padding_mask([t, max(1, t // 2), 1], t)
+        x, y = self._changed_pair(3, t, ~mask)
         return x, y, mask
 
     def masking(self, *, train: bool) -> None:
@@ -192,13 +196,7 @@ class ModuleChecks:
             raise NotApplicable(f"the only window length is T={t}: no other frames to change")
         k = t // 2
         mask = padding_mask([t] * 3, t)
-        x = self.a.inputs(3, t, self.gen)
-        noise = self.a.inputs(3, t, self.gen)
-        others = torch.arange(t) != k
-        y = {}
-        for name, v in x.items():
-            shape = (1, t) + (1,) * (v.dim() - 2)
-            y[name] = torch.where(others.reshape(shape), 5.0 * noise[name] - 2.0, v)
+        x, y = self._changed_pair(3, t, (torch.arange(t) != k)[None])
         module.eval()
         with torch.no_grad():
             a = self._call(module, x, mask, what=f"(B=3, T={t})")

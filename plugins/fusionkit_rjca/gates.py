@@ -210,6 +210,8 @@ class TAGFGate(_StackGate):
 
 
 # ------------------------------------------------------------------------- tagf_temporal
+
+
 class TAGFTemporalParams(BaseModel):
     """Parameters of the ``tagf_temporal`` gate (time-axis reading of TAGF)."""
 
