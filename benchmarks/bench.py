@@ -58,9 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eager_baseline import EagerTAGF
 
-from fusionkit.metrics import ccc_loss
-from fusionkit.model import FusionModel
-from fusionkit.registry import get_registry
+from fusionkit.core.recipe import EncoderSpec, FusionSpec, GateSpec, HeadSpec
+from fusionkit.engine.metrics import ccc_loss
+from fusionkit.engine.model import FusionModel
 
 DIMS = {"video": 256, "audio": 128}  # released feature sizes after the encoders
 RAW = {"video": 512, "audio": 128}  # released TCN inputs
@@ -440,16 +440,13 @@ class EagerWrapper(nn.Module):
 
 
 def build(name: str, encoders: str, mode: str, length: int) -> nn.Module:
-    reg = get_registry()
-
-    def comp(kind, cname, params=None, **kw):
-        c = reg.get(kind, cname)
-        return c.build(c.params.model_validate(params or {}), **kw)
+    def comp(spec, cname, params=None, **kw):
+        return spec.model_validate({"name": cname, "params": params}).build(**kw)
 
     if encoders == "tcn":
         enc = nn.ModuleDict(
             {
-                m: comp("encoder", "tcn", {"channels": TCN[m]}, in_dim=RAW[m], modality=m)
+                m: comp(EncoderSpec, "tcn", {"channels": TCN[m]}, in_dim=RAW[m], modality=m)
                 for m in DIMS
             }
         )
@@ -459,11 +456,11 @@ def build(name: str, encoders: str, mode: str, length: int) -> nn.Module:
         return EagerWrapper(enc, length)
     dims = {m: e.out_dim for m, e in enc.items()}
     if name == "concat":
-        fusion = comp("fusion", "concat", {"normalize": True}, in_dims=dims)
+        fusion = comp(FusionSpec, "concat", {"normalize": True}, in_dims=dims)
     else:
-        fusion = comp("fusion", "rjca", {"mode": mode, "length": length}, in_dims=dims)
-    gate = comp("gate", GATES[name], in_dims=dict(fusion.out_dims), num_steps=fusion.num_steps)
-    head = comp("head", "regression", {"hidden": 256}, in_dim=gate.out_dim, n_targets=2)
+        fusion = comp(FusionSpec, "rjca", {"mode": mode, "length": length}, in_dims=dims)
+    gate = comp(GateSpec, GATES[name], in_dims=dict(fusion.out_dims), num_steps=fusion.num_steps)
+    head = comp(HeadSpec, "regression", {"hidden": 256}, in_dim=gate.out_dim, n_targets=2)
     return FusionModel(enc, fusion, gate, head)
 
 

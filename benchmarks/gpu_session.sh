@@ -129,7 +129,7 @@ if torch.cuda.is_available():
     print("device", p.name, p.total_memory // 2**20, "MiB,", p.multi_processor_count, "SMs")
     print("tf32 matmul", torch.backends.cuda.matmul.allow_tf32, "cudnn", torch.backends.cudnn.allow_tf32)
 import pydantic, fusionkit
-from fusionkit.registry import get_registry
+from fusionkit.core.registry import get_registry
 r = get_registry()
 print("pydantic", pydantic.__version__, "fusionkit", fusionkit.__file__)
 print("plugin failures:", [(f.plugin, f.error) for f in r.failures])

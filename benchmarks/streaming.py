@@ -1,6 +1,6 @@
 """Per-frame latency of online (streaming) prediction on one CPU thread.
 
-For each model, a :class:`fusionkit.streaming.StreamingPredictor` with a trailing window of
+For each model, a :class:`fusionkit.engine.streaming.StreamingPredictor` with a trailing window of
 ``--context`` frames is fed synthetic features frame by frame (released feature sizes after the
 encoders, or the TCN front ends with ``--encoders tcn``); the latency of every ``push`` is
 recorded after warm-up. Real time at 30 fps needs a p99 below 33.3 ms.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import DIMS, GATES, RAW, build, machine
 
-from fusionkit.streaming import StreamingPredictor
+from fusionkit.engine.streaming import StreamingPredictor
 
 
 def main() -> None:

@@ -1,17 +1,29 @@
 """fusionkit: plugin-based audio-visual fusion for continuous valence/arousal estimation.
 
-Plugin authors need only::
-
-    import fusionkit
-
-    @fusionkit.hookimpl
-    def fusionkit_register_components(registry): ...
+Plugin authors import :mod:`fusionkit.plugin`; the command line is ``fusionkit``.
 """
 
-from fusionkit.errors import FusionkitError
-from fusionkit.hookspecs import hookimpl
-from fusionkit.interfaces import GateOutput, Video
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import warnings
+from typing import Any
 
-__all__ = ["FusionkitError", "GateOutput", "Video", "__version__", "hookimpl"]
+__version__ = "0.2.0"
+
+__all__ = ["__version__"]
+
+# Names this package exported before fusionkit.plugin existed; still importable, with a warning.
+_MOVED = {"hookimpl", "GateOutput", "Video", "FusionkitError"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(
+            f"fusionkit.{name} moved to fusionkit.plugin.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from fusionkit import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")

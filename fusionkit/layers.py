@@ -1,19 +1,130 @@
-"""Padding-aware building blocks that never make the host wait for the GPU.
+"""Building blocks for components: padding-aware layers, shape checks and initialisation.
 
 Windows are padded at the end (``mask``: ``(B, T)``, True on real frames). The usual ways of
-keeping padding out of a BatchNorm or an LSTM (``x[mask]``, ``pack_padded_sequence``,
+keeping padding out of a BatchNorm or an RNN (``x[mask]``, ``pack_padded_sequence``,
 ``if mask.all():``) read tensor values on the host, so on a GPU every training step stalls
-until the device has caught up. These functions give the same results with device-side
-arithmetic and indices only; plugins use them, and so can third-party ones.
+until the device has caught up. The functions here give the same results with device-side
+arithmetic and indices only. Plugins reach them through :mod:`fusionkit.plugin`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
-from einops import rearrange
+from einops import EinopsError, parse_shape, rearrange
 from torch import Tensor, nn
 
-__all__ = ["masked_batch_norm", "shifted_bilstm"]
+from fusionkit.core.errors import ShapeError
+
+__all__ = [
+    "check_mask",
+    "check_shape",
+    "check_shapes",
+    "masked_batch_norm",
+    "reverse_padded",
+    "shifted_bilstm",
+    "xavier_init_",
+]
+
+
+def _axes_text(pattern: str, known: dict[str, int]) -> str:
+    names = pattern.split()
+    return "(" + ", ".join(n.upper() + (f"={known[n]}" if n in known else "") for n in names) + ")"
+
+
+def check_shape(who: str, what: str, x: Tensor, pattern: str, **known: int) -> dict[str, int]:
+    """The axis sizes of ``x`` named by an einops ``pattern``, after checking the rank and the
+    ``known`` sizes; a mismatch raises :class:`ShapeError` naming ``who`` and ``what``.
+
+    >>> check_shape("fusion 'mine'", "video", torch.zeros(2, 5, 8), "b t d", d=8)
+    {'b': 2, 't': 5, 'd': 8}
+    >>> check_shape("fusion 'mine'", "video", torch.zeros(2, 5, 4), "b t d", d=8)
+    Traceback (most recent call last):
+    ...
+    fusionkit.core.errors.ShapeError: fusion 'mine' expected video (B, T, D=8); got (2, 5, 4)
+    """
+    want = _axes_text(pattern, known)
+    try:
+        dims = parse_shape(x, pattern)
+    except EinopsError:
+        raise ShapeError(f"{who} expected {what} {want}; got {tuple(x.shape)}") from None
+    if any(dims[k] != v for k, v in known.items()):
+        raise ShapeError(f"{who} expected {what} {want}; got {tuple(x.shape)}")
+    return dims
+
+
+def check_shapes(
+    who: str,
+    tensors: Mapping[str, Tensor],
+    pattern: str,
+    sizes: Mapping[str, Mapping[str, int]],
+    shared: Sequence[str] = ("b", "t"),
+) -> dict[str, int]:
+    """Check several named tensors against one einops ``pattern``: each against its own known
+    ``sizes[name]``, and the ``shared`` axes equal across all. Returns the shared sizes; a
+    mismatch raises :class:`ShapeError` listing every expected and received shape.
+
+    >>> x = {"audio": torch.zeros(2, 5, 3, 8), "video": torch.zeros(2, 5, 3, 16)}
+    >>> sizes = {"audio": {"s": 3, "d": 8}, "video": {"s": 3, "d": 16}}
+    >>> check_shapes("gate 'g'", x, "b t s d", sizes)
+    {'b': 2, 't': 5}
+    """
+    found: dict[str, int] = {}
+    try:
+        for name in sizes:
+            dims = check_shape(who, name, tensors[name], pattern, **found, **sizes[name])
+            found = {a: dims[a] for a in shared}
+    except ShapeError:
+        axes = pattern.split()
+        want = {
+            n: _axes_text(pattern, {a: v for a, v in k.items() if a in axes})
+            for n, k in sizes.items()
+        }
+        got = {n: tuple(tensors[n].shape) for n in sizes}
+        one = ", ".join(a.upper() for a in shared)
+        raise ShapeError(f"{who} expected {want} (one {one}); received {got}") from None
+    return found
+
+
+def check_mask(who: str, x: Tensor, mask: Tensor) -> None:
+    """Raise :class:`ShapeError` unless ``mask`` is ``(B, T)`` matching ``x``'s leading axes."""
+    if mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ShapeError(
+            f"{who}: mask must be (B, T) = {tuple(x.shape[:2])} like the features; "
+            f"got {tuple(mask.shape)}"
+        )
+
+
+def xavier_init_(module: nn.Module) -> nn.Module:
+    """Xavier-uniform weights and zero biases on every ``nn.Linear`` inside ``module`` (the
+    initialisation of the released RJCA/TAGF code); returns ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+    return module
+
+
+def reverse_padded(x: Tensor, mask: Tensor) -> Tensor:
+    """Reverse the valid frames of every item of ``x`` ``(B, T, ...)``; padding stays at the
+    end. What a recurrent layer needs for its backward direction.
+
+    Item ``b`` with ``L`` valid frames becomes ``x[b, L-1], ..., x[b, 0]`` followed by its
+    padding (itself reversed). Applying it twice gives ``x`` back. Indices only, no host
+    synchronisation.
+
+    >>> x = torch.arange(4.0).reshape(1, 4, 1)
+    >>> reverse_padded(x, torch.tensor([[True, True, True, False]]))[0, :, 0].tolist()
+    [2.0, 1.0, 0.0, 3.0]
+    """
+    b, t = mask.shape
+    lengths = mask.sum(dim=1, keepdim=True)  # (B, 1), on the device
+    pos = torch.arange(t, device=x.device).expand(b, t)
+    src = torch.where(pos < lengths, lengths - 1 - pos, t + lengths - 1 - pos)
+    index = src.reshape(b, t, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.gather(x, 1, index)
 
 
 def masked_batch_norm(bn: nn.BatchNorm1d, x: Tensor, keep: Tensor) -> Tensor:

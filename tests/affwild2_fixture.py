@@ -401,7 +401,7 @@ def shared_tree(base: Path) -> Fixture:
     """One generated tree (with its test list and template) per test session, extracted with
     the tiny extractors; later calls return the same tree."""
     if "tree" not in _SHARED:
-        from fusionkit.registry import get_registry
+        from fusionkit.core.registry import get_registry
         from fusionkit_affwild2.dataset import AffWild2Dataset
         from fusionkit_affwild2.params import AffWild2Params
 

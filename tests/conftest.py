@@ -11,8 +11,8 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from fusionkit.interfaces import Video
-from fusionkit.registry import Registry, load_registry
+from fusionkit.core.interfaces import Video
+from fusionkit.core.registry import Registry, load_registry
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusionkit.errors import DataError
-from fusionkit.recipe import load_recipe
-from fusionkit.registry import get_registry
+from fusionkit.core.errors import DataError
+from fusionkit.core.recipe import load_recipe
+from fusionkit.core.registry import get_registry
+from fusionkit_affwild2.backbones import AudioBackboneSpec, VisualBackboneSpec
 from fusionkit_affwild2.dataset import AffWild2Dataset, fit_rows, forward_fill
 from fusionkit_affwild2.extraction import build_backbone
 from fusionkit_affwild2.faces import read_faces
@@ -299,7 +300,7 @@ def test_videos_are_aligned_by_true_frame_index(tree, train_videos):
         assert torch.equal(v.frame_ids, torch.arange(v.num_frames))
         media = tree.media[trial.media]
         assert v.fps == pytest.approx(float(media.fps))
-        present = v.extras["video_present"]
+        present = v.present["video"]
         for k in trial.missing_crops:
             if k < v.num_frames:
                 assert not present[k] and (v.features["video"][k] == 0).all()
@@ -310,7 +311,7 @@ def test_videos_are_aligned_by_true_frame_index(tree, train_videos):
 
 def test_face_row_k_comes_from_crop_k_plus_1(tree, train_videos):
     videos, _ = train_videos
-    model = build_backbone("visual_backbone", TINY_VIDEO, "cpu")
+    model = build_backbone(VisualBackboneSpec.model_validate(TINY_VIDEO), "cpu")
     folder = tree.root / "cropped_aligned" / "vid_b"
     ks = [0, 5, 32, 34, 65]  # 33 has no crop
     faces = read_faces([folder / f"{k + 1:05d}.jpg" for k in ks], 24, 20)
@@ -329,7 +330,7 @@ def test_audio_row_k_is_the_patch_starting_at_k_over_fps(tree, train_videos):
     lm = front(load_audio(tree.root / "raw_videos" / "vid_b.mp4", 16000, "container"))
     ks = torch.tensor([0, 17, 40, 65])
     starts = torch.round(ks.double() * 100 / float(spec.fps)).long()
-    model = build_backbone("audio_backbone", TINY_AUDIO, "cpu")
+    model = build_backbone(AudioBackboneSpec.model_validate(TINY_AUDIO), "cpu")
     with torch.inference_mode():
         expected = model(frame_patches(lm, starts, 96))
     torch.testing.assert_close(videos["vid_b"].features["audio"][ks], expected)
@@ -345,8 +346,8 @@ def test_label_and_frame_counts_that_differ_are_handled_with_a_warning(tree, tra
     b = videos["vid_b"]  # two label rows more than video frames: audio edge-padded, no face
     assert torch.equal(b.features["audio"][66], b.features["audio"][65])
     assert torch.equal(b.features["audio"][67], b.features["audio"][65])
-    assert not b.extras["video_present"][66:].any()
-    assert not b.extras["audio_present"][66:].any()
+    assert not b.present["video"][66:].any()
+    assert not b.present["audio"][66:].any()
     assert videos["vid_c"].features["audio"].shape[0] == 58  # two fewer: cut
 
 
@@ -354,7 +355,7 @@ def test_left_and_right_share_the_media(tree, train_videos):
     videos, _ = train_videos
     left, right = videos["vid_a_left"], videos["vid_a_right"]
     assert torch.equal(left.features["audio"], right.features["audio"])
-    assert not torch.equal(left.extras["video_present"], right.extras["video_present"])
+    assert not torch.equal(left.present["video"], right.present["video"])
     ds = dataset(tree.root)
     shared = tree.root / "raw_videos" / "vid_d.mp4"
     assert ds.media_path("vid_d_right") == ds.media_path("vid_d") == shared
@@ -397,7 +398,7 @@ def test_shipped_affwild2_recipes_validate_with_a_root(tree):
     for path in sorted((REPO / "recipes" / "affwild2").glob("*.yaml")):
         rc = load_recipe(path, [f"data.params.root={tree.root}"])
         assert rc.data.name == "affwild2"
-        assert rc.data.params["audio"]["backbone"]["name"] == "vggish"
+        assert rc.data.params.audio.backbone.name == "vggish"
     with pytest.raises(Exception, match=r"data\.params\.root: required key is missing"):
         load_recipe(REPO / "recipes" / "affwild2" / "tagf.yaml")
     with pytest.raises(Exception, match=r"unknown visual_backbone 'ir5'"):
@@ -436,7 +437,7 @@ def test_features_plugin_reads_arrays_and_labels(tree, tmp_path):
         videos = {v.name: v for v in ds.videos("train")}
     assert any("vid_c.npy (56 rows, 58 frames)" in str(w.message) for w in caught)
     b = videos["vid_b"]
-    assert not b.extras["video_present"][3] and (b.features["video"][3] == 0).all()
+    assert not b.present["video"][3] and (b.features["video"][3] == 0).all()
     assert torch.equal(
         videos["vid_a_left"].features["audio"], videos["vid_a_right"].features["audio"]
     )
@@ -459,7 +460,7 @@ def test_features_plugin_puts_compacted_rows_back_on_their_frames(tree, tmp_path
     )
     v = {v.name: v for v in ds.videos("val")}[trial]
     x = v.features["audio"][:, 0]
-    assert torch.equal(v.extras["audio_present"], torch.from_numpy(lab.mask))
+    assert torch.equal(v.present["audio"], torch.from_numpy(lab.mask))
     assert x[lab.mask].tolist() == list(range(int(lab.mask.sum())))
     assert (x[~torch.from_numpy(lab.mask)] == 0).all()
     np.save(feats / trial / "audio.npy", np.zeros((3, 1), np.float32))

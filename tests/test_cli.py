@@ -59,9 +59,11 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(cli_env, tmp_path):
     if proc.returncode == 0:
         pytest.skip("the run finished before the interrupt arrived")
     assert proc.returncode == 130, err
-    assert "--resume" in err and "Traceback" not in err
+    assert "Traceback" not in err
+    hint = err.strip().splitlines()[-1]  # names the exact run directory, on one line
+    assert hint == f"resume with: fusionkit resume {tmp_path / 'runs' / 'cut'}", err
     assert not (tmp_path / "runs" / "cut" / "metrics.json").exists()
-    res = fk(["run", str(recipe), "output.name=cut", "--resume", "-q"], env, tmp_path)
+    res = fk([*hint.removeprefix("resume with: fusionkit ").split(), "-q"], env, tmp_path)
     assert res.returncode == 0, res.stderr
     a = json.loads((tmp_path / "runs" / "ref" / "metrics.json").read_text())
     b = json.loads((tmp_path / "runs" / "cut" / "metrics.json").read_text())
@@ -104,7 +106,7 @@ def test_run_saves_resolved_recipe_with_overrides(cli_env, tmp_path):
     assert res.returncode == 0, res.stderr
     saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "recipe.yaml").read_text())
     assert saved["training"]["lr"] == 0.002 and saved["training"]["epochs"] == 1
-    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "run.json").read_text())
     assert {"kind": "dataset", "name": "tiny", "distribution": "fk-tiny", "version": "0.3"} in (
         manifest["components"]
     )
@@ -124,8 +126,8 @@ def test_failed_start_leaves_no_empty_run_dir(tmp_path):
 
 
 def test_data_root_shorthand_reaches_dataset_params(tmp_path, registry):
-    from fusionkit.errors import RecipeError
-    from fusionkit.recipe import validate_recipe
+    from fusionkit.core.errors import RecipeError
+    from fusionkit.core.recipe import validate_recipe
 
     raw = tiny_recipe(tmp_path)
     raw["data"]["root"] = "/data"
@@ -135,12 +137,12 @@ def test_data_root_shorthand_reaches_dataset_params(tmp_path, registry):
     raw = {**tiny_recipe(tmp_path), "data": affwild}
     raw["data"].pop("params")
     rc = validate_recipe(raw, "r.yaml", registry)
-    assert rc.data.params["root"] == "/data/aw2"
+    assert str(rc.data.params.root) == "/data/aw2"
 
 
 def test_error_message_keeps_bracketed_text(monkeypatch, capsys):
-    import fusionkit.cli as cli
-    from fusionkit.errors import DataError
+    import fusionkit.cli.root as cli
+    from fusionkit.core.errors import DataError
 
     def boom():
         raise DataError("labels file x.txt: column [arousal] is missing")

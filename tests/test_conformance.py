@@ -13,9 +13,14 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from fusionkit.errors import PluginError
-from fusionkit.interfaces import GateOutput, Video
-from fusionkit.registry import EmptyParams, PluginLoadWarning, load_registry, raise_for_failures
+from fusionkit.core.errors import PluginError
+from fusionkit.core.interfaces import GateOutput, Video
+from fusionkit.core.registry import (
+    EmptyParams,
+    PluginLoadWarning,
+    load_registry,
+    raise_for_failures,
+)
 from fusionkit.testing import (
     ConformanceReport,
     check_component,
@@ -71,7 +76,7 @@ def test_builtin_component_conforms(comp):
     ("kind", "name", "params"),
     [
         ("fusion", "rjca", {"mode": "faithful", "length": 20}),
-        ("fusion", "rjca", {"share_weights": True, "num_steps": 3, "correlation": "mean"}),
+        ("fusion", "rjca", {"share_weights": True, "recursions": 3, "correlation": "mean"}),
         ("encoder", "tcn", {"channels": [8, 16], "batchnorm": False}),
         ("gate", "tagf_temporal", {"source": "mean", "relu": True}),
         ("head", "regression", {"batchnorm": False, "tanh": False}),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from fusionkit.data import window_starts
+from fusionkit.engine.data import window_starts
 from tests.conftest import TinyDataset, TinyParams, tiny_plugin_env, tiny_recipe
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fusionkit.errors import ShapeError
-from fusionkit.registry import get_registry
+from fusionkit.core.errors import ShapeError
+from fusionkit.core.registry import get_registry
 from fusionkit_encoders.tcn import TCNParams
 
 

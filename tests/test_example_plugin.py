@@ -116,7 +116,7 @@ def test_recipe_trains_next_to_builtins_despite_a_broken_plugin(broken_env, tmp_
     assert set(metrics["splits"]) == {"val", "test"}
     used = {
         (c["kind"], c["name"]): c["distribution"]
-        for c in json.loads((run_dir / "manifest.json").read_text())["components"]
+        for c in json.loads((run_dir / "run.json").read_text())["components"]
     }
     assert used[("fusion", "xattn")] == used[("gate", "xattn_gated")] == DIST
     assert used[("encoder", "tcn")] == used[("head", "regression")] == "fusionkit"

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fusionkit.errors import DataError
-from fusionkit.extract import CacheFolder, fingerprint, fingerprint_changed
-from fusionkit.registry import get_registry
+from fusionkit.core.errors import DataError
+from fusionkit.core.registry import get_registry
 from fusionkit_affwild2.backbones import IR50, IR50Params, VGGish
+from fusionkit_affwild2.cache import CacheFolder, fingerprint, fingerprint_changed
 from fusionkit_affwild2.dataset import AffWild2Dataset
 from tests.affwild2_fixture import TINY_AUDIO, shared_tree, tiny_params
 

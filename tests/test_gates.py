@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fusionkit.errors import ShapeError
-from fusionkit.interfaces import GateOutput
-from fusionkit.registry import get_registry
+from fusionkit.core.errors import ShapeError
+from fusionkit.core.interfaces import GateOutput
+from fusionkit.core.registry import get_registry
 
 GATES = ["grjca", "tagf", "tagf_temporal"]
 DIMS = {"video": 16, "audio": 8}

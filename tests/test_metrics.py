@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fusionkit.metrics import ccc, ccc_loss, pcc, regression_metrics, rmse
+from fusionkit.engine.metrics import ccc, ccc_loss, pcc, regression_metrics, rmse
 
 
 def np_ccc(x: np.ndarray, y: np.ndarray) -> float:
-    # Lin (1989) with population moments, written independently of fusionkit.metrics
+    # Lin (1989) with population moments, written independently of fusionkit.engine.metrics
     sxy = np.mean((x - x.mean()) * (y - y.mean()))
     return 2 * sxy / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
 

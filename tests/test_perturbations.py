@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from fusionkit.errors import DataError, RecipeError
-from fusionkit.interfaces import Perturbation, Video
-from fusionkit.perturb import PerturbedDataset, build_perturbation, shift_index
-from fusionkit.recipe import validate_recipe
+from fusionkit.core.errors import DataError, RecipeError
+from fusionkit.core.interfaces import Perturbation, Video
+from fusionkit.core.recipe import PerturbationSpec, validate_recipe
+from fusionkit.core.registry import get_registry
+from fusionkit.engine.perturb import PerturbedDataset, shift_index
+from fusionkit.engine.perturb import build_perturbation as build_spec
 from tests.conftest import TinyDataset, TinyParams, tiny_recipe
 
 # one setting per built-in perturbation that changes a video
@@ -23,6 +25,15 @@ CHANGING = {
     "span_dropout": {"rate": 0.4, "span": 7},
 }
 RANDOM = ["jitter", "frame_drop", "noise", "modality_dropout", "span_dropout"]
+
+
+def build_perturbation(name, params, seed=0, registry=None):
+    """Validate ``{name, params, seed}`` as a recipe would, then build it."""
+    registry = registry or get_registry()
+    spec = PerturbationSpec.model_validate(
+        {"name": name, "params": params, "seed": seed}, context={"registry": registry}
+    )
+    return build_spec(spec, registry)
 
 
 def make_video(name: str, n: int = 200, seed: int = 0) -> Video:
@@ -201,15 +212,16 @@ def test_recipe_perturbations_are_validated(tmp_path, registry):
     assert "training.perturbations.0.name: unknown perturbation 'jiter'" in text
     assert "did you mean 'jitter'" in text
     assert "evaluation.robustness.0.axis: 'shift' has no param 'kk'" in text
-    assert "evaluation.robustness.1.values.1 -> snr_db" in text
+    assert "evaluation.robustness.1.values.1: 'loud' -> snr_db" in text
 
 
 def test_training_perturbations_apply_to_the_train_split_only(tmp_path, registry):
-    from fusionkit.train import Trainer
+    from fusionkit.engine.session import build_session
 
     raw = tiny_recipe(tmp_path)
     raw["training"]["perturbations"] = [{"name": "noise", "params": {"snr_db": 0.0}, "seed": 2}]
-    trainer = Trainer(validate_recipe(raw, "r", registry), tmp_path / "run", registry=registry)
+    session = build_session(validate_recipe(raw, "r", registry), registry)
     clean = TinyDataset(TinyParams())
-    assert not same(trainer.dataset.videos("train"), clean.videos("train"))
-    assert same(trainer.dataset.videos("val"), clean.videos("val"))
+    assert not same(session.train_dataset.videos("train"), clean.videos("train"))
+    assert same(session.train_dataset.videos("val"), clean.videos("val"))
+    assert same(session.dataset.videos("train"), clean.videos("train"))  # evaluation: clean

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fusionkit.errors import PluginError
-from fusionkit.registry import load_registry
+from fusionkit.core.errors import PluginError
+from fusionkit.core.registry import load_registry
 from tests.conftest import make_distribution
 
 BUILTINS = {
@@ -87,23 +87,28 @@ def test_invalid_registration_is_rejected_without_partial_state(tmp_path, monkey
     assert any("did you mean 'fusion'" in str(w.message) for w in caught)
 
 
-def test_duplicate_names_are_an_error_naming_both(tmp_path, monkeypatch):
+def test_duplicate_names_are_an_error_only_where_used_naming_both(tmp_path, monkeypatch):
     make_distribution(
         tmp_path,
         "fk-clash",
         "fk_clash",
         """
-        import fusionkit
+        from fusionkit import plugin
 
-        @fusionkit.hookimpl
+        @plugin.hookimpl
         def fusionkit_register_components(registry):
-            registry.add("fusion", "concat", build=lambda p, **k: None)
+            registry.add("fusion", "concat", build=lambda p, *, in_dims: None)
         """,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    reg = load_registry(strict=False)  # every other component stays usable
+    assert reg.get("fusion", "rjca").name == "rjca"
+    assert reg.clashes() == [("fusion", "concat")]
     with pytest.raises(PluginError) as info:
-        load_registry(strict=False)
-    assert "'fusionkit'" in str(info.value) and "'fk-clash'" in str(info.value)
+        reg.get("fusion", "concat")
+    assert "fusionkit 0.2.0" in str(info.value) and "fk-clash 0.3" in str(info.value)
+    with pytest.raises(PluginError, match="fk-clash"):
+        load_registry(strict=True)
 
 
 def test_unknown_component_lookup_lists_registered():

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fusionkit.cli import app
-from fusionkit.errors import DataError
-from fusionkit.predict import RunPredictions, submission_rows, write_submission
+from fusionkit.core.errors import DataError
+from fusionkit.engine.predict import RunPredictions, submission_rows, write_submission
 from tests.affwild2_fixture import TINY_AUDIO, TINY_VIDEO, shared_tree
 from tests.conftest import REPO
 

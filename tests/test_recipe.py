@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusionkit.errors import RecipeError
-from fusionkit.recipe import apply_overrides, load_recipe, validate_recipe
+from fusionkit.core.errors import RecipeError
+from fusionkit.core.overrides import apply_overrides
+from fusionkit.core.recipe import load_recipe, validate_recipe
 from tests.conftest import REPO, tiny_recipe
 
 
@@ -22,8 +23,8 @@ def problems_of(raw, registry) -> list[str]:
 
 def test_valid_recipe_fills_component_defaults(tmp_path, registry):
     rc = validate_recipe(tiny_recipe(tmp_path), "r.yaml", registry)
-    assert rc.model.head.params["batchnorm"] is True  # default from the plugin's params model
-    assert rc.model.encoders["audio"].params["dim"] == 8
+    assert rc.model.head.params.batchnorm is True  # default from the plugin's params model
+    assert rc.model.encoders["audio"].params.dim == 8
 
 
 def test_typo_in_component_params_names_full_path_and_suggestion(tmp_path, registry):
@@ -128,9 +129,9 @@ def test_shipped_recipes_validate():
 
 
 def test_embedded_default_recipe_is_the_quickstart():
-    from fusionkit.recipe import default_recipe_path
-
-    assert default_recipe_path().read_text() == (REPO / "recipes" / "quickstart.yaml").read_text()
+    default = load_recipe(None)
+    shipped = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert default.model_dump() == shipped.model_dump()
 
 
 def test_cli_prints_one_clear_line_without_traceback(tmp_path):
@@ -160,4 +161,4 @@ def test_empty_params_blocks_read_as_defaults(tmp_path, registry):
     raw["model"]["head"]["params"] = None
     raw["data"]["params"] = None
     rc = validate_recipe(raw, "r.yaml", registry)
-    assert rc.model.head.params["hidden"] == 256 and rc.data.params["seed"] == 0
+    assert rc.model.head.params.hidden == 256 and rc.data.params.seed == 0

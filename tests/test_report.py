@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fusionkit.errors import FusionkitError
-from fusionkit.metrics import ccc
-from fusionkit.recipe import validate_recipe
-from fusionkit.report import build_report, write_report
-from fusionkit.stats import (
+from fusionkit.core.errors import FusionkitError
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.engine.metrics import ccc
+from fusionkit.studies.grid import run_grid
+from fusionkit.studies.report import build_report, write_report
+from fusionkit.studies.stats import (
     auc_normalised,
     bootstrap_deltas,
     ccc_from_sums,
@@ -23,7 +24,6 @@ from fusionkit.stats import (
     resample_counts,
     video_sums,
 )
-from fusionkit.sweep import run_grid
 from tests.conftest import tiny_recipe
 
 # ------------------------------------------------------------------------------- statistics
@@ -127,7 +127,7 @@ def test_auc_is_the_trapezoid_over_the_normalised_axis():
 def grid(tmp_path_factory, registry):
     tmp = tmp_path_factory.mktemp("report")
     raw = tiny_recipe(tmp, epochs=2)
-    raw["model"]["fusion"] = {"name": "rjca", "params": {"num_steps": 2}}
+    raw["model"]["fusion"] = {"name": "rjca", "params": {"recursions": 2}}
     raw["model"]["gate"] = {"name": "grjca"}
     raw["variants"] = {
         "concat": {"model.fusion": {"name": "concat"}, "model.gate.name": "last"},

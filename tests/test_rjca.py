@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from fusionkit.errors import ShapeError
-from fusionkit.registry import get_registry
+from fusionkit.core.errors import ShapeError
+from fusionkit.core.registry import get_registry
 from fusionkit_rjca.fusion import RJCAFusion, RJCAParams
 
 DV, DA = 24, 12  # small video / audio dims for fast tests
@@ -46,7 +46,7 @@ def test_params_are_strict_and_documented() -> None:
     for name, field in RJCAParams.model_fields.items():
         assert field.description, name
     p = RJCAParams()
-    assert (p.mode, p.num_steps, p.share_weights, p.normalize, p.dropout) == (
+    assert (p.mode, p.recursions, p.share_weights, p.normalize, p.dropout) == (
         "agnostic",
         2,
         False,
@@ -56,7 +56,7 @@ def test_params_are_strict_and_documented() -> None:
 
 
 def test_attributes() -> None:
-    fus = _build(num_steps=3)
+    fus = _build(recursions=3)
     assert fus.out_dims == {"video": DV, "audio": DA}
     assert fus.num_steps == 4 and fus.fixed_length is None
     faithful = _build(mode="faithful", length=40)
@@ -81,7 +81,7 @@ def test_modality_names_must_match_joint_order() -> None:
 
 def test_forward_shape_errors_name_shapes() -> None:
     fus = _build()
-    with pytest.raises(ShapeError, match=r"\(B, T, 12\).*\(2, 5, 13\)"):
+    with pytest.raises(ShapeError, match=r"\(B, T, D=12\).*\(2, 5, 13\)"):
         fus({"video": torch.randn(2, 5, DV), "audio": torch.randn(2, 5, 13)}, _mask([5, 5], 5))
     with pytest.raises(ShapeError, match="mask"):
         fus(_feats(2, 5), _mask([5, 5], 6))
@@ -93,7 +93,7 @@ def test_forward_shape_errors_name_shapes() -> None:
 @pytest.mark.parametrize(("b", "t"), [(1, 1), (2, 1), (3, 7), (2, 33)])
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_shapes_agnostic(b: int, t: int, steps: int) -> None:
-    fus = _build(num_steps=steps)
+    fus = _build(recursions=steps)
     out = fus(_feats(b, t), _mask([t] * b, t))
     assert set(out) == {"video", "audio"}
     assert out["video"].shape == (b, t, steps + 1, DV)
@@ -130,7 +130,7 @@ def test_bf16_autocast_cpu(mode: str, t: int) -> None:
     [
         {},
         {"mode": "faithful", "length": 16},
-        {"share_weights": True, "num_steps": 3},
+        {"share_weights": True, "recursions": 3},
         {"normalize": False, "correlation": "mean", "init": "torch"},
     ],
 )
@@ -189,7 +189,7 @@ def test_steps_match_the_equations(mode: str) -> None:
 
 
 def test_shared_weights_apply_the_same_step() -> None:
-    fus = _build(share_weights=True, num_steps=3).eval()
+    fus = _build(share_weights=True, recursions=3).eval()
     assert len(fus.steps) == 1
     feats = _feats(2, 10)
     out = fus(feats, _mask([10, 10], 10))
@@ -200,7 +200,7 @@ def test_shared_weights_apply_the_same_step() -> None:
 
 
 def test_separate_weights_are_separate() -> None:
-    fus = _build(num_steps=2)
+    fus = _build(recursions=2)
     assert fus.steps[0].query.weight.data_ptr() != fus.steps[1].query.weight.data_ptr()
     assert not torch.equal(fus.steps[0].query.weight, fus.steps[1].query.weight)
 
@@ -225,7 +225,7 @@ def test_faithful_parameter_count_matches_the_released_equations() -> None:
     )
     expected = steps * per_step
     assert expected == 1_117_168
-    fus = _build({"video": dv, "audio": da}, mode="faithful", length=length, num_steps=steps)
+    fus = _build({"video": dv, "audio": da}, mode="faithful", length=length, recursions=steps)
     assert sum(p.numel() for p in fus.parameters()) == expected
     # the released module structure: one query, two time-axis keys, two values, two outputs
     linears = [m for m in fus.modules() if isinstance(m, torch.nn.Linear)]

@@ -8,18 +8,18 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import fusionkit.registry as fk_registry
-from fusionkit.recipe import RobustnessSpec, validate_recipe
-from fusionkit.robustness import (
-    load_trained,
+import fusionkit.core.registry as fk_registry
+from fusionkit.core.recipe import RobustnessSpec, validate_recipe
+from fusionkit.engine.runs import RunDir
+from fusionkit.engine.session import load_run
+from fusionkit.engine.train import Trainer
+from fusionkit.studies.grid import train_and_evaluate
+from fusionkit.studies.robustness import (
     missing_values,
-    resolve_spec,
     robustness_complete,
     run_recipe_robustness,
     run_sweep,
 )
-from fusionkit.runs import prepare_run_dir
-from fusionkit.train import Trainer
 from tests.conftest import make_registry, tiny_recipe
 
 SHIFT = {"name": "shift", "perturbation": "shift", "params": {"modality": "audio"}, "axis": "k"}
@@ -31,9 +31,18 @@ def train(tmp_path, registry, robustness=None, name="run"):
     if robustness:
         raw["evaluation"]["robustness"] = robustness
     rc = validate_recipe(raw, "r", registry)
-    run_dir = prepare_run_dir(rc, registry=registry)
-    Trainer(rc, run_dir, registry=registry).fit()
-    return run_dir
+    with RunDir.create(rc, registry) as run:
+        train_and_evaluate(rc, run, resume=False, registry=registry)
+    return run.path
+
+
+def sweep_spec(registry, **raw):
+    return RobustnessSpec.model_validate(raw, context={"registry": registry})
+
+
+def robustness(run_dir, specs, registry, **kw):
+    with RunDir.open(run_dir) as run:
+        return run_recipe_robustness(run, specs, registry=registry, **kw)
 
 
 def sha(path):
@@ -64,15 +73,13 @@ def test_new_sweep_reuses_the_checkpoint_and_skips_computed_values(trained, regi
     before = {f: sha(trained / f) for f in ("model.safetensors", "state.safetensors")}
     metrics_before = (trained / "metrics.json").read_text()
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("retrained"))
-    spec = resolve_spec(
-        RobustnessSpec(perturbation="noise", axis="snr_db", values=[10, 0]), registry
-    )
+    spec = sweep_spec(registry, perturbation="noise", axis="snr_db", values=[10, 0])
     calls = []
-    run_recipe_robustness(trained, [spec], registry, on_value=lambda *a: calls.append(a[:2]))
+    robustness(trained, [spec], registry, on_value=lambda *a: calls.append(a[:2]))
     assert calls == [("test", 10), ("test", 0)]
     calls.clear()
-    bigger = spec.model_copy(update={"values": [10, 0, -5]})
-    run_recipe_robustness(trained, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
+    bigger = sweep_spec(registry, perturbation="noise", axis="snr_db", values=[10, 0, -5])
+    robustness(trained, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
     assert calls == [("test", -5)]  # only the new value is computed
     assert {f: sha(trained / f) for f in before} == before
     assert (trained / "metrics.json").read_text() == metrics_before
@@ -80,37 +87,35 @@ def test_new_sweep_reuses_the_checkpoint_and_skips_computed_values(trained, regi
 
 def test_interrupted_sweep_resumes(tmp_path, registry):
     run_dir = train(tmp_path, registry)
-    spec = resolve_spec(RobustnessSpec(**SHIFT, values=[-4, 0, 4, 8]), registry)
-    trainer = load_trained(run_dir, registry)
+    spec = sweep_spec(registry, **SHIFT, values=[-4, 0, 4, 8])
+    loaded = load_run(run_dir, registry=registry)
 
     def stop_after_two(split, value, metrics):
         if value == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(trainer, spec, on_value=stop_after_two)
+        run_sweep(loaded.session, loaded.run_dir, spec, on_value=stop_after_two)
     assert missing_values(run_dir, spec) == [("test", 4), ("test", 8)]
     seen = []
-    run_sweep(trainer, spec, on_value=lambda s, v, m: seen.append(v))
+    run_sweep(loaded.session, loaded.run_dir, spec, on_value=lambda s, v, m: seen.append(v))
     assert seen == [4, 8] and not missing_values(run_dir, spec)
 
 
 def test_results_are_deterministic_and_invalidated_by_a_new_checkpoint(tmp_path, registry):
-    spec = resolve_spec(
-        RobustnessSpec(perturbation="jitter", axis="max_k", values=[10], seed=3), registry
-    )
+    spec = sweep_spec(registry, perturbation="jitter", axis="max_k", values=[10], seed=3)
     a, b = train(tmp_path, registry, name="a"), train(tmp_path, registry, name="b")
-    ra = run_recipe_robustness(a, [spec], registry)[0]["results"]["test"]["10"]["metrics"]
-    rb = run_recipe_robustness(b, [spec], registry)[0]["results"]["test"]["10"]["metrics"]
+    ra = robustness(a, [spec], registry)[0]["results"]["test"]["10"]["metrics"]
+    rb = robustness(b, [spec], registry)[0]["results"]["test"]["10"]["metrics"]
     assert ra == rb  # same checkpoint recipe and seed -> same perturbed metrics
-    other = spec.model_copy(update={"seed": 4})
+    other = sweep_spec(registry, perturbation="jitter", axis="max_k", values=[10], seed=4)
     assert missing_values(a, other) == [("test", 10)]  # another seed is another sweep
     (a / "model.safetensors").write_bytes((b / "state.safetensors").read_bytes())
     assert missing_values(a, spec) == [("test", 10)]  # the checkpoint changed: recompute
 
 
 def test_grid_point_with_missing_robustness_only_evaluates(tmp_path, registry, monkeypatch):
-    from fusionkit.sweep import run_grid
+    from fusionkit.studies.grid import run_grid
 
     raw = tiny_recipe(tmp_path, epochs=1)
     raw["sweep"] = {"training.seed": [0]}
@@ -132,7 +137,7 @@ def test_grid_point_with_missing_robustness_only_evaluates(tmp_path, registry, m
     raw["evaluation"]["robustness"][0]["values"] = [0, 5, 9]
     record = run_grid(validate_recipe(raw, "g", registry), registry=registry)
     assert record["runs"]["seed-0"]["status"] == "failed"
-    assert "training.lr differ" in record["runs"]["seed-0"]["error"]
+    assert "training.lr: run has 0.003, now 0.5" in record["runs"]["seed-0"]["error"]
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 import yaml
 
-from fusionkit.registry import get_registry
-from fusionkit.schema import recipe_json_schema
+from fusionkit.core.registry import get_registry
+from fusionkit.core.schema import recipe_json_schema
 from tests.conftest import REPO
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionkit.errors import ShapeError
-from fusionkit.model import build_model
-from fusionkit.recipe import validate_recipe
-from fusionkit.streaming import StreamingPredictor
+from fusionkit.core.errors import ShapeError
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.engine.model import build_model
+from fusionkit.engine.streaming import StreamingPredictor
 from tests.conftest import tiny_recipe
 
 DIMS = {"audio": 6, "video": 5}
@@ -54,7 +54,7 @@ def test_attention_model_streams_its_trailing_window(tmp_path, registry, gate, l
     model = model_for(
         tmp_path,
         registry,
-        fusion={"name": "rjca", "params": {"num_steps": 2}},
+        fusion={"name": "rjca", "params": {"recursions": 2}},
         gate={"name": gate},
     )
     n, c = 40, 16

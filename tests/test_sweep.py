@@ -7,10 +7,10 @@ import statistics
 
 import pytest
 
-from fusionkit.errors import RecipeError
-from fusionkit.recipe import validate_recipe
-from fusionkit.report import collect_runs, markdown_table, summarize
-from fusionkit.sweep import expand_grid, point_tag, run_grid
+from fusionkit.core.errors import RecipeError
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.studies.grid import expand_grid, point_tag, run_grid
+from fusionkit.studies.report import collect_runs, markdown_table, summarize
 from tests.conftest import tiny_recipe
 
 
@@ -48,20 +48,20 @@ def test_point_tag_sanitises_values():
 
 
 def test_interrupted_grid_resumes_and_skips_finished_runs(tmp_path, registry, monkeypatch):
-    import fusionkit.sweep as sweep
+    import fusionkit.studies.grid as sweep
 
     rc = grid_recipe(tmp_path, registry, {"training.seed": [0, 1, 2]})
     calls = []
     interrupt_at = {"seed-1"}
     real = sweep._run_point
 
-    def flaky(recipe_json, threads, registry=None):
-        name = recipe_json["output"]["name"]
+    def flaky(recipe, threads, registry=None):
+        name = recipe.output.name
         calls.append(name)
         if name in interrupt_at:
             interrupt_at.clear()
             raise KeyboardInterrupt
-        return real(recipe_json, threads, registry)
+        return real(recipe, threads, registry)
 
     monkeypatch.setattr(sweep, "_run_point", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -74,15 +74,15 @@ def test_interrupted_grid_resumes_and_skips_finished_runs(tmp_path, registry, mo
 
 
 def test_failed_run_is_recorded_and_others_continue(tmp_path, registry, monkeypatch):
-    import fusionkit.sweep as sweep
+    import fusionkit.studies.grid as sweep
 
     rc = grid_recipe(tmp_path, registry, {"training.seed": [0, 1]})
     real = sweep._run_point
 
-    def boom(recipe_json, threads, registry=None):
-        if recipe_json["training"]["seed"] == 0:
+    def boom(recipe, threads, registry=None):
+        if recipe.training.seed == 0:
             raise RuntimeError("out of memory (simulated)")
-        return real(recipe_json, threads, registry)
+        return real(recipe, threads, registry)
 
     monkeypatch.setattr(sweep, "_run_point", boom)
     record = run_grid(rc, registry=registry)
@@ -117,7 +117,7 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path, registry):
 
 def variant_recipe(tmp_path, registry, variants, sweep=None, **model):
     raw = tiny_recipe(tmp_path, epochs=1)
-    raw["model"]["fusion"] = {"name": "rjca", "params": {"num_steps": 2}}
+    raw["model"]["fusion"] = {"name": "rjca", "params": {"recursions": 2}}
     raw["model"]["gate"] = {"name": "tagf", "params": {"temperature": 0.5}}
     raw["model"].update(model)
     raw["variants"] = variants
@@ -131,7 +131,7 @@ def test_variants_change_several_fields_together_crossed_with_the_sweep(tmp_path
         registry,
         {
             "concat": {"model.fusion": {"name": "concat"}, "model.gate.name": "last"},
-            "rjca": {"model.gate.name": "last", "model.fusion.params.num_steps": 1},
+            "rjca": {"model.gate.name": "last", "model.fusion.params.recursions": 1},
             "tagf_temporal": {"model.gate": {"name": "tagf_temporal", "params": {"hidden": 8}}},
         },
         {"training.seed": [0, 1]},
@@ -147,10 +147,10 @@ def test_variants_change_several_fields_together_crossed_with_the_sweep(tmp_path
     ]
     by = {p.tag: p.recipe.model for p in points}
     assert (by["concat_seed-1"].fusion.name, by["concat_seed-1"].gate.name) == ("concat", "last")
-    assert "num_steps" not in by["concat_seed-1"].fusion.params  # rjca params dropped
+    assert "recursions" not in by["concat_seed-1"].fusion.params.model_dump()  # rjca's dropped
     assert (by["rjca_seed-0"].fusion.name, by["rjca_seed-0"].gate.name) == ("rjca", "last")
-    assert by["rjca_seed-0"].fusion.params["num_steps"] == 1
-    assert by["tagf_temporal_seed-0"].gate.params["hidden"] == 8
+    assert by["rjca_seed-0"].fusion.params.recursions == 1
+    assert by["tagf_temporal_seed-0"].gate.params.hidden == 8
     assert [p.values for p in points[:2]] == [
         {"variant": "concat", "training.seed": 0},
         {"variant": "concat", "training.seed": 1},
@@ -164,16 +164,16 @@ def test_changing_a_component_name_drops_the_old_params(tmp_path, registry):
         p.recipe.model.gate.name: p.recipe.model.gate.params
         for p in expand_grid(rc, registry=registry)
     }
-    assert gates["last"] == {}
-    assert gates["grjca"]["temperature"] == 0.1  # grjca's default, not tagf's 0.5
-    assert gates["tagf"]["temperature"] == 0.5  # same component: params kept
+    assert gates["last"].model_dump() == {}
+    assert gates["grjca"].temperature == 0.1  # grjca's default, not tagf's 0.5
+    assert gates["tagf"].temperature == 0.5  # same component: params kept
     rc = variant_recipe(
         tmp_path,
         registry,
         {"g": {"model.gate.params.temperature": 2.0, "model.gate.name": "grjca"}},
     )
     (point,) = expand_grid(rc, registry=registry)
-    assert point.recipe.model.gate.params["temperature"] == 2.0  # set next to the name: kept
+    assert point.recipe.model.gate.params.temperature == 2.0  # set next to the name: kept
 
 
 def test_variant_mistakes_are_reported_before_any_run(tmp_path, registry):

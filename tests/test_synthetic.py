@@ -7,9 +7,9 @@ import pydantic
 import pytest
 import torch
 
-from fusionkit.errors import DataError
-from fusionkit.interfaces import Dataset, Video
-from fusionkit.registry import get_registry
+from fusionkit.core.errors import DataError
+from fusionkit.core.interfaces import Dataset, Video
+from fusionkit.core.registry import get_registry
 from fusionkit_synthetic import SyntheticDataset, SyntheticParams, build
 
 SMALL = {"num_train": 6, "num_val": 3, "num_test": 3, "min_frames": 150, "max_frames": 300}
@@ -138,9 +138,9 @@ def test_labels_bounded_and_valence_skewed_positive() -> None:
     assert labels.std(0).min() > 0.1  # not degenerate
     assert labels[:, 0].mean() > 0.0  # Aff-Wild2-like positive valence bias
     assert labels[:, 1].median() > 0.0  # arousal mostly positive
-    for v in ds.videos("val"):
-        assert v.extras["latent"].abs().max() <= 1.0
-        assert v.extras["speech"].min() >= 0.0 and v.extras["speech"].max() <= 1.0
+    for info in ds.info("val"):
+        assert info.latent.abs().max() <= 1.0
+        assert info.speech.min() >= 0.0 and info.speech.max() <= 1.0
     for v in ds.videos("train"):
         # smooth: frame-to-frame steps are small compared with the range
         assert (v.labels[1:] - v.labels[:-1]).abs().max() < 0.1
@@ -151,9 +151,9 @@ def test_unlabeled_rate_masks_runs() -> None:
     videos = ds.videos("train")
     masks = torch.cat([v.label_mask for v in videos])
     assert 0.03 < (~masks).float().mean() < 0.2
-    for v in videos:
+    for v, info in zip(videos, ds.info("train"), strict=True):
         assert torch.all(v.labels[~v.label_mask] == 0)
-        assert torch.equal(v.labels[v.label_mask], v.extras["latent"][v.label_mask])
+        assert torch.equal(v.labels[v.label_mask], info.latent[v.label_mask])
     clean = make(unlabeled_rate=0.0)
     assert all(bool(v.label_mask.all()) for s in clean.splits() for v in clean.videos(s))
 

@@ -7,20 +7,29 @@ import json
 import pytest
 import torch
 
-from fusionkit.checkpoint import load_weights
-from fusionkit.data import FrameStore, window_starts
-from fusionkit.errors import CheckpointError, RecipeError
-from fusionkit.evaluate import predict
-from fusionkit.recipe import validate_recipe
-from fusionkit.runs import prepare_run_dir
-from fusionkit.train import BEST_FILE, METRICS_FILE, STATE_FILE, Trainer
+from fusionkit.core.errors import CheckpointError
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.engine.checkpoint import load_weights
+from fusionkit.engine.data import FrameStore, window_starts
+from fusionkit.engine.evaluate import evaluate_splits, predict
+from fusionkit.engine.runs import BEST_FILE, METRICS_FILE, STATE_FILE, RunDir
+from fusionkit.engine.session import build_session, load_run
+from fusionkit.engine.train import Trainer
 from tests.conftest import TinyDataset, TinyParams, tiny_recipe
 
 
 def train(tmp_path, registry, resume=False, run_dir=None, hook=None, **training):
     rc = validate_recipe(tiny_recipe(tmp_path, **training), "tiny", registry)
-    run_dir = run_dir or prepare_run_dir(rc, registry=registry)
-    return Trainer(rc, run_dir, registry=registry, on_epoch_end=hook).fit(resume=resume), run_dir
+    run = run_dir or RunDir.create(rc, registry)
+    session = build_session(rc, registry)
+    result = Trainer(session, run, on_epoch_end=hook).fit(resume=resume)
+    run.unlock()
+    return result, run.path
+
+
+def session_of(tmp_path, registry, raw=None):
+    rc = validate_recipe(raw or tiny_recipe(tmp_path), "tiny", registry)
+    return build_session(rc, registry)
 
 
 @pytest.mark.parametrize(
@@ -50,8 +59,7 @@ def test_frame_store_pads_and_masks():
 
 def test_prediction_averages_overlapping_windows(tmp_path, registry):
     """Frame predictions equal the mean over all windows that contain the frame."""
-    rc = validate_recipe(tiny_recipe(tmp_path), "tiny", registry)
-    tr = Trainer(rc, tmp_path / "r", registry=registry)
+    tr = session_of(tmp_path, registry)
     videos = tr.dataset.videos("val")[:1]
     store = FrameStore(videos, ["audio", "video"], [0, 1], window=64, hop=48)
     got = predict(tr.model, store, batch_size=3).pred
@@ -74,7 +82,8 @@ def test_training_improves_and_writes_run_dir(tmp_path, registry):
         BEST_FILE,
         METRICS_FILE,
         "recipe.yaml",
-        "manifest.json",
+        "run.json",
+        "history.csv",
         "predictions/val.safetensors",
     ):
         assert (run_dir / name).is_file(), name
@@ -94,38 +103,38 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path, registry):
             raise KeyboardInterrupt
 
     rc = validate_recipe(tiny_recipe(tmp_path / "b", epochs=5), "tiny", registry)
-    run_dir = prepare_run_dir(rc, registry=registry)
+    run = RunDir.create(rc, registry)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(rc, run_dir, registry=registry, on_epoch_end=interrupt).fit()
-    assert not (run_dir / METRICS_FILE).exists()
-    resumed = Trainer(rc, prepare_run_dir(rc, resume=True, registry=registry), registry=registry)
-    out = resumed.fit(resume=True)
+        Trainer(build_session(rc, registry), run, on_epoch_end=interrupt).fit()
+    run.unlock()
+    assert not (run / METRICS_FILE).exists()
+    again = RunDir.open(run.path).lock()
+    again.check_same_training(rc, registry)
+    out = Trainer(build_session(rc, registry), again).fit(resume=True)
     assert out.metrics == full.metrics
     assert [h["train_loss"] for h in out.history] == [h["train_loss"] for h in full.history]
 
 
 def test_resume_refuses_a_different_recipe(tmp_path, registry):
     rc = validate_recipe(tiny_recipe(tmp_path, epochs=1), "tiny", registry)
-    prepare_run_dir(rc, registry=registry)
+    run = RunDir.create(rc, registry)
     other = validate_recipe(tiny_recipe(tmp_path, epochs=1, lr=0.5), "tiny", registry)
-    with pytest.raises(RecipeError, match=r"training\.lr"):
-        prepare_run_dir(other, resume=True, registry=registry)
+    with pytest.raises(CheckpointError, match=r"training\.lr"):
+        RunDir.open(run.path).check_same_training(other, registry)
 
 
 def test_new_run_never_overwrites_existing(tmp_path, registry):
     rc = validate_recipe(tiny_recipe(tmp_path), "tiny", registry)
-    first = prepare_run_dir(rc, registry=registry)
+    first = RunDir.create(rc, registry).path
     (first / "keep.txt").write_text("x")
-    second = prepare_run_dir(rc, registry=registry)
+    second = RunDir.create(rc, registry).path
     assert second != first and (first / "keep.txt").read_text() == "x"
 
 
 def test_reloaded_weights_reproduce_metrics_exactly(tmp_path, registry):
     result, run_dir = train(tmp_path, registry, epochs=3)
-    rc = validate_recipe(tiny_recipe(tmp_path, epochs=3), "tiny", registry)
-    fresh = Trainer(rc, run_dir, registry=registry)
-    load_weights(run_dir / BEST_FILE, fresh.model)
-    again, _ = fresh.evaluate_splits()
+    loaded = load_run(run_dir, registry=registry)
+    again, _, _ = evaluate_splits(loaded.session, ["val", "test"])
     assert again == result.metrics
 
 
@@ -140,9 +149,8 @@ def test_seeded_runs_are_identical_and_seed_matters(tmp_path, registry):
 def test_corrupt_checkpoint_is_named(tmp_path, registry):
     _result, run_dir = train(tmp_path, registry, epochs=1)
     (run_dir / BEST_FILE).write_bytes(b"not a safetensors file")
-    rc = validate_recipe(tiny_recipe(tmp_path, epochs=1), "tiny", registry)
     with pytest.raises(CheckpointError, match=BEST_FILE):
-        load_weights(run_dir / BEST_FILE, Trainer(rc, run_dir, registry=registry).model)
+        load_weights(run_dir / BEST_FILE, session_of(tmp_path, registry).model)
 
 
 @pytest.mark.parametrize(
@@ -157,8 +165,7 @@ def test_padding_content_does_not_change_predictions(tmp_path, registry, model):
     for components that attend across time (RJCA's correlation, a BiLSTM over time)."""
     raw = tiny_recipe(tmp_path)
     raw["model"].update(model)
-    rc = validate_recipe(raw, "tiny", registry)
-    tr = Trainer(rc, tmp_path / "r", registry=registry)
+    tr = session_of(tmp_path, registry, raw)
     tr.model.eval()
     videos = tr.dataset.videos("val")[:2]
     store = FrameStore(videos, ["audio", "video"], [0, 1], window=500, hop=400)
@@ -187,18 +194,20 @@ def test_resume_accepts_a_saved_recipe_lacking_newer_default_fields(tmp_path, re
     import yaml
 
     rc = validate_recipe(tiny_recipe(tmp_path, epochs=1), "tiny", registry)
-    run_dir = prepare_run_dir(rc, registry=registry)
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    run = RunDir.create(rc, registry)
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
     del saved["evaluation"]["save_predictions"]  # as if written by an older fusionkit
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved))
-    assert prepare_run_dir(rc, resume=True, registry=registry) == run_dir
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    again = RunDir.open(run.path)
+    again.check_same_training(again.recipe(registry), registry)  # the same training: resumable
+    again.check_same_training(rc, registry)
 
 
 def test_weights_of_another_architecture_are_named_precisely(tmp_path, registry):
     _, run_dir = train(tmp_path, registry, epochs=1)
     raw = tiny_recipe(tmp_path)
     raw["model"]["head"]["params"]["hidden"] = 16
-    other = Trainer(validate_recipe(raw, "tiny", registry), tmp_path / "o", registry=registry)
+    other = session_of(tmp_path, registry, raw)
     with pytest.raises(
         CheckpointError, match=r"shape mismatch head\.bn\.bias: file \(8,\) vs model \(16,\)"
     ):
@@ -226,8 +235,10 @@ def _padded_trainer(tmp_path, registry, model, **training):
     )
     raw["data"].update(window=500, hop=400)  # longer than every video: padded windows
     rc = validate_recipe(raw, "tiny", registry)
-    tr = Trainer(rc, tmp_path / "r", registry=registry)
-    store = FrameStore(tr.dataset.videos("train"), ["audio", "video"], [0, 1], 500, 400, tr.device)
+    tr = Trainer(build_session(rc, registry), RunDir(tmp_path / "r"))
+    store = FrameStore(
+        tr.session.dataset.videos("train"), ["audio", "video"], [0, 1], 500, 400, tr.device
+    )
     windows = torch.arange(4, device=tr.device)
     assert store.batch(windows).mask.logical_not().any()  # the batch does contain padding
     tr.model.train()

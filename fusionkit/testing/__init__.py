@@ -71,7 +71,7 @@ from fusionkit.testing._report import (
 from fusionkit.testing._sync import SYNC_OPS, host_syncs
 
 if TYPE_CHECKING:
-    from fusionkit.registry import Registry
+    from fusionkit.core.registry import Registry
 
 __all__ = [
     "CHECKS",
@@ -118,7 +118,7 @@ def check_component(
         name: its registered name.
         params: its params (a mapping validated by its params model, or an instance);
             default: the params model's defaults.
-        registry: a :class:`fusionkit.registry.Registry` (default: the installed plugins).
+        registry: a :class:`fusionkit.core.registry.Registry` (default: the installed plugins).
         skip: check ids to skip.
         seed: torch seed.
         **dims: forwarded to the kind's ``check_*`` function (``in_dims=``, ``num_steps=``, ...).
@@ -131,7 +131,7 @@ def check_component(
         >>> report.ok, report.kind
         (True, 'fusion')
     """
-    from fusionkit.registry import get_registry
+    from fusionkit.core.registry import get_registry
 
     registry = registry or get_registry()
     comp = registry.get(kind, name)
@@ -161,7 +161,7 @@ def check_registry(
     skip: Iterable[str] = (),
 ) -> list[ConformanceReport]:
     """Check every registered component (optionally of some kinds or one distribution)."""
-    from fusionkit.registry import get_registry
+    from fusionkit.core.registry import get_registry
 
     registry = registry or get_registry()
     wanted = set(kinds) if kinds is not None else None

@@ -322,7 +322,7 @@ class ModuleChecks:
                     )
 
     def safetensors(self) -> None:
-        from fusionkit.checkpoint import load_weights, save_weights
+        from fusionkit.engine.checkpoint import load_weights, save_weights
 
         module = self.module
         assert module is not None

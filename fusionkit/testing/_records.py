@@ -10,8 +10,8 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from fusionkit.errors import DataError
-from fusionkit.interfaces import Video
+from fusionkit.core.errors import DataError
+from fusionkit.core.interfaces import Video
 from fusionkit.testing._params import params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, Runner, Violation
 from fusionkit.testing._util import axes, seeded, shape_of
@@ -123,7 +123,7 @@ class DatasetChecks:
         except Exception as exc:
             raise Violation(
                 f"videos({probe!r}) raised {type(exc).__name__}; an unknown split must raise "
-                "fusionkit.errors.DataError naming the splits"
+                "fusionkit.core.errors.DataError naming the splits"
             ) from None
         raise Violation(f"videos({probe!r}) returned; an unknown split must raise DataError")
 

@@ -16,19 +16,22 @@ arcface IR backbones (a ``module.`` prefix is stripped).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from fusionkit.checkpoint import state_dict_mismatch
-from fusionkit.errors import DataError
+from fusionkit.plugin import ComponentSpec, DataError, Kind, Params, register, state_dict_mismatch
 
 __all__ = [
     "IR50",
+    "KINDS",
+    "AudioBackbone",
+    "AudioBackboneSpec",
     "AudioCNN",
     "AudioCNNParams",
     "FaceCNN",
@@ -36,13 +39,73 @@ __all__ = [
     "IR50Params",
     "VGGish",
     "VGGishParams",
+    "VisualBackbone",
+    "VisualBackboneSpec",
     "load_backbone_weights",
 ]
 
 
-class _WeightsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@runtime_checkable
+class AudioBackbone(Protocol):
+    """``(B, patch_frames, n_mels)`` log-mel patches -> ``(B, out_dim)``."""
 
+    out_dim: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class VisualBackbone(Protocol):
+    """``(B, 3, input_size, input_size)`` faces in ``[-1, 1]`` -> ``(B, out_dim)``."""
+
+    out_dim: int
+    input_size: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+class AudioBackboneBuild(Protocol):
+    def __call__(self, params: BaseModel) -> AudioBackbone: ...
+
+
+class VisualBackboneBuild(Protocol):
+    def __call__(self, params: BaseModel) -> VisualBackbone: ...
+
+
+#: The kinds this plugin declares: feature extractors run by ``fusionkit extract``.
+KINDS = (
+    Kind(
+        "audio_backbone",
+        AudioBackboneBuild,
+        AudioBackbone,
+        module=True,
+        summary="log-mel patch -> embedding (feature extraction)",
+        distribution="fusionkit",
+    ),
+    Kind(
+        "visual_backbone",
+        VisualBackboneBuild,
+        VisualBackbone,
+        module=True,
+        summary="face crop -> embedding (feature extraction)",
+        distribution="fusionkit",
+    ),
+)
+
+
+class AudioBackboneSpec(ComponentSpec):
+    """An ``audio_backbone`` chosen in a dataset's params (``name`` + ``params``)."""
+
+    kind: ClassVar[str] = "audio_backbone"
+
+
+class VisualBackboneSpec(ComponentSpec):
+    """A ``visual_backbone`` chosen in a dataset's params (``name`` + ``params``)."""
+
+    kind: ClassVar[str] = "visual_backbone"
+
+
+class _WeightsParams(Params):
     weights: Path | None = Field(
         None, description="safetensors file with the backbone's weights (default: random init)"
     )
@@ -276,19 +339,27 @@ def _make(factory, params: _WeightsParams) -> nn.Module:
     return module.eval()
 
 
+@register("audio_backbone", "vggish")
 def build_vggish(params: VGGishParams) -> VGGish:
+    """VGGish CNN: 96x64 log-mel patch -> 128-d (as released; random or safetensors)."""
     return _make(lambda: VGGish(params.final_relu), params)
 
 
+@register("audio_backbone", "audio_cnn")
 def build_audio_cnn(params: AudioCNNParams) -> AudioCNN:
+    """Light conv net on log-mel patches (any patch size)."""
     return _make(lambda: AudioCNN(params), params)
 
 
+@register("visual_backbone", "ir50")
 def build_ir50(params: IR50Params) -> IR50:
+    """IR-ResNet-50, strides 1,2,2,2, 40x40 faces -> 512-d L2-normalised (as released)."""
     return _make(lambda: IR50(params), params)
 
 
+@register("visual_backbone", "face_cnn")
 def build_face_cnn(params: FaceCNNParams) -> FaceCNN:
+    """Light conv net on face crops."""
     return _make(lambda: FaceCNN(params), params)
 
 

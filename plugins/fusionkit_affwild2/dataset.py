@@ -6,9 +6,9 @@ container) and feature row ``k`` all belong to frame ``k``. Rows marked ``-5`` s
 with ``label_mask`` False; time is never compacted.
 
 Features come from the caches ``fusionkit extract`` writes; :meth:`AffWild2Dataset.videos`
-only reads them. Each :class:`~fusionkit.interfaces.Video` has ``features`` ``audio`` and
-``video``, and ``extras`` ``audio_present`` / ``video_present`` (bool per frame: the audio
-patch overlaps the recording / a face crop exists). Frames without a face have zero video
+only reads them. Each :class:`~fusionkit.plugin.Video` has ``features`` ``audio`` and
+``video``, and ``present`` ``audio`` / ``video`` (bool per frame: the audio patch overlaps the
+recording / a face crop exists). Frames without a face have zero video
 features (or the previous face's with ``missing_face: previous``).
 """
 
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusionkit.errors import DataError
-from fusionkit.extract import CacheFolder, Job, library_versions, plan, run_jobs
-from fusionkit.interfaces import ExtractReport, Video
+from fusionkit.plugin import DataError, ExtractReport, Video
+from fusionkit_affwild2.cache import CacheFolder, Job, library_versions, plan, run_jobs
 from fusionkit_affwild2.extraction import (
     AudioJob,
     VisualJob,
@@ -50,7 +49,7 @@ from fusionkit_affwild2.layout import (
 )
 from fusionkit_affwild2.params import AffWild2Params
 
-__all__ = ["AffWild2Dataset", "build", "fit_rows"]
+__all__ = ["AffWild2Dataset", "fit_rows"]
 
 _FIX = "run `fusionkit extract RECIPE` with the same data.params first"
 
@@ -91,8 +90,8 @@ class AffWild2Dataset:
         self.params = params
         self.root = params.root.expanduser()
         self.cache_root = (params.cache_dir or self.root / "fusionkit_cache").expanduser()
-        a_dim, _ = backbone_dims("audio_backbone", params.audio.backbone)
-        v_dim, v_size = backbone_dims("visual_backbone", params.video.backbone)
+        a_dim, _ = backbone_dims(params.audio.backbone)
+        v_dim, v_size = backbone_dims(params.video.backbone)
         if v_size is not None and v_size > params.video.resize:
             raise DataError(
                 f"data.params.video.resize={params.video.resize} is smaller than the visual "
@@ -212,7 +211,7 @@ class AffWild2Dataset:
             cache_root=str(self.cache_root),
             extractor=self.audio_cache.extractor,
             versions=self._versions,
-            backbone=a.backbone.model_dump(mode="json"),
+            backbone=a.backbone,
             logmel=a.logmel.model_dump(mode="json"),
             anchor=a.anchor,
             sync=a.sync,
@@ -229,7 +228,7 @@ class AffWild2Dataset:
             cache_root=str(self.cache_root),
             extractor=self.video_cache.extractor,
             versions=self._versions,
-            backbone=v.backbone.model_dump(mode="json"),
+            backbone=v.backbone,
             resize=v.resize,
             batch_size=v.batch_size,
             device=device,
@@ -352,7 +351,7 @@ class AffWild2Dataset:
             label_mask=mask,
             fps=float(info["fps"]),
             frame_ids=torch.arange(n, dtype=torch.int64),
-            extras={"audio_present": a_present, "video_present": v_present},
+            present={"audio": a_present, "video": v_present},
         )
 
     def videos(self, split: str) -> list[Video]:
@@ -378,8 +377,3 @@ class AffWild2Dataset:
             else:
                 out[v.name] = [(f"{v.name}/{k + 1:05d}.jpg", k) for k in range(v.num_frames)]
         return out
-
-
-def build(params: AffWild2Params) -> AffWild2Dataset:
-    """Registry build function of the ``affwild2`` dataset."""
-    return AffWild2Dataset(params)

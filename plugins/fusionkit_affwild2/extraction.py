@@ -1,5 +1,5 @@
 """Extraction jobs: raw media -> per-frame audio features, face crops -> per-frame visual
-features, each written as one cache file (see :mod:`fusionkit.extract`).
+features, each written as one cache file (see :mod:`fusionkit_affwild2.cache`).
 
 Jobs are small picklable records run by :func:`execute` in worker processes; each builds its
 backbone once per process.
@@ -15,14 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusionkit.errors import DataError
-from fusionkit.extract import CacheFolder, file_sha256
-from fusionkit.registry import get_registry
+from fusionkit.plugin import ComponentSpec, DataError
+from fusionkit_affwild2.cache import CacheFolder, file_sha256
 from fusionkit_affwild2.faces import read_faces
 from fusionkit_affwild2.layout import crop_indices
 from fusionkit_affwild2.logmel import LogMel, frame_patches, patch_starts
 from fusionkit_affwild2.media import load_audio, probe
-from fusionkit_affwild2.params import BackboneSpec, LogMelParams
+from fusionkit_affwild2.params import LogMelParams
 
 __all__ = [
     "AudioJob",
@@ -45,32 +44,28 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
-def build_backbone(kind: str, spec: dict[str, Any], device: str) -> nn.Module:
-    """The registered backbone ``spec`` on ``device`` in eval mode (memoised per process)."""
-    key = json.dumps([kind, spec, device], sort_keys=True)
+def build_backbone(spec: ComponentSpec, device: str) -> nn.Module:
+    """The backbone ``spec`` (validated) on ``device`` in eval mode (memoised per process)."""
+    key = json.dumps([spec.kind, spec.model_dump(mode="json"), device], sort_keys=True)
     if key not in _MODELS:
-        comp = get_registry().get(kind, spec["name"])
-        module = comp.build(comp.params.model_validate(spec["params"]))
-        _MODELS[key] = module.to(device).eval()
+        _MODELS[key] = spec.build().to(device).eval()
     return _MODELS[key]
 
 
-def backbone_dims(kind: str, spec: BackboneSpec) -> tuple[int, int | None]:
+def backbone_dims(spec: ComponentSpec) -> tuple[int, int | None]:
     """``(out_dim, input_size)`` of a backbone, from its architecture alone (built on the
     meta device: no memory, no weights read)."""
-    comp = get_registry().get(kind, spec.name)
-    params = comp.params.model_validate(spec.params)
-    if "weights" in type(params).model_fields:
-        params = params.model_copy(update={"weights": None})
+    if "weights" in type(spec.params).model_fields:
+        spec = spec.model_copy(update={"params": spec.params.model_copy(update={"weights": None})})
     with torch.device("meta"):
-        module = comp.build(params)
+        module = spec.build()
     return int(module.out_dim), getattr(module, "input_size", None)
 
 
-def backbone_identity(spec: BackboneSpec) -> dict[str, Any]:
+def backbone_identity(spec: ComponentSpec) -> dict[str, Any]:
     """What defines a backbone's outputs: name, params, and the weights file's SHA-256 in
     place of its path (moving the file keeps the caches valid, changing it does not)."""
-    params = dict(spec.params)
+    params = spec.params.model_dump(mode="json")
     weights = params.pop("weights", None)
     if weights is not None:
         path = Path(weights)
@@ -100,7 +95,7 @@ class AudioJob:
     cache_root: str
     extractor: dict[str, Any]
     versions: dict[str, str]
-    backbone: dict[str, Any]
+    backbone: ComponentSpec
     logmel: dict[str, Any]
     anchor: str
     sync: str
@@ -126,7 +121,7 @@ class AudioJob:
             self.anchor,  # type: ignore[arg-type]
         )
         present = (starts < real) & (starts + lm_params.patch_frames > 0)
-        model = build_backbone("audio_backbone", self.backbone, self.device)
+        model = build_backbone(self.backbone, self.device)
         feats = torch.cat(
             [
                 _run_batched(
@@ -161,7 +156,7 @@ class VisualJob:
     cache_root: str
     extractor: dict[str, Any]
     versions: dict[str, str]
-    backbone: dict[str, Any]
+    backbone: ComponentSpec
     resize: int
     batch_size: int
     device: str
@@ -169,7 +164,7 @@ class VisualJob:
     def run(self) -> None:
         folder_path = Path(self.crops)
         crops = crop_indices(folder_path)
-        model = build_backbone("visual_backbone", self.backbone, self.device)
+        model = build_backbone(self.backbone, self.device)
         size = int(getattr(model, "input_size", self.resize))
         n = max(crops) + 1 if crops else 0
         order = sorted(crops)

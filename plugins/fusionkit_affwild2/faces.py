@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from fusionkit.errors import DataError
+from fusionkit.plugin import DataError
 
 __all__ = ["decode_jpeg", "prepare_faces", "read_faces"]
 

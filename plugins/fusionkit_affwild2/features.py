@@ -11,7 +11,7 @@ With ``rows: all_frames`` row ``k`` is frame ``k``; an array a few rows shorter 
 than the labels is padded with its last row or cut, with a warning. With
 ``rows: labelled_frames`` (the released compacted format) the array has one row per label row
 that is not ``-5``, and the rows are put back on their frames (zeros elsewhere). Rows that
-contain NaN count as missing: zeros, and ``extras["<modality>_present"]`` False.
+contain NaN count as missing: zeros, and ``present[<modality>]`` False.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from fusionkit.errors import DataError
-from fusionkit.interfaces import Video
+from fusionkit.plugin import DataError, Video
 from fusionkit_affwild2.dataset import fit_rows
 from fusionkit_affwild2.layout import (
     AnnotationSets,
@@ -174,7 +173,7 @@ class FeaturesDataset:
             n = lab.rows
         else:
             n = max(x.shape[0] for x in arrays.values())
-        feats, extras = {}, {}
+        feats, present_by = {}, {}
         for m, x in arrays.items():
             path = paths[m]
             if self.params.rows == "labelled_frames" and lab is not None:
@@ -192,7 +191,7 @@ class FeaturesDataset:
                 x = fit_rows(x, n, "edge")
             present = ~torch.isnan(x).any(dim=1)
             feats[m] = torch.where(present[:, None], x, torch.zeros(()))
-            extras[f"{m}_present"] = present
+            present_by[m] = present
         if lab is not None:
             labels, mask = torch.from_numpy(lab.values.copy()), torch.from_numpy(lab.mask.copy())
         else:
@@ -203,7 +202,7 @@ class FeaturesDataset:
             labels=labels,
             label_mask=mask,
             frame_ids=torch.arange(n, dtype=torch.int64),
-            extras=extras,
+            present=present_by,
         )
 
     def videos(self, split: str) -> list[Video]:

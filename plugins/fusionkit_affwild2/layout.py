@@ -1,6 +1,6 @@
 """The official Aff-Wild2 tree: annotation folders, label files, raw media, crops, splits.
 
-Every reader raises :class:`~fusionkit.errors.DataError` naming the file (and line) at fault.
+Every reader raises :class:`~fusionkit.plugin.DataError` naming the file (and line) at fault.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionkit.errors import DataError
+from fusionkit.plugin import DataError
 
 __all__ = [
     "HEADER",

@@ -19,7 +19,7 @@ import torch
 import torchaudio
 from torch import Tensor
 
-from fusionkit.errors import DataError
+from fusionkit.plugin import DataError
 
 __all__ = ["MediaInfo", "decode_audio", "load_audio", "probe"]
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from fusionkit.recipe import ComponentSpec
+from fusionkit.plugin import Params
+from fusionkit_affwild2.backbones import AudioBackboneSpec, VisualBackboneSpec
 
 __all__ = [
     "AffWild2Params",
     "AudioParams",
-    "BackboneSpec",
     "FeaturesParams",
     "LogMelParams",
     "SplitParams",
@@ -21,24 +21,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-# A backbone is a registered component by name with its params, like any recipe component.
-BackboneSpec = ComponentSpec
-
-
-def _check_backbone(kind: str, spec: BackboneSpec) -> BackboneSpec:
-    from fusionkit.registry import get_registry
-
-    registry = get_registry()
-    comp = registry.get(kind, spec.name)  # raises with the registered names listed
-    params = comp.params.model_validate(spec.params)
-    return BackboneSpec(name=spec.name, params=params.model_dump(mode="json"))
-
-
-class LogMelParams(_Strict):
+class LogMelParams(Params):
     """VGGish-style log-mel front end (defaults = VGGish)."""
 
     sample_rate: int = Field(16000, ge=1000, description="mono waveform rate after resampling")
@@ -60,11 +43,12 @@ class LogMelParams(_Strict):
         return self
 
 
-class AudioParams(_Strict):
+class AudioParams(Params):
     """Audio feature extraction: decode, mono, resample, log-mel patches, backbone."""
 
-    backbone: BackboneSpec = Field(
-        default_factory=lambda: BackboneSpec(name="vggish"),
+    backbone: AudioBackboneSpec = Field(
+        default={"name": "vggish"},
+        validate_default=True,
         description="audio_backbone applied to each frame's log-mel patch",
     )
     logmel: LogMelParams = Field(
@@ -80,19 +64,15 @@ class AudioParams(_Strict):
         description="container: shift audio by its start time minus the video's (container "
         "timestamps) so t=0 is the first video frame; none: audio sample 0 = frame 0",
     )
-    batch_size: int = Field(256, ge=1, description="patches per backbone call")
-
-    @model_validator(mode="after")
-    def _known_backbone(self) -> AudioParams:
-        self.backbone = _check_backbone("audio_backbone", self.backbone)
-        return self
+    batch_size: int = Field(256, ge=1, le=65_536, description="patches per backbone call")
 
 
-class VisualParams(_Strict):
+class VisualParams(Params):
     """Visual feature extraction from the organisers' face crops."""
 
-    backbone: BackboneSpec = Field(
-        default_factory=lambda: BackboneSpec(name="ir50"),
+    backbone: VisualBackboneSpec = Field(
+        default={"name": "ir50"},
+        validate_default=True,
         description="visual_backbone applied to each face crop",
     )
     resize: int = Field(
@@ -101,15 +81,10 @@ class VisualParams(_Strict):
         description="crops are resized to resize x resize (as released: 48), then "
         "centre-cropped to the backbone's input size",
     )
-    batch_size: int = Field(256, ge=1, description="crops per backbone call")
-
-    @model_validator(mode="after")
-    def _known_backbone(self) -> VisualParams:
-        self.backbone = _check_backbone("visual_backbone", self.backbone)
-        return self
+    batch_size: int = Field(256, ge=1, le=65_536, description="crops per backbone call")
 
 
-class SplitParams(_Strict):
+class SplitParams(Params):
     """Which trials form train / val: the official split or a cross-validation fold."""
 
     fold: int = Field(
@@ -127,7 +102,7 @@ class SplitParams(_Strict):
         return self
 
 
-class AffWild2Params(_Strict):
+class AffWild2Params(Params):
     """The ``affwild2`` dataset: an Aff-Wild2 copy in the official layout (see docs/data.md)."""
 
     root: Path = Field(description="dataset root: cropped_aligned/, raw videos, annotations")
@@ -180,7 +155,7 @@ class AffWild2Params(_Strict):
     )
 
 
-class FeaturesParams(_Strict):
+class FeaturesParams(Params):
     """The ``features`` dataset: precomputed per-video arrays plus Aff-Wild2-format labels."""
 
     features_dir: Path = Field(description="folder of per-video feature arrays")

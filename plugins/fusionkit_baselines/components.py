@@ -6,12 +6,18 @@ from typing import Literal
 
 import torch
 from einops import rearrange
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 
-from fusionkit.errors import ShapeError
-from fusionkit.interfaces import GateOutput
-from fusionkit.layers import masked_batch_norm
+from fusionkit.plugin import (
+    EmptyParams,
+    GateOutput,
+    Params,
+    ShapeError,
+    check_shape,
+    masked_batch_norm,
+    register,
+)
 
 __all__ = [
     "ConcatFusion",
@@ -21,11 +27,16 @@ __all__ = [
     "LinearParams",
     "RegressionHead",
     "RegressionHeadParams",
+    "build_concat",
+    "build_last",
+    "build_linear",
+    "build_regression",
 ]
 
 
-class LinearParams(BaseModel):
-    model_config = {"extra": "forbid"}
+class LinearParams(Params):
+    """Parameters of the ``linear`` encoder."""
+
     dim: int = Field(128, ge=1, description="output feature size D")
     activation: Literal["none", "relu", "leaky_relu", "tanh"] = Field(
         "leaky_relu", description="non-linearity after the projection"
@@ -54,15 +65,13 @@ class LinearEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.in_dim:
-            raise ShapeError(
-                f"encoder 'linear' expected (B, T, F={self.in_dim}); got {tuple(x.shape)}"
-            )
+        check_shape("encoder 'linear'", "features", x, "b t f", f=self.in_dim)
         return self.net(x)
 
 
-class ConcatParams(BaseModel):
-    model_config = {"extra": "forbid"}
+class ConcatParams(Params):
+    """Parameters of the ``concat`` fusion."""
+
     normalize: bool = Field(False, description="L2-normalise each modality per frame first")
 
 
@@ -124,8 +133,9 @@ class LastStepGate(nn.Module):
         return GateOutput(features=torch.cat(feats, dim=-1), weights=weights)
 
 
-class RegressionHeadParams(BaseModel):
-    model_config = {"extra": "forbid"}
+class RegressionHeadParams(Params):
+    """Parameters of the ``regression`` head."""
+
     hidden: int = Field(256, ge=1, description="hidden size of the first Linear")
     batchnorm: bool = Field(True, description="BatchNorm1d over channels after the first Linear")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the output Linear")
@@ -152,8 +162,7 @@ class RegressionHead(nn.Module):
         self.tanh = params.tanh
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_dim:
-            raise ShapeError(f"head expected (B, T, D={self.in_dim}); got {tuple(x.shape)}")
+        check_shape("head 'regression'", "features", x, "b t d", d=self.in_dim)
         h = self.fc1(x)
         if self.bn is not None:
             flat = rearrange(h, "b t c -> (b t) c")
@@ -161,3 +170,29 @@ class RegressionHead(nn.Module):
             h = rearrange(flat, "(b t) c -> b t c", b=x.shape[0])
         y = self.fc2(self.drop(self.act(h)))
         return torch.tanh(y) if self.tanh else y
+
+
+@register("encoder", "linear")
+def build_linear(params: LinearParams, *, in_dim: int, modality: str) -> LinearEncoder:
+    """Per-frame linear projection (no temporal context)."""
+    return LinearEncoder(params, in_dim)
+
+
+@register("fusion", "concat")
+def build_concat(params: ConcatParams, *, in_dims: dict[str, int]) -> ConcatFusion:
+    """Per-frame concatenation; with one encoder it is a unimodal baseline."""
+    return ConcatFusion(params, in_dims)
+
+
+@register("gate", "last")
+def build_last(params: EmptyParams, *, in_dims: dict[str, int], num_steps: int) -> LastStepGate:
+    """Last step of each stream, concatenated (plain RJCA)."""
+    return LastStepGate(in_dims, num_steps)
+
+
+@register("head", "regression")
+def build_regression(
+    params: RegressionHeadParams, *, in_dim: int, n_targets: int
+) -> RegressionHead:
+    """Linear-BatchNorm-LeakyReLU-Linear-tanh head as released."""
+    return RegressionHead(params, in_dim, n_targets)

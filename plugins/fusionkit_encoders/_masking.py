@@ -6,25 +6,15 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from fusionkit.errors import ShapeError
-from fusionkit.layers import masked_batch_norm
+from fusionkit.plugin import masked_batch_norm
 
-__all__ = ["MaskedBatchNorm1d", "check_mask", "lengths_from_mask"]
-
-
-def check_mask(name: str, x: Tensor, mask: Tensor) -> None:
-    """Raise :class:`ShapeError` unless ``mask`` is ``(B, T)`` matching ``x``'s ``(B, T, ...)``."""
-    if mask.dim() != 2 or tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ShapeError(
-            f"{name}: mask must be (B, T) = {tuple(x.shape[:2])} like the features; "
-            f"got {tuple(mask.shape)}"
-        )
+__all__ = ["MaskedBatchNorm1d", "lengths_from_mask"]
 
 
 def lengths_from_mask(mask: Tensor) -> Tensor:
     """Number of valid frames per item, ``(B,)`` int64 on the CPU, at least 1.
 
-    Padding sits at the end of a window (see :mod:`fusionkit.interfaces`), so the valid
+    Padding sits at the end of a window (see :mod:`fusionkit.plugin`), so the valid
     frames of item ``b`` are ``0 .. lengths[b] - 1``. A fully padded item is given length 1
     so that ``pack_padded_sequence`` accepts it; its outputs are padding anyway.
     """

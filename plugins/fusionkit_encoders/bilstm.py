@@ -9,21 +9,18 @@ sequences by length, which reads the lengths on the host once per call.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fusionkit.errors import ShapeError
-from fusionkit.layers import shifted_bilstm
-from fusionkit_encoders._masking import check_mask, lengths_from_mask
+from fusionkit.plugin import Params, check_mask, check_shape, register, shifted_bilstm
+from fusionkit_encoders._masking import lengths_from_mask
 
-__all__ = ["BiLSTMEncoder", "BiLSTMParams"]
+__all__ = ["BiLSTMEncoder", "BiLSTMParams", "build_bilstm"]
 
 
-class BiLSTMParams(BaseModel):
+class BiLSTMParams(Params):
     """Parameters of the ``bilstm`` encoder."""
-
-    model_config = {"extra": "forbid"}
 
     hidden: int = Field(64, ge=1, le=4096, description="hidden size per direction")
     layers: int = Field(1, ge=1, le=8, description="number of stacked bidirectional layers")
@@ -54,10 +51,7 @@ class BiLSTMEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """``x``: ``(B, T, F)``, ``mask``: ``(B, T)`` bool -> ``(B, T, out_dim)``."""
-        if x.dim() != 3 or x.shape[-1] != self.in_dim:
-            raise ShapeError(
-                f"encoder 'bilstm' expected (B, T, F={self.in_dim}); got {tuple(x.shape)}"
-            )
+        check_shape("encoder 'bilstm'", "features", x, "b t f", f=self.in_dim)
         check_mask("encoder 'bilstm'", x, mask)
         if self.lstm.num_layers == 1:
             h = shifted_bilstm(self.lstm, x, mask)
@@ -68,3 +62,9 @@ class BiLSTMEncoder(nn.Module):
         out, _ = self.lstm(packed)
         h, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return self.proj(h) if self.proj is not None else h
+
+
+@register("encoder", "bilstm")
+def build_bilstm(params: BiLSTMParams, *, in_dim: int, modality: str) -> BiLSTMEncoder:
+    """Bidirectional LSTM; padding reaches no valid frame in either direction."""
+    return BiLSTMEncoder(params, in_dim)

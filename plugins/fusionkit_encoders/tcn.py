@@ -18,21 +18,19 @@ import math
 
 import torch
 from einops import rearrange
-from pydantic import BaseModel, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from fusionkit.errors import ShapeError
-from fusionkit_encoders._masking import MaskedBatchNorm1d, check_mask
+from fusionkit.plugin import Params, check_mask, check_shape, register
+from fusionkit_encoders._masking import MaskedBatchNorm1d
 
-__all__ = ["CausalBlock", "TCNEncoder", "TCNParams", "receptive_field"]
+__all__ = ["CausalBlock", "TCNEncoder", "TCNParams", "build_tcn", "receptive_field"]
 
 
-class TCNParams(BaseModel):
+class TCNParams(Params):
     """Parameters of the ``tcn`` encoder."""
-
-    model_config = {"extra": "forbid"}
 
     channels: list[PositiveInt] = Field(
         default_factory=lambda: [64, 64, 64, 64],
@@ -166,12 +164,15 @@ class TCNEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """``x``: ``(B, T, F)``, ``mask``: ``(B, T)`` bool -> ``(B, T, out_dim)``."""
-        if x.dim() != 3 or x.shape[-1] != self.in_dim:
-            raise ShapeError(
-                f"encoder 'tcn' expected (B, T, F={self.in_dim}); got {tuple(x.shape)}"
-            )
+        check_shape("encoder 'tcn'", "features", x, "b t f", f=self.in_dim)
         check_mask("encoder 'tcn'", x, mask)
         h = self.blocks(rearrange(x, "b t f -> b f t"))
         if self.norm is not None:
             h = self.norm(h, mask)
         return rearrange(h, "b c t -> b t c")
+
+
+@register("encoder", "tcn")
+def build_tcn(params: TCNParams, *, in_dim: int, modality: str) -> TCNEncoder:
+    """Causal dilated TCN (kernel 5, dilations 1,2,4,8, weight norm) + BatchNorm."""
+    return TCNEncoder(params, in_dim)

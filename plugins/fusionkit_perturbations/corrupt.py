@@ -6,10 +6,16 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from fusionkit.interfaces import Video
-from fusionkit.perturb import check_modalities, stream_generator, with_features
+from fusionkit.plugin import (
+    Params,
+    Video,
+    check_modalities,
+    register,
+    stream_generator,
+    with_features,
+)
 
 __all__ = [
     "ModalityDropout",
@@ -21,10 +27,8 @@ __all__ = [
 ]
 
 
-class NoiseParams(BaseModel):
+class NoiseParams(Params):
     """Params of ``noise``."""
-
-    model_config = {"extra": "forbid"}
 
     modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
     snr_db: float = Field(
@@ -32,6 +36,9 @@ class NoiseParams(BaseModel):
     )
 
 
+@register(
+    "perturbation", "noise", summary="additive Gaussian noise at snr_db per video and modality"
+)
 class Noise:
     """Additive white Gaussian noise at a given SNR.
 
@@ -54,16 +61,19 @@ class Noise:
         return with_features(video, updates)
 
 
-class ModalityDropoutParams(BaseModel):
+class ModalityDropoutParams(Params):
     """Params of ``modality_dropout``."""
-
-    model_config = {"extra": "forbid"}
 
     modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
     p: float = Field(1.0, ge=0.0, le=1.0, description="probability per video and modality")
     fill: float = Field(0.0, description="value of every feature of a dropped modality")
 
 
+@register(
+    "perturbation",
+    "modality_dropout",
+    summary="remove a whole modality (all frames = fill) with probability p",
+)
 class ModalityDropout:
     """Whole-modality absence: with probability ``p`` (independently per video and modality)
     every frame of the modality is set to ``fill``."""
@@ -80,10 +90,8 @@ class ModalityDropout:
         return with_features(video, updates)
 
 
-class SpanDropoutParams(BaseModel):
+class SpanDropoutParams(Params):
     """Params of ``span_dropout``."""
-
-    model_config = {"extra": "forbid"}
 
     modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
     rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of frames dropped")
@@ -92,6 +100,11 @@ class SpanDropoutParams(BaseModel):
     fill: float = Field(0.0, description="value of the features of dropped frames")
 
 
+@register(
+    "perturbation",
+    "span_dropout",
+    summary="set a fraction `rate` of frames, in spans of `span` frames, to fill",
+)
 class SpanDropout:
     """Missing spans of frames: the video is cut into consecutive blocks of ``span`` frames and
     ``round(rate * blocks)`` blocks, chosen at random, are set to ``fill`` (independently per

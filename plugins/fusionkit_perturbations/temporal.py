@@ -10,10 +10,17 @@ repeat the first (or last) frame (edge padding), so the length never changes.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from fusionkit.interfaces import Video
-from fusionkit.perturb import check_modalities, shift_index, stream_generator, with_features
+from fusionkit.plugin import (
+    Params,
+    Video,
+    check_modalities,
+    register,
+    shift_index,
+    stream_generator,
+    with_features,
+)
 
 __all__ = [
     "FrameDrop",
@@ -27,10 +34,8 @@ __all__ = [
 _MAX_SHIFT = 100_000
 
 
-class ShiftParams(BaseModel):
+class ShiftParams(Params):
     """Params of ``shift``."""
-
-    model_config = {"extra": "forbid"}
 
     modality: str = Field("audio", description="the modality shifted against the others")
     k: int = Field(
@@ -41,6 +46,11 @@ class ShiftParams(BaseModel):
     )
 
 
+@register(
+    "perturbation",
+    "shift",
+    summary="shift one modality by k frames (+k: frame i shows i-k), edge-padded",
+)
 class Shift:
     """Shift one modality by ``k`` frames against the others (and the labels), edge-padded."""
 
@@ -55,10 +65,8 @@ class Shift:
         return with_features(video, {m: x[shift_index(x.shape[0], self.params.k)]})
 
 
-class JitterParams(BaseModel):
+class JitterParams(Params):
     """Params of ``jitter``."""
-
-    model_config = {"extra": "forbid"}
 
     modality: str = Field("audio", description="the modality shifted against the others")
     max_k: int = Field(
@@ -66,6 +74,11 @@ class JitterParams(BaseModel):
     )
 
 
+@register(
+    "perturbation",
+    "jitter",
+    summary="shift one modality of each video by a random k in [-max_k, max_k]",
+)
 class Jitter:
     """Shift one modality of each video by its own random ``k`` in ``[-max_k, max_k]``."""
 
@@ -84,15 +97,18 @@ class Jitter:
         return with_features(video, {m: x[shift_index(x.shape[0], k)]})
 
 
-class FrameDropParams(BaseModel):
+class FrameDropParams(Params):
     """Params of ``frame_drop``."""
-
-    model_config = {"extra": "forbid"}
 
     modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
     p: float = Field(0.0, ge=0.0, lt=1.0, description="probability that a frame is dropped")
 
 
+@register(
+    "perturbation",
+    "frame_drop",
+    summary="drop frames with probability p; a dropped frame repeats the last one",
+)
 class FrameDrop:
     """Dropped frames: each frame after the first is lost with probability ``p``, independently
     per modality, and replaced by the last frame that arrived (a frozen frame)."""

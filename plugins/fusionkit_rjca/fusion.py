@@ -24,29 +24,36 @@ content of padded frames never reaches a valid frame. The released code sums ove
 frames as well.
 
 The fusion returns the stack of all steps ``[X^(0), ..., X^(N)]`` per modality, ``X^(0)``
-being the (L2-normalised) input: ``{m: (B, T, N + 1, d_m)}``.
+being the (L2-normalised) input: ``{m: (B, T, N + 1, d_m)}``. ``N`` is the ``recursions``
+param; the stack has ``num_steps = N + 1`` entries.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 import torch
 from einops import einsum, rearrange
-from pydantic import BaseModel, Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fusionkit.errors import ShapeError
+from fusionkit.plugin import (
+    Params,
+    ShapeError,
+    check_shape,
+    check_shapes,
+    register,
+    xavier_init_,
+)
 
-__all__ = ["JointCrossAttentionStep", "RJCAFusion", "RJCAParams"]
+__all__ = ["JointCrossAttentionStep", "RJCAFusion", "RJCAParams", "build_rjca"]
 
 
-class RJCAParams(BaseModel):
+class RJCAParams(Params):
     """Parameters of the ``rjca`` fusion."""
-
-    model_config = {"extra": "forbid"}
 
     mode: Literal["agnostic", "faithful"] = Field(
         "agnostic",
@@ -55,8 +62,12 @@ class RJCAParams(BaseModel):
             "(fixed window length); 'agnostic': per-frame Linear(d_m -> d_m) key, any length"
         ),
     )
-    num_steps: int = Field(
-        2, ge=1, le=16, description="recursive steps N (released GRJCA/TAGF code: 2)"
+    recursions: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="recursive steps N (released GRJCA/TAGF code: 2); the fusion stacks its "
+        "input and every step, N + 1 in all",
     )
     share_weights: bool = Field(
         False, description="reuse one set of weights for every step (released: separate)"
@@ -91,15 +102,20 @@ class RJCAParams(BaseModel):
         description="'xavier': xavier-uniform weights, zero biases (as in GRJCA/TAGF); 'torch'",
     )
 
-
-def _init_linear(module: nn.Module, how: str) -> None:
-    if how != "xavier":
-        return
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.xavier_uniform_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "num_steps" in data:
+            if "recursions" in data:
+                raise ValueError("set 'recursions' only ('num_steps' is its former name)")
+            warnings.warn(
+                "rjca params: 'num_steps' is now called 'recursions' (the number of recursive "
+                "steps N; the fusion stacks N + 1); please rename it in your recipe",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data = {("recursions" if k == "num_steps" else k): v for k, v in data.items()}
+        return data
 
 
 class JointCrossAttentionStep(nn.Module):
@@ -168,9 +184,9 @@ class JointCrossAttentionStep(nn.Module):
         for m in self.order:  # the two modalities, not frames
             k = self._key(m, xs[m], valid)
             v = self.value[m](xs[m])
-            corr = einsum(k, joint, "b t c, b t e -> b c e")
+            corr = einsum(k, joint, "b t d_m, b t d -> b d_m d")  # C_m
             corr = self.corr_dropout[m](torch.tanh(corr * scale.to(corr.dtype)))
-            att = torch.relu(torch.tanh(einsum(v, corr, "b t c, b c e -> b t e")))
+            att = torch.relu(torch.tanh(einsum(v, corr, "b t d_m, b d_m d -> b t d")))  # A_m
             new[m] = xs[m] + self.out_dropout[m](torch.relu(self.out[m](att)))
         return new
 
@@ -200,11 +216,10 @@ class RJCAFusion(nn.Module):
         self.order: tuple[str, str] = (order[0], order[1])
         self.in_dims = {m: int(in_dims[m]) for m in self.order}
         self.out_dims = dict(self.in_dims)
-        self.num_steps = params.num_steps + 1
+        self.num_steps = params.recursions + 1
         self.fixed_length = params.length if params.mode == "faithful" else None
-        self.mode = params.mode
         self.normalize = params.normalize
-        n_modules = 1 if params.share_weights else params.num_steps
+        n_modules = 1 if params.share_weights else params.recursions
         self.steps = nn.ModuleList(
             JointCrossAttentionStep(
                 self.in_dims,
@@ -217,32 +232,24 @@ class RJCAFusion(nn.Module):
             )
             for _ in range(n_modules)
         )
-        self.recursions = params.num_steps
-        _init_linear(self, params.init)
+        self.recursions = params.recursions
+        if params.init == "xavier":
+            xavier_init_(self)
 
     def _check(self, feats: dict[str, Tensor], mask: Tensor) -> None:
-        got = {m: tuple(x.shape) for m, x in feats.items()}
         if set(feats) != set(self.order):
             raise ShapeError(
                 f"fusion 'rjca' expected modalities {list(self.order)}; received {sorted(feats)}"
             )
-        bad = {m: s for m, s in got.items() if len(s) != 3 or s[-1] != self.in_dims[m]}
-        if bad:
-            want = {m: f"(B, T, {d})" for m, d in self.in_dims.items()}
-            raise ShapeError(f"fusion 'rjca' expected {want}; received {got}")
-        bt = {m: s[:2] for m, s in got.items()}
-        if len(set(bt.values())) != 1:
-            raise ShapeError(f"fusion 'rjca' needs equal (B, T) across modalities; got {got}")
-        b, t = next(iter(bt.values()))
-        if tuple(mask.shape) != (b, t):
-            raise ShapeError(
-                f"fusion 'rjca' expected mask (B, T) = {(b, t)}; got {tuple(mask.shape)}"
-            )
+        sizes = {m: {"d": self.in_dims[m]} for m in self.order}
+        bt = check_shapes("fusion 'rjca'", feats, "b t d", sizes)
+        check_shape("fusion 'rjca'", "mask", mask, "b t", **bt)
+        t = bt["t"]
         if self.fixed_length is not None and t != self.fixed_length:
             raise ShapeError(
                 f"fusion 'rjca' in faithful mode needs windows of exactly T={self.fixed_length} "
-                f"frames (time-axis key projection); got T={t} ({got}). Pad/window the input "
-                "to that length or use mode: agnostic"
+                f"frames (time-axis key projection); got T={t}. Pad/window the input to that "
+                "length or use mode: agnostic"
             )
 
     def forward(self, feats: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
@@ -257,3 +264,9 @@ class RJCAFusion(nn.Module):
             for m, x in xs.items():
                 history[m].append(x)
         return {m: torch.stack(h, dim=2) for m, h in history.items()}
+
+
+@register("fusion", "rjca")
+def build_rjca(params: RJCAParams, *, in_dims: dict[str, int]) -> RJCAFusion:
+    """Recursive joint cross-attention (audio-video); stack of all steps per modality."""
+    return RJCAFusion(params, in_dims)

@@ -17,13 +17,20 @@ from typing import Literal
 
 import torch
 from einops import einsum, rearrange, reduce
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fusionkit.errors import ShapeError
-from fusionkit.interfaces import GateOutput
-from fusionkit.layers import shifted_bilstm
+from fusionkit.plugin import (
+    GateOutput,
+    Params,
+    ShapeError,
+    check_shape,
+    check_shapes,
+    register,
+    shifted_bilstm,
+    xavier_init_,
+)
 
 __all__ = [
     "GRJCAGate",
@@ -33,16 +40,10 @@ __all__ = [
     "TAGFParams",
     "TAGFTemporalGate",
     "TAGFTemporalParams",
+    "build_grjca",
+    "build_tagf",
+    "build_tagf_temporal",
 ]
-
-
-def _xavier_linears(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases on every ``nn.Linear`` (released init)."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.xavier_uniform_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
 
 
 class _StackGate(nn.Module):
@@ -65,17 +66,9 @@ class _StackGate(nn.Module):
             raise ShapeError(
                 f"gate '{self.name}' expected streams {self.streams}; received {sorted(stacks)}"
             )
-        got = {s: tuple(x.shape) for s, x in stacks.items()}
-        want = {s: f"(B, T, S={self.num_steps}, {d})" for s, d in self.in_dims.items()}
-        for s, shape in got.items():
-            if len(shape) != 4 or shape[2] != self.num_steps or shape[3] != self.in_dims[s]:
-                raise ShapeError(f"gate '{self.name}' expected {want}; received {got}")
-        bt = {shape[:2] for shape in got.values()}
-        if len(bt) != 1 or tuple(mask.shape) != next(iter(bt)):
-            raise ShapeError(
-                f"gate '{self.name}' needs one (B, T) for all streams and the mask; got {got}, "
-                f"mask {tuple(mask.shape)}"
-            )
+        sizes = {s: {"s": self.num_steps, "d": d} for s, d in self.in_dims.items()}
+        bt = check_shapes(f"gate '{self.name}'", stacks, "b t s d", sizes)
+        check_shape(f"gate '{self.name}'", "mask", mask, "b t", **bt)
 
     def _weights(self, s: str, stack: Tensor, mask: Tensor) -> Tensor:
         """Per-frame step weights ``(B, T, S)`` of stream ``s``."""
@@ -99,10 +92,8 @@ class _StackGate(nn.Module):
 # --------------------------------------------------------------------------------- grjca
 
 
-class GRJCAParams(BaseModel):
+class GRJCAParams(Params):
     """Parameters of the ``grjca`` gate."""
-
-    model_config = {"extra": "forbid"}
 
     temperature: float = Field(
         0.1, gt=0.0, le=100.0, description="softmax temperature tau (released 0.1)"
@@ -124,7 +115,7 @@ class GRJCAGate(_StackGate):
         self.temperature = params.temperature
         self.relu = params.relu
         self.score = nn.ModuleDict({s: nn.Linear(d, num_steps) for s, d in self.in_dims.items()})
-        _xavier_linears(self)
+        xavier_init_(self)
 
     def _weights(self, s: str, stack: Tensor, mask: Tensor) -> Tensor:
         logits = self.score[s](stack[:, :, -1])  # b t s
@@ -137,10 +128,8 @@ class GRJCAGate(_StackGate):
 # ---------------------------------------------------------------------------------- tagf
 
 
-class TAGFParams(BaseModel):
+class TAGFParams(Params):
     """Parameters of the ``tagf`` gate (released TAGF)."""
-
-    model_config = {"extra": "forbid"}
 
     temperature: float = Field(
         0.1, gt=0.0, le=100.0, description="softmax temperature tau (released 0.1)"
@@ -199,7 +188,7 @@ class TAGFGate(_StackGate):
         self.encoder = nn.ModuleDict(
             {s: StepEncoder(d, self.dims[s], params.dropout) for s, d in self.in_dims.items()}
         )
-        _xavier_linears(self)  # nn.LSTM keeps PyTorch's init, as released
+        xavier_init_(self)  # nn.LSTM keeps PyTorch's init, as released
 
     def _weights(self, s: str, stack: Tensor, mask: Tensor) -> Tensor:
         b = stack.shape[0]
@@ -212,10 +201,8 @@ class TAGFGate(_StackGate):
 # ------------------------------------------------------------------------- tagf_temporal
 
 
-class TAGFTemporalParams(BaseModel):
+class TAGFTemporalParams(Params):
     """Parameters of the ``tagf_temporal`` gate (time-axis reading of TAGF)."""
-
-    model_config = {"extra": "forbid"}
 
     hidden: int = Field(64, ge=1, le=4096, description="BiLSTM hidden size per direction")
     source: Literal["last", "mean"] = Field(
@@ -254,7 +241,7 @@ class TAGFTemporalGate(_StackGate):
         self.score = nn.ModuleDict(
             {s: nn.Linear(2 * params.hidden, num_steps) for s in self.in_dims}
         )
-        _xavier_linears(self)
+        xavier_init_(self)
 
     def _weights(self, s: str, stack: Tensor, mask: Tensor) -> Tensor:
         if self.source == "last":
@@ -267,3 +254,23 @@ class TAGFTemporalGate(_StackGate):
 
     def _post(self, fused: Tensor) -> Tensor:
         return torch.relu(fused) if self.relu else fused
+
+
+@register("gate", "grjca")
+def build_grjca(params: GRJCAParams, *, in_dims: dict[str, int], num_steps: int) -> GRJCAGate:
+    """GRJCA: softmax(Linear(last step)/0.1) over steps, ReLU (as released)."""
+    return GRJCAGate(params, in_dims, num_steps)
+
+
+@register("gate", "tagf")
+def build_tagf(params: TAGFParams, *, in_dims: dict[str, int], num_steps: int) -> TAGFGate:
+    """TAGF: BiLSTM across the recursion steps of each frame (as released)."""
+    return TAGFGate(params, in_dims, num_steps)
+
+
+@register("gate", "tagf_temporal")
+def build_tagf_temporal(
+    params: TAGFTemporalParams, *, in_dims: dict[str, int], num_steps: int
+) -> TAGFTemporalGate:
+    """TAGF time-aware reading: BiLSTM over time -> per-frame step weights."""
+    return TAGFTemporalGate(params, in_dims, num_steps)

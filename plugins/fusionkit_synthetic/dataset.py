@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusionkit.errors import DataError
-from fusionkit.interfaces import Video
+from fusionkit.plugin import DataError, Video, register
 from fusionkit_synthetic.generator import (
     SPLITS,
     ObservationMaps,
@@ -30,6 +29,9 @@ class VideoInfo:
         speech_ratio: expected fraction of frames with speech.
         audio_gain: multiplicative gain of the speech part of the audio.
         audio_dropout, video_dropout: missing (zeroed) ``[start, stop)`` span, or None.
+        latent: ``(N, 2)`` true valence and arousal on every frame (labels are its labelled
+            frames).
+        speech: ``(N,)`` speech activity on the audio timeline.
     """
 
     name: str
@@ -38,15 +40,17 @@ class VideoInfo:
     audio_gain: float
     audio_dropout: tuple[int, int] | None
     video_dropout: tuple[int, int] | None
+    latent: torch.Tensor
+    speech: torch.Tensor
 
 
 class SyntheticDataset:
     """Embedded audio-visual valence/arousal dataset (no files, deterministic by seed).
 
-    Each :class:`~fusionkit.interfaces.Video` has ``features`` ``{"audio": (N, audio_dim),
+    Each :class:`~fusionkit.plugin.Video` has ``features`` ``{"audio": (N, audio_dim),
     "video": (N, video_dim)}`` (float32), ``labels`` ``(N, 2)`` (valence, arousal; 0 where
-    unlabeled), ``label_mask`` ``(N,)`` and ``extras`` ``{"latent": (N, 2) true valence and
-    arousal on every frame, "speech": (N,) speech activity on the audio timeline}``.
+    unlabeled), ``label_mask`` ``(N,)`` and ``present`` (False on a modality's dropout span).
+    The true latents and the speech activity are in :meth:`info`.
 
     A split is generated on first use and cached; :meth:`videos` returns the cached records
     (do not modify their tensors in place).
@@ -105,6 +109,8 @@ class SyntheticDataset:
                     audio_gain=arrays.audio_gain,
                     audio_dropout=arrays.audio_dropout,
                     video_dropout=arrays.video_dropout,
+                    latent=torch.as_tensor(arrays.latent, dtype=torch.float32),
+                    speech=torch.as_tensor(arrays.speech, dtype=torch.float32),
                 )
             )
         self._videos[split], self._info[split] = videos, infos
@@ -117,6 +123,12 @@ class SyntheticDataset:
         latent = f32(arrays.latent)
         labels = torch.where(mask[:, None], latent, torch.zeros(()))
         n = latent.shape[0]
+        present = {}
+        for m, span in (("audio", arrays.audio_dropout), ("video", arrays.video_dropout)):
+            if span is not None:
+                seen = torch.ones(n, dtype=torch.bool)
+                seen[span[0] : span[1]] = False
+                present[m] = seen
         return Video(
             name=name,
             features={"audio": f32(arrays.audio), "video": f32(arrays.video)},
@@ -124,10 +136,11 @@ class SyntheticDataset:
             label_mask=mask,
             fps=float(self.params.fps),
             frame_ids=torch.arange(n, dtype=torch.int64),
-            extras={"latent": latent, "speech": f32(arrays.speech)},
+            present=present,
         )
 
 
+@register("dataset", "synthetic")
 def build(params: SyntheticParams) -> SyntheticDataset:
-    """Registry build function of the ``synthetic`` dataset."""
+    """Embedded audio-visual valence/arousal data (no files; deterministic by seed)."""
     return SyntheticDataset(params)

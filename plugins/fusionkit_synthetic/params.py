@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
+
+from fusionkit.plugin import Params
 
 __all__ = ["SyntheticParams"]
 
 
-class SyntheticParams(BaseModel):
+class SyntheticParams(Params):
     """Knobs of the synthetic audio-visual valence/arousal dataset (see ``docs/synthetic.md``).
 
     Every knob draws from its own random stream, so changing one (say ``lag_max``) leaves
     everything it does not govern (latents, speech activity, noise draws, ...) bitwise unchanged.
     """
-
-    model_config = {"extra": "forbid"}
 
     seed: int = Field(
         0,

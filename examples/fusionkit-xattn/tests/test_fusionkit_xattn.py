@@ -11,9 +11,8 @@ pytest.importorskip("fusionkit_xattn", reason="fusionkit-xattn is not installed 
 
 from fusionkit.testing import check_component, check_fusion, check_gate
 
-from fusionkit_xattn.fusion import XAttnFusion, XAttnParams
-from fusionkit_xattn.gate import GatedLateParams
-from fusionkit_xattn.plugin import build_gated, build_xattn
+from fusionkit_xattn.fusion import XAttnFusion, XAttnParams, build_xattn
+from fusionkit_xattn.gate import GatedLateParams, build_gated
 
 
 @pytest.mark.parametrize(

@@ -18,17 +18,15 @@ import math
 
 import torch
 from einops import rearrange
-from fusionkit.errors import ShapeError
-from pydantic import BaseModel, Field, model_validator
+from fusionkit.plugin import Params, ShapeError, register
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 __all__ = ["CrossModalBlock", "XAttnFusion", "XAttnParams"]
 
 
-class XAttnParams(BaseModel):
+class XAttnParams(Params):
     """Parameters of the ``xattn`` fusion."""
-
-    model_config = {"extra": "forbid"}
 
     dim: int = Field(
         64, ge=8, le=4096, description="model width d; every modality is projected to it"
@@ -178,3 +176,9 @@ class XAttnFusion(nn.Module):
             for m, x in h.items():
                 history[m].append(x)
         return {m: torch.stack(steps, dim=2) for m, steps in history.items()}
+
+
+@register("fusion", "xattn")
+def build_xattn(params: XAttnParams, *, in_dims: dict[str, int]) -> XAttnFusion:
+    """Cross-modal transformer: each modality attends to the others; stack per block."""
+    return XAttnFusion(params, in_dims)

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import torch
 from einops import einsum, rearrange
-from fusionkit import GateOutput
-from fusionkit.errors import ShapeError
-from pydantic import BaseModel, Field
+from fusionkit.plugin import GateOutput, Params, ShapeError, register
+from pydantic import Field
 from torch import Tensor, nn
 
 __all__ = ["GatedLateFusion", "GatedLateParams"]
 
 
-class GatedLateParams(BaseModel):
+class GatedLateParams(Params):
     """Parameters of the ``xattn_gated`` gate."""
-
-    model_config = {"extra": "forbid"}
 
     hidden: int = Field(32, ge=1, le=4096, description="width of the step-attention scorer")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="softmax temperature over steps")
@@ -74,3 +71,11 @@ class GatedLateFusion(nn.Module):
             g = torch.sigmoid(self.gate(torch.cat(pooled, dim=-1)))
             pooled = [p * g[..., i : i + 1] for i, p in enumerate(pooled)]
         return GateOutput(features=torch.cat(pooled, dim=-1), weights=weights)
+
+
+@register("gate", "xattn_gated")
+def build_gated(
+    params: GatedLateParams, *, in_dims: dict[str, int], num_steps: int
+) -> GatedLateFusion:
+    """Gated late fusion: attention over steps, sigmoid gate per modality."""
+    return GatedLateFusion(params, in_dims, num_steps)

@@ -1,0 +1,77 @@
+"""What the command modules share: consoles, recipe arguments, the metrics table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+#: Standard output; long lines are never hard-wrapped (paths and hints stay copyable in logs).
+console = Console(soft_wrap=True, highlight=False)
+#: Standard error.
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def split_recipe_args(
+    recipe: str | None, overrides: list[str] | None
+) -> tuple[str | None, list[str]]:
+    """``fusionkit run key=value`` (no file) means the embedded quickstart with overrides."""
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        return None, [recipe, *overrides]
+    return recipe, overrides
+
+
+def load(recipe: str | None, overrides: list[str] | None, strict: bool = False):
+    """Load and validate a recipe, honouring ``--strict`` and the recipe's ``strict_plugins``."""
+    from fusionkit.core.recipe import load_recipe
+    from fusionkit.core.registry import get_registry, raise_for_failures
+
+    if strict:  # through the environment so that worker processes are strict too
+        os.environ["FUSIONKIT_STRICT_PLUGINS"] = "1"
+    path, ovr = split_recipe_args(recipe, overrides)
+    rc = load_recipe(path, ovr)
+    if rc.strict_plugins:
+        os.environ["FUSIONKIT_STRICT_PLUGINS"] = "1"
+        raise_for_failures(get_registry())
+    return rc
+
+
+def _short(targets: list[str]) -> dict[str, str]:
+    """Column labels: initials (V, A) when they are unambiguous, else the full names."""
+    initials = [t[:1].upper() for t in targets]
+    if len(set(initials)) == len(targets):
+        return dict(zip(targets, initials, strict=True))
+    return {t: t for t in targets}
+
+
+def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[str]) -> Table:
+    """Rich table of per-split metrics (CCC per target and mean, PCC, RMSE, frames)."""
+    short = _short(targets)
+    table = Table(title=title)
+    table.add_column("split")
+    for t in targets:
+        table.add_column(f"CCC-{short[t]}", justify="right")
+    if len(targets) > 1:
+        table.add_column("CCC-mean", justify="right", style="bold", no_wrap=True, min_width=8)
+    for metric in ("PCC", "RMSE"):
+        for t in targets:
+            table.add_column(f"{metric}-{short[t]}", justify="right")
+
+    def num(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, int | float) else "n/a"
+
+    for split, m in splits.items():
+        row = [split] + [num(m.get(f"ccc_{t}")) for t in targets]
+        if len(targets) > 1:
+            row.append(num(m.get("ccc_mean")))
+        row += [num(m.get(f"pcc_{t}")) for t in targets]
+        row += [num(m.get(f"rmse_{t}")) for t in targets]
+        table.add_row(*row)
+    caption = [f"{v} = {k}" for k, v in short.items() if k != v]
+    caption.append("frames: " + ", ".join(f"{s} {m.get('n_frames')}" for s, m in splits.items()))
+    table.caption = "; ".join(caption)
+    return table

@@ -1,0 +1,131 @@
+"""Data commands: ``fusionkit extract`` (raw media -> feature caches) and
+``fusionkit predict`` (trained runs -> one submission file)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from fusionkit.cli._common import console, err_console, load
+
+
+def extract(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML whose data section to extract")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. data.params.root=/x")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=1, help="parallel worker processes")
+    ] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+) -> None:
+    """Turn a dataset's raw media into per-video feature caches (resumable; valid caches are
+    skipped, stale or corrupt ones recomputed)."""
+    from fusionkit.core.errors import DataError
+    from fusionkit.core.interfaces import Extractable
+    from fusionkit.core.registry import get_registry
+    from fusionkit.engine.session import build_dataset
+
+    rc = load(recipe, list(overrides or []))
+    dataset = build_dataset(rc, get_registry())
+    if not isinstance(dataset, Extractable):
+        raise DataError(
+            f"dataset {rc.data.name!r} reads ready features: there is nothing to extract"
+        )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = dataset.extract(workers=workers, progress=not quiet)
+    except KeyboardInterrupt:
+        err_console.print(
+            "\n[yellow]interrupted[/]: finished caches are kept; run the same command to resume"
+        )
+        raise typer.Exit(130) from None
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", soft_wrap=True)
+    table = Table(title=f"fusionkit extract: {rc.data.name}")
+    for col in ("caches", "computed", "refreshed", "skipped (valid)", "failed", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(report.total),
+        str(report.computed),
+        str(len(report.refreshed)),
+        str(report.skipped),
+        str(len(report.failed)),
+        f"{report.seconds:.1f}",
+    )
+    console.print(table)
+    for label, why in report.refreshed.items():
+        console.print(f"recomputed {escape(label)}: {escape(why)}", highlight=False)
+    for d in report.cache_dirs:
+        console.print(f"cache: {d}", highlight=False)
+    if report.failed:
+        for label, err in report.failed.items():
+            err_console.print(
+                f"[red]failed[/] {escape(label)}: {escape(err)}", highlight=False, soft_wrap=True
+            )
+        err_console.print(
+            f"[red]{len(report.failed)} job(s) failed[/]; fix them and re-run (valid caches "
+            "are kept)"
+        )
+        raise typer.Exit(1)
+
+
+def predict(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="run directories; together they must cover every target"),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="submission file to write")],
+    split: Annotated[str, typer.Option(help="split to predict")] = "test",
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="dataset param override KEY=VALUE (repeatable), e.g. --data root=/x "
+            "--data test_list=/x/test.txt",
+        ),
+    ] = None,
+    missing_value: Annotated[
+        float | None,
+        typer.Option(help="fill a target no run predicts with this constant (else an error)"),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
+) -> None:
+    """Write per-frame predictions of a split as one file (image_location,valence,arousal)."""
+    from fusionkit.engine.predict import predict_run, write_submission
+
+    results = [predict_run(r, split, list(data or []), device=device) for r in runs]
+    summary = write_submission(results, out, missing_value)
+    console.print(
+        f"wrote {out}: {summary['rows']} rows, {summary['videos']} videos, columns "
+        f"{', '.join(summary['columns'])}",
+        highlight=False,
+    )
+    if summary["padded"]:
+        console.print(
+            f"padded with the last prediction: {', '.join(summary['padded'][:10])}"
+            f"{' ...' if len(summary['padded']) > 10 else ''}",
+            highlight=False,
+        )
+    if summary["truncated"]:
+        console.print(
+            f"truncated to the listed frames: {', '.join(summary['truncated'][:10])}"
+            f"{' ...' if len(summary['truncated']) > 10 else ''}",
+            highlight=False,
+        )
+    if summary["missing"]:
+        err_console.print(
+            f"[yellow]filled with {missing_value}[/]: {', '.join(summary['missing'])}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the data commands to the main app."""
+    app.command("extract")(extract)
+    app.command("predict")(predict)

@@ -1,0 +1,299 @@
+"""`fusionkit plugins ...`: list installed plugins per distribution and check their components."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from fusionkit.cli._common import console
+from fusionkit.core.errors import PluginError
+from fusionkit.core.registry import PluginLoadWarning
+
+if TYPE_CHECKING:
+    from fusionkit.core.registry import Component, PluginLoadFailure, Registry
+    from fusionkit.testing import ConformanceReport
+
+app = typer.Typer(no_args_is_help=True, help="List installed plugins and check their components.")
+
+_STYLE = {"pass": "green", "fail": "bold red", "skip": "dim", "warn": "yellow"}
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 normalised distribution name (``Fusionkit_XAttn`` -> ``fusionkit-xattn``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass
+class DistributionInfo:
+    """What one installed distribution contributes to the registry."""
+
+    name: str
+    version: str = ""
+    requires_fusionkit: str = ""
+    entry_points: list[str] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
+    failures: list[PluginLoadFailure] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "requires_fusionkit": self.requires_fusionkit,
+            "entry_points": self.entry_points,
+            "components": [
+                {"kind": c.kind, "name": c.name, "plugin": c.plugin, "summary": c.summary}
+                for c in self.components
+            ],
+            "failures": [f.__dict__ for f in self.failures],
+        }
+
+
+def _requirement_on_fusionkit(dist: str) -> str:
+    """The distribution's requirement on fusionkit (e.g. ``fusionkit>=0.1,<0.2``), or ``""``."""
+    if _normalize(dist) == "fusionkit":
+        return ""
+    try:
+        requires = md.distribution(dist).requires or []
+    except md.PackageNotFoundError:
+        return ""
+    for req in requires:
+        head = re.split(r"[\s;]", req, maxsplit=1)[0]
+        if _normalize(re.split(r"[<>=!~\[(]", head, maxsplit=1)[0]) == "fusionkit":
+            return req.split(";", 1)[0].strip()
+    return ""
+
+
+def distributions(reg: Registry) -> list[DistributionInfo]:
+    """Group the registry's components and load failures by distribution (fusionkit first)."""
+    infos: dict[str, DistributionInfo] = {}
+
+    def info(name: str, version: str) -> DistributionInfo:
+        if name not in infos:
+            infos[name] = DistributionInfo(name, version, _requirement_on_fusionkit(name))
+        return infos[name]
+
+    for c in reg.components():
+        d = info(c.distribution, c.version)
+        d.components.append(c)
+        if c.plugin and c.plugin not in d.entry_points:
+            d.entry_points.append(c.plugin)
+    for f in reg.failures:
+        d = info(f.distribution, f.version)
+        d.failures.append(f)
+        if f.plugin not in d.entry_points:
+            d.entry_points.append(f.plugin)
+    return sorted(infos.values(), key=lambda d: (d.name != "fusionkit", d.name))
+
+
+def _load(strict: bool, *, quiet: bool = False) -> Registry:
+    """Load the plugins; ``quiet`` leaves reporting skipped plugins to the caller."""
+    from fusionkit.core.registry import load_registry
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore", PluginLoadWarning)
+        return load_registry(strict=strict or None)
+
+
+@app.command("list")
+def plugins_list(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,
+) -> None:
+    """Installed plugin distributions: version, fusionkit requirement, components and kinds."""
+    reg = _load(strict, quiet=True)  # failures are listed under their distribution below
+    dists = distributions(reg)
+    if as_json:
+        data = {
+            "distributions": [d.to_dict() for d in dists],
+            "components": [
+                {
+                    "kind": c.kind,
+                    "name": c.name,
+                    "distribution": c.distribution,
+                    "version": c.version,
+                    "plugin": c.plugin,
+                    "summary": c.summary,
+                }
+                for c in reg.components()
+            ],
+            "failures": [f.__dict__ for f in reg.failures],
+            "clashes": [
+                {"kind": k, "name": n, "message": reg.clash_message(k, n)} for k, n in reg.clashes()
+            ],
+        }
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for d in dists:
+        head = f"[bold]{escape(d.name)}[/] {escape(d.version)}"
+        notes = []
+        if d.requires_fusionkit:
+            notes.append(f"requires {d.requires_fusionkit}")
+        if d.entry_points:
+            notes.append("entry points: " + ", ".join(d.entry_points))
+        if notes:
+            head += f"  [dim]({escape('; '.join(notes))})[/]"
+        console.print(head, highlight=False)
+        if d.components:
+            table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=False)
+            table.add_column("kind", style="cyan", no_wrap=True)
+            table.add_column("name", style="bold", no_wrap=True)
+            table.add_column("summary", overflow="fold")
+            clashing = set(reg.clashes())
+            for c in d.components:
+                name = c.name + (" [red](clash)[/]" if (c.kind, c.name) in clashing else "")
+                table.add_row(f"  {c.kind}", name, escape(c.summary))
+            console.print(table)
+        for f in d.failures:
+            console.print(
+                f"  [red]not loaded[/]: plugin '{escape(f.plugin)}': {escape(f.error)}",
+                highlight=False,
+            )
+    for kind, name in reg.clashes():
+        console.print(f"[red]name clash[/]: {escape(reg.clash_message(kind, name))}")
+    n_dists = sum(bool(d.components) for d in dists)
+    console.print(
+        f"{len(reg.components())} components from {n_dists} "
+        f"distribution{'s' if n_dists != 1 else ''}"
+        + (f"; [red]{len(reg.failures)} plugin(s) failed to load[/]" if reg.failures else ""),
+        highlight=False,
+    )
+
+
+def _select(reg: Registry, name: str | None, kind: str | None, check_all: bool) -> list[Component]:
+    """Components named ``name``, else of the distribution ``name``, else of the kind ``name``;
+    every component with ``--all``."""
+    from fusionkit.core.params import did_you_mean
+
+    kinds = [k.name for k in reg.kinds()]
+    if kind is not None:
+        reg.kind(kind)  # raises with the known kinds listed
+    comps = [c for c in reg.components() if kind is None or c.kind == kind]
+    if check_all:
+        if name is not None:
+            raise PluginError("give either a NAME or --all, not both")
+        return comps
+    if name is None:
+        raise PluginError("name a component or a distribution to check, or pass --all")
+    by_name = [c for c in comps if c.name == name]
+    if len({(c.kind, c.name) for c in by_name}) < len(by_name):
+        raise PluginError(reg.clash_message(by_name[0].kind, name))
+    if by_name:
+        return by_name
+    by_dist = [c for c in comps if _normalize(c.distribution) == _normalize(name)]
+    if by_dist:
+        return by_dist
+    by_kind = [c for c in comps if c.kind == name]
+    if by_kind:
+        return by_kind
+    failed = [f for f in reg.failures if _normalize(f.distribution) == _normalize(name)]
+    if failed:
+        f = failed[0]
+        raise PluginError(
+            f"distribution '{f.distribution}' failed to load (plugin '{f.plugin}'): {f.error}"
+        )
+    known = sorted({c.name for c in comps} | {c.distribution for c in comps} | set(kinds))
+    what = f"{kind} " if kind else "component or distribution "
+    raise PluginError(
+        f"no {what}named {name!r}{did_you_mean(name, known)}; see `fusionkit plugins list`"
+    )
+
+
+def _print_report(report: ConformanceReport, *, verbose: bool) -> None:
+    """Header line with the summary; every check when ``verbose``, else only the notable ones."""
+    style = "green" if report.ok else "bold red"
+    where = f" [dim]{escape(report.distribution)} {escape(report.version)}[/]"
+    console.print(
+        f"[{style}]{'ok  ' if report.ok else 'FAIL'}[/] [bold]{report.kind} "
+        f"'{escape(report.name)}'[/]{where if report.distribution else ''}: {report.summary()}",
+        highlight=False,
+    )
+    shown = [r for r in report.results if verbose or r.status in ("fail", "warn")]
+    if not shown:
+        return
+    table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=False)
+    table.add_column("status", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    for r in shown:
+        table.add_row(f"    [{_STYLE[r.status]}]{r.status.upper()}[/]", r.check, escape(r.message))
+    console.print(table)
+
+
+@app.command("check")
+def plugins_check(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="a component, or a distribution or kind to check all its components"),
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", "-k", help="only components of this kind")
+    ] = None,
+    check_all: Annotated[
+        bool, typer.Option("--all", help="check every registered component")
+    ] = False,
+    params: Annotated[
+        str | None,
+        typer.Option("--params", help="params as JSON, e.g. '{\"num_steps\": 3}' (one component)"),
+    ] = None,
+    skip: Annotated[
+        list[str] | None, typer.Option("--skip", help="check id to skip (repeatable)")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="list passed and skipped checks too")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,
+) -> None:
+    """Run the conformance kit (fusionkit.testing) on components; exit 1 if any check fails."""
+    from fusionkit.testing import check_component, known_checks
+
+    reg = _load(strict)
+    comps = _select(reg, name, kind, check_all)
+    given: dict[str, Any] | None = None
+    if params is not None:
+        if len(comps) != 1:
+            listing = ", ".join(f"{c.kind} {c.name}" for c in comps)
+            raise PluginError(f"--params applies to one component; {len(comps)} match: {listing}")
+        try:
+            given = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise PluginError(f"--params is not valid JSON ({exc.msg}): {params}") from None
+        if not isinstance(given, dict):
+            raise PluginError(f"--params must be a JSON object; got {params}")
+    skips = list(skip or [])
+    valid = known_checks()
+    unknown = [s for s in skips if s not in valid]
+    if unknown:
+        from fusionkit.core.params import did_you_mean
+
+        raise PluginError(
+            f"unknown check {unknown[0]!r}{did_you_mean(unknown[0], valid)}; checks: "
+            + ", ".join(valid)
+        )
+    reports = []
+    for c in comps:
+        report = check_component(c.kind, c.name, given, registry=reg, skip=skips)
+        reports.append(report)
+        if not as_json:
+            _print_report(report, verbose=verbose or len(comps) == 1)
+    failed = [r for r in reports if not r.ok]
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        style = "bold red" if failed else "green"
+        console.print(
+            f"[{style}]{len(reports) - len(failed)} of {len(reports)} components conform[/]"
+            + (": failed " + ", ".join(f"{r.kind} '{r.name}'" for r in failed) if failed else ""),
+            highlight=False,
+        )
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,155 @@
+"""`fusionkit report` (comparison reports) and `fusionkit robustness` (perturbation sweeps on
+trained checkpoints)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from fusionkit.cli._common import console
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(report)
+    app.command()(robustness)
+
+
+def report(
+    paths: Annotated[list[Path], typer.Argument(help="grid or run directories")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write report.md, report.html, CSVs and plots/ into this directory"),
+    ] = None,
+    split: Annotated[str, typer.Option(help="split whose metrics are compared")] = "test",
+    baseline: Annotated[
+        str | None, typer.Option(help="variant the others are compared with (default: first)")
+    ] = None,
+    bootstrap: Annotated[
+        int, typer.Option(min=100, help="paired-bootstrap resamples over videos")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap resampling")] = 0,
+    gate_videos: Annotated[
+        int, typer.Option(min=1, help="videos shown in each gate plot (the longest ones)")
+    ] = 3,
+    throughput: Annotated[
+        bool,
+        typer.Option(
+            "--throughput/--no-throughput",
+            help="measure inference frames/s of each variant now (cached per run)",
+        ),
+    ] = True,
+    remeasure: Annotated[
+        bool, typer.Option("--remeasure", help="measure throughput again (ignore the caches)")
+    ] = False,
+    html_page: Annotated[bool, typer.Option("--html/--no-html", help="write report.html")] = True,
+) -> None:
+    """Compare finished runs: CCC mean ± std over seeds, Δ vs a baseline with a paired
+    bootstrap, cost, robustness curves and gate plots (Markdown, HTML, CSV)."""
+    from fusionkit.studies.report import build_report, render_markdown, results_table, write_report
+
+    rep = build_report(
+        paths,
+        split=split,
+        baseline=baseline,
+        n_boot=bootstrap,
+        boot_seed=seed,
+        gate_videos=gate_videos,
+        throughput=throughput,
+        remeasure=remeasure,
+    )
+    rep.command = "fusionkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if out is None:
+        typer.echo(render_markdown(rep))
+        return
+    written = write_report(rep, out, html_page=html_page)
+    typer.echo(results_table(rep))
+    console.print(
+        f"wrote {len(written)} files to {escape(str(out))}: "
+        + ", ".join(escape(p.name) for p in written)
+    )
+
+
+def _parse_values(text: str) -> list[Any]:
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.core.yamlio import load_yaml
+
+    values = [load_yaml(v, "--values") for v in text.split(",") if v.strip()]
+    if not values:
+        raise FusionkitError("--values: give at least one value, e.g. --values=-30,-15,0,15,30")
+    return values
+
+
+def robustness(
+    paths: Annotated[list[Path], typer.Argument(help="run or grid directories (trained)")],
+    perturb: Annotated[
+        str | None,
+        typer.Option(help="perturbation to sweep (default: each run recipe's sweeps)"),
+    ] = None,
+    axis: Annotated[str | None, typer.Option(help="the perturbation param swept, e.g. k")] = None,
+    values: Annotated[
+        str | None, typer.Option(help="comma-separated values, e.g. --values=-30,-15,0,15,30")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="fixed param key=value (repeatable)")
+    ] = None,
+    split: Annotated[list[str] | None, typer.Option(help="split(s) evaluated")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the per-video perturbation draws")] = 0,
+    name: Annotated[str | None, typer.Option(help="results file robustness/<name>.json")] = None,
+) -> None:
+    """Evaluate trained runs under a perturbation swept over values (no retraining).
+
+    Results go to <run>/robustness/<name>.json; values already computed are skipped. Example:
+    fusionkit robustness runs/misalignment --perturb shift --param modality=audio --axis k
+    --values=-30,-15,0,15,30
+    """
+    from pydantic import ValidationError
+
+    from fusionkit.core.errors import FusionkitError, RecipeError
+    from fusionkit.core.overrides import parse_overrides
+    from fusionkit.core.params import describe_validation_error
+    from fusionkit.core.recipe import RobustnessSpec
+    from fusionkit.core.registry import get_registry
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.studies.report import collect_runs
+    from fusionkit.studies.robustness import run_recipe_robustness
+
+    specs: list[RobustnessSpec] | None = None
+    if perturb is not None:
+        if axis is None or values is None:
+            raise FusionkitError(
+                "--perturb needs --axis and --values (e.g. --axis k --values=0,15)"
+            )
+        raw = {
+            "name": name,
+            "perturbation": perturb,
+            "params": parse_overrides(param or [], "--param"),
+            "axis": axis,
+            "values": _parse_values(values),
+            "splits": split or ["test"],
+            "seed": seed,
+        }
+        try:
+            spec = RobustnessSpec.model_validate(raw, context={"registry": get_registry()})
+        except ValidationError as exc:
+            raise RecipeError(describe_validation_error(exc), "<command line>") from None
+        specs = [spec]
+    elif any(x is not None for x in (axis, values, param, split, name)):
+        raise FusionkitError("--axis/--values/--param/--split/--name need --perturb")
+    runs = collect_runs(paths)
+    for run in runs:
+        console.print(f"[bold]{escape(str(run.run_dir))}[/]")
+
+        def show(split_: str, value: Any, m: dict[str, Any]) -> None:
+            console.print(f"  {split_} {value!s:>8}  CCC mean {m['ccc_mean']:.4f}")
+
+        with RunDir.open(run.run_dir) as rdir:
+            records = run_recipe_robustness(rdir, specs, on_value=show)
+        if not records:
+            console.print("  (its recipe declares no evaluation.robustness; use --perturb)")
+        for rec in records:
+            console.print(f"  robustness/{rec['name']}.json: complete")

@@ -1,0 +1,67 @@
+"""The ``fusionkit`` application: every command, and one-line errors."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from fusionkit.cli._common import err_console
+from fusionkit.core.errors import FusionkitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="fusionkit: audio-visual fusion for continuous valence/arousal.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import fusionkit
+
+        typer.echo(f"fusionkit {fusionkit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """fusionkit: audio-visual fusion for continuous valence/arousal."""
+
+
+def _register() -> None:
+    # Each area keeps its commands in its own module of this package.
+    from fusionkit.cli import data, plugins, recipe, report, run
+
+    run.register(app)
+    app.add_typer(recipe.app, name="recipe")
+    app.add_typer(plugins.app, name="plugins")
+    report.register(app)
+    data.register(app)
+
+
+_register()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings print as one line on standard error (no source excerpt)."""
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
+
+
+def main() -> None:
+    """Console entry point: user mistakes print one message, no traceback."""
+    warnings.showwarning = _show_warning
+    try:
+        app()
+    except FusionkitError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        sys.exit(2)

@@ -1,0 +1,218 @@
+"""``fusionkit run``, ``fusionkit resume`` and ``fusionkit eval``: training a recipe (or a
+grid of them), continuing an interrupted run, re-evaluating a finished one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from fusionkit.cli._common import console, err_console, load, metrics_table
+
+__all__ = ["eval_cmd", "register", "resume", "run"]
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(resume)
+    app.command("eval")(eval_cmd)
+
+
+def run(
+    recipe: Annotated[
+        str | None, typer.Argument(help="recipe YAML (default: the embedded quickstart)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides, e.g. training.lr=1e-3")
+    ] = None,
+    resume_flag: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue the run in <output.dir>/<name> (or the grid); see also "
+            "`fusionkit resume RUN_DIR`",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="parent folder of the run (output.dir)")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="run directory name (output.name)")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", min=1, max=256, help="parallel processes for a grid")
+    ] = 1,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="fail if any installed plugin fails to load")
+    ] = False,
+    executor: Annotated[
+        str, typer.Option(help="where grid points run: 'local' processes or a 'ray' cluster")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS or local)")
+    ] = None,
+) -> None:
+    """Train and evaluate a recipe (or every point of its grid) into run directories."""
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.engine.distributed import Dist
+    from fusionkit.engine.runs import RunDir, is_run_dir
+    from fusionkit.engine.session import check_recipe, resolve_device, set_threads
+
+    extra = list(overrides or [])
+    if out is not None:
+        extra.append(f"output.dir={out}")
+    if name is not None:
+        extra.append(f"output.name={name}")
+    rc = load(recipe, extra, strict)
+    if rc.is_grid:
+        _run_grid(rc, workers, quiet, executor, ray_address)
+        return
+    check_recipe(rc)  # every build-time error, before any folder exists
+    threads = set_threads(rc.training.num_threads)
+    dist = Dist.from_env(resolve_device(rc.training.device).type)
+    target = Path(rc.output.dir) / rc.run_name
+    if resume_flag:
+        if not is_run_dir(target):
+            raise FusionkitError(
+                f"--resume: there is no run in {target}; start it without --resume, or name "
+                "the run to continue: fusionkit resume RUN_DIR"
+            )
+        run_dir = RunDir.open(target) if dist.is_main else RunDir(target)
+        if dist.is_main:
+            run_dir.lock()
+            run_dir.check_same_training(rc)
+        _train(rc, run_dir, resume=True, quiet=quiet, dist=dist, threads=threads)
+        return
+    run_dir = RunDir.create(rc) if dist.is_main else None
+    path = dist.broadcast(str(run_dir.path) if run_dir else None)
+    _train(rc, run_dir or RunDir(path), resume=False, quiet=quiet, dist=dist, threads=threads)
+
+
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="the run directory to continue")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+) -> None:
+    """Continue an interrupted run from its last finished epoch (its own recipe.yaml)."""
+    from fusionkit.engine.distributed import Dist
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.session import check_recipe, resolve_device, set_threads
+
+    run = RunDir.open(run_dir)
+    rc = run.recipe()
+    check_recipe(rc)
+    threads = set_threads(rc.training.num_threads)
+    dist = Dist.from_env(resolve_device(rc.training.device).type)
+    if dist.is_main:
+        run.lock()
+        run.check_same_training(rc)
+    _train(rc, run, resume=True, quiet=quiet, dist=dist, threads=threads)
+
+
+def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.studies.grid import train_and_evaluate
+
+    if not dist.is_main:
+        quiet = True
+        console.quiet = True
+    if resume and dist.is_main and run.is_complete():
+        console.print(
+            f"{escape(str(run.path))} is complete already; nothing to do (its results are in "
+            f"{escape(str(run.path / 'metrics.json'))})"
+        )
+        return
+    verb = "resuming" if resume else "fusionkit run"
+    console.print(f"[bold]{verb}[/] {escape(rc.run_name)} -> {escape(str(run.path))}")
+    try:
+        result = train_and_evaluate(
+            rc, run, resume=resume, console=None if quiet else console, dist=dist
+        )
+    except KeyboardInterrupt:
+        err_console.print(
+            f"\n[yellow]interrupted[/]: the last finished epoch is saved in "
+            f"{escape(str(run.path))}\nresume with: fusionkit resume {escape(str(run.path))}"
+        )
+        raise typer.Exit(130) from None
+    except FusionkitError:
+        if not resume and dist.is_main:
+            run.remove_if_unstarted()  # a retry then gets the same name
+        raise
+    console.print(
+        metrics_table(
+            f"{rc.run_name} (best epoch {result.best_epoch})",
+            result.metrics,
+            list(rc.model.targets),
+        )
+    )
+    console.print(f"run directory: {escape(str(run.path))}")
+
+
+def _run_grid(rc, workers: int, quiet: bool, executor: str, ray_address: str | None) -> None:
+    import os
+
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.studies.grid import run_grid
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FusionkitError(
+            "a recipe with sweep/variants cannot run under torchrun: run the grid without "
+            "torchrun (points run one after another), or torchrun one point at a time"
+        )
+    if executor not in ("local", "ray"):
+        raise FusionkitError(f"--executor: unknown {executor!r}; use 'local' or 'ray'")
+    try:
+        record = run_grid(
+            rc,
+            workers=workers,
+            console=None if quiet else console,
+            executor=executor,
+            ray_address=ray_address,
+        )
+    except KeyboardInterrupt:
+        err_console.print(
+            "\n[yellow]interrupted[/]: finished points are kept and running ones keep their "
+            f"last finished epoch; continue with the same command: fusionkit run {rc.source}"
+        )
+        raise typer.Exit(130) from None
+    failed = [t for t, r in record["runs"].items() if r["status"] != "done"]
+    if failed:
+        err_console.print(f"[red]{len(failed)} run(s) failed[/]: {escape(', '.join(failed))}")
+        raise typer.Exit(1)
+
+
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="split(s) to evaluate (default: the run's)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
+) -> None:
+    """Reload a run's best weights and recompute its metrics; compares with metrics.json."""
+    from fusionkit.engine.evaluate import evaluate_splits
+    from fusionkit.engine.runs import RunDir, read_metrics
+    from fusionkit.engine.session import load_run
+
+    run = RunDir.open(run_dir)
+    loaded = load_run(run, device=device)
+    rc = loaded.session.recipe
+    stored = read_metrics(run.path, list(rc.model.targets))
+    splits = list(split or rc.evaluation.splits)
+    results, _, _ = evaluate_splits(loaded.session, splits)
+    console.print(metrics_table(f"{rc.run_name} (re-evaluated)", results, list(rc.model.targets)))
+    mismatches = [
+        f"{s}.{k}: stored {stored['splits'][s].get(k)!r}, now {v!r}"
+        for s, m in results.items()
+        for k, v in m.items()
+        if s in stored["splits"] and stored["splits"][s].get(k) != v
+    ]
+    if mismatches:
+        err_console.print(
+            "[red]differs from metrics.json:[/]\n  " + escape("\n  ".join(mismatches))
+        )
+        raise typer.Exit(1)
+    compared = [s for s in splits if s in stored["splits"]]
+    if compared:
+        console.print(f"[green]reproduces metrics.json exactly[/] ({', '.join(compared)})")

@@ -1,0 +1,171 @@
+"""The base of every params block, and how validation problems are worded.
+
+Every component declares a pydantic model for its ``params`` block. Deriving it from
+:class:`Params` gives the two rules fusionkit relies on: unknown keys are errors (a typo is
+reported, not ignored) and floats are finite (``.inf`` or ``.nan`` never reach a model).
+Components whose params model derives from plain ``BaseModel`` still get the finiteness rule:
+the recipe checks every validated params block with :func:`nonfinite_fields`.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "EmptyParams",
+    "Params",
+    "describe_validation_error",
+    "did_you_mean",
+    "error_at",
+    "nonfinite_fields",
+    "short_repr",
+    "with_valid_keys",
+]
+
+
+class Params(BaseModel):
+    """Base class of params models: unknown keys rejected, floats finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class EmptyParams(Params):
+    """Params model of a component that takes no parameters."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest choice, or ``""``.
+
+    >>> did_you_mean("lrr", ["lr", "epochs"])
+    " (did you mean 'lr'?)"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 4
+
+
+def short_repr(value: Any) -> str:
+    """A short ``repr`` that never builds the whole text of a large or deeply nested value.
+
+    >>> short_repr(list(range(1000)))
+    '[0, 1, 2, 3, ...]'
+    """
+    return _REPR.repr(value)
+
+
+def nonfinite_fields(params: BaseModel) -> list[str]:
+    """Dotted paths of non-finite floats anywhere in a validated params instance."""
+    out: list[str] = []
+
+    def walk(value: Any, path: str, depth: int) -> None:
+        if depth > 32:
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            out.append(path or "<value>")
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), f"{path}.{name}" if path else name, depth + 1)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}" if path else str(k), depth + 1)
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(v, f"{path}.{i}" if path else str(i), depth + 1)
+
+    walk(params, "", 0)
+    return out
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the nested model that a pydantic error location points into."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
+            return []
+        field = cur.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        subs = [a for a in (ann, *getattr(ann, "__args__", ())) if _is_model(a)]
+        cur = subs[0] if subs else None
+    return list(cur.model_fields) if _is_model(cur) else []
+
+
+def _is_model(x: Any) -> bool:
+    return isinstance(x, type) and issubclass(x, BaseModel)
+
+
+def describe_validation_error(
+    exc: ValidationError, model: type[BaseModel] | None = None, prefix: str = ""
+) -> list[str]:
+    """One line per problem: ``dotted.path: what is wrong (got value)``.
+
+    Unknown keys get a did-you-mean and the valid keys; values are shown through
+    :func:`short_repr`, so a huge value never turns into a huge message.
+    """
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = prefix + ".".join(str(p) for p in loc)
+        path = path.rstrip(".") or "<top level>"
+        kind = err["type"]
+        msg = str(err.get("msg", "invalid"))
+        for lead in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(lead)
+        if kind == "extra_forbidden":
+            valid = list((err.get("ctx") or {}).get("valid", [])) or _fields_at(model, loc)
+            hint = did_you_mean(str(loc[-1]), valid)
+            listing = f"; valid keys: {', '.join(valid)}" if valid else ""
+            problems.append(f"{path}: unknown key{hint}{listing}")
+        elif kind == "missing":
+            problems.append(f"{path}: required key is missing")
+        elif kind.startswith("fusionkit_") or kind in ("value_error", "assertion_error"):
+            problems.append(f"{path}: {msg}")
+        elif isinstance(err.get("input"), dict | list):
+            problems.append(f"{path}: {msg}")
+        else:
+            problems.append(f"{path}: {msg} (got {short_repr(err.get('input'))})")
+    return problems
+
+
+def error_at(loc: tuple[str | int, ...], message: str, value: Any = None) -> ValidationError:
+    """A validation error at ``loc`` (relative to the model being validated), for checks that
+    span fields: raised inside a validator, pydantic prefixes the location of the field."""
+    err = PydanticCustomError("fusionkit_check", "{message}", {"message": message})
+    return ValidationError.from_exception_data(
+        "fusionkit", [{"type": err, "loc": loc, "input": value}]
+    )
+
+
+def with_valid_keys(exc: ValidationError, model: type[BaseModel]) -> ValidationError:
+    """``exc`` with each unknown-key error carrying a did-you-mean and the valid keys of the
+    model it occurred in, so that the message stays useful once nested in a recipe."""
+    errors: list[Any] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc)
+            hint = did_you_mean(str(loc[-1]), valid)
+            listing = f"; valid keys: {', '.join(valid)}" if valid else ""
+            kind = PydanticCustomError(
+                "fusionkit_unknown_key", "unknown key{rest}", {"rest": hint + listing}
+            )
+            errors.append({"type": kind, "loc": loc, "input": err.get("input")})
+        else:  # kept as it was: same type name, same message
+            kind = PydanticCustomError(err["type"], "{msg}", {"msg": err["msg"]})
+            errors.append({"type": kind, "loc": loc, "input": err.get("input")})
+    return ValidationError.from_exception_data(exc.title, errors)

@@ -1,0 +1,135 @@
+"""Reading YAML with bounds: file size, nesting depth, and the size of the value once YAML
+aliases are expanded.
+
+A recipe is small. A file of megabytes, a value nested thousands of levels deep or a few
+lines of aliases that expand to billions of values ("billion laughs") are mistakes or
+attacks, and each ends in one :class:`~fusionkit.core.errors.RecipeError` instead of a hang,
+a ``RecursionError`` or gigabytes of memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fusionkit.core.errors import RecipeError
+
+__all__ = ["MAX_DEPTH", "MAX_FILE_BYTES", "MAX_VALUES", "load_yaml", "read_yaml"]
+
+#: Largest recipe file read (bytes).
+MAX_FILE_BYTES = 1 << 20
+#: Deepest nesting of mappings and lists.
+MAX_DEPTH = 64
+#: Most values (scalars, mappings, lists) a document may hold with every alias expanded.
+MAX_VALUES = 100_000
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A safe loader that refuses documents nested deeper than :data:`MAX_DEPTH`."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(root: Any) -> int:
+    """Values in ``root`` counting every shared (aliased) object each time it is reached,
+    computed in time linear in the number of distinct objects."""
+    if not isinstance(root, dict | list):
+        return 1
+    memo: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative post-order: children are counted before their parents
+        node, children_done = stack.pop()
+        if id(node) in memo:
+            continue
+        children = list(node.values() if isinstance(node, dict) else node)
+        if not children_done:
+            if id(node) in visiting:  # a value that contains itself never ends
+                return MAX_VALUES + 1
+            visiting.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if isinstance(c, dict | list))
+            continue
+        total = 1
+        for c in children:
+            total += memo.get(id(c), 1) if isinstance(c, dict | list) else 1
+        memo[id(node)] = min(total, MAX_VALUES + 1)
+        visiting.discard(id(node))
+    return memo[id(root)]
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text within the bounds above; errors name ``source`` and the line."""
+    loader = _BoundedLoader(text)
+    try:
+        data = loader.get_single_data()
+    except _TooDeep:
+        raise RecipeError(
+            [f"nested more than {MAX_DEPTH} levels deep; recipes are shallow mappings"], source
+        ) from None
+    except yaml.reader.ReaderError as exc:
+        char = chr(exc.character) if isinstance(exc.character, int) else exc.character
+        raise RecipeError(
+            [f"YAML cannot contain the control character {char!r} (position {exc.position})"],
+            source,
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(problem).split())
+        raise RecipeError([f"YAML syntax error{where}: {problem}"], source) from None
+    finally:
+        loader.dispose()
+    if _expanded_size(data) > MAX_VALUES:
+        raise RecipeError(
+            [
+                f"expands to more than {MAX_VALUES:,} values (YAML aliases repeating a large "
+                "value?); write the recipe out without nested aliases"
+            ],
+            source,
+        )
+    return data
+
+
+def read_yaml(path: Path, what: str = "recipe") -> Any:
+    """Read a YAML file of at most :data:`MAX_FILE_BYTES`, strictly UTF-8."""
+    source = str(path)
+    if not path.exists():
+        raise RecipeError([f"file not found: {path}"], source)
+    if not path.is_file():
+        raise RecipeError([f"{path} is not a file"], source)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise RecipeError(
+            [f"the file is {size:,} bytes; a {what} is at most {MAX_FILE_BYTES:,} bytes"], source
+        )
+    raw = path.read_bytes()[: MAX_FILE_BYTES + 1]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            [
+                f"not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); is it a "
+                f"{what} file?"
+            ],
+            source,
+        ) from None
+    return load_yaml(text, source)

@@ -1,0 +1,166 @@
+"""The two checkpoint files of a run: the best weights and the resumable training state.
+
+Both are safetensors files (no pickle). Everything that is not a tensor (the typed
+:class:`TrainState`, the optimizer's scalars, the scheduler) is JSON in the file's metadata,
+so one atomic rename commits a consistent checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from fusionkit.core.errors import CheckpointError
+from fusionkit.core.params import describe_validation_error
+from fusionkit.engine.files import json_metadata, load_tensors, save_tensors, state_dict_mismatch
+
+__all__ = ["TrainState", "load_state", "load_weights", "save_state", "save_weights"]
+
+
+class TrainState(BaseModel):
+    """Where training stands after the last finished epoch (epochs count from 1).
+
+    Attributes:
+        recipe_sha256: :meth:`~fusionkit.core.recipe.Recipe.training_sha256` of the recipe.
+        epochs_done: finished epochs; the next one is ``epochs_done + 1``.
+        best_epoch: the epoch whose weights are ``model.safetensors`` (``None`` before any).
+        best_val_ccc_mean: its validation CCC-mean.
+        best_weights_sha256: SHA-256 of that ``model.safetensors``: resume checks it.
+        bad_epochs: epochs since the last improvement (early stopping).
+        stopped_early: early stopping ended training.
+        train_seconds: wall time of the finished epochs.
+        history: one record per finished epoch (also in ``history.csv``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe_sha256: str
+    epochs_done: int = Field(0, ge=0)
+    best_epoch: int | None = Field(None, ge=1)
+    best_val_ccc_mean: float | None = None
+    best_weights_sha256: str | None = None
+    bad_epochs: int = Field(0, ge=0)
+    stopped_early: bool = False
+    train_seconds: float = Field(0.0, ge=0.0)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:
+    """Save a model's state dict as safetensors (atomically)."""
+    save_tensors(Path(path), model.state_dict(), {"fusionkit": json.dumps(meta or {})})
+
+
+def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """Load safetensors weights into ``model`` strictly; returns the file's fusionkit metadata.
+
+    Mismatches name the keys and shapes; unreadable files and metadata name the file.
+    """
+    p = Path(path)
+    tensors, meta = load_tensors(p)
+    info = json_metadata(meta, "fusionkit", p) if "fusionkit" in meta else {}
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{p}: metadata 'fusionkit' is not a JSON object")
+    _load_into(model, tensors, p)
+    return info
+
+
+def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    problems = state_dict_mismatch(model.state_dict(), tensors)
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit the model built from the run's recipe: {problems}"
+        )
+    model.load_state_dict(tensors, strict=True)
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = val
+            else:
+                scalars.setdefault(str(pid), {})[key] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = val
+    for pid, vals in info["scalars"].items():
+        state.setdefault(int(pid), {}).update(vals)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    rng: dict[str, torch.Tensor],
+) -> None:
+    """Save everything needed to resume training bit for bit, in one atomic safetensors file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_info = _flatten_optimizer(optimizer)
+    tensors.update(opt_tensors)
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    meta = {
+        "optimizer": json.dumps(opt_info),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "trainer": state.model_dump_json(),
+    }
+    save_tensors(Path(path), tensors, meta)
+
+
+def read_train_state(path: str | Path) -> TrainState:
+    """Only the :class:`TrainState` of a state file (no tensors loaded)."""
+    from fusionkit.engine.files import tensors_metadata
+
+    p = Path(path)
+    return _parse_state(json_metadata(tensors_metadata(p), "trainer", p), p)
+
+
+def _parse_state(raw: Any, path: Path) -> TrainState:
+    try:
+        return TrainState.model_validate(raw)
+    except ValidationError as exc:
+        first = describe_validation_error(exc, TrainState)[0]
+        raise CheckpointError(
+            f"{path}: training state is incomplete or from another fusionkit version "
+            f"(trainer.{first}); start a new run"
+        ) from None
+
+
+def load_state(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore model, optimizer and scheduler from :func:`save_state`; returns
+    ``(state, rng)``. Every problem is a :class:`CheckpointError` naming the file and key."""
+    p = Path(path)
+    tensors, meta = load_tensors(p)
+    state = _parse_state(json_metadata(meta, "trainer", p), p)
+    opt_info = json_metadata(meta, "optimizer", p)
+    sched = json_metadata(meta, "scheduler", p)
+    model_t = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    _load_into(model, model_t, p)
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, opt_info))
+        scheduler.load_state_dict(sched)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{p}: optimizer or scheduler state does not fit this model ({exc}); start a new run"
+        ) from None
+    rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return state, rng

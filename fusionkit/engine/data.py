@@ -1,0 +1,196 @@
+"""Windowing of videos into fixed-length training/evaluation windows.
+
+All frames of a split are concatenated once into ``(N_total, F_m)`` tensors (kept on the
+training device); a window is an ``(offset, start)`` pair into them, and a batch is gathered
+with one indexing operation, so no per-frame or per-window Python work happens per step.
+
+Everything a dataset delivers passes through :class:`FrameStore`, so this is where data is
+checked once: non-finite features or labels are an error naming the video and modality, and
+a video in which a modality is never present is reported with a :class:`DataWarning`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fusionkit.core.errors import DataError
+from fusionkit.core.interfaces import Video
+
+__all__ = ["Batch", "DataWarning", "FrameStore", "window_starts"]
+
+
+class DataWarning(UserWarning):
+    """Data that trains but probably not as intended (e.g. a modality absent from a video)."""
+
+
+def _check_finite(v: Video, what: str, x: Tensor, where: str) -> None:
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(x.shape[0], -1).any(dim=1).nonzero()
+    raise DataError(
+        f"{where}: video {v.name!r} has non-finite {what} ({int((~finite).sum())} values, first "
+        f"at frame {int(bad[0])}); fix the data, or the perturbation that produced it"
+    )
+
+
+def window_starts(num_frames: int, window: int, hop: int) -> list[int]:
+    """Start frames of the windows covering ``num_frames``: ``0, hop, ...`` and a last window
+    aligned to the end (as released). A video shorter than ``window`` gets one padded window.
+
+    >>> window_starts(700, 300, 200)
+    [0, 200, 400]
+    >>> window_starts(750, 300, 200)
+    [0, 200, 400, 450]
+    """
+    if num_frames <= window:
+        return [0]
+    starts = list(range(0, num_frames - window + 1, hop))
+    if starts[-1] + window < num_frames:
+        starts.append(num_frames - window)
+    return starts
+
+
+@dataclass
+class Batch:
+    """A batch of windows.
+
+    Attributes:
+        inputs: modality -> ``(B, T, F_m)``.
+        mask: ``(B, T)`` bool, True on real (non-padded) frames.
+        targets: ``(B, T, n_targets)``.
+        target_mask: ``(B, T)`` bool, True where a label exists (and the frame is real).
+        frame_index: ``(B, T)`` long index into the store's concatenated frames (-1 on padding).
+    """
+
+    inputs: dict[str, Tensor]
+    mask: Tensor
+    targets: Tensor
+    target_mask: Tensor
+    frame_index: Tensor
+
+
+class FrameStore:
+    """The frames of one split, concatenated, plus the window table over them."""
+
+    def __init__(
+        self,
+        videos: Sequence[Video],
+        modalities: Sequence[str],
+        target_columns: Sequence[int],
+        window: int,
+        hop: int,
+        device: torch.device | str = "cpu",
+        where: str = "dataset",
+    ) -> None:
+        if not videos:
+            raise DataError(f"{where} has no videos")
+        self.names = [v.name for v in videos]
+        self.lengths = torch.tensor([v.num_frames for v in videos], dtype=torch.long)
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        self.window = window
+        feats: dict[str, list[Tensor]] = {m: [] for m in modalities}
+        absent: dict[str, list[str]] = {}
+        for v in videos:
+            for m in modalities:
+                if m not in v.features:
+                    raise DataError(
+                        f"video {v.name!r} has no {m!r} features (has: {sorted(v.features)}); "
+                        "the recipe's model.encoders must name modalities the dataset provides"
+                    )
+                x = v.features[m]
+                if x.dim() != 2 or x.shape[0] != v.num_frames:
+                    raise DataError(
+                        f"{where}: video {v.name!r}: {m} features are {tuple(x.shape)}, "
+                        f"expected ({v.num_frames}, F): one row per labelled frame"
+                    )
+                _check_finite(v, f"{m} features", x, where)
+                present = v.present.get(m)
+                if present is not None and not bool(present.any()):
+                    absent.setdefault(m, []).append(v.name)
+                feats[m].append(x.float())
+            labels = v.labels[:, list(target_columns)]
+            _check_finite(v, "labels", labels[v.label_mask.bool()], where)
+        for m, names in absent.items():
+            warnings.warn(
+                f"{where}: {len(names)} of {len(videos)} videos have no {m} at all (e.g. "
+                f"{', '.join(names[:3])}); they train on constant {m} features",
+                DataWarning,
+                stacklevel=2,
+            )
+        self.features = {m: torch.cat(xs).to(device) for m, xs in feats.items()}
+        cols = list(target_columns)
+        self.targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
+        self.target_mask = torch.cat([v.label_mask.bool() for v in videos]).to(device)
+        starts, vids = [], []
+        for i, v in enumerate(videos):
+            s = window_starts(v.num_frames, window, hop)
+            starts.extend(s)
+            vids.extend([i] * len(s))
+        self.win_video = torch.tensor(vids, dtype=torch.long)
+        self.win_start = torch.tensor(starts, dtype=torch.long)
+        self.device = torch.device(device)
+        self._arange = torch.arange(window, device=self.device)
+        # Index tables on the device too, so that gathering a batch is device-side only.
+        self._dev = {
+            "video": self.win_video.to(self.device),
+            "start": self.win_start.to(self.device),
+            "length": self.lengths.to(self.device),
+            "offset": self.offsets.to(self.device),
+        }
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what evaluation on this split compares against: video names and lengths,
+        the targets and which frames are labelled. Two runs evaluated on stores with equal
+        fingerprints can be compared video by video."""
+        h = hashlib.sha256()
+        for name, n in zip(self.names, self.lengths.tolist(), strict=True):
+            h.update(f"{name}\t{n}\n".encode())
+        h.update(self.target_mask.cpu().numpy().tobytes())
+        h.update(torch.where(self.target_mask[:, None], self.targets, 0.0).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.win_video.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.targets.shape[0])
+
+    def video_slice(self, i: int) -> slice:
+        off = int(self.offsets[i])
+        return slice(off, off + int(self.lengths[i]))
+
+    def batch(self, windows: Tensor) -> Batch:
+        """Gather windows (indices into the window table) into a padded :class:`Batch`.
+
+        ``windows`` may live on the CPU or, to avoid a host-to-device copy per step, on the
+        store's device.
+        """
+        windows = windows.to(self.device, non_blocking=True)
+        vid = self._dev["video"][windows]
+        start = self._dev["start"][windows]
+        length = self._dev["length"][vid]
+        offset = self._dev["offset"][vid]
+        pos = start[:, None] + self._arange[None, :]
+        mask = pos < length[:, None]
+        flat = torch.where(mask, offset[:, None] + pos, torch.zeros_like(pos))
+        inputs = {
+            m: torch.where(
+                mask[..., None], x[flat], torch.zeros((), dtype=x.dtype, device=x.device)
+            )
+            for m, x in self.features.items()
+        }
+        targets = torch.where(
+            mask[..., None], self.targets[flat], torch.zeros((), device=self.device)
+        )
+        target_mask = mask & self.target_mask[flat]
+        frame_index = torch.where(mask, flat, torch.full_like(flat, -1))
+        return Batch(inputs, mask, targets, target_mask, frame_index)

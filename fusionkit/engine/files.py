@@ -1,0 +1,235 @@
+"""Files fusionkit writes and reads: atomic replacement, safetensors, bounded JSON.
+
+Every write goes to a temporary file beside the target and is renamed over it only when it
+is complete and flushed, so a crash, a kill or a full disk leaves the previous file intact.
+Failures become one :class:`~fusionkit.core.errors.CheckpointError` naming the file. JSON is
+always valid JSON: a float that is not finite is written as ``null``. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from fusionkit.core.errors import CheckpointError
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "clean_temp_files",
+    "file_sha256",
+    "finite_json",
+    "load_tensors",
+    "read_json",
+    "save_tensors",
+    "state_dict_mismatch",
+    "tensors_metadata",
+]
+
+#: Largest JSON file read back (metrics, grid records, manifests).
+MAX_JSON_BYTES = 64 << 20
+_TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` with the permissions a plain ``open`` would give
+    (``mkstemp`` makes it 0600, which would leave reports unreadable to others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _write_failed(path: Path, exc: BaseException) -> CheckpointError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return CheckpointError(
+        f"could not write {path}: {why}; the previous version of the file (if any) is intact "
+        "(free disk space or fix permissions, then run the command again)"
+    )
+
+
+def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    try:
+        fd, tmp = _temp_beside(path)
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failed(path, exc) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename: never half-written."""
+    _atomic_replace(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically; non-finite floats become ``null``."""
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read a JSON file (at most 64 MiB); any problem is a :class:`CheckpointError` naming it."""
+    p = Path(path)
+    if not p.is_file():
+        kind = "a folder" if p.is_dir() else "missing"
+        raise CheckpointError(f"{what} {p} is {kind}")
+    if p.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what} {p} is larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        return json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{what} {p} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{what} {p} cannot be read ({exc.strerror or exc})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write tensors and string metadata as one safetensors file, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        fd, tmp = _temp_beside(path)
+        os.close(fd)
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # save_file recreates the file with its own mode
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_failed(path, exc) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unreadable(path: Path, exc: BaseException | str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({exc}); it may be truncated or written by "
+        "another program"
+    )
+
+
+def tensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p} is {'a folder' if p.is_dir() else 'missing'}")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _unreadable(p, exc) from None
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; problems name the file."""
+    p = Path(path)
+    meta = tensors_metadata(p)
+    try:
+        return load_file(str(p)), meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(p, exc) from None
+
+
+def json_metadata(meta: dict[str, str], key: str, path: Path) -> Any:
+    """Parse one JSON value of a safetensors file's metadata; problems name file and key."""
+    if key not in meta:
+        raise CheckpointError(f"{path} has no {key!r} metadata; it was not written by fusionkit")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+
+
+def clean_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in ``folder`` (and its
+    sub-folders one level down); returns what was removed."""
+    root = Path(folder)
+    removed = []
+    for pattern in (f".*{_TMP_SUFFIX}", f"*/.*{_TMP_SUFFIX}"):
+        for p in root.glob(pattern):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
+    """Describe how ``loaded`` differs from a module's ``own`` state dict ("" if it fits):
+    missing and unexpected keys and shape mismatches, a few of each."""
+
+    def few(keys: list[str]) -> str:
+        return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
+
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    shapes = [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(loaded))
+        if tuple(loaded[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {few(unexpected)}")
+    if shapes:
+        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+    return ", ".join(parts)

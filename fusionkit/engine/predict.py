@@ -1,0 +1,182 @@
+"""Per-frame predictions of trained runs written as one file.
+
+``fusionkit predict RUN_DIR [RUN_DIR ...] --out FILE`` reloads each run (:func:`load_run`, data
+params optionally overridden, e.g. the dataset root or a test list), predicts every frame of a
+split with the run's own windows (:func:`fusionkit.engine.evaluate.predict`) and writes one CSV.
+
+For a dataset that lists the official rows of a submission
+(:class:`~fusionkit.core.interfaces.SubmissionFrames`, e.g. Aff-Wild2) the file is in the
+ABAW layout::
+
+    image_location,valence,arousal
+    <row name>,<v>,<a>
+
+with one line per listed row; a row whose frame lies past a video's last frame gets that
+video's last prediction, frames the list omits are not written. For any other dataset it has
+one line per frame: ``video,frame,<target>,...``. Targets come from the runs together: one
+model per dimension is common, so a valence run and an arousal run fill one file. The columns
+follow the dataset's target order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusionkit.core.errors import DataError
+from fusionkit.core.interfaces import SubmissionFrames
+from fusionkit.core.registry import Registry
+from fusionkit.engine.evaluate import predict as predict_frames
+from fusionkit.engine.files import atomic_write_text
+from fusionkit.engine.session import load_run
+
+__all__ = ["RunPredictions", "predict_run", "submission_rows", "write_submission"]
+
+
+@dataclass
+class RunPredictions:
+    """One run's predictions of a split.
+
+    Attributes:
+        run_dir: the run.
+        targets: the targets it predicts, e.g. ``("valence",)``.
+        dataset_targets: every label column of its dataset, in order.
+        per_video: video -> ``(frame_ids (N,), pred (N, len(targets)))``.
+        rows: video -> ``(row name, frame index)`` list of the official file, or ``None`` when
+            the dataset lists no submission rows (then every frame is written).
+    """
+
+    run_dir: Path
+    targets: tuple[str, ...]
+    dataset_targets: tuple[str, ...]
+    per_video: dict[str, tuple[Tensor, Tensor]]
+    rows: dict[str, list[tuple[str, int]]] | None
+
+
+def predict_run(
+    run_dir: Path,
+    split: str,
+    data_overrides: list[str] | None = None,
+    registry: Registry | None = None,
+    device: str = "auto",
+) -> RunPredictions:
+    """Predict every frame of ``split`` with the best weights of ``run_dir``.
+
+    Args:
+        data_overrides: ``key=value`` items; a key without a ``data.`` prefix is a dataset
+            param (``root=/data/aw2`` is ``data.params.root=/data/aw2``).
+    """
+    loaded = load_run(run_dir, device=device, data_overrides=data_overrides, registry=registry)
+    session = loaded.session
+    dataset = session.dataset
+    store = session.store(split)
+    preds = predict_frames(session.model, store, session.recipe.evaluation.batch_size)
+    videos = {v.name: v for v in dataset.videos(split)}
+    per_video = {}
+    for i, name in enumerate(store.names):
+        sl = store.video_slice(i)
+        v = videos[name]
+        ids = v.frame_ids if v.frame_ids is not None else torch.arange(v.num_frames)
+        per_video[name] = (ids.long(), preds.pred[sl])
+    rows = dataset.submission_frames(split) if isinstance(dataset, SubmissionFrames) else None
+    return RunPredictions(
+        run_dir=Path(run_dir),
+        targets=tuple(session.recipe.model.targets),
+        dataset_targets=tuple(dataset.targets),
+        per_video=per_video,
+        rows=rows,
+    )
+
+
+def submission_rows(frame_ids: Tensor, pred: Tensor, frames: list[int]) -> Tensor:
+    """Predictions at the listed frames: the row with the last ``frame_id <= frame``,
+    clamped to the video (a frame past the end gets the last prediction)."""
+    wanted = torch.as_tensor(frames, dtype=torch.long)
+    pos = torch.searchsorted(frame_ids.contiguous(), wanted, right=True) - 1
+    return pred[pos.clamp(0, pred.shape[0] - 1)]
+
+
+def write_submission(
+    runs: list[RunPredictions],
+    out: Path,
+    missing_value: float | None = None,
+) -> dict[str, Any]:
+    """Merge the runs' targets and write the submission file atomically.
+
+    Returns a summary: rows written, videos, and the videos padded or truncated.
+
+    Raises:
+        DataError: when a target is predicted by two runs, none predicts a target (unless
+            ``missing_value`` fills it), or a listed video has no prediction.
+    """
+    if not runs:
+        raise DataError("no run given")
+    columns = runs[0].dataset_targets
+    source: dict[str, tuple[RunPredictions, int]] = {}
+    for run in runs:
+        if run.dataset_targets != columns:
+            raise DataError(
+                f"{run.run_dir} predicts on a dataset with labels {run.dataset_targets}, "
+                f"{runs[0].run_dir} on {columns}"
+            )
+        for j, t in enumerate(run.targets):
+            if t in source:
+                raise DataError(
+                    f"target {t!r} is predicted by both {source[t][0].run_dir} and "
+                    f"{run.run_dir}; pass one run per target"
+                )
+            source[t] = (run, j)
+    missing = [t for t in columns if t not in source]
+    if missing and missing_value is None:
+        raise DataError(
+            f"no run predicts {', '.join(missing)}; also pass a run trained on it (one model "
+            "per dimension: train it with model.targets set to it) or fill the column with "
+            "--missing-value"
+        )
+    rows = runs[0].rows
+    if rows is None:  # no official rows: one line per frame of every video
+        first = runs[0]
+        rows = {
+            video: [(f"{video},{int(f)}", int(f)) for f in ids.tolist()]
+            for video, (ids, _) in first.per_video.items()
+        }
+        lines = ["video,frame," + ",".join(columns)]
+    else:
+        lines = ["image_location," + ",".join(columns)]
+    padded, truncated = [], []
+    for video, listed in rows.items():
+        frames = [k for _, k in listed]
+        cols = []
+        for t in columns:
+            if t not in source:
+                cols.append(torch.full((len(frames),), float(missing_value or 0.0)))
+                continue
+            run, j = source[t]
+            if video not in run.per_video:
+                raise DataError(f"{run.run_dir} has no prediction for video {video!r}")
+            ids, pred = run.per_video[video]
+            cols.append(submission_rows(ids, pred[:, j], frames))
+            last = int(ids[-1]) if len(ids) else -1
+            if frames and max(frames) > last and video not in padded:
+                padded.append(video)
+            if len(ids) and last > (max(frames) if frames else -1) and video not in truncated:
+                truncated.append(video)
+        values = torch.stack(cols, 1) if cols else torch.zeros(len(frames), 0)
+        for (name, _), row in zip(listed, values.tolist(), strict=True):
+            if not all(math.isfinite(x) for x in row):
+                raise DataError(f"non-finite prediction for {name}")
+            lines.append(name + "," + ",".join(f"{x:.6f}" for x in row))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return {
+        "rows": len(lines) - 1,
+        "videos": len(rows),
+        "padded": padded,
+        "truncated": truncated,
+        "columns": list(columns),
+        "missing": missing,
+    }

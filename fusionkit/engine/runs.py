@@ -1,0 +1,396 @@
+"""Run directories: creation, ownership, locking, completion.
+
+A run directory is created by fusionkit with an atomic ``mkdir`` (two runs never get the same
+one) and holds ``run.json`` from its first moment: the marker that fusionkit made it, with the
+hash of the recipe that trains into it. fusionkit writes into, resumes or re-evaluates only
+folders that carry this marker, and only while it holds the folder's lock (``.lock``, an
+advisory ``flock`` released by the operating system when the process ends, however it ends).
+
+A run is *complete* when ``run.json`` says so; that is the last file written, after the
+metrics and predictions, and it records the SHA-256 of each of them.
+
+Files::
+
+    run.json              marker, versions, components, status (complete: file hashes)
+    recipe.yaml           the resolved recipe
+    state.safetensors     resumable training state (last finished epoch)
+    model.safetensors     best weights (the epoch named in state and metrics)
+    history.csv           one line per finished epoch, appended as training goes
+    metrics.json          final metrics per split (written at the end)
+    predictions/<split>.safetensors   per-frame predictions and gate weights
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
+from fusionkit.core.params import describe_validation_error, short_repr
+from fusionkit.core.recipe import NAME_PATTERN, Recipe, recipe_to_yaml, validate_recipe
+from fusionkit.core.registry import Registry, get_registry
+from fusionkit.core.yamlio import read_yaml
+from fusionkit.engine.files import (
+    atomic_write_json,
+    atomic_write_text,
+    clean_temp_files,
+    file_sha256,
+    read_json,
+)
+
+__all__ = [
+    "BEST_FILE",
+    "HISTORY_FILE",
+    "MARKER_FILE",
+    "METRICS_FILE",
+    "PREDICTIONS_DIR",
+    "RECIPE_FILE",
+    "STATE_FILE",
+    "RunDir",
+    "RunMarker",
+    "is_run_dir",
+    "read_metrics",
+]
+
+MARKER_FILE = "run.json"
+RECIPE_FILE = "recipe.yaml"
+LOCK_FILE = ".lock"
+STATE_FILE = "state.safetensors"
+BEST_FILE = "model.safetensors"
+BEST_NEXT = "model.next.safetensors"
+METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.csv"
+PREDICTIONS_DIR = "predictions"
+MARKER_FORMAT = 1
+_MAX_SUFFIX = 10_000
+
+
+class RunMarker(BaseModel):
+    """Contents of ``run.json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int = MARKER_FORMAT
+    created_by: Literal["fusionkit"] = "fusionkit"
+    recipe_sha256: str
+    status: Literal["running", "complete"] = "running"
+    created: str = ""
+    completed: str | None = None
+    files: dict[str, str] = Field(
+        default_factory=dict, description="at completion: file -> SHA-256"
+    )
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _provenance(recipe: Recipe, registry: Registry) -> dict[str, Any]:
+    """Versions, components with their distributions, command line: what made the run."""
+    import fusionkit
+
+    used = [("dataset", recipe.data.name)]
+    used += [("encoder", s.name) for s in recipe.model.encoders.values()]
+    used += [("fusion", recipe.model.fusion.name), ("gate", recipe.model.gate.name)]
+    used += [("head", recipe.model.head.name)]
+    used += [("perturbation", p.name) for p in recipe.training.perturbations]
+    comps = []
+    for kind, name in used:
+        c = registry.get(kind, name)
+        comps.append(
+            {"kind": kind, "name": name, "distribution": c.distribution, "version": c.version}
+        )
+    return {
+        "fusionkit": fusionkit.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git_sha": _git_sha(),
+        "argv": sys.argv,
+        "seed": recipe.training.seed,
+        "components": comps,
+    }
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder fusionkit created for a run (it has ``run.json``)."""
+    return (Path(path) / MARKER_FILE).is_file()
+
+
+class RunDir:
+    """A run directory fusionkit created; see the module docstring.
+
+    Get one with :meth:`create` (a new run), :meth:`open` (resume or re-evaluate). Writing
+    methods require the lock (:meth:`lock`, or ``with run_dir:``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(
+        cls, recipe: Recipe, registry: Registry | None = None, *, exact: bool = False
+    ) -> RunDir:
+        """Make a new run directory ``<output.dir>/<run name>`` (``-2``, ``-3``, ... when taken,
+        or an error when ``exact``), lock it and write ``run.json`` and ``recipe.yaml``.
+
+        The folder is created with one ``mkdir`` that fails if it exists, so two runs never
+        share one.
+        """
+        registry = registry or get_registry()
+        parent = Path(recipe.output.dir)
+        name = recipe.run_name
+        if not re.match(NAME_PATTERN, name):
+            raise RecipeError([f"output.name: {name!r} cannot name a folder"], recipe.source)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot create output.dir {parent}: {exc.strerror or exc}"
+            ) from None
+        if not parent.is_dir():
+            raise CheckpointError(f"output.dir {parent} is not a folder")
+        for k in range(1, _MAX_SUFFIX):
+            path = parent / (name if k == 1 else f"{name}-{k}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if exact:
+                    raise CheckpointError(
+                        f"{path} already exists; resume it with `fusionkit resume {path}` or "
+                        "choose another output.name"
+                    ) from None
+                continue
+            except OSError as exc:
+                raise CheckpointError(f"cannot create {path}: {exc.strerror or exc}") from None
+            run = cls(path)
+            run.lock()
+            marker = RunMarker(
+                recipe_sha256=recipe.training_sha256(),
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **_provenance(recipe, registry),
+            )
+            try:
+                atomic_write_json(path / MARKER_FILE, marker.model_dump(mode="json"))
+                atomic_write_text(path / RECIPE_FILE, recipe_to_yaml(recipe))
+            except BaseException:
+                run.remove_if_unstarted()
+                raise
+            return run
+        raise CheckpointError(f"{parent} holds {_MAX_SUFFIX} runs named {name}; clean it up")
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory; an error unless fusionkit created it."""
+        p = Path(path)
+        if not p.is_dir():
+            raise CheckpointError(f"run directory not found: {p}")
+        if not (p / MARKER_FILE).is_file():
+            raise CheckpointError(
+                f"{p} is not a fusionkit run directory (no {MARKER_FILE}); fusionkit only "
+                "writes into or resumes folders it created"
+            )
+        run = cls(p)
+        run.marker()  # validate it
+        return run
+
+    # ------------------------------------------------------------------ lock
+
+    def lock(self) -> RunDir:
+        """Take the run's lock for the life of this process (or until :meth:`unlock`)."""
+        if self._lock_fd is not None:
+            return self
+        path = self.path / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.path} is in use by {holder}; wait for it to finish or stop it"
+            ) from None
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def __enter__(self) -> RunDir:
+        return self.lock()
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()
+
+    def _require_lock(self) -> None:
+        if self._lock_fd is None:
+            raise RuntimeError(f"{self.path}: write without holding the run's lock")
+
+    # ------------------------------------------------------------------ state
+
+    def marker(self) -> RunMarker:
+        raw = read_json(self.path / MARKER_FILE, "run marker")
+        try:
+            return RunMarker.model_validate(raw)
+        except ValidationError as exc:
+            first = describe_validation_error(exc, RunMarker)[0]
+            raise CheckpointError(
+                f"{self.path / MARKER_FILE} is not a fusionkit run marker ({first})"
+            ) from None
+
+    def recipe(self, registry: Registry | None = None) -> Recipe:
+        """The run's saved recipe, validated against the installed plugins."""
+        p = self.path / RECIPE_FILE
+        try:
+            raw = read_yaml(p, "run recipe")
+        except RecipeError as exc:
+            raise CheckpointError(f"{exc}; the run's recipe.yaml was edited or damaged") from None
+        return validate_recipe(raw, str(p), registry)
+
+    def check_same_training(self, recipe: Recipe, registry: Registry | None = None) -> None:
+        """Refuse unless ``recipe`` trains exactly what this run was created for."""
+        saved = self.marker().recipe_sha256
+        if saved != recipe.training_sha256():
+            try:
+                theirs = self.recipe(registry).training_view()
+            except FusionkitError:
+                theirs = {}
+            diffs = _diff(theirs, recipe.training_view())
+            shown = "; ".join(diffs[:5]) or "the recipe hash differs"
+            raise CheckpointError(
+                f"{self.path} was created by a different recipe ({shown}); resume it with "
+                f"`fusionkit resume {self.path}`, or start a new run"
+            )
+
+    def is_complete(self) -> bool:
+        """Whether the run finished and every file ``run.json`` lists is still there."""
+        try:
+            marker = self.marker()
+        except CheckpointError:
+            return False
+        if marker.status != "complete":
+            return False
+        return all((self.path / name).is_file() for name in marker.files)
+
+    def verify_complete(self) -> RunMarker:
+        """The marker of a complete run whose listed files are unchanged; else an error."""
+        marker = self.marker()
+        if marker.status != "complete":
+            raise CheckpointError(
+                f"{self.path} did not finish (resume it with `fusionkit resume {self.path}`)"
+            )
+        for name, digest in marker.files.items():
+            p = self.path / name
+            if not p.is_file():
+                raise CheckpointError(f"{p} is missing; the run's files were removed")
+            if file_sha256(p) != digest:
+                raise CheckpointError(
+                    f"{p} changed after the run finished (its SHA-256 differs from run.json)"
+                )
+        return marker
+
+    def mark_complete(self, files: list[str]) -> None:
+        """Record completion, with the SHA-256 of ``files``; the last write of a run."""
+        self._require_lock()
+        marker = self.marker()
+        marker.status = "complete"
+        marker.completed = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        marker.files = {name: file_sha256(self.path / name) for name in files}
+        atomic_write_json(self.path / MARKER_FILE, marker.model_dump(mode="json"))
+
+    def mark_running(self) -> None:
+        """Back to running (a resumed run that will rewrite its results)."""
+        self._require_lock()
+        marker = self.marker()
+        if marker.status != "running":
+            marker.status, marker.completed, marker.files = "running", None, {}
+            atomic_write_json(self.path / MARKER_FILE, marker.model_dump(mode="json"))
+
+    def clean_temp_files(self) -> list[Path]:
+        """Remove leftovers of interrupted atomic writes."""
+        self._require_lock()
+        return clean_temp_files(self.path)
+
+    def remove_if_unstarted(self) -> bool:
+        """Delete this run directory if it holds nothing but what :meth:`create` wrote (a run
+        that failed before its first epoch), so that a retry gets the same name."""
+        if not self.path.is_dir():
+            return False
+        created = {MARKER_FILE, RECIPE_FILE, LOCK_FILE}
+        for p in self.path.iterdir():
+            if p.name not in created and not (p.name.startswith(".") and p.name.endswith(".tmp")):
+                return False
+        for p in self.path.iterdir():
+            p.unlink()
+        self.unlock()
+        self.path.rmdir()
+        return True
+
+
+def read_metrics(run_dir: str | Path, targets: list[str] | None = None) -> dict[str, Any]:
+    """A run's ``metrics.json``, checked for the keys fusionkit reads from it."""
+    p = Path(run_dir) / METRICS_FILE
+    if not p.exists():
+        raise CheckpointError(f"{run_dir} has no {METRICS_FILE}: the run did not finish")
+    m = read_json(p, "metrics file")
+    splits = m.get("splits") if isinstance(m, dict) else None
+    if not isinstance(splits, dict):
+        raise CheckpointError(f"{p}: key 'splits' is missing; the file was edited or damaged")
+    need = ["ccc_mean", "n_frames", *(f"ccc_{t}" for t in targets or [])]
+    for split, values in splits.items():
+        missing = [k for k in need if not isinstance(values, dict) or k not in values]
+        if missing:
+            raise CheckpointError(
+                f"{p}: splits.{split}.{missing[0]} is missing; the file was edited or damaged "
+                "(`fusionkit eval` recomputes the metrics from the run's weights)"
+            )
+    return m
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if a == b else [f"{path}: run has {short_repr(a)}, now {short_repr(b)}"]

@@ -1,0 +1,284 @@
+"""A recipe made concrete: its dataset and model on a device, and the one way every command
+reloads a trained run (:func:`load_run`).
+
+:func:`check_recipe` builds the same things on the ``meta`` device without reading any data,
+so that ``fusionkit recipe validate`` and ``fusionkit run`` (before it creates a run
+directory) report every build-time error the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusionkit.core.errors import CheckpointError, RecipeError
+from fusionkit.core.interfaces import Dataset
+from fusionkit.core.overrides import apply_overrides, parse_overrides
+from fusionkit.core.recipe import Recipe, validate_recipe
+from fusionkit.core.registry import Registry, get_registry
+from fusionkit.engine.checkpoint import load_weights
+from fusionkit.engine.data import FrameStore
+from fusionkit.engine.model import FusionModel, build_model
+from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
+from fusionkit.engine.runs import BEST_FILE, RunDir
+
+__all__ = [
+    "LoadedRun",
+    "Session",
+    "available_cores",
+    "build_session",
+    "check_recipe",
+    "load_run",
+    "resolve_device",
+    "set_threads",
+]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity), not the machine's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(requested: int | None, share: int = 1) -> int:
+    """Set torch's CPU threads: ``requested``, capped at the available cores, or (``None``)
+    the available cores divided among ``share`` parallel workers. Returns the number set.
+
+    Two threads per core (oversubscription) can make CPU training many times slower, so a
+    request above the available cores is capped, with a warning.
+    """
+    cores = available_cores()
+    if requested is None:
+        n = max(1, cores // max(1, share))
+    elif requested > cores:
+        warnings.warn(
+            f"training.num_threads={requested} exceeds the {cores} cores available to this "
+            f"process; using {cores}",
+            stacklevel=2,
+        )
+        n = cores
+    else:
+        n = requested
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(["training.device: 'cuda' requested but no CUDA device is available"])
+    return torch.device(spec)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def _target_columns(recipe: Recipe, dataset: Dataset) -> list[int]:
+    missing = [t for t in recipe.model.targets if t not in dataset.targets]
+    if missing:
+        raise RecipeError(
+            [
+                f"model.targets: {missing[0]!r} is not a label of dataset {recipe.data.name!r} "
+                f"(labels: {', '.join(dataset.targets)})"
+            ],
+            recipe.source,
+        )
+    return [dataset.targets.index(t) for t in recipe.model.targets]
+
+
+def _check_splits(recipe: Recipe, dataset: Dataset) -> None:
+    have = tuple(dataset.splits())
+    wanted = [
+        ("data.train_split", recipe.data.train_split),
+        ("data.val_split", recipe.data.val_split),
+    ]
+    wanted += [(f"evaluation.splits.{i}", s) for i, s in enumerate(recipe.evaluation.splits)]
+    for i, r in enumerate(recipe.evaluation.robustness):
+        wanted += [(f"evaluation.robustness.{i}.splits", s) for s in r.splits]
+    problems = [
+        f"{path}: dataset {recipe.data.name!r} has no split {split!r} (splits: {', '.join(have)})"
+        for path, split in wanted
+        if split not in have
+    ]
+    if problems:
+        raise RecipeError(problems, recipe.source)
+
+
+def build_dataset(recipe: Recipe, registry: Registry) -> Dataset:
+    """The recipe's dataset (clean: without training perturbations)."""
+    try:
+        return registry.build("dataset", recipe.data.name, recipe.data.params, where="data")
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, recipe.source) from None
+
+
+@dataclass
+class Session:
+    """Dataset and model of one recipe on one device.
+
+    Attributes:
+        dataset: the clean dataset (evaluation, predictions, robustness sweeps use it).
+        train_dataset: the dataset training reads (``training.perturbations`` applied to the
+            training split), or ``dataset`` itself.
+        model: the built model, on ``device``.
+        bf16: whether forward passes run under bf16 autocast.
+    """
+
+    recipe: Recipe
+    dataset: Dataset
+    train_dataset: Dataset
+    model: FusionModel
+    device: torch.device
+    bf16: bool
+    registry: Registry
+    target_columns: list[int] = field(default_factory=list)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.recipe.model.targets)
+
+    def store(self, split: str, dataset: Dataset | None = None) -> FrameStore:
+        """The windows of ``split`` (of ``dataset``, default: the clean one) on the device."""
+        data = dataset if dataset is not None else self.dataset
+        if split not in data.splits():
+            raise RecipeError(
+                [
+                    f"split {split!r} is not provided by dataset {self.recipe.data.name!r} "
+                    f"(splits: {', '.join(data.splits())})"
+                ],
+                self.recipe.source,
+            )
+        videos = data.videos(split)
+        return FrameStore(
+            videos,
+            sorted(self.recipe.model.encoders),
+            self.target_columns,
+            self.recipe.data.window,
+            self.recipe.data.hop,
+            self.device,
+            where=f"dataset {self.recipe.data.name!r} split {split!r}",
+        )
+
+
+def _assemble(
+    recipe: Recipe,
+    registry: Registry,
+    device: torch.device,
+    dataset: Dataset | None = None,
+    seed: int | None = None,
+) -> tuple[Dataset, Dataset, FusionModel, list[int]]:
+    dataset = dataset if dataset is not None else build_dataset(recipe, registry)
+    _check_splits(recipe, dataset)
+    cols = _target_columns(recipe, dataset)
+    train_data: Dataset = dataset
+    if recipe.training.perturbations:  # training-time perturbations: the train split only
+        try:
+            perts = [
+                build_perturbation(p, registry, where=f"training.perturbations.{i}")
+                for i, p in enumerate(recipe.training.perturbations)
+            ]
+        except RecipeError as exc:
+            raise RecipeError(exc.problems, recipe.source) from None
+        train_data = PerturbedDataset(dataset, perts, [recipe.data.train_split])
+    for i, r in enumerate(recipe.evaluation.robustness):
+        for j in range(len(r.values)):
+            try:
+                build_perturbation(r.point(j), registry, where=f"evaluation.robustness.{i}")
+            except RecipeError as exc:
+                raise RecipeError(exc.problems, recipe.source) from None
+    if seed is not None:
+        torch.manual_seed(seed)  # the initial weights depend on the training seed only
+    with torch.device(device):
+        model = build_model(recipe, dict(dataset.feature_dims), registry)
+    return dataset, train_data, model, cols
+
+
+def check_recipe(recipe: Recipe, registry: Registry | None = None) -> None:
+    """Raise every error that building ``recipe`` would raise, without reading any data or
+    allocating weights: the dataset is constructed, the model is built on the meta device."""
+    registry = registry or get_registry()
+    _assemble(recipe, registry, torch.device("meta"))
+
+
+def build_session(
+    recipe: Recipe,
+    registry: Registry | None = None,
+    *,
+    device: torch.device | None = None,
+    dataset: Dataset | None = None,
+) -> Session:
+    """Build dataset and model of ``recipe`` (weights seeded by ``training.seed``)."""
+    registry = registry or get_registry()
+    tr = recipe.training
+    device = device or resolve_device(tr.device)
+    dataset, train_data, model, cols = _assemble(
+        recipe, registry, torch.device("cpu"), dataset, seed=tr.seed
+    )
+    model.to(device)
+    return Session(
+        recipe=recipe,
+        dataset=dataset,
+        train_dataset=train_data,
+        model=model,
+        device=device,
+        bf16=use_bf16(tr.precision, device),
+        registry=registry,
+        target_columns=cols,
+    )
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its directory, its session with the best weights loaded (eval mode),
+    and what ``model.safetensors`` says about itself."""
+
+    run_dir: RunDir
+    session: Session
+    weights_info: dict[str, Any]
+
+
+def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registry) -> Recipe:
+    items = [o if o.startswith("data.") else f"data.params.{o}" for o in overrides]
+    raw = apply_overrides(recipe.model_dump(mode="json"), parse_overrides(items, "--data"))
+    return validate_recipe(raw, f"{recipe.source} + --data", registry)
+
+
+def load_run(
+    run_dir: str | Path | RunDir,
+    *,
+    device: str = "auto",
+    data_overrides: list[str] | None = None,
+    registry: Registry | None = None,
+) -> LoadedRun:
+    """Rebuild a run's model from its ``recipe.yaml`` and load its best weights: the one way
+    ``eval``, ``predict``, ``stream``, robustness sweeps and reports reload a run.
+
+    Args:
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        data_overrides: ``key=value`` items; a key without a ``data.`` prefix is a dataset
+            param (``root=/data/aw2`` is ``data.params.root=/data/aw2``).
+    """
+    registry = registry or get_registry()
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    recipe = run.recipe(registry)
+    if data_overrides:
+        recipe = _with_data_overrides(recipe, data_overrides, registry)
+    weights = run / BEST_FILE
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{run} has no {BEST_FILE}: it did not finish an epoch (resume it with "
+            f"`fusionkit resume {run}`)"
+        )
+    session = build_session(recipe, registry, device=resolve_device(device))
+    info = load_weights(weights, session.model)
+    session.model.eval()
+    return LoadedRun(run, session, info)

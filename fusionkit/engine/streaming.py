@@ -1,0 +1,162 @@
+"""Online (streaming) prediction: valence/arousal frame by frame from live features.
+
+:class:`StreamingPredictor` keeps the most recent ``context`` frames of every modality in a
+ring buffer and, for each pushed frame, runs the model on the buffered frames and returns the
+prediction for the newest one. No future frame is ever used, so the algorithmic latency is one
+frame; the compute latency is one forward pass over ``context`` frames.
+
+- For a **causal** model (causal encoders such as ``tcn``, per-frame fusion and gate, a
+  per-frame head) whose receptive field fits in ``context``, the streamed prediction for frame
+  ``t`` equals the offline prediction for frame ``t`` exactly.
+- For a model that attends across its window (``rjca`` correlates over all frames of the
+  window), the streamed prediction is the *trailing-window* prediction: the model applied to
+  frames ``t - context + 1 .. t``, read at the last frame. It differs from the offline
+  (centred, overlapping-window averaged) prediction, which uses future frames.
+- An encoder with a streaming form (``init_stream(batch, device)`` and
+  ``step(frame, state) -> (output, state)``, as ``tcn`` has) encodes each new frame in O(1)
+  from its carried state, which equals encoding the whole stream.
+- Otherwise an encoder that declares an integer ``receptive_field`` (a causal encoder: its
+  output at frame ``t`` depends on frames ``t - receptive_field + 1 .. t`` only) is run
+  once per frame on its receptive field, and its outputs are cached; other encoders re-encode
+  the whole window at every frame.
+- Components after the encoders that declare ``frame_local = True`` (output frame ``t``
+  depends on input frame ``t`` only, in eval mode) are computed for the newest frame alone
+  when everything after them is frame-local too: with ``tagf`` (a BiLSTM over the steps of
+  each frame) and the ``regression`` head, only RJCA runs over the whole window.
+- A fusion with a fixed window length (``rjca`` faithful mode) gets its window padded at the
+  end while fewer frames than that have arrived, with the padding masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusionkit.core.errors import ShapeError
+from fusionkit.core.interfaces import CausalEncoder, FrameLocal, StreamingEncoder
+from fusionkit.engine.model import FusionModel
+
+__all__ = ["StreamingPredictor"]
+
+
+class StreamingPredictor:
+    """Frame-by-frame predictor over a trailing window.
+
+    Args:
+        model: a built :class:`~fusionkit.engine.model.FusionModel` (put in eval mode here).
+        feature_dims: modality -> feature size of one frame.
+        context: frames kept in the buffer (the window the model sees); a fusion's
+            ``fixed_length``, when it has one, overrides it.
+
+    Example::
+
+        sp = StreamingPredictor(model, {"audio": 32, "video": 48}, context=300)
+        va = sp.push({"audio": a_t, "video": v_t})  # (n_targets,) for frame t
+    """
+
+    def __init__(self, model: FusionModel, feature_dims: dict[str, int], context: int) -> None:
+        fixed = model.fusion.fixed_length
+        self.context = int(fixed or context)
+        if self.context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
+        self.fixed = fixed is not None
+        self.model = model.eval()
+        self.modalities = list(model.modalities)
+        missing = [m for m in self.modalities if m not in feature_dims]
+        if missing:
+            raise ShapeError(f"feature_dims lacks {missing}; the model uses {self.modalities}")
+        device = next(model.parameters()).device
+        self.buffers = {
+            m: torch.zeros(2 * self.context, feature_dims[m], device=device)
+            for m in self.modalities
+        }
+        # causal encoders: modality -> receptive field; their outputs are cached per frame
+        encoders = {m: model.encoders[m] for m in self.modalities}
+        self.causal = {
+            m: int(enc.receptive_field)
+            for m, enc in encoders.items()
+            if isinstance(enc, CausalEncoder) and 0 < int(enc.receptive_field) <= self.context
+        }
+        self.stateful = [m for m in self.causal if isinstance(encoders[m], StreamingEncoder)]
+        self.encoded = {
+            m: torch.zeros(2 * self.context, int(model.encoders[m].out_dim), device=device)
+            for m in self.causal
+        }
+        # fusion, gate, head: from the first of a frame-local tail on, only the newest frame
+        # is computed (a frame-local component's frame t depends on its input's frame t only)
+        parts = (model.fusion, model.gate, model.head)
+        tail = [isinstance(c, FrameLocal) and c.frame_local is True for c in parts]
+        self.local_from = 3
+        while self.local_from > 0 and tail[self.local_from - 1]:
+            self.local_from -= 1
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame pushed so far (start of a new video)."""
+        self.count = 0
+        self.states = {m: self.model.encoders[m].init_stream(1, self.device) for m in self.stateful}
+
+    @torch.no_grad()
+    def push(self, frame: dict[str, Tensor]) -> Tensor:
+        """Add one frame (``{modality: (F_m,)}``) and return its prediction ``(n_targets,)``."""
+        # Double-length buffer: each frame is written at i and i + context, so the last
+        # ``context`` frames are always one contiguous slice (no per-frame roll or copy).
+        c = self.context
+        slot = self.count % c
+        for m in self.modalities:
+            x = frame.get(m)
+            buf = self.buffers[m]
+            if x is None or x.shape != buf.shape[1:]:
+                got = None if x is None else tuple(x.shape)
+                raise ShapeError(
+                    f"streaming frame {self.count}: expected {m} of shape ({buf.shape[1]},); "
+                    f"got {got}"
+                )
+            buf[slot] = x
+            buf[slot + c] = x
+        self.count += 1
+        n = min(self.count, c)
+        start = slot + 1 if self.count >= c else 0
+        length = c if self.fixed else n
+        mask = torch.zeros(1, length, dtype=torch.bool, device=self.device)
+        mask[0, :n] = True
+        feats = {}
+        for m in self.modalities:
+            if m in self.stateful:  # O(1): one step of the streaming form
+                y, self.states[m] = self.model.encoders[m].step(frame[m][None], self.states[m])
+                newest = y[0]
+            if m in self.causal:
+                if m not in self.stateful:  # encode the newest frame from its receptive field
+                    k = min(n, self.causal[m])
+                    recent = self.buffers[m][start + n - k : start + n].unsqueeze(0)
+                    ones = torch.ones(1, k, dtype=torch.bool, device=self.device)
+                    newest = self.model.encoders[m](recent, ones)[0, -1]
+                self.encoded[m][slot] = newest
+                self.encoded[m][slot + c] = newest
+                x = self.encoded[m][start : start + n]
+            else:
+                x = self.buffers[m][start : start + n]
+                if length > n:
+                    x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
+                feats[m] = self.model.encoders[m](x.unsqueeze(0), mask)
+                continue
+            if length > n:
+                x = torch.cat([x, x.new_zeros(length - n, x.shape[1])])
+            feats[m] = x.unsqueeze(0)
+        return self._tail(feats, mask, n)
+
+    def _tail(self, feats: dict[str, Tensor], mask: Tensor, n: int) -> Tensor:
+        """Fusion, gate and head; those from ``local_from`` on see the newest frame only."""
+        newest = slice(n - 1, n)
+        model, cut = self.model, self.local_from
+        if cut == 0:
+            feats, mask = {m: x[:, newest] for m, x in feats.items()}, mask[:, newest]
+        stacks = model.fusion(feats, mask)
+        if cut == 1:
+            stacks, mask = {s: x[:, newest] for s, x in stacks.items()}, mask[:, newest]
+        fused = model.gate(stacks, mask).features
+        if cut == 2:
+            fused, mask = fused[:, newest], mask[:, newest]
+        pred = model.head(fused, mask)
+        return pred[0, 0 if cut < 3 else n - 1].float()

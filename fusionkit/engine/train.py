@@ -1,0 +1,406 @@
+"""Training: windows, ``1 - CCC`` loss, Adam, plateau schedule on validation CCC, early
+stopping, per-epoch resumable checkpoints, and the final ABAW-protocol evaluation.
+
+One epoch, in order: train steps -> validation -> (if better) the best weights, journaled ->
+the training state (the commit point) -> ``history.csv``. A kill at any moment leaves the run
+resumable to the same numbers; a non-finite loss or prediction stops training with the epoch,
+the step and (when it is the cause) the modality whose inputs were not finite.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusionkit.core.errors import CheckpointError, TrainingError
+from fusionkit.engine.checkpoint import (
+    TrainState,
+    load_state,
+    load_weights,
+    save_state,
+    save_weights,
+)
+from fusionkit.engine.data import FrameStore
+from fusionkit.engine.distributed import Dist
+from fusionkit.engine.evaluate import SplitPredictions, evaluate, evaluate_splits
+from fusionkit.engine.files import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    save_tensors,
+)
+from fusionkit.engine.metrics import ccc_loss
+from fusionkit.engine.progress import TrainProgress, train_progress
+from fusionkit.engine.runs import (
+    BEST_FILE,
+    BEST_NEXT,
+    HISTORY_FILE,
+    METRICS_FILE,
+    PREDICTIONS_DIR,
+    STATE_FILE,
+    RunDir,
+)
+from fusionkit.engine.session import Session
+
+__all__ = ["RunResult", "Trainer", "recover_best_weights"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, dict[str, Any]]
+    best_epoch: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    predictions: dict[str, SplitPredictions] = field(default_factory=dict)
+
+
+def recover_best_weights(run: RunDir, state: TrainState | None) -> None:
+    """Finish or undo a best-weights write a kill interrupted, then check that
+    ``model.safetensors`` is the file the training state names.
+
+    New best weights are first written to ``model.next.safetensors``; the state that names
+    them is the commit point; then they are renamed over ``model.safetensors``. So a leftover
+    ``model.next`` is renamed when the state names it and deleted otherwise.
+
+    Raises:
+        CheckpointError: ``model.safetensors`` is missing or differs from the state's record,
+            and cannot be restored.
+    """
+    nxt, best = run / BEST_NEXT, run / BEST_FILE
+    want = state.best_weights_sha256 if state else None
+    if nxt.is_file():
+        if want is not None and file_sha256(nxt) == want:
+            os.replace(nxt, best)
+        else:
+            nxt.unlink()
+    if want is None:
+        if best.is_file():
+            raise CheckpointError(
+                f"{best} exists but the training state records no best epoch; the run's files "
+                f"do not belong together: start a new run"
+            )
+        return
+    if not best.is_file():
+        raise CheckpointError(
+            f"{best} is missing but the training state says epoch {state.best_epoch} wrote it; "
+            "restore the file, or start a new run (resuming would save other weights as the best)"
+        )
+    if file_sha256(best) != want:
+        raise CheckpointError(
+            f"{best} is not the file saved at epoch {state.best_epoch} (its SHA-256 differs from "
+            "the training state); restore it, or start a new run"
+        )
+
+
+class Trainer:
+    """Trains one session into one run directory.
+
+    Args:
+        session: recipe, dataset and model on their device.
+        run: the run directory (locked by this process on rank 0).
+        progress: where epochs are reported (default: nothing).
+        dist: the torchrun job this process belongs to (default: a single process).
+        on_epoch_end: optional callback ``(epoch, record)``, e.g. to interrupt in tests.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        run: RunDir,
+        progress: TrainProgress | None = None,
+        dist: Dist | None = None,
+        on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.recipe = session.recipe
+        self.run = run
+        self.model = session.model
+        self.device = session.device
+        self.bf16 = session.bf16
+        self.targets = session.targets
+        self.progress = progress or train_progress(None)
+        self.dist = dist or Dist()
+        self.on_epoch_end = on_epoch_end
+        tr = self.recipe.training
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer,
+            mode="max",
+            factor=tr.plateau.factor,
+            patience=tr.plateau.patience,
+            min_lr=tr.plateau.min_lr,
+        )
+        self.state = TrainState(recipe_sha256=self.recipe.training_sha256())
+        if self.dist.rank > 0:  # same initial weights everywhere, own dropout stream per rank
+            torch.manual_seed(tr.seed + 7919 * self.dist.rank)
+
+    # ------------------------------------------------------------------ state
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return self.dist.gather_rng(rng)  # collective under DDP: every rank calls it
+
+    def _set_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
+        own = self.dist.own_rng(rng)
+        if "cpu" in own:
+            torch.set_rng_state(own["cpu"])
+        if "cuda" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], self.device)
+
+    def restore(self) -> None:
+        """Continue from the run's last committed epoch, after checking that its files agree
+        with each other (see :func:`recover_best_weights`). A run with no finished epoch
+        starts from scratch."""
+        path = self.run / STATE_FILE
+        if not path.is_file():
+            recover_best_weights(self.run, None)
+            return
+        state, rng = load_state(path, self.model, self.optimizer, self.scheduler)
+        if state.recipe_sha256 != self.recipe.training_sha256():
+            raise CheckpointError(
+                f"{path} was written by a different recipe than {self.run}/recipe.yaml; the "
+                "run's files do not belong together: start a new run"
+            )
+        recover_best_weights(self.run, state)
+        self.state = state
+        self._set_rng_state(rng)
+
+    # ------------------------------------------------------------------ one epoch
+
+    def backward_step(
+        self, fwd: torch.nn.Module, store: FrameStore, windows: torch.Tensor
+    ) -> torch.Tensor:
+        """Gather ``windows`` of ``store``, forward, loss and backward (gradients clipped when
+        ``training.grad_clip``); returns the detached loss. Nothing in it waits for the device:
+        no tensor value is read on the host (``tests/test_train.py`` checks it)."""
+        tr = self.recipe.training
+        batch = store.batch(windows)
+        # mask_padding=False (as released): padded frames count, with target 0
+        loss_mask = batch.target_mask if tr.mask_padding else batch.target_mask | ~batch.mask
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = fwd(batch.inputs, batch.mask)
+        loss = ccc_loss(out.pred.float(), batch.targets, loss_mask)
+        loss.backward()
+        if tr.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        return loss.detach()
+
+    def _train_epoch(
+        self, fwd: torch.nn.Module, train: FrameStore, epoch: int, steps: int
+    ) -> float:
+        """One pass over the training windows; returns the mean loss. Non-finite losses are
+        tracked on the device and checked once, at the end of the epoch."""
+        tr = self.recipe.training
+        bs = tr.batch_size
+        self.model.train()
+        gen = torch.Generator().manual_seed(tr.seed * 1_000_003 + epoch - 1)
+        perm = self.dist.shard(torch.randperm(train.num_windows, generator=gen))
+        perm = perm.to(self.device)  # one copy per epoch, none per step
+        loss_sum = torch.zeros((), device=self.device)
+        first_bad = torch.full((), steps, device=self.device, dtype=torch.long)
+        for i in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.backward_step(fwd, train, perm[i * bs : (i + 1) * bs])
+            first_bad = torch.where(
+                torch.isfinite(loss) | (first_bad < steps), first_bad, torch.full_like(first_bad, i)
+            )
+            loss_sum += loss
+            self.optimizer.step()
+            self.progress.step()
+        bad = int(first_bad)
+        if bad < steps:
+            self._non_finite(train, perm[bad * bs : (bad + 1) * bs], epoch, bad + 1, steps)
+        return float(self.dist.mean(loss_sum)) / steps
+
+    def _non_finite(
+        self, store: FrameStore, windows: torch.Tensor, epoch: int, step: int, steps: int
+    ) -> None:
+        batch = store.batch(windows)
+        cause = next(
+            (m for m, x in sorted(batch.inputs.items()) if not bool(torch.isfinite(x).all())),
+            None,
+        )
+        why = (
+            f"the {cause} inputs of that batch are not finite"
+            if cause
+            else "the inputs were finite, so the model diverged or produced NaN (lower "
+            "training.lr, set training.grad_clip, or check the component)"
+        )
+        raise TrainingError(
+            f"training stopped: the loss is not finite at epoch {epoch}, step {step} of {steps}; "
+            f"{why}. Nothing of this epoch was saved; the run keeps its last finished epoch"
+        )
+
+    def _validate(self, val: FrameStore, epoch: int) -> dict[str, Any]:
+        metrics, preds = evaluate(
+            self.model, val, self.targets, self.recipe.evaluation.batch_size, self.bf16
+        )
+        if not bool(torch.isfinite(preds.pred).all()):
+            raise TrainingError(
+                f"training stopped: the model's validation predictions are not finite after "
+                f"epoch {epoch}; lower training.lr or set training.grad_clip"
+            )
+        return metrics
+
+    def _commit_epoch(self, epoch: int, record: dict[str, Any], score: float) -> bool:
+        """Best weights (journaled), then the training state: the epoch's commit point."""
+        st = self.state
+        improved = st.best_val_ccc_mean is None or score > st.best_val_ccc_mean
+        if improved:
+            st.best_val_ccc_mean, st.best_epoch, st.bad_epochs = score, epoch, 0
+        else:
+            st.bad_epochs += 1
+        st.history.append(record)
+        st.train_seconds += record["seconds"]
+        st.epochs_done = epoch
+        st.stopped_early = st.bad_epochs >= self.recipe.training.early_stopping
+        rng = self._rng_state()
+        if self.dist.is_main:
+            if improved:
+                meta = {"epoch": epoch, "val_ccc_mean": score, "recipe_sha256": st.recipe_sha256}
+                save_weights(self.run / BEST_NEXT, self.model, meta)
+                st.best_weights_sha256 = file_sha256(self.run / BEST_NEXT)
+            save_state(self.run / STATE_FILE, self.model, self.optimizer, self.scheduler, st, rng)
+            if improved:
+                os.replace(self.run / BEST_NEXT, self.run / BEST_FILE)
+            self._write_history()
+        self.dist.barrier()
+        return improved
+
+    def _write_history(self) -> None:
+        """Rewrite ``history.csv`` from the committed state, one row per finished epoch
+        (atomic; a kill between the state and this file is repaired by the next epoch or by
+        :meth:`finish`)."""
+        if not self.state.history:
+            return
+        buf = io.StringIO()
+        cols = list(self.state.history[0])
+        writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        for rec in self.state.history:
+            writer.writerow({k: ("" if v is None else v) for k, v in rec.items()})
+        atomic_write_text(self.run / HISTORY_FILE, buf.getvalue())
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False) -> RunResult:
+        """Train until ``training.epochs`` or early stopping, then :meth:`finish`."""
+        rc, tr = self.recipe, self.recipe.training
+        if resume:
+            self.restore()
+        train = self.session.store(rc.data.train_split, self.session.train_dataset)
+        val = self.session.store(rc.data.val_split)
+        bs = tr.batch_size
+        steps = math.ceil(self.dist.windows_per_rank(train.num_windows) / bs)
+        fwd = self.dist.wrap(self.model, self.device)
+        if tr.compile:  # the weights stay those of `model`: checkpoints are unaffected
+            fwd = torch.compile(fwd, mode=tr.compile_mode)
+        st = self.state
+        self.progress.start(tr.epochs, st.epochs_done, steps)
+        try:
+            while st.epochs_done < tr.epochs and not st.stopped_early:
+                epoch = st.epochs_done + 1
+                t0 = time.perf_counter()
+                train_loss = self._train_epoch(fwd, train, epoch, steps)
+                metrics = self._validate(val, epoch)
+                score = metrics["ccc_mean"]
+                self.scheduler.step(score)
+                record = {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "val_ccc_mean": score,
+                    **{f"val_ccc_{t}": metrics[f"ccc_{t}"] for t in self.targets},
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - t0,
+                }
+                improved = self._commit_epoch(epoch, record, score)
+                self.progress.epoch(record, improved)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(epoch, record)
+        finally:
+            self.progress.close()
+        self.dist.barrier()
+        return self.finish()
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self) -> RunResult:
+        """Reload the best weights, evaluate every split of the recipe, write predictions,
+        then ``metrics.json``, then mark the run complete (in that order: a run is complete
+        only when everything it writes is)."""
+        st = self.state
+        if st.best_epoch is None:
+            raise TrainingError(
+                f"{self.run}: no epoch finished (training.epochs={self.recipe.training.epochs}); "
+                "there are no weights to evaluate"
+            )
+        load_weights(self.run / BEST_FILE, self.model)
+        results, preds, stores = evaluate_splits(
+            self.session,
+            list(self.recipe.evaluation.splits),
+            f"the best weights (epoch {st.best_epoch})",
+        )
+        out = RunResult(self.run.path, results, st.best_epoch, st.history, preds)
+        if not self.dist.is_main:  # rank 0 writes the run directory
+            return out
+        written = []
+        if self.recipe.evaluation.save_predictions:
+            written += self.save_predictions(preds, stores)
+        self._write_history()
+        payload = {
+            "run": self.recipe.run_name,
+            "best_epoch": st.best_epoch,
+            "epochs_run": st.epochs_done,
+            "stopped_early": st.stopped_early,
+            "best_val_ccc_mean": st.best_val_ccc_mean,
+            "train_seconds": st.train_seconds,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "precision": "bf16" if self.bf16 else "fp32",
+            "compile": self.recipe.training.compile,
+            "recipe_sha256": st.recipe_sha256,
+            "splits": results,
+            "history": st.history,
+            "data_fingerprints": {split: store.fingerprint() for split, store in stores.items()},
+        }
+        atomic_write_json(self.run / METRICS_FILE, payload)
+        self.run.mark_complete([METRICS_FILE, BEST_FILE, *written])
+        return out
+
+    def save_predictions(
+        self, preds: dict[str, SplitPredictions], stores: dict[str, FrameStore]
+    ) -> list[str]:
+        names = []
+        for split, p in preds.items():
+            store = stores[split]
+            tensors: dict[str, torch.Tensor] = {}
+            for i, name in enumerate(store.names):
+                sl = store.video_slice(i)
+                tensors[f"pred/{name}"] = p.pred[sl]
+                tensors[f"target/{name}"] = store.targets[sl].cpu()
+                tensors[f"label_mask/{name}"] = store.target_mask[sl].cpu().to(torch.uint8)
+                for s, w in p.gate_weights.items():
+                    tensors[f"gate/{s}/{name}"] = w[sl]
+            meta = {
+                "targets": json.dumps(list(self.targets)),
+                "videos": json.dumps(store.names),
+                "data_fingerprint": store.fingerprint(),
+            }
+            rel = f"{PREDICTIONS_DIR}/{split}.safetensors"
+            save_tensors(self.run / rel, tensors, meta)
+            names.append(rel)
+        return names

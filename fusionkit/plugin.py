@@ -1,0 +1,167 @@
+"""Everything a plugin author needs, in one namespace.
+
+A plugin registers components from a hook::
+
+    from fusionkit import plugin
+    from my_package import fusion, gate
+
+    @plugin.hookimpl
+    def fusionkit_register_components(registry: plugin.Registry) -> None:
+        registry.add_module(fusion, gate)
+
+and marks each build function next to its component::
+
+    @plugin.register("fusion", "mylab_residual")
+    def build_residual(params: ResidualParams, *, in_dims: dict[str, int]) -> ResidualFusion:
+        \"\"\"Per-frame fusion refined by residual MLP steps.\"\"\"
+        return ResidualFusion(params, in_dims)
+
+This module re-exports, from the rest of fusionkit (which is private to fusionkit):
+
+* registration: :func:`hookimpl`, :func:`register`, :class:`Registry`, :class:`Kind`;
+* params: :class:`Params` (the base of params models), :class:`EmptyParams`,
+  :class:`ComponentSpec` (a component chosen inside params);
+* interfaces: the protocols of every kind and the records they exchange (:class:`Video`,
+  :class:`GateOutput`, ...);
+* errors: :class:`ShapeError`, :class:`DataError`, ...;
+* building blocks: padding-aware layers, :func:`check_shape`, :func:`xavier_init_`;
+* perturbation helpers: :func:`video_generator`, :func:`with_features`, ...;
+* files: atomic writes and safetensors helpers for datasets that cache features;
+* the conformance kit: :func:`check_component`, :func:`check_fusion`, ... (also
+  :mod:`fusionkit.testing`).
+
+See docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+from fusionkit.core.errors import (
+    CheckpointError,
+    DataError,
+    FusionkitError,
+    PluginError,
+    RecipeError,
+    ShapeError,
+)
+from fusionkit.core.hookspecs import hookimpl
+from fusionkit.core.interfaces import (
+    CausalEncoder,
+    Dataset,
+    DatasetBuild,
+    Encoder,
+    EncoderBuild,
+    Extractable,
+    ExtractReport,
+    FrameLocal,
+    Fusion,
+    FusionBuild,
+    Gate,
+    GateBuild,
+    GateOutput,
+    Head,
+    HeadBuild,
+    Perturbation,
+    PerturbationBuild,
+    StreamingEncoder,
+    SubmissionFrames,
+    Video,
+)
+from fusionkit.core.params import EmptyParams, Params
+from fusionkit.core.recipe import ComponentSpec
+from fusionkit.core.registry import Kind, Registry, register
+from fusionkit.engine.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    save_tensors,
+    state_dict_mismatch,
+)
+from fusionkit.engine.perturb import (
+    check_modalities,
+    shift_index,
+    stream_generator,
+    video_generator,
+    with_features,
+)
+from fusionkit.layers import (
+    check_mask,
+    check_shape,
+    check_shapes,
+    masked_batch_norm,
+    reverse_padded,
+    shifted_bilstm,
+    xavier_init_,
+)
+from fusionkit.testing import (
+    check_component,
+    check_dataset,
+    check_encoder,
+    check_fusion,
+    check_gate,
+    check_head,
+    check_perturbation,
+    host_syncs,
+)
+
+__all__ = [
+    "CausalEncoder",
+    "CheckpointError",
+    "ComponentSpec",
+    "DataError",
+    "Dataset",
+    "DatasetBuild",
+    "EmptyParams",
+    "Encoder",
+    "EncoderBuild",
+    "ExtractReport",
+    "Extractable",
+    "FrameLocal",
+    "Fusion",
+    "FusionBuild",
+    "FusionkitError",
+    "Gate",
+    "GateBuild",
+    "GateOutput",
+    "Head",
+    "HeadBuild",
+    "Kind",
+    "Params",
+    "Perturbation",
+    "PerturbationBuild",
+    "PluginError",
+    "RecipeError",
+    "Registry",
+    "ShapeError",
+    "StreamingEncoder",
+    "SubmissionFrames",
+    "Video",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_component",
+    "check_dataset",
+    "check_encoder",
+    "check_fusion",
+    "check_gate",
+    "check_head",
+    "check_mask",
+    "check_modalities",
+    "check_perturbation",
+    "check_shape",
+    "check_shapes",
+    "hookimpl",
+    "host_syncs",
+    "load_tensors",
+    "masked_batch_norm",
+    "register",
+    "reverse_padded",
+    "save_tensors",
+    "shift_index",
+    "shifted_bilstm",
+    "state_dict_mismatch",
+    "stream_generator",
+    "video_generator",
+    "with_features",
+    "xavier_init_",
+]

@@ -1,0 +1,1 @@
+"""What compares models: grids of runs, robustness sweeps, statistics, reports and plots."""

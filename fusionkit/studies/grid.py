@@ -1,0 +1,496 @@
+"""Running recipes: one run (:func:`train_and_evaluate`), or a grid of runs expanded from a
+recipe's ``variants`` and ``sweep`` axes, one run directory per point.
+
+``sweep: {training.seed: [0, 1, 2], data.params.lag_max: [0, 15]}`` gives six runs under
+``<output.dir>/<name>/``, each named after its axis values (``seed-0_lag_max-15``).
+
+``variants`` is one more axis whose values are *named sets of overrides*, for factors that
+change together (a fusion and its gate)::
+
+    variants:
+      concat: {model.fusion: {name: concat}, model.gate.name: last}
+      tagf:   {model.fusion.name: rjca, model.gate.name: tagf}
+    sweep:
+      training.seed: [0, 1, 2]
+
+gives ``concat_seed-0`` ... ``tagf_seed-2`` (the variant name leads the run name). Axis values
+and variant overrides are applied to the recipe as it was written, with the same rule as
+command-line overrides (:mod:`fusionkit.core.overrides`), and each point is validated once.
+
+Finished points are skipped and interrupted ones resumed, so re-running the same command
+continues an interrupted grid. A failing point, or a worker process that dies (out of memory,
+a crash in a plugin), is recorded as failed in ``grid.json`` and does not stop the others. A
+point counts as finished when its run is complete and every robustness sweep of its recipe
+is; a run that only misses robustness values evaluates them without retraining.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import re
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_any
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
+from fusionkit.core.overrides import apply_overrides
+from fusionkit.core.recipe import Recipe, validate_recipe
+from fusionkit.core.registry import Registry, get_registry
+from fusionkit.engine.distributed import Dist
+from fusionkit.engine.files import atomic_write_json, read_json
+from fusionkit.engine.progress import duration, train_progress
+from fusionkit.engine.runs import RunDir, is_run_dir
+from fusionkit.engine.session import (
+    Session,
+    available_cores,
+    build_session,
+    resolve_device,
+    set_threads,
+)
+from fusionkit.engine.train import RunResult, Trainer
+from fusionkit.engine.workers import die_with_parent
+from fusionkit.studies.robustness import robustness_complete, run_recipe_robustness
+
+__all__ = ["GridPoint", "expand_grid", "point_tag", "run_grid", "train_and_evaluate"]
+
+GRID_FILE = "grid.json"
+VARIANT_AXIS = "variant"
+MAX_POINTS = 10_000
+_VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def train_and_evaluate(
+    recipe: Recipe,
+    run: RunDir,
+    *,
+    resume: bool,
+    registry: Registry | None = None,
+    console: Console | None = None,
+    dist: Dist | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Train ``recipe`` into ``run`` (continuing its last finished epoch when ``resume``), then
+    run the recipe's robustness sweeps on the best weights.
+
+    With a ``console``, what is about to run (model, device, threads, data per split) is
+    printed first, then progress per epoch."""
+    dist = dist or Dist()
+    device = dist.device(resolve_device(recipe.training.device))
+    session = build_session(recipe, registry, device=device)
+    if console is not None:
+        _describe(session, console, dist)
+    if resume and dist.is_main:
+        run.mark_running()
+        run.clean_temp_files()
+    progress = train_progress(console, recipe.run_name)
+    trainer = Trainer(session, run, progress, dist, on_epoch_end)
+    result = trainer.fit(resume=resume)
+    if recipe.evaluation.robustness and dist.is_main:
+        run_recipe_robustness(run, session=session)
+    return result
+
+
+def _describe(session: Session, console: Console, dist: Dist) -> None:
+    import torch
+
+    rc = session.recipe
+    params = sum(p.numel() for p in session.model.parameters())
+    threads = f", {torch.get_num_threads()} CPU thread(s)" if session.device.type == "cpu" else ""
+    console.print(
+        f"model: {params:,} parameters on {session.device} "
+        f"({'bf16' if session.bf16 else 'fp32'}){threads}"
+    )
+    if dist.enabled:
+        console.print(
+            f"data parallel: {dist.world_size} processes, "
+            f"{dist.world_size * rc.training.batch_size} windows per optimizer step"
+        )
+    parts = []
+    for split in dict.fromkeys([rc.data.train_split, rc.data.val_split, *rc.evaluation.splits]):
+        videos = session.dataset.videos(split)
+        frames = sum(v.num_frames for v in videos)
+        parts.append(f"{split} {len(videos)} videos / {frames:,} frames")
+    console.print(f"data: {escape(rc.data.name)}: " + ", ".join(parts))
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One run of a grid: its directory name, axis values and validated recipe."""
+
+    tag: str
+    values: dict[str, Any]
+    recipe: Recipe
+
+
+def _slug(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
+
+
+def point_tag(values: dict[str, Any]) -> str:
+    """Directory name of a grid point: the variant name, then ``<last path part>-<value>`` per
+    sweep axis, joined by ``_``.
+
+    >>> point_tag({"training.seed": 0, "model.gate.name": "tagf"})
+    'seed-0_name-tagf'
+    >>> point_tag({"variant": "tagf", "training.seed": 1})
+    'tagf_seed-1'
+    """
+    parts = [str(values[VARIANT_AXIS])] if VARIANT_AXIS in values else []
+    parts += [f"{k.split('.')[-1]}-{_slug(v)}" for k, v in values.items() if k != VARIANT_AXIS]
+    return "_".join(parts)[:100].rstrip("._-+") or "point"
+
+
+def _check_axes(recipe: Recipe) -> None:
+    problems = [
+        f"sweep.{k}: needs a non-empty list of values" for k, v in recipe.sweep.items() if not v
+    ]
+    if VARIANT_AXIS in recipe.sweep:
+        problems.append(f"sweep.{VARIANT_AXIS}: reserved for `variants:`; declare variants there")
+    for name, overrides in recipe.variants.items():
+        if not _VARIANT_RE.match(name):
+            problems.append(
+                f"variants.{name}: variant names are letters, digits, '_', '.', '+' and '-' "
+                "(they name run directories)"
+            )
+        if not overrides:
+            problems.append(f"variants.{name}: needs at least one `dotted.path: value` override")
+        for path in overrides:
+            if path.split(".")[0] in {"sweep", "variants", "output"}:
+                problems.append(
+                    f"variants.{name}.{path}: a variant cannot set {path.split('.')[0]}"
+                )
+            if path in recipe.sweep:
+                problems.append(
+                    f"variants.{name}.{path}: is also a sweep axis; set it in one place only"
+                )
+    for path in recipe.sweep:
+        if path.split(".")[0] in {"sweep", "variants", "output"}:
+            problems.append(f"sweep.{path}: a sweep cannot set {path.split('.')[0]}")
+    n = 1
+    for values in [*recipe.sweep.values(), *([list(recipe.variants)] if recipe.variants else [])]:
+        n *= max(1, len(values))
+    if n > MAX_POINTS:
+        problems.append(f"sweep: {n:,} points; a grid has at most {MAX_POINTS:,}")
+    if problems:
+        raise RecipeError(problems, recipe.source)
+
+
+def grid_dir(recipe: Recipe) -> Path:
+    """``<output.dir>/<run name>``: a grid's folder, or for a grid point its run directory."""
+    return Path(recipe.output.dir) / recipe.run_name
+
+
+def expand_grid(recipe: Recipe, registry: Registry | None = None) -> list[GridPoint]:
+    """Every point of the grid, each validated once, before any run starts."""
+    registry = registry or get_registry()
+    _check_axes(recipe)
+    base = {k: v for k, v in recipe.raw.items() if k not in ("sweep", "variants")}
+    axes: dict[str, list[Any]] = {}
+    if recipe.variants:
+        axes[VARIANT_AXIS] = list(recipe.variants)
+    axes.update(recipe.sweep)
+    out_dir = str(grid_dir(recipe))
+    points, tags = [], set()
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo, strict=True))
+        overrides = dict(recipe.variants.get(values.get(VARIANT_AXIS), {}))
+        overrides.update({k: v for k, v in values.items() if k != VARIANT_AXIS})
+        tag = point_tag(values)
+        where = f"{'variants.' + str(values[VARIANT_AXIS]) if VARIANT_AXIS in values else 'sweep'}"
+        raw = apply_overrides(base, overrides, where)
+        if tag in tags:
+            raise RecipeError([f"sweep: two points share the run name {tag!r}"], recipe.source)
+        tags.add(tag)
+        raw["output"] = {"dir": out_dir, "name": tag}
+        rc = validate_recipe(raw, f"{recipe.source} [sweep point {tag}]", registry)
+        points.append(GridPoint(tag, values, rc))
+    return points
+
+
+# ----------------------------------------------------------------------------- one point
+
+
+def _open_or_create(recipe: Recipe, registry: Registry | None) -> tuple[RunDir, bool]:
+    """The point's run directory, locked, and whether it holds an earlier attempt."""
+    path = grid_dir(recipe)
+    if is_run_dir(path):
+        run = RunDir.open(path).lock()
+        run.check_same_training(recipe, registry)
+        return run, True
+    if path.exists():
+        raise CheckpointError(
+            f"{path} exists but fusionkit did not create it (no run.json); move it away or use "
+            "another output.dir"
+        )
+    return RunDir.create(recipe, registry, exact=True), False
+
+
+def _run_point(
+    recipe: Recipe, threads: int | None, registry: Registry | None = None
+) -> dict[str, Any]:
+    """Train one grid point quietly (or, if it is trained already, only evaluate the robustness
+    values it still misses); returns its metrics."""
+    set_threads(recipe.training.num_threads or threads)
+    run, earlier = _open_or_create(recipe, registry)
+    try:
+        if earlier and run.is_complete():
+            run_recipe_robustness(run, recipe.evaluation.robustness, registry=registry)
+            metrics = read_json(run / "metrics.json", "metrics")
+            return {"splits": metrics["splits"], "best_epoch": metrics["best_epoch"]}
+        try:
+            result = train_and_evaluate(recipe, run, resume=earlier, registry=registry)
+        except BaseException:
+            if not earlier:
+                run.remove_if_unstarted()
+            raise
+        return {"splits": result.metrics, "best_epoch": result.best_epoch}
+    finally:
+        run.unlock()
+
+
+def _worker(conn: Any, recipe: Recipe, threads: int) -> None:
+    """Body of a point's own process: the outcome goes back through ``conn``."""
+    die_with_parent()
+    try:
+        outcome: tuple[str, Any] = ("done", _run_point(recipe, threads))
+    except KeyboardInterrupt:
+        outcome = ("interrupted", "interrupted")
+    except FusionkitError as exc:
+        outcome = ("failed", str(exc))
+    except BaseException:
+        outcome = ("failed", traceback.format_exc(limit=4))
+    try:
+        conn.send(outcome)
+    finally:
+        conn.close()
+
+
+def _signal_name(code: int | None) -> str:
+    if code is None or code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (out of memory?)" if name == "SIGKILL" else ""
+    return f"{name}{hint}"
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def _grid_record(recipe: Recipe, points: list[GridPoint]) -> dict[str, Any]:
+    return {
+        "created_by": "fusionkit",
+        "name": recipe.run_name,
+        "axes": {k: list(v) for k, v in recipe.sweep.items()},
+        "variants": recipe.variants,
+        "order": [p.tag for p in points],
+        "runs": {p.tag: {"values": p.values, "status": "pending"} for p in points},
+    }
+
+
+def _prepare_grid_dir(recipe: Recipe) -> Path:
+    gdir = grid_dir(recipe)
+    record = gdir / GRID_FILE
+    if gdir.exists() and not record.is_file() and any(gdir.iterdir()):
+        raise CheckpointError(
+            f"{gdir} exists and was not made by a fusionkit grid (no {GRID_FILE}); move it "
+            "away or use another output.dir / name"
+        )
+    if record.is_file():
+        old = read_json(record, "grid record")
+        if not isinstance(old, dict) or old.get("created_by") != "fusionkit":
+            raise CheckpointError(f"{record} was not written by fusionkit")
+    try:
+        gdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {gdir}: {exc.strerror or exc}") from None
+    return gdir
+
+
+def run_grid(
+    recipe: Recipe,
+    workers: int = 1,
+    console: Console | None = None,
+    registry: Registry | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) every point of a recipe's grid; returns the grid record.
+
+    ``executor="local"`` runs points in this process (``workers=1``) or each point in its own
+    process, ``workers`` at a time, each with an equal share of the available cores;
+    ``executor="ray"`` submits every point as a Ray task to the cluster at ``ray_address``
+    (default: ``RAY_ADDRESS`` or a new local instance).
+    """
+    points = expand_grid(recipe, registry)
+    gdir = _prepare_grid_dir(recipe)
+    record = _grid_record(recipe, points)
+    todo = []
+    for p in points:
+        run_dir = gdir / p.tag
+        if (
+            is_run_dir(run_dir)
+            and RunDir(run_dir).is_complete()
+            and robustness_complete(run_dir, p.recipe)
+        ):
+            record["runs"][p.tag]["status"] = "done"
+        else:
+            todo.append(p)
+    atomic_write_json(gdir / GRID_FILE, record)
+    threads = max(1, available_cores() // max(1, workers))
+    say = console.print if console else (lambda *a, **k: None)
+    say(
+        f"grid {escape(recipe.run_name)}: {len(points)} runs, {len(points) - len(todo)} already "
+        f"done, {len(todo)} to run with {workers} worker(s), {threads} thread(s) each -> "
+        f"{escape(str(gdir))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    t0 = time.perf_counter()
+    finished = 0
+
+    def done(tag: str, status: str, outcome: Any) -> None:
+        nonlocal finished
+        finished += 1
+        entry = record["runs"][tag]
+        elapsed = time.perf_counter() - t0
+        eta = duration(elapsed / finished * (len(todo) - finished))
+        where = f"[{finished}/{len(todo)}, eta {eta}]"
+        if status == "done":
+            entry["status"] = "done"
+            entry.pop("error", None)
+            m = (outcome or {}).get("splits", {})
+            summary = "  ".join(f"{s} CCC {v['ccc_mean']:.4f}" for s, v in m.items())
+            say(f"  {where} [green]done[/] {escape(tag)}  {summary}", highlight=False)
+        else:
+            entry["status"] = "failed"
+            entry["error"] = str(outcome)
+            last = str(outcome).strip().splitlines()[-1] if str(outcome).strip() else "?"
+            say(
+                f"  {where} [red]failed[/] {escape(tag)}: {escape(last)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        atomic_write_json(gdir / GRID_FILE, record)
+
+    if executor == "ray":
+        _run_on_ray(todo, threads, done, ray_address)
+    elif workers <= 1 or len(todo) <= 1:
+        for p in todo:
+            try:
+                done(p.tag, "done", _run_point(p.recipe, None, registry))
+            except FusionkitError as exc:
+                done(p.tag, "failed", str(exc))
+            except Exception:
+                done(p.tag, "failed", traceback.format_exc(limit=4))
+    else:
+        _run_in_processes(todo, workers, threads, done)
+    return record
+
+
+def _run_in_processes(
+    todo: list[GridPoint], workers: int, threads: int, done: Callable[[str, str, Any], None]
+) -> None:
+    """Each point in its own spawned process, ``workers`` at a time. A process that dies
+    without reporting (killed, out of memory, segfault) fails only its own point."""
+    ctx = mp.get_context("spawn")
+    queue = list(todo)
+    running: dict[Any, tuple[Any, Any, str]] = {}  # sentinel -> (process, conn, tag)
+    outcomes: dict[str, tuple[str, Any]] = {}
+
+    def start(p: GridPoint) -> None:
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(child, p.recipe, threads), daemon=False)
+        proc.start()
+        child.close()
+        running[proc.sentinel] = (proc, parent, p.tag)
+
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                start(queue.pop(0))
+            conns = {conn: tag for _, conn, tag in running.values()}
+            ready = wait_any([*running, *conns])
+            for obj in ready:
+                if obj in conns and conns[obj] not in outcomes:
+                    try:
+                        outcomes[conns[obj]] = obj.recv()
+                    except (EOFError, OSError):
+                        pass
+            for sentinel in [s for s in ready if s in running]:
+                proc, conn, tag = running.pop(sentinel)
+                proc.join()
+                if tag not in outcomes and conn.poll():
+                    try:
+                        outcomes[tag] = conn.recv()
+                    except (EOFError, OSError):
+                        pass
+                conn.close()
+                status, value = outcomes.pop(
+                    tag, ("failed", f"worker process died: {_signal_name(proc.exitcode)}")
+                )
+                if status == "interrupted":
+                    raise KeyboardInterrupt
+                done(tag, status, value)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the workers too: each keeps its last finished epoch and stops; the
+        # next `fusionkit run` of the same recipe resumes them.
+        for proc, conn, _ in running.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+            conn.close()
+        raise
+
+
+def _run_on_ray(
+    todo: list[GridPoint], threads: int, done: Callable[[str, str, Any], None], address: str | None
+) -> None:
+    """Dispatch grid points to a Ray cluster (optional dependency ``fusionkit[ray]``).
+
+    Every node needs fusionkit and the plugins the recipe uses installed, and ``output.dir``
+    must be on a filesystem all nodes share (each task writes its own run directory).
+    """
+    try:
+        import ray
+    except ImportError:
+        raise FusionkitError(
+            "--executor ray needs Ray: pip install 'fusionkit[ray]' (or use the default local "
+            "executor, -j N for parallel processes)"
+        ) from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(num_cpus=threads, max_retries=0)(_run_point)
+    refs = {task.remote(p.recipe, threads): p.tag for p in todo}
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    done(refs[ref], "done", ray.get(ref))
+                except Exception as exc:  # RayTaskError wraps the worker's exception
+                    cause = getattr(exc, "cause", None) or exc
+                    done(refs[ref], "failed", f"{type(cause).__name__}: {cause}")
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise

@@ -1,0 +1,246 @@
+"""Evaluation sweeps over a perturbation axis on trained checkpoints (no retraining), and the
+inference throughput of a run.
+
+A sweep (:class:`fusionkit.core.recipe.RobustnessSpec`) evaluates a run's best weights
+(``model.safetensors``) on perturbed copies of a split, once per value of one perturbation
+param, and writes ``robustness/<name>.json`` in the run directory::
+
+    {"name": "shift_audio", "perturbation": "shift", "params": {"modality": "audio"},
+     "axis": "k", "seed": 0, "checkpoint_sha256": "...",
+     "results": {"test": {"-30": {"value": -30, "params": {"modality": "audio", "k": -30},
+                                  "metrics": {"ccc_valence": ..., ...}, "seconds": 0.4}, ...}}}
+
+The file is rewritten atomically after every value, so an interrupted sweep resumes where it
+stopped; values already computed for the same perturbation, params, seed and checkpoint are
+skipped. A changed checkpoint or spec starts the file afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusionkit.core.recipe import Recipe, RobustnessSpec
+from fusionkit.core.registry import Registry
+from fusionkit.engine.evaluate import evaluate, predict
+from fusionkit.engine.files import atomic_write_json, file_sha256, read_json
+from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
+from fusionkit.engine.runs import BEST_FILE, RunDir
+from fusionkit.engine.session import Session, load_run, set_threads
+
+__all__ = [
+    "measure_throughput",
+    "missing_values",
+    "read_robustness",
+    "robustness_complete",
+    "run_recipe_robustness",
+    "run_sweep",
+]
+
+ROBUSTNESS_DIR = "robustness"
+THROUGHPUT_FILE = "throughput.json"
+
+
+def value_key(value: Any) -> str:
+    """JSON key of an axis value (``-30`` -> ``"-30"``, ``0.5`` -> ``"0.5"``)."""
+    return json.dumps(value)
+
+
+def results_path(run_dir: Path, spec: RobustnessSpec) -> Path:
+    return Path(run_dir) / ROBUSTNESS_DIR / f"{spec.label}.json"
+
+
+def _header(spec: RobustnessSpec, checkpoint_sha: str) -> dict[str, Any]:
+    return {
+        "name": spec.label,
+        "perturbation": spec.perturbation,
+        "params": spec.params,
+        "axis": spec.axis,
+        "seed": spec.seed,
+        "checkpoint_sha256": checkpoint_sha,
+    }
+
+
+def _load(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The stored results if they were made with the same header, else an empty record."""
+    fresh = {**header, "results": {}}
+    if not path.is_file():
+        return fresh
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return fresh
+    if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in header.items()):
+        return fresh
+    stored.setdefault("results", {})
+    return stored
+
+
+def missing_values(run_dir: Path, spec: RobustnessSpec) -> list[tuple[str, Any]]:
+    """``(split, value)`` pairs of ``spec`` not yet computed for the run's checkpoint."""
+    ckpt = Path(run_dir) / BEST_FILE
+    if not ckpt.is_file():
+        return [(s, v) for s in spec.splits for v in spec.values]
+    stored = _load(results_path(run_dir, spec), _header(spec, file_sha256(ckpt)))
+    return [
+        (s, v)
+        for s in spec.splits
+        for v in spec.values
+        if value_key(v) not in stored["results"].get(s, {})
+    ]
+
+
+def robustness_complete(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether every robustness sweep of ``recipe`` has all its values in ``run_dir``."""
+    return not any(missing_values(run_dir, spec) for spec in recipe.evaluation.robustness)
+
+
+def run_sweep(
+    session: Session,
+    run: RunDir,
+    spec: RobustnessSpec,
+    on_value: Callable[[str, Any, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the session's model (weights as loaded) under every value of ``spec``.
+
+    Writes (and returns) the run's ``robustness/<name>.json``; values already there for the
+    same checkpoint and spec are skipped.
+    """
+    path = results_path(run.path, spec)
+    record = _load(path, _header(spec, file_sha256(run / BEST_FILE)))
+    rc = session.recipe
+    for split in spec.splits:
+        done = record["results"].setdefault(split, {})
+        for j, value in enumerate(spec.values):
+            key = value_key(value)
+            if key in done:
+                continue
+            t0 = time.perf_counter()
+            pert = build_perturbation(spec.point(j), session.registry)
+            data = PerturbedDataset(session.dataset, [pert], splits=[split])
+            store = session.store(split, data)
+            metrics, _ = evaluate(
+                session.model, store, session.targets, rc.evaluation.batch_size, session.bf16
+            )
+            done[key] = {
+                "value": value,
+                "params": pert.record()["params"],
+                "metrics": metrics,
+                "seconds": time.perf_counter() - t0,
+            }
+            atomic_write_json(path, record)
+            if on_value is not None:
+                on_value(split, value, metrics)
+    atomic_write_json(path, record)
+    return record
+
+
+def run_recipe_robustness(
+    run: RunDir,
+    specs: list[RobustnessSpec] | None = None,
+    *,
+    session: Session | None = None,
+    registry: Registry | None = None,
+    on_value: Callable[[str, Any, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``specs`` (default: the run recipe's ``evaluation.robustness``) on a run's best
+    weights, loading the run only if some value is missing. ``session``, when given, must hold
+    the run's best weights already (the end of training)."""
+    if specs is None:
+        recipe = session.recipe if session else run.recipe(registry)
+        specs = recipe.evaluation.robustness
+    todo = [s for s in specs if missing_values(run.path, s)]
+    if todo and session is None:
+        session = load_run(run, registry=registry).session
+    records = []
+    for spec in specs:
+        if spec in todo:
+            assert session is not None
+            records.append(run_sweep(session, run, spec, on_value))
+        else:
+            records.append(read_json(results_path(run.path, spec), "robustness results"))
+    return records
+
+
+def read_robustness(run_dir: Path) -> list[dict[str, Any]]:
+    """Every ``robustness/*.json`` record of a run (sorted by name)."""
+    folder = Path(run_dir) / ROBUSTNESS_DIR
+    if not folder.is_dir():
+        return []
+    return [read_json(p, "robustness results") for p in sorted(folder.glob("*.json"))]
+
+
+@torch.no_grad()
+def measure_throughput(
+    run_dir: Path,
+    split: str = "test",
+    min_seconds: float = 1.0,
+    min_passes: int = 5,
+    registry: Registry | None = None,
+    refresh: bool = False,
+    cpu_threads: int | None = 1,
+) -> dict[str, Any]:
+    """Inference speed of a run's model, measured now and cached in ``throughput.json``.
+
+    The whole ``split`` is predicted as evaluation does (windows of ``data.window`` with hop
+    ``data.hop``, ``evaluation.batch_size`` windows per batch, overlapping predictions
+    averaged): one warm-up pass, then at least ``min_passes`` timed passes and at least
+    ``min_seconds`` in all. The rate is taken from the **fastest** pass, the estimate least
+    disturbed by other work on a shared machine. On CPU the model runs on ``cpu_threads``
+    threads (default 1: multi-threaded kernels are erratic when other processes share the
+    cores; ``None`` keeps torch's setting). Reported: frames of the split per second and
+    windows per second, with the device, thread count and every pass time.
+    """
+    path = Path(run_dir) / THROUGHPUT_FILE
+    if path.is_file() and not refresh:
+        return read_json(path, "throughput record")
+    loaded = load_run(run_dir, registry=registry)
+    session = loaded.session
+    rc = session.recipe
+    if split not in session.dataset.splits():
+        split = rc.evaluation.splits[0]
+    store = session.store(split)
+    bs = rc.evaluation.batch_size
+
+    def once() -> None:
+        predict(session.model, store, bs, session.bf16)
+        if session.device.type == "cuda":
+            torch.cuda.synchronize(session.device)
+
+    saved_threads = torch.get_num_threads()
+    if session.device.type == "cpu" and cpu_threads:
+        set_threads(cpu_threads)
+    try:
+        threads = torch.get_num_threads()
+        once()  # warm-up
+        times: list[float] = []
+        while len(times) < min_passes or sum(times) < min_seconds:
+            t0 = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(saved_threads)
+    best = min(times)
+    out = {
+        "split": split,
+        "frames_per_second": store.num_frames / best,
+        "windows_per_second": store.num_windows / best,
+        "frames": store.num_frames,
+        "windows": store.num_windows,
+        "passes": len(times),
+        "pass_seconds": times,
+        "estimator": "fastest pass",
+        "batch_size": bs,
+        "device": str(session.device),
+        "threads": threads,
+        "precision": "bf16" if session.bf16 else "fp32",
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with RunDir.open(run_dir):  # the run's lock while writing into it
+        atomic_write_json(path, out)
+    return out
