@@ -26,7 +26,8 @@ This module re-exports, from the rest of fusionkit (which is private to fusionki
 * errors: :class:`ShapeError`, :class:`DataError`, ...;
 * building blocks: padding-aware layers, :func:`check_shape`, :func:`xavier_init_`;
 * perturbation helpers: :func:`video_generator`, :func:`with_features`, ...;
-* files: atomic writes and safetensors helpers for datasets that cache features;
+* files and processes: atomic writes and safetensors helpers for datasets that cache
+  features, :func:`die_with_parent` for worker processes;
 * the conformance kit: :func:`check_component`, :func:`check_fusion`, ... (also
   :mod:`fusionkit.testing`).
 
@@ -84,6 +85,7 @@ from fusionkit.engine.perturb import (
     video_generator,
     with_features,
 )
+from fusionkit.engine.workers import die_with_parent
 from fusionkit.layers import (
     check_mask,
     check_shape,
@@ -150,6 +152,7 @@ __all__ = [
     "check_perturbation",
     "check_shape",
     "check_shapes",
+    "die_with_parent",
     "hookimpl",
     "host_syncs",
     "load_tensors",
