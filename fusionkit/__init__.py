@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-__version__ = "0.2.0"
+from fusionkit.core import __version__
 
 __all__ = ["__version__"]
 

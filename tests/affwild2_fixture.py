@@ -64,6 +64,7 @@ class MediaSpec:
     Attributes:
         burst_frame: the 1 kHz burst starts at ``burst_frame / fps`` seconds of video time.
         audio_offset: seconds by which the audio stream starts after the video stream.
+        audio: False writes a video-only file (no audio track).
     """
 
     name: str
@@ -74,6 +75,7 @@ class MediaSpec:
     channels: int = 2
     burst_frame: int = 20
     audio_offset: float = 0.0
+    audio: bool = True
 
 
 @dataclass
@@ -153,8 +155,9 @@ def write_media(path: Path, spec: MediaSpec, seed: int = 0, size: tuple[int, int
     with av.open(str(path), "w") as out:
         vs = out.add_stream(video_codec, rate=spec.fps)
         vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
-        aus = out.add_stream(audio_codec, rate=spec.audio_rate)
-        aus.layout = "stereo" if spec.channels == 2 else "mono"
+        aus = out.add_stream(audio_codec, rate=spec.audio_rate) if spec.audio else None
+        if aus is not None:
+            aus.layout = "stereo" if spec.channels == 2 else "mono"
         yy, xx = np.mgrid[0:height, 0:width]
         for i in range(spec.frames):
             img = ((xx * 4 + yy * 2 + i * 6) % 256).astype(np.uint8)
@@ -164,6 +167,8 @@ def write_media(path: Path, spec: MediaSpec, seed: int = 0, size: tuple[int, int
                 out.mux(packet)
         for packet in vs.encode(None):
             out.mux(packet)
+        if aus is None:
+            return
         wave = _burst_wave(spec, spec.frames / float(spec.fps) - spec.audio_offset, rng)
         fmt = aus.codec_context.format.name
         step = 1024

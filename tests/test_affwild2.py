@@ -43,6 +43,8 @@ from tests.affwild2_fixture import (
 )
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.filterwarnings("ignore:affwild2.*belong to no split")  # no test_list
+
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Fixture:
@@ -380,14 +382,23 @@ def test_missing_face_previous_fills_forward():
 
 
 def test_missing_files_end_with_a_message_naming_them(tree, tmp_path):
-    ds = dataset(tree.root, video_dirs=["elsewhere"])
-    with pytest.raises(DataError, match=r"no raw video for trial 'vid_a_left'.*vid_a\.mp4"):
+    ds = dataset(tree.root, video_dirs=["elsewhere"], strict=True)
+    with pytest.raises(
+        DataError, match=r"no raw video for trial 'vid_a_left'.*vid_a\.mp4.*vid_a_left\.txt"
+    ):
         ds.extract(progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = dataset(tree.root, video_dirs=["elsewhere"]).extract(progress=False)
+    assert sorted(report.failed) == sorted(
+        f"trial {t}" for t in tree.split("train") + tree.split("val")
+    )
+    assert "vid_e.txt" in report.failed["trial vid_e"]
     root = tmp_path / "copy"
     shutil.copytree(tree.root, root, ignore=shutil.ignore_patterns("fusionkit_cache"))
     shutil.rmtree(root / "cropped_aligned" / "vid_c")
     with pytest.raises(DataError, match=r"face-crop folder .*cropped_aligned/vid_c"):
-        dataset(root).extract(progress=False)
+        dataset(root, strict=True).extract(progress=False)
     with pytest.raises(DataError, match=r"missing feature cache .*vid_a\.safetensors.*extract"):
         dataset(root).videos("train")
     with pytest.raises(DataError, match=r"dataset root .*nowhere does not exist"):

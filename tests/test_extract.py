@@ -1,26 +1,51 @@
-"""Feature caches: skip valid ones, resume, detect stale and corrupt files (named), manifests,
-parallel workers, safetensors backbone weights, and the backbone architectures."""
+"""Feature caches: skip valid ones, resume, detect stale and corrupt files (named), edited
+metadata, manifests, parallel workers that die with their parent, trials whose media is
+missing, warnings about unused and silent media, safetensors backbone weights, and the
+backbone architectures."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from fusionkit.cli import app
 from fusionkit.core.errors import DataError
 from fusionkit.core.registry import get_registry
+from fusionkit.engine.data import FrameStore
 from fusionkit_affwild2.backbones import IR50, IR50Params, VGGish
-from fusionkit_affwild2.cache import CacheFolder, fingerprint, fingerprint_changed
+from fusionkit_affwild2.cache import CACHE_FORMAT, CacheFolder, fingerprint, fingerprint_changed
 from fusionkit_affwild2.dataset import AffWild2Dataset
-from tests.affwild2_fixture import TINY_AUDIO, shared_tree, tiny_params
+from tests.affwild2_fixture import (
+    NAMINGS,
+    TINY_AUDIO,
+    TINY_VIDEO,
+    MediaSpec,
+    shared_tree,
+    tiny_params,
+    write_media,
+)
+from tests.conftest import REPO
 
-pytestmark = pytest.mark.filterwarnings("ignore:affwild2.*label rows")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:affwild2.*label rows"),
+    pytest.mark.filterwarnings("ignore:affwild2.*belong to no split"),  # test videos, no test_list
+]
 
 
 @pytest.fixture
@@ -41,6 +66,25 @@ def extract(ds: AffWild2Dataset, workers: int = 1):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return ds.extract(workers=workers, progress=False)
+
+
+def cli_extract(root: Path, *extra: str):
+    """``fusionkit extract`` of the TAGF recipe on ``root`` with the tiny extractors."""
+    args = [
+        f"data.params.root={root}",
+        f"data.params.audio.backbone={TINY_AUDIO}",
+        f"data.params.video.backbone={TINY_VIDEO}",
+        "data.params.video.resize=24",
+        "data.params.device=cpu",
+        *extra,
+    ]
+    recipe = str(REPO / "recipes" / "affwild2" / "tagf.yaml")
+    return CliRunner().invoke(app, ["extract", recipe, *args, "-q"])
+
+
+def flat(text: str) -> str:
+    """Console output with its line breaks (soft wraps) removed."""
+    return " ".join(text.split())
 
 
 def test_valid_caches_are_never_recomputed_and_a_pass_resumes(tree_copy):
@@ -100,6 +144,53 @@ def test_corrupt_cache_is_detected_named_and_refreshed(tree_copy, damage):
     report = extract(dataset(tree_copy))
     assert report.refreshed["video vid_d_right"].startswith("corrupt")
     assert len(dataset(tree_copy).videos("train")) == 5
+
+
+def _rewrite_meta(path: Path, edit) -> None:
+    """Rewrite a cache file with the same tensors and ``edit(record)`` applied to its
+    metadata record (what a hand edit with the safetensors library does)."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    record = json.loads(meta["fusionkit_cache"])
+    edit(record)
+    save_file(tensors, str(path), metadata={**meta, "fusionkit_cache": json.dumps(record)})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r["info"].update(num_frames=r["info"]["num_frames"] - 5),
+        lambda r: r["info"].update(fps=25.0),
+        lambda r: r["sources"]["media"].update(sha256_head_tail="0" * 64),
+    ],
+    ids=["num_frames", "fps", "sources"],
+)
+def test_edited_cache_metadata_is_corrupt_and_named(tree_copy, edit):
+    ds = dataset(tree_copy, test_list=str(tree_copy / "test_set_release.txt"))
+    path = ds.audio_cache.file("vid_f")  # a test video: its length is the recorded num_frames
+    media = tree_copy / "raw_videos" / "vid_f.mp4"
+    _rewrite_meta(path, edit)
+    status = ds.audio_cache.status("vid_f", {"media": media})
+    assert status.state == "corrupt" and "metadata" in status.reason
+    with pytest.raises(DataError, match=rf"corrupt feature cache {re.escape(str(path))}: "):
+        ds.videos("test")
+    report = extract(dataset(tree_copy, test_list=str(tree_copy / "test_set_release.txt")))
+    assert report.refreshed["audio vid_f"].startswith("corrupt: tensors or metadata")
+    ok = dataset(tree_copy, test_list=str(tree_copy / "test_set_release.txt"))
+    assert {v.name: v.num_frames for v in ok.videos("test")}["vid_f"] == 45
+
+
+def test_caches_of_an_older_format_are_stale_with_the_reason(tree_copy):
+    ds = dataset(tree_copy)
+    path = ds.video_cache.file("vid_e")
+    _rewrite_meta(path, lambda r: r.update(format=CACHE_FORMAT - 1))
+    status = ds.video_cache.status("vid_e", {"crops": tree_copy / "cropped_aligned" / "vid_e"})
+    assert status.state == "stale"
+    assert f"cache format {CACHE_FORMAT - 1} (current {CACHE_FORMAT})" in status.reason
+    report = extract(dataset(tree_copy))
+    assert report.refreshed["video vid_e"].startswith(f"stale: cache format {CACHE_FORMAT - 1}")
+    assert report.computed == 0  # refreshed in its folder, nothing else recomputed
 
 
 def test_manifest_records_sources_extractor_and_versions(tree_copy):
@@ -178,6 +269,79 @@ def test_cache_folder_round_trip(tmp_path):
     assert folder.status("item", {"src": src}).state == "stale"
 
 
+_SLOW_JOB = """
+import os, time
+from pathlib import Path
+
+def run(folder):
+    Path(folder, str(os.getpid())).touch()
+    time.sleep(300)
+"""
+
+_PARENT = """
+import sys
+sys.path.insert(0, {helper!r})
+import slow_job
+from fusionkit_affwild2.cache import Job, run_jobs
+
+if __name__ == "__main__":
+    jobs = [Job(str(i), {pids!r}) for i in range(4)]
+    run_jobs(jobs, slow_job.run, workers=2, progress=False)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.skipif(
+    os.name != "posix" or not Path("/proc/self/stat").exists(),
+    reason="needs kill -9 and /proc (Linux)",
+)
+def test_workers_die_with_their_parent(tmp_path):
+    helper, pids = tmp_path / "helper", tmp_path / "pids"
+    helper.mkdir()
+    pids.mkdir()
+    (helper / "slow_job.py").write_text(_SLOW_JOB)
+    code = textwrap.dedent(_PARENT.format(helper=str(helper), pids=str(pids)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:
+            assert parent.poll() is None, "the parent process ended early"
+            assert time.monotonic() < deadline, "the workers did not start their jobs"
+            time.sleep(0.2)
+            workers = [int(p.name) for p in pids.iterdir()]
+        assert all(_alive(w) for w in workers)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], "workers outlived their parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
 def test_vggish_and_ir50_architectures():
     with torch.device("meta"):
         vgg = VGGish()
@@ -227,3 +391,90 @@ def test_a_failing_job_names_its_file_and_the_others_finish(tree_copy):
     assert "00007.jpg" in res.output
     assert dataset(tree_copy).video_cache.file("vid_e").is_file()  # the other job finished
     assert not dataset(tree_copy).video_cache.file("vid_c").is_file()
+
+
+def test_a_trial_without_media_is_reported_and_the_others_are_extracted(tree_copy):
+    train = tree_copy / NAMINGS["abaw"][0] / "Train_Set"
+    orphan = train / "vid_x.txt"  # an annotation file for a video that does not exist
+    orphan.write_text("valence,arousal\n0.1,0.2\n0.3,0.4\n")
+    ds = dataset(tree_copy)
+    ds.video_cache.file("vid_e").unlink()
+    ds.audio_cache.file("vid_c").unlink()
+    res = cli_extract(tree_copy)
+    assert res.exit_code == 1, res.output
+    out = flat(res.output)
+    assert "failed trial vid_x: no raw video for trial 'vid_x'" in out
+    assert f"listed by annotation file {orphan}: add the missing data or remove that file" in out
+    assert "Traceback" not in res.output
+    assert ds.video_cache.file("vid_e").is_file() and ds.audio_cache.file("vid_c").is_file()
+    # training stops on it, naming the annotation file too
+    with pytest.raises(DataError, match=r"no raw video for trial 'vid_x'.*vid_x\.txt"):
+        dataset(tree_copy).videos("train")
+
+    # a trial whose crop folder is missing is reported the same way
+    shutil.rmtree(tree_copy / "cropped_aligned" / "vid_b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = dataset(tree_copy).extract(progress=False)
+    assert set(report.failed) == {"trial vid_x", "trial vid_b"}
+    assert "face-crop folder" in report.failed["trial vid_b"]
+    assert "vid_b.txt" in report.failed["trial vid_b"]
+
+    # strict: true stops at the first problem, before any job, in one line
+    ds.video_cache.file("vid_e").unlink()
+    res = cli_extract(tree_copy, "data.params.strict=true")
+    assert isinstance(res.exception, DataError), res.output  # `fusionkit` prints it, exit 2
+    error = str(res.exception)
+    assert "\n" not in error
+    assert "face-crop folder" in error and "vid_b.txt" in error  # the first problem (sorted)
+    assert "data.params.strict is true: set it to false" in error
+    assert not ds.video_cache.file("vid_e").is_file()  # no job ran
+
+
+def test_media_that_belong_to_no_split_are_warned_about(tree_copy):
+    test_list = str(tree_copy / "test_set_release.txt")
+    (tree_copy / NAMINGS["abaw"][0] / "Train_Set" / "vid_c.txt").unlink()  # silently drops vid_c
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = dataset(tree_copy, test_list=test_list).extract(progress=False)
+    assert not report.failed
+    text = " ".join(str(w.message) for w in caught)
+    assert "affwild2: 1 face-crop folder(s) under" in text and "(vid_c)" in text
+    assert "1 raw video(s) (raw_videos/vid_c.avi) belong to no split" in text
+    assert "if an annotation file was deleted, restore it" in text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = dataset(tree_copy, test_list=test_list)
+        assert "vid_c" not in [v.name for v in ds.videos("train")]
+    assert any("1 face-crop folder(s)" in str(w.message) for w in caught)
+    # without test_list the test videos belong to no split either: counted and named
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset(tree_copy).videos("val")
+    (message,) = [str(w.message) for w in caught if "belong to no split" in str(w.message)]
+    assert "3 face-crop folder(s)" in message and "vid_c, vid_f, vid_g_left" in message
+    assert "3 raw video(s)" in message and "no data.params.test_list set" in message
+    assert "\n" not in message
+
+
+def test_a_video_without_audio_is_warned_about(tree_copy):
+    write_media(
+        tree_copy / "raw_videos" / "vid_d.mp4", MediaSpec("vid_d", Fraction(12), 30, audio=False)
+    )
+    res = cli_extract(tree_copy)
+    assert res.exit_code == 0, res.output
+    out = flat(res.output)
+    assert (
+        "warning: affwild2: 1 raw video(s) have no audio: vid_d.mp4 (no audio track); their 2 "
+        "trial(s) (vid_d, vid_d_right) train on constant audio features" in out
+    )
+    assert "recomputed audio vid_d: stale" in out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        videos = dataset(tree_copy).videos("train")
+    right = {v.name: v for v in videos}["vid_d_right"]
+    assert not right.present["audio"].any() and right.present["video"].any()
+    with pytest.warns(
+        UserWarning, match=r"1 of 5 videos have no audio at all \(e\.g\. vid_d_right\)"
+    ):
+        FrameStore(videos, ["audio", "video"], [0, 1], window=32, hop=16, where="train")

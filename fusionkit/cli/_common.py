@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 #: Standard output; long lines are never hard-wrapped (paths and hints stay copyable in logs).
@@ -51,8 +52,9 @@ def _short(targets: list[str]) -> dict[str, str]:
 def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[str]) -> Table:
     """Rich table of per-split metrics (CCC per target and mean, PCC, RMSE, frames)."""
     short = _short(targets)
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("split")
+    short = {t: escape(v) for t, v in short.items()}
     for t in targets:
         table.add_column(f"CCC-{short[t]}", justify="right")
     if len(targets) > 1:
@@ -65,7 +67,7 @@ def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[s
         return f"{x:.4f}" if isinstance(x, int | float) else "n/a"
 
     for split, m in splits.items():
-        row = [split] + [num(m.get(f"ccc_{t}")) for t in targets]
+        row = [escape(split)] + [num(m.get(f"ccc_{t}")) for t in targets]
         if len(targets) > 1:
             row.append(num(m.get("ccc_mean")))
         row += [num(m.get(f"pcc_{t}")) for t in targets]
@@ -73,5 +75,5 @@ def metrics_table(title: str, splits: dict[str, dict[str, Any]], targets: list[s
         table.add_row(*row)
     caption = [f"{v} = {k}" for k, v in short.items() if k != v]
     caption.append("frames: " + ", ".join(f"{s} {m.get('n_frames')}" for s, m in splits.items()))
-    table.caption = "; ".join(caption)
+    table.caption = escape("; ".join(caption))
     return table

@@ -63,7 +63,7 @@ def extract(
     for label, why in report.refreshed.items():
         console.print(f"recomputed {escape(label)}: {escape(why)}", highlight=False)
     for d in report.cache_dirs:
-        console.print(f"cache: {d}", highlight=False)
+        console.print(f"cache: {escape(str(d))}", highlight=False)
     if report.failed:
         for label, err in report.failed.items():
             err_console.print(

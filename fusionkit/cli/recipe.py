@@ -91,7 +91,7 @@ def recipe_list() -> None:
     table.add_column("name", style="bold", no_wrap=True)
     table.add_column("description", overflow="fold")
     for name, path in _shipped():
-        table.add_row(name, _describe(path))
+        table.add_row(escape(name), escape(_describe(path)))
     console.print(table)
     console.print("copy one to edit it: fusionkit recipe copy NAME DEST.yaml")
 

@@ -22,9 +22,9 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        import fusionkit
+        from fusionkit.core import __version__
 
-        typer.echo(f"fusionkit {fusionkit.__version__}")
+        typer.echo(f"fusionkit {__version__}")
         raise typer.Exit()
 
 
@@ -40,13 +40,14 @@ def _root(
 
 def _register() -> None:
     # Each area keeps its commands in its own module of this package.
-    from fusionkit.cli import data, plugins, recipe, report, run
+    from fusionkit.cli import data, plugins, recipe, report, run, weights
 
     run.register(app)
     app.add_typer(recipe.app, name="recipe")
     app.add_typer(plugins.app, name="plugins")
     report.register(app)
     data.register(app)
+    weights.register(app)
 
 
 _register()

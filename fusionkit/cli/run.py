@@ -131,14 +131,23 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
             rc, run, resume=resume, console=None if quiet else console, dist=dist
         )
     except KeyboardInterrupt:
-        err_console.print(
-            f"\n[yellow]interrupted[/]: the last finished epoch is saved in "
-            f"{escape(str(run.path))}\nresume with: fusionkit resume {escape(str(run.path))}"
-        )
+        if dist.is_main and not resume and run.remove_if_unstarted():
+            err_console.print("\n[yellow]interrupted[/] before the first epoch finished")
+        else:
+            err_console.print(
+                f"\n[yellow]interrupted[/]: the last finished epoch is saved in "
+                f"{escape(str(run.path))}\nresume with: fusionkit resume {escape(str(run.path))}"
+            )
         raise typer.Exit(130) from None
     except FusionkitError:
-        if not resume and dist.is_main:
-            run.remove_if_unstarted()  # a retry then gets the same name
+        if dist.is_main:
+            # nothing started: remove the folder, so that a retry gets the same name
+            removed = not resume and run.remove_if_unstarted()
+            if not removed and (run / "state.safetensors").is_file():
+                err_console.print(
+                    f"the last finished epoch is saved in {escape(str(run.path))}; after fixing "
+                    f"the cause, resume with: fusionkit resume {escape(str(run.path))}"
+                )
         raise
     console.print(
         metrics_table(

@@ -2,3 +2,5 @@
 
 Nothing here runs a model; everything else in fusionkit builds on it.
 """
+
+__version__ = "0.2.0"

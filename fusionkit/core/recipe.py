@@ -150,6 +150,11 @@ class ComponentSpec(Strict):
             )
         return params
 
+    @classmethod
+    def _params_schema(cls, schema: dict[str, Any], handler: Any) -> dict[str, Any]:
+        """The JSON Schema of a component's params as this slot accepts it."""
+        return schema
+
     def build(self, registry: Registry | None = None, *, where: str = "", **kwargs: Any) -> Any:
         """Build this (validated) component with its kind's build arguments."""
         registry = registry or get_registry()
@@ -170,16 +175,16 @@ class ComponentSpec(Strict):
         choices = []
         for name in names:
             comp = registry.get(cls.kind, name)
+            params = cls._params_schema(handler(comp.params.__pydantic_core_schema__), handler)
             choices.append(
                 {
                     "if": {"properties": {"name": {"const": name}}, "required": ["name"]},
                     "then": {
                         "properties": {
                             "params": {
-                                "anyOf": [
-                                    handler(comp.params.__pydantic_core_schema__),
-                                    {"type": "null"},
-                                ],
+                                # an empty `params:` (null) means the defaults
+                                "if": {"type": "object"},
+                                "then": params,
                                 "description": comp.summary,
                             }
                         }
@@ -227,6 +232,15 @@ class DataSpec(ComponentSpec):
     hop: int = Field(200, ge=1, le=100_000, description="hop between window starts in frames")
     train_split: str = "train"
     val_split: str = "val"
+
+    @classmethod
+    def _params_schema(cls, schema: dict[str, Any], handler: Any) -> dict[str, Any]:
+        """``data.root`` may give a dataset's ``root``: it is not required in ``params``."""
+        resolved = handler.resolve_ref_schema(schema) if "$ref" in schema else schema
+        required = [r for r in resolved.get("required", []) if r != "root"]
+        if required == resolved.get("required", []):
+            return schema
+        return {**resolved, "required": required}
 
     @model_validator(mode="before")
     @classmethod

@@ -45,6 +45,7 @@ __all__ = [
     "get_registry",
     "load_registry",
     "register",
+    "registered_name",
 ]
 
 ENTRY_POINT_GROUP = "fusionkit"
@@ -154,6 +155,12 @@ def register(
         return build
 
     return mark
+
+
+def registered_name(build: Callable[..., Any]) -> str | None:
+    """The name :func:`register` gave a build function (``None`` if it has no mark)."""
+    mark = getattr(build, _MARK, None)
+    return mark.name if isinstance(mark, _Mark) else None
 
 
 def _params_of(build: Callable[..., Any]) -> type[BaseModel]:

@@ -77,8 +77,9 @@ def _expanded_size(root: Any) -> int:
 
 def load_yaml(text: str, source: str) -> Any:
     """Parse YAML text within the bounds above; errors name ``source`` and the line."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader checks the characters here already
         data = loader.get_single_data()
     except _TooDeep:
         raise RecipeError(
@@ -97,7 +98,8 @@ def load_yaml(text: str, source: str) -> Any:
         problem = " ".join(str(problem).split())
         raise RecipeError([f"YAML syntax error{where}: {problem}"], source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if _expanded_size(data) > MAX_VALUES:
         raise RecipeError(
             [

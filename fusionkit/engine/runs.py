@@ -104,7 +104,7 @@ def _git_sha() -> str | None:
 
 def _provenance(recipe: Recipe, registry: Registry) -> dict[str, Any]:
     """Versions, components with their distributions, command line: what made the run."""
-    import fusionkit
+    from fusionkit.core import __version__
 
     used = [("dataset", recipe.data.name)]
     used += [("encoder", s.name) for s in recipe.model.encoders.values()]
@@ -118,7 +118,7 @@ def _provenance(recipe: Recipe, registry: Registry) -> dict[str, Any]:
             {"kind": kind, "name": name, "distribution": c.distribution, "version": c.version}
         )
     return {
-        "fusionkit": fusionkit.__version__,
+        "fusionkit": __version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],

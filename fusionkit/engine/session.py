@@ -273,7 +273,7 @@ def load_run(
     if data_overrides:
         recipe = _with_data_overrides(recipe, data_overrides, registry)
     weights = run / BEST_FILE
-    if not weights.is_file():
+    if not weights.exists():
         raise CheckpointError(
             f"{run} has no {BEST_FILE}: it did not finish an epoch (resume it with "
             f"`fusionkit resume {run}`)"

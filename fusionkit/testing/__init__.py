@@ -134,7 +134,7 @@ def check_component(
     from fusionkit.core.registry import get_registry
 
     registry = registry or get_registry()
-    comp = registry.get(kind, name)
+    comp = registry.get(kind, name)  # an unknown or clashing name raises, naming both plugins
     report = ConformanceReport(kind, name, comp.distribution, comp.version)
     resolved, problem = resolve_params(comp.params, params)
     fn = _KIND_CHECKS.get(kind)

@@ -25,6 +25,7 @@ from fusionkit.testing._sync import host_syncs
 from fusionkit.testing._util import (
     BATCH_SIZES,
     close,
+    default_name,
     max_diff,
     no_tf32,
     padding_mask,
@@ -466,11 +467,12 @@ def run_module_kind(
     params: BaseModel,
     build_kwargs: dict[str, Any],
     *,
-    name: str,
+    name: str | None,
     skip: Iterable[str],
     seed: int,
     extra: Iterable[tuple[str, Callable[[], str | None]]] = (),
 ) -> ConformanceReport:
+    name = default_name(build, name, kind)
     report = ConformanceReport(kind, name, params=params.model_dump(mode="json"))
     adapter = cls(kind, name, build, params, build_kwargs)
     with seeded(seed):
@@ -481,7 +483,7 @@ def check_encoder(
     build: Callable[..., Any],
     params: BaseModel,
     *,
-    name: str = "encoder",
+    name: str | None = None,
     in_dim: int = 12,
     modality: str = "audio",
     skip: Iterable[str] = (),
@@ -494,7 +496,8 @@ def check_encoder(
     Args:
         build: the function the plugin registers.
         params: an instance of its params model (its class is checked too).
-        name: name used in messages.
+        name: name used in messages (default: the name the build function is registered
+            under with ``@register``, else the kind).
         in_dim: feature size of the dummy input.
         modality: modality name passed to ``build``.
         skip: check ids to skip (see :data:`CHECKS`).
@@ -510,7 +513,7 @@ def check_fusion(
     build: Callable[..., Any],
     params: BaseModel,
     *,
-    name: str = "fusion",
+    name: str | None = None,
     in_dims: Mapping[str, int] | None = None,
     skip: Iterable[str] = (),
     seed: int = 0,
@@ -534,7 +537,7 @@ def check_gate(
     build: Callable[..., Any],
     params: BaseModel,
     *,
-    name: str = "gate",
+    name: str | None = None,
     in_dims: Mapping[str, int] | None = None,
     num_steps: int = 3,
     skip: Iterable[str] = (),
@@ -555,7 +558,11 @@ def check_gate(
     dims = dict(in_dims or {"audio": 16, "video": 24})
     kwargs = {"in_dims": dims, "num_steps": num_steps}
     single = GateAdapter(
-        "gate", name, build, params, {"in_dims": {"fused": sum(dims.values())}, "num_steps": 1}
+        "gate",
+        default_name(build, name, "gate"),
+        build,
+        params,
+        {"in_dims": {"fused": sum(dims.values())}, "num_steps": 1},
     )
 
     def single_stream() -> None:
@@ -585,7 +592,7 @@ def check_head(
     build: Callable[..., Any],
     params: BaseModel,
     *,
-    name: str = "head",
+    name: str | None = None,
     in_dim: int = 24,
     n_targets: int = 2,
     skip: Iterable[str] = (),

@@ -14,7 +14,7 @@ from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
 from fusionkit.testing._params import params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, Runner, Violation
-from fusionkit.testing._util import axes, seeded, shape_of
+from fusionkit.testing._util import axes, default_name, seeded, shape_of
 
 
 def check_video(v: Any, i: int, split: str, dims: dict[str, int], n_targets: int) -> None:
@@ -147,7 +147,7 @@ def check_dataset(
     build: Callable[..., Any],
     params: BaseModel,
     *,
-    name: str = "dataset",
+    name: str | None = None,
     skip: Iterable[str] = (),
     seed: int = 0,
     max_videos: int = 8,
@@ -158,6 +158,7 @@ def check_dataset(
         max_videos: records checked in detail per split (all are counted and named).
         Others as in :func:`check_encoder`.
     """
+    name = default_name(build, name, "dataset")
     report = ConformanceReport("dataset", name, params=params.model_dump(mode="json"))
     label = f"dataset '{name}'"
     runner = Runner(report, skip, label)
@@ -254,7 +255,7 @@ def check_perturbation(
     build: Callable[..., Any],
     params: BaseModel,
     *,
-    name: str = "perturbation",
+    name: str | None = None,
     skip: Iterable[str] = (),
     seed: int = 0,
 ) -> ConformanceReport:
@@ -263,6 +264,7 @@ def check_perturbation(
     The built callable maps ``(video, generator) -> Video`` out of place, drawing all randomness
     from ``generator``. It is applied to a small audio (6) + video (5) record.
     """
+    name = default_name(build, name, "perturbation")
     report = ConformanceReport("perturbation", name, params=params.model_dump(mode="json"))
     runner = Runner(report, skip, f"perturbation '{name}'")
     checks = PerturbationChecks(build, params, seed)

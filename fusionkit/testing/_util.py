@@ -68,3 +68,10 @@ def no_tf32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def default_name(build: Any, name: str | None, kind: str) -> str:
+    """``name``, else the name ``build`` is registered under (``@register``), else ``kind``."""
+    from fusionkit.core.registry import registered_name
+
+    return name or registered_name(build) or kind

@@ -11,10 +11,20 @@ Built with random weights (seeded by ``seed``) or loaded from a user-supplied sa
 weights load directly: ``vggish`` uses the ``features.*`` / ``embeddings.*`` layout of the
 torchvggish port, ``ir50`` the ``input_layer`` / ``body`` / ``output_layer`` layout of the
 arcface IR backbones (a ``module.`` prefix is stripped).
+
+``fusionkit weights convert SRC.pth OUT.safetensors --arch vggish|ir50`` makes such a file
+from a released PyTorch checkpoint. It calls the optional ``convert_state_dict(sd) -> sd``
+method of the built module (defined here by :class:`VGGish` and :class:`IR50`), which maps a
+released key layout onto the module's own; any module may define it. It receives a plain
+``{name: tensor}`` dict, returns the mapped dict, and reports what it drops with
+``warnings.warn`` (shown to the user as a note); the command then checks every tensor against
+the module's state dict.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -129,7 +139,37 @@ def load_backbone_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(tensors, strict=True)
 
 
+def _strip_prefixes(
+    sd: dict[str, Tensor], own: Iterable[str], wrappers: Iterable[str] = ()
+) -> dict[str, Tensor]:
+    """Keys without DataParallel ``module.`` prefixes (at any depth of wrapping), then without
+    a wrapper module's prefix (e.g. ``backbone.``) that the module's own keys do not have."""
+    out = {}
+    for key, value in sd.items():
+        while key.startswith("module."):
+            key = key.removeprefix("module.")
+        out[key] = value
+    own = set(own)
+    for prefix in wrappers:
+        if not any(k.startswith(prefix) for k in own) and any(k.startswith(prefix) for k in out):
+            out = {k.removeprefix(prefix): v for k, v in out.items()}
+    return out
+
+
+def _drop(sd: dict[str, Tensor], keys: list[str], why: str) -> dict[str, Tensor]:
+    """``sd`` without ``keys``; a warning (a note for the user) names them and says why."""
+    keys = sorted(keys)
+    if keys:
+        few = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        warnings.warn(f"dropped {len(keys)} tensor(s) ({few}): {why}", stacklevel=3)
+    gone = set(keys)
+    return {k: v for k, v in sd.items() if k not in gone}
+
+
 # --------------------------------------------------------------------------- audio
+
+#: Names of the PCA post-processing tensors of the torchvggish port (``pproc.*``).
+_PCA_NAMES = ("pca_eigen_vectors", "pca_matrix", "pca_means")
 
 
 class VGGishParams(_WeightsParams):
@@ -170,6 +210,27 @@ class VGGish(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(4096, 128),
             nn.ReLU(inplace=True) if final_relu else nn.Identity(),
+        )
+
+    def convert_state_dict(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map a released VGGish state dict onto this module's keys.
+
+        Accepts the torchvggish port's layout (``features.{0,3,6,8,11,13}.*``,
+        ``embeddings.{0,2,4}.*``; ``vggish-10086976.pth``), also inside a wrapper
+        (``backbone.``, as the ABAW code's ``AudioBackbone`` saves it) and with DataParallel
+        ``module.`` prefixes. The PCA post-processing tensors (``pproc.pca_eigen_vectors`` or
+        ``pca_matrix``, ``pproc.pca_means``) are kept as buffers when the architecture has
+        them; this one outputs the raw embedding and has none, so they are dropped with a
+        note.
+        """
+        own = self.state_dict()
+        sd = _strip_prefixes(sd, own, ("backbone.", "vggish."))
+        pca = [k for k in sd if k.rsplit(".", 1)[-1] in _PCA_NAMES and k not in own]
+        return _drop(
+            sd,
+            pca,
+            "PCA post-processing of the torchvggish port; this VGGish outputs the raw 128-d "
+            "embedding (no PCA buffers)",
         )
 
     def forward(self, patches: Tensor) -> Tensor:
@@ -291,6 +352,30 @@ class IR50(nn.Module):
             nn.Linear(512 * side * side, params.dim),
             nn.BatchNorm1d(params.dim),
         )
+
+    def convert_state_dict(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map a released IR-50 state dict onto this module's keys.
+
+        Accepts the arcface ``Backbone`` layout (``input_layer.*``, ``body.<unit>.*``,
+        ``output_layer.*``) directly or inside the ABAW code's ``VisualBackbone`` wrapper, as
+        ``res50_ir_0.887.pth`` is saved: ``backbone.`` prefixes are removed and its FER+
+        classifier (``logits.*``) is dropped with a note (the embedding is taken before it).
+        DataParallel ``module.`` prefixes are removed; BatchNorm ``num_batches_tracked``
+        counters missing from checkpoints of old PyTorch versions are set to 0 (they do not
+        change the outputs in eval mode).
+        """
+        own = self.state_dict()
+        sd = _strip_prefixes(sd, own, ("backbone.",))
+        head = [k for k in sd if k.startswith("logits.") and k not in own]
+        sd = _drop(
+            sd, head, "the FER+ classifier of the released model; the embedding is its input"
+        )
+        for key, value in own.items():
+            if key.endswith(".num_batches_tracked") and key not in sd:
+                prefix = key.removesuffix("num_batches_tracked")
+                if f"{prefix}running_mean" in sd:
+                    sd[key] = torch.zeros_like(value, device="cpu")
+        return sd
 
     def forward(self, faces: Tensor) -> Tensor:
         if faces.shape[-1] != self.input_size or faces.shape[-2] != self.input_size:

@@ -12,13 +12,17 @@ Generic machinery, used by dataset plugins that implement
   ``<kind>/<extractor>-<key>`` where ``key`` hashes the extractor name, its params and the
   SHA-256 of any weights file. Changing a param therefore writes to a new folder and never
   mixes features. Each cache file is a safetensors file whose metadata records the extractor,
-  the source fingerprints, the SHA-256 of the tensors and the versions of the libraries that
-  made it. A file is *valid* when it reads, its content hash matches and its sources are
-  unchanged. Otherwise it is *stale* (a source changed) or *corrupt*. ``manifest.json``
-  summarises a folder for people and tools; the per-file metadata is what is checked.
+  the source fingerprints, the media facts (``info``: fps, frame count, ...), the versions of
+  the libraries that made it, and one SHA-256 over the tensors *and* all of that metadata
+  (``content_sha256``), so an edited ``num_frames`` is caught like a flipped tensor byte. A
+  file is *valid* when it reads, its content hash matches and its sources are unchanged.
+  Otherwise it is *stale* (a source changed, or an older cache format) or *corrupt*.
+  ``manifest.json`` summarises a folder for people and tools; the per-file metadata is what is
+  checked.
 * **Jobs.** :func:`run_jobs` runs picklable jobs in worker processes with a progress bar. A
   job writes its cache file through an atomic rename, so an interrupted pass leaves only
-  complete files and the next pass resumes where it stopped.
+  complete files and the next pass resumes where it stopped. Workers end themselves when
+  the process that started them dies (even by ``kill -9``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from fusionkit.plugin import (
     ExtractReport,
     FusionkitError,
     atomic_write_json,
+    die_with_parent,
     save_tensors,
 )
 
@@ -72,8 +77,13 @@ __all__ = [
     "run_jobs",
 ]
 
-#: Version of the cache-file layout; bump it to invalidate every existing cache.
-CACHE_FORMAT = 1
+#: Version of the cache-file layout; bump it to make every existing cache file stale (it is
+#: then recomputed in place, with the reason listed). 2: the content hash covers the metadata.
+CACHE_FORMAT = 2
+#: Version of the folder naming (``<extractor>-<key>``); kept apart from :data:`CACHE_FORMAT`
+#: so that a format change refreshes files in their folder instead of orphaning the folder.
+_FOLDER_KEY_VERSION = 1
+_FORMAT_CHANGES = {1: "its content hash does not cover the metadata"}
 _MIB = 1 << 20
 _META_KEY = "fusionkit_cache"
 
@@ -182,8 +192,13 @@ def library_versions(extra: Iterable[str] = ()) -> dict[str, str]:
     return out
 
 
-def _content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+def _content_sha256(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """SHA-256 over the tensors (names, dtypes, shapes, bytes) and the metadata (canonical
+    JSON, without the ``content_sha256`` entry itself)."""
     h = hashlib.sha256()
+    covered = {k: v for k, v in meta.items() if k != "content_sha256"}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), default=str)
+    h.update(f"meta|{len(text)}\n{text}\n".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -225,7 +240,7 @@ class CacheFolder:
         versions: dict[str, str] | None = None,
     ) -> None:
         self.extractor = extractor
-        self.key = config_key({"format": CACHE_FORMAT, **extractor})
+        self.key = config_key({"format": _FOLDER_KEY_VERSION, **extractor})
         name = str(extractor.get("name", "features"))
         self.path = Path(root) / kind / f"{name}-{self.key}"
         self.kind = kind
@@ -244,19 +259,21 @@ class CacheFolder:
         sources: dict[str, str | Path],
         info: dict[str, Any] | None = None,
     ) -> Path:
-        """Atomically write one item's tensors with its source fingerprints and ``info``."""
-        meta = {
+        """Atomically write one item's tensors with its source fingerprints and ``info``; the
+        recorded ``content_sha256`` covers the tensors and every metadata entry."""
+        meta: dict[str, Any] = {
             "format": CACHE_FORMAT,
             "item": item,
             "kind": self.kind,
             "extractor": self.extractor,
             "extractor_key": self.key,
             "sources": {role: fingerprint(p) for role, p in sources.items()},
-            "content_sha256": _content_sha256(tensors),
             "info": info or {},
             "versions": self.versions,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        meta = json.loads(json.dumps(meta, default=str))  # exactly what a reader will see
+        meta["content_sha256"] = _content_sha256(tensors, meta)
         path = self.file(item)
         save_tensors(path, tensors, {_META_KEY: json.dumps(meta, default=str)})
         return path
@@ -275,8 +292,15 @@ class CacheFolder:
             meta = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise _Corrupt(f"metadata is not JSON ({exc})") from None
-        if meta.get("format") != CACHE_FORMAT:
-            raise _Stale(f"cache format {meta.get('format')} (current {CACHE_FORMAT})")
+        if not isinstance(meta, dict):
+            raise _Corrupt("metadata is not a JSON object")
+        fmt = meta.get("format")
+        if fmt != CACHE_FORMAT:
+            why = _FORMAT_CHANGES.get(fmt) if isinstance(fmt, int) else None
+            raise _Stale(
+                f"cache format {fmt} (current {CACHE_FORMAT}): "
+                f"{why or 'written by another fusionkit version'}"
+            )
         if meta.get("extractor_key") != self.key:
             raise _Stale("made by a different extractor configuration")
         return meta
@@ -305,8 +329,8 @@ class CacheFolder:
     def load(
         self, item: str, sources: dict[str, str | Path] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Read one item's tensors and its metadata, verifying integrity and (if given) that
-        the ``sources`` are unchanged.
+        """Read one item's tensors and its metadata, verifying integrity (tensors and metadata
+        against the recorded SHA-256) and then (if given) that the ``sources`` are unchanged.
 
         Raises:
             CacheProblem: subclasses say whether the file is missing, stale or corrupt; the
@@ -316,16 +340,19 @@ class CacheFolder:
         if not path.is_file():
             raise _Missing(f"no cache file {path}")
         meta = self._read_meta(path)
-        if sources is not None:
-            self._check_sources(meta, sources)
         try:
             from safetensors.torch import load_file
 
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise _Corrupt(f"tensors cannot be read ({exc})") from None
-        if _content_sha256(tensors) != meta.get("content_sha256"):
-            raise _Corrupt("tensor content does not match its recorded SHA-256")
+        if _content_sha256(tensors, meta) != meta.get("content_sha256"):
+            raise _Corrupt(
+                "tensors or metadata (info, sources, ...) do not match the recorded SHA-256 "
+                "(the file was altered)"
+            )
+        if sources is not None:
+            self._check_sources(meta, sources)
         return tensors, meta
 
     def load_or_raise(
@@ -419,6 +446,9 @@ class Job:
 
 
 def _worker_init(threads: int) -> None:
+    # A worker must not outlive the pass: after a kill -9 of the parent it would finish its
+    # job and then wait forever for the next one, holding (GPU) memory.
+    die_with_parent()
     torch.set_num_threads(max(1, threads))
 
 

@@ -10,10 +10,15 @@ only reads them. Each :class:`~fusionkit.plugin.Video` has ``features`` ``audio`
 ``video``, and ``present`` ``audio`` / ``video`` (bool per frame: the audio patch overlaps the
 recording / a face crop exists). Frames without a face have zero video
 features (or the previous face's with ``missing_face: previous``).
+
+Nothing is dropped silently: face-crop folders and raw videos that belong to no split (no
+annotation file, not in ``test_list``) and raw videos without audio are warned about, with a
+count and names, by ``extract`` and when the videos are loaded.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,6 +57,12 @@ from fusionkit_affwild2.params import AffWild2Params
 __all__ = ["AffWild2Dataset", "fit_rows"]
 
 _FIX = "run `fusionkit extract RECIPE` with the same data.params first"
+_FEW = 5
+
+
+def _few(names: Sequence[str]) -> str:
+    """The first few names, comma-separated, with ``...`` when there are more."""
+    return ", ".join(names[:_FEW]) + (", ..." if len(names) > _FEW else "")
 
 
 def fit_rows(x: Tensor, n: int, fill: str) -> Tensor:
@@ -100,6 +111,7 @@ class AffWild2Dataset:
         self.feature_dims: dict[str, int] = {"audio": a_dim, "video": v_dim}
         self._videos: dict[str, list[Video]] = {}
         self._labels: dict[str, Labels] = {}
+        self._unused_warned = False
 
     # ------------------------------------------------------------------ layout
 
@@ -152,6 +164,69 @@ class AffWild2Dataset:
 
     def crops_path(self, trial: str) -> Path:
         return self.root / self.params.crops_dir / trial
+
+    def _origin(self, trial: str) -> str:
+        """Where a trial comes from and how to drop it, for messages: its annotation file or
+        the test list."""
+        fix = "add the missing data or remove"
+        if trial in self.label_paths:
+            return f"listed by annotation file {self.label_paths[trial]}: {fix} that file"
+        if self.params.test_list is not None:
+            return f"listed in test list {self._path(self.params.test_list)}: {fix} the name"
+        return "not listed by any annotation file"
+
+    def _trial_media(self, trial: str) -> Path:
+        """:meth:`media_path`, its error naming the annotation file that lists the trial."""
+        try:
+            return self.media_path(trial)
+        except DataError as exc:
+            raise DataError(f"{exc} (trial {self._origin(trial)})") from None
+
+    def unused_sources(self) -> tuple[list[str], list[str]]:
+        """Face-crop folders and raw videos that no split uses: their trial has no annotation
+        file and is not in ``test_list`` (e.g. a deleted annotation file). Returns the crop
+        folder names and the raw video paths (relative to the root when under it)."""
+        trials = set(self.all_trials())
+        crops_root = self.root / self.params.crops_dir
+        crops = []
+        if crops_root.is_dir():
+            crops = sorted(
+                e.name
+                for e in os.scandir(crops_root)
+                if e.is_dir() and not e.name.startswith(".") and e.name not in trials
+            )
+        used = trials | {media_name(t) for t in trials}
+        videos = sorted(
+            str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+            for stem, p in self.media_index.items()
+            if stem not in used
+        )
+        return crops, videos
+
+    def _warn_unused(self, stacklevel: int) -> None:
+        crops, videos = self.unused_sources()
+        if not crops and not videos:
+            return
+        parts = []
+        if crops:
+            parts.append(
+                f"{len(crops)} face-crop folder(s) under {self.root / self.params.crops_dir} "
+                f"({_few(crops)})"
+            )
+        if videos:
+            parts.append(f"{len(videos)} raw video(s) ({_few(videos)})")
+        sets = self.annotation_sets
+        test = (
+            f"not in test_list {self._path(self.params.test_list)}"
+            if self.params.test_list is not None
+            else "no data.params.test_list set"
+        )
+        warnings.warn(
+            f"affwild2: {' and '.join(parts)} belong to no split (no annotation file in "
+            f"{sets.train} or {sets.val}; {test}), so they are not used; if an annotation "
+            "file was deleted, restore it (test videos need data.params.test_list)",
+            stacklevel=stacklevel,
+        )
 
     def splits(self) -> tuple[str, ...]:
         return ("train", "val", "test") if self.params.test_list is not None else ("train", "val")
@@ -234,24 +309,55 @@ class AffWild2Dataset:
             device=device,
         )
 
+    def _extractable(
+        self, trials: Sequence[str]
+    ) -> tuple[dict[str, Path], list[str], dict[str, str]]:
+        """Raw video per media name, the trials that can be extracted, and ``trial -> problem``
+        for those whose raw video or face-crop folder does not exist (``strict``: raise the
+        first problem instead)."""
+        media: dict[str, Path] = {}
+        usable: list[str] = []
+        problems: dict[str, str] = {}
+        for t in trials:
+            try:
+                path = self._trial_media(t)
+                crops = self.crops_path(t)
+                if not crops.is_dir():
+                    raise DataError(
+                        f"face-crop folder {crops} of trial {t!r} does not exist (trial "
+                        f"{self._origin(t)})"
+                    )
+            except DataError as exc:
+                if self.params.strict:
+                    raise DataError(
+                        f"{exc}; data.params.strict is true: set it to false to extract the "
+                        "other trials and report this one as failed"
+                    ) from None
+                problems[t] = str(exc)
+                continue
+            media.setdefault(media_name(t), path)
+            usable.append(t)
+        return media, usable, problems
+
     def extract(self, *, workers: int = 1, progress: bool = True) -> ExtractReport:
         """Compute the audio cache of every raw video and the visual cache of every trial
-        (train, val and test) that is missing, stale or corrupt; valid caches are skipped."""
+        (train, val and test) that is missing, stale or corrupt; valid caches are skipped.
+
+        A trial whose raw video or face-crop folder does not exist is reported in
+        ``failed`` (``trial <name>``, naming its annotation file) and the others are
+        extracted; with ``strict: true`` it stops the pass before any job. Warnings name the
+        crop folders and raw videos no split uses and the raw videos without audio.
+        """
         t0 = time.perf_counter()
         device = resolve_device(self.params.device)
-        trials = self.all_trials()
-        media: dict[str, Path] = {}
-        for t in trials:
-            media.setdefault(media_name(t), self.media_path(t))
+        self._warn_unused(stacklevel=3)
+        media, trials, problems = self._extractable(self.all_trials())
         audio_items = [
             (m, {"media": p}, self._audio_job(m, p, device)) for m, p in sorted(media.items())
         ]
-        video_items = []
-        for t in trials:
-            crops = self.crops_path(t)
-            if not crops.is_dir():
-                raise DataError(f"face-crop folder {crops} of trial {t!r} does not exist")
-            video_items.append((t, {"crops": crops}, self._visual_job(t, device)))
+        video_items = [
+            (t, {"crops": self.crops_path(t)}, self._visual_job(t, device)) for t in trials
+        ]
         a_jobs, a_report = plan(self.audio_cache, audio_items)
         v_jobs, v_report = plan(self.video_cache, video_items)
         planned = [("audio", j, a_report) for j in a_jobs] + [
@@ -266,10 +372,11 @@ class AffWild2Dataset:
             self.audio_cache.write_manifest(media)
             self.video_cache.write_manifest(trials)
         report = ExtractReport(
-            total=a_report.total + v_report.total,
+            total=a_report.total + v_report.total + len(problems),
             skipped=a_report.skipped + v_report.skipped,
             cache_dirs=[str(self.audio_cache.path), str(self.video_cache.path)],
         )
+        report.failed.update({f"trial {t}": why for t, why in problems.items()})
         for kind, j, sub in planned:
             label = f"{kind} {j.label}"
             if label in failed:
@@ -279,9 +386,35 @@ class AffWild2Dataset:
             else:
                 report.computed += 1
         report.seconds = time.perf_counter() - t0
+        self._warn_no_audio(media, trials)
         if not failed:
             self._warn_lengths(trials)
         return report
+
+    def _warn_no_audio(self, media: dict[str, Path], trials: Sequence[str]) -> None:
+        """Warn about raw videos whose audio cache records no audio at all (no audio track,
+        or one without samples): their trials would train on constant audio features."""
+        silent: dict[str, str] = {}
+        for m in sorted(media):
+            meta = self.audio_cache.info(m)
+            info = (meta or {}).get("info") or {}
+            if meta is not None and info.get("logmel_frames", 1) == 0:
+                what = (
+                    "no audio track"
+                    if not info.get("channels")
+                    else "audio shorter than one log-mel window"
+                )
+                silent[m] = f"{media[m].name} ({what})"
+        if not silent:
+            return
+        users = sorted(t for t in trials if media_name(t) in silent)
+        warnings.warn(
+            f"affwild2: {len(silent)} raw video(s) have no audio: {_few(list(silent.values()))}; "
+            f"their {len(users)} trial(s) ({_few(users)}) train on constant audio features "
+            "(present['audio'] False on every frame); replace the files if they should have "
+            "sound",
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -320,7 +453,7 @@ class AffWild2Dataset:
         verify = self.params.verify_sources
         m = media_name(trial)
         if m not in audio_memo:
-            path = self.media_path(trial)
+            path = self._trial_media(trial)
             audio_memo[m] = self.audio_cache.load_or_raise(
                 m, {"media": path} if verify else None, _FIX
             )
@@ -365,6 +498,9 @@ class AffWild2Dataset:
             memo: dict[str, Any] = {}
             self._videos[split] = [self._load_trial(t, memo) for t in names]
             self._warn_lengths(names)
+            if not self._unused_warned:
+                self._unused_warned = True
+                self._warn_unused(stacklevel=3)
         return list(self._videos[split])
 
     def submission_frames(self, split: str) -> dict[str, list[tuple[str, int]]]:

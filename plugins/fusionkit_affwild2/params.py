@@ -153,6 +153,12 @@ class AffWild2Params(Params):
         "zero",
         description="features of frames without a face crop: zeros, or the previous face's",
     )
+    strict: bool = Field(
+        False,
+        description="abort on the first such problem: a trial (annotation file or test_list "
+        "entry) whose raw video or face-crop folder does not exist (default: extract reports "
+        "it as failed and extracts the others)",
+    )
 
 
 class FeaturesParams(Params):
