@@ -48,9 +48,17 @@ def report(
     ] = False,
     html_page: Annotated[bool, typer.Option("--html/--no-html", help="write report.html")] = True,
 ) -> None:
-    """Compare finished runs: CCC mean ± std over seeds, Δ vs a baseline with a paired
-    bootstrap, cost, robustness curves and gate plots (Markdown, HTML, CSV)."""
-    from fusionkit.studies.report import build_report, render_markdown, results_table, write_report
+    """Compare finished runs: CCC mean ± std over seeds, Δ per target vs a baseline with a
+    paired bootstrap (Holm-corrected; only for runs evaluated on the same data), learning
+    curves, components, cost, robustness curves and gate plots (Markdown, HTML, CSV, LaTeX).
+    Failed, pending and incomplete runs are listed, never used."""
+    from fusionkit.studies.report import (
+        build_report,
+        delta_table,
+        render_markdown,
+        results_table,
+        write_report,
+    )
 
     rep = build_report(
         paths,
@@ -68,6 +76,16 @@ def report(
         return
     written = write_report(rep, out, html_page=html_page)
     typer.echo(results_table(rep))
+    if any(r["delta"] is not None for r in rep.rows):
+        typer.echo(f"Differences from the baseline {rep.baseline}:\n")
+        typer.echo(delta_table(rep))
+    for e in rep.excluded:
+        console.print(
+            f"[yellow]left out[/] {escape(e.where)} ({escape(e.variant)}): "
+            f"{escape(e.status)}: {escape(e.detail)}"
+        )
+    for note in rep.notes:
+        console.print(f"note: {escape(note)}")
     console.print(
         f"wrote {len(written)} files to {escape(str(out))}: "
         + ", ".join(escape(p.name) for p in written)
@@ -145,11 +163,13 @@ def robustness(
         console.print(f"[bold]{escape(str(run.run_dir))}[/]")
 
         def show(split_: str, value: Any, m: dict[str, Any]) -> None:
-            console.print(f"  {split_} {value!s:>8}  CCC mean {m['ccc_mean']:.4f}")
+            console.print(
+                f"  {escape(split_)} {escape(str(value)):>8}  CCC mean {m['ccc_mean']:.4f}"
+            )
 
         with RunDir.open(run.run_dir) as rdir:
             records = run_recipe_robustness(rdir, specs, on_value=show)
         if not records:
             console.print("  (its recipe declares no evaluation.robustness; use --perturb)")
         for rec in records:
-            console.print(f"  robustness/{rec['name']}.json: complete")
+            console.print(f"  robustness/{escape(str(rec['name']))}.json: complete")

@@ -16,7 +16,17 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["ccc_bars", "gate_traces", "robustness_curves"]
+__all__ = [
+    "ccc_bars",
+    "ccc_bars_figure",
+    "delta_figure",
+    "delta_intervals",
+    "gate_traces",
+    "learning_curves",
+    "plain",
+    "robustness_curves",
+    "zoomed_limits",
+]
 
 DPI = 90
 _COLORS = [
@@ -48,8 +58,66 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def plain(text: Any) -> str:
+    """``text`` shown literally: matplotlib reads ``$...$`` as math, so dollars are escaped
+    (names and paths come from users)."""
+    return str(text).replace("$", r"\$")
+
+
 def color(i: int) -> str:
     return _COLORS[i % len(_COLORS)]
+
+
+def _variant_ticks(ax: Any, x: np.ndarray, variants: Sequence[str]) -> None:
+    """Variant names under the groups, slanted when there are many."""
+    many = len(variants) > 5
+    ax.set_xticks(
+        x,
+        [plain(v) for v in variants],
+        rotation=20 if many else 0,
+        ha="right" if many else "center",
+    )
+
+
+def zoomed_limits(low: np.ndarray, high: np.ndarray, pad: float = 0.15) -> tuple[float, float]:
+    """Y limits that frame every value in ``[low, high]`` with a margin of ``pad`` times their
+    range (at least 0.01), *not* forced to include 0: small differences between variants stay
+    visible. NaNs are ignored."""
+    lo = float(np.nanmin(low))
+    hi = float(np.nanmax(high))
+    margin = max(pad * (hi - lo), 0.01)
+    return lo - margin, hi + margin
+
+
+def ccc_bars_figure(
+    variants: Sequence[str],
+    metrics: Sequence[str],
+    mean: np.ndarray,
+    std: np.ndarray,
+    title: str,
+) -> Figure:
+    """Grouped bars: one group per variant, one bar per metric, ``± std`` error bars.
+
+    The y axis is zoomed on the values (:func:`zoomed_limits`; it does not start at 0), so
+    the bars show the differences between variants; the title says so.
+    ``mean``, ``std``: ``(len(variants), len(metrics))``.
+    """
+    fig = _figure(max(6.0, 1.1 * len(variants) + 2.5), 3.6)
+    ax = fig.subplots()
+    width = 0.8 / len(metrics)
+    x = np.arange(len(variants))
+    err = np.nan_to_num(std, nan=0.0)
+    lo, hi = zoomed_limits(mean - err, mean + err)
+    for j, m in enumerate(metrics):
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, mean[:, j] - lo, width, bottom=lo,
+               yerr=err[:, j], capsize=3, label=plain(m), color=color(j), alpha=0.85)  # fmt: skip
+    _variant_ticks(ax, x, variants)
+    ax.set_ylim(lo, hi + 0.12 * (hi - lo))  # room for the legend
+    ax.set_ylabel("CCC (axis does not start at 0)")
+    ax.set_title(plain(title), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncols=len(metrics), fontsize=8, loc="upper left")
+    return fig
 
 
 def ccc_bars(
@@ -59,26 +127,83 @@ def ccc_bars(
     std: np.ndarray,
     title: str,
 ) -> bytes:
-    """Grouped bars: one group per variant, one bar per metric, ``± std`` error bars.
+    """PNG of :func:`ccc_bars_figure`."""
+    return _png(ccc_bars_figure(variants, metrics, mean, std, title))
 
-    ``mean``, ``std``: ``(len(variants), len(metrics))``.
+
+def delta_figure(
+    variants: Sequence[str],
+    metrics: Sequence[str],
+    delta: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    significant: np.ndarray,
+    title: str,
+) -> Figure:
+    """Differences from the baseline: per variant and metric, the point estimate with its
+    confidence interval, around a line at 0. Filled markers are significant, hollow ones not.
+
+    ``delta``, ``low``, ``high``: ``(len(variants), len(metrics))``; NaN rows (no test) are
+    left empty. ``significant``: bool, same shape.
     """
     fig = _figure(max(6.0, 1.1 * len(variants) + 2.5), 3.6)
     ax = fig.subplots()
     width = 0.8 / len(metrics)
     x = np.arange(len(variants))
+    ax.axhline(0.0, color="black", lw=0.9)
     for j, m in enumerate(metrics):
-        err = np.nan_to_num(std[:, j], nan=0.0)
-        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, mean[:, j], width, yerr=err,
-               capsize=3, label=m, color=color(j), alpha=0.85)  # fmt: skip
-    ax.set_xticks(x, list(variants), rotation=20 if len(variants) > 5 else 0, ha="right"
-                  if len(variants) > 5 else "center")  # fmt: skip
-    lo = float(np.nanmin(mean - np.nan_to_num(std, nan=0.0)))
-    ax.set_ylim(min(0.0, lo - 0.05), min(1.0, float(np.nanmax(mean)) + 0.12))
-    ax.set_ylabel("CCC")
-    ax.set_title(title, fontsize=10)
+        xs = x + (j - (len(metrics) - 1) / 2) * width
+        d, lo, hi = delta[:, j], low[:, j], high[:, j]
+        ax.errorbar(xs, d, yerr=np.vstack([d - lo, hi - d]), fmt="none", ecolor=color(j),
+                    capsize=3, lw=1.2)  # fmt: skip
+        sig = significant[:, j].astype(bool)
+        ax.plot(xs[sig], d[sig], "o", color=color(j), label=plain(m) if sig.any() else None)
+        ax.plot(xs[~sig], d[~sig], "o", mfc="white", color=color(j),
+                label=None if sig.any() else plain(m))  # fmt: skip
+    _variant_ticks(ax, x, variants)
+    ax.set_ylabel("Δ CCC vs baseline")
+    ax.set_title(plain(title), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(ncols=len(metrics), fontsize=8, loc="upper left")
+    ax.legend(ncols=len(metrics), fontsize=8, loc="best")
+    return fig
+
+
+def delta_intervals(
+    variants: Sequence[str],
+    metrics: Sequence[str],
+    delta: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    significant: np.ndarray,
+    title: str,
+) -> bytes:
+    """PNG of :func:`delta_figure`."""
+    return _png(delta_figure(variants, metrics, delta, low, high, significant, title))
+
+
+def learning_curves(curves: Sequence[dict[str, Any]], panels: Sequence[str], title: str) -> bytes:
+    """Per-epoch curves, one panel per quantity (e.g. validation CCC mean, train loss), one
+    line per variant (mean over seeds) with a shaded min-max band over seeds.
+
+    Each curve: ``{"label", "epoch", panel: (mean, low, high)}`` for every panel in ``panels``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(5.2 * len(panels) + 0.6, 3.8)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+    for ax, panel in zip(axes, panels, strict=True):
+        for i, c in enumerate(curves):
+            x = np.asarray(c["epoch"], dtype=float)
+            mean, low, high = (np.asarray(v, dtype=float) for v in c[panel])
+            ax.plot(x, mean, marker="o", ms=3, lw=1.5, color=color(i), label=plain(c["label"]))
+            if np.any(high > low):
+                ax.fill_between(x, low, high, color=color(i), alpha=0.15, lw=0)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(plain(panel))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(plain(title), fontsize=10)
     return _png(fig)
 
 
@@ -95,12 +220,12 @@ def robustness_curves(
         x = np.asarray(c["x"], dtype=float)
         y = np.asarray(c["mean"], dtype=float)
         s = np.nan_to_num(np.asarray(c["std"], dtype=float), nan=0.0)
-        ax.plot(x, y, marker="o", ms=4, lw=1.6, color=color(i), label=c["label"])
+        ax.plot(x, y, marker="o", ms=4, lw=1.6, color=color(i), label=plain(c["label"]))
         if np.any(s > 0):
             ax.fill_between(x, y - s, y + s, color=color(i), alpha=0.15, lw=0)
-    ax.set_xlabel(axis_label)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(plain(axis_label))
+    ax.set_ylabel(plain(ylabel))
+    ax.set_title(plain(title), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)
@@ -129,9 +254,9 @@ def gate_traces(videos: Sequence[dict[str, Any]], targets: Sequence[str], title:
             ax.set_ylim(-1.05, 1.05)
             ax.grid(alpha=0.3)
             if c == 0:
-                ax.set_ylabel(name)
+                ax.set_ylabel(plain(name))
             if r == 0:
-                ax.set_title(v["name"], fontsize=9)
+                ax.set_title(plain(v["name"]), fontsize=9)
             if r == 0 and c == cols - 1:
                 ax.legend(fontsize=7, loc="lower right")
         for k, s in enumerate(streams):
@@ -146,9 +271,9 @@ def gate_traces(videos: Sequence[dict[str, Any]], targets: Sequence[str], title:
             top = float(np.max(w.sum(1))) if w.size else 1.0
             ax.set_ylim(0, max(1.0, math.ceil(top * 10) / 10))
             if c == 0:
-                ax.set_ylabel(f"gate\n{s}")
+                ax.set_ylabel(plain(f"gate\n{s}"))
             if k == 0 and c == cols - 1:
                 ax.legend(fontsize=7, loc="lower right", ncols=steps)
         axes[-1, c].set_xlabel("frame")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(plain(title), fontsize=10)
     return _png(fig)

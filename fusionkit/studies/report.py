@@ -1,13 +1,22 @@
-"""Comparison reports from finished runs: tables, significance, robustness curves, cost and
-gate plots, written as Markdown, a standalone HTML page and CSV.
+"""Comparison reports from finished runs: tables, significance, learning curves, robustness
+curves, cost and gate plots, written as Markdown, a standalone HTML page, CSV and a LaTeX table.
 
 Runs are found under the given directories (a grid directory, a run directory, or a parent of
-several). Runs that differ only in ``training.seed`` form one *variant* (one row). Per split:
+several). Only *complete* runs (``run.json`` says so, :meth:`RunDir.is_complete`) enter the
+numbers; every other run directory, and every grid point that failed or never ran, is listed
+as left out with the reason. Runs that differ only in ``training.seed`` form one *variant*
+(one row). Per split:
 
 * CCC per target and their mean as ``mean ± std`` (sample std, ddof = 1) over the seeds,
   read from each run's ``metrics.json``;
-* ``Δ`` versus a baseline variant with a paired bootstrap over the split's videos
-  (:mod:`fusionkit.studies.stats`), from ``predictions/<split>.safetensors``;
+* ``Δ`` versus a baseline variant, per target and for the mean, with a paired bootstrap over
+  the split's videos (:mod:`fusionkit.studies.stats`) from ``predictions/<split>.safetensors``,
+  and Holm-adjusted p-values over the variants compared with the baseline. The paired test is
+  only made for runs evaluated on the *same data*: equal data fingerprints of the split in
+  ``metrics.json`` and in the predictions file; otherwise the row says why there is none;
+* learning curves (validation CCC mean and training loss per epoch, mean and min-max over
+  seeds) from the runs' training history;
+* the plugin distribution and version of every component (``run.json``);
 * cost: parameters (``metrics.json``), training time (mean over seeds of ``train_seconds``),
   inference throughput (:func:`fusionkit.studies.robustness.measure_throughput`, measured when the
   report is made and cached in each run's ``throughput.json``);
@@ -31,29 +40,72 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from fusionkit.core.errors import CheckpointError, FusionkitError
-from fusionkit.studies.stats import BootstrapResult, auc_normalised, paired_bootstrap, video_sums
+from fusionkit.core.yamlio import read_yaml
+from fusionkit.engine.files import file_sha256, read_json
+from fusionkit.engine.runs import (
+    HISTORY_FILE,
+    MARKER_FILE,
+    METRICS_FILE,
+    PREDICTIONS_DIR,
+    RECIPE_FILE,
+    RunDir,
+    is_run_dir,
+    read_metrics,
+)
+from fusionkit.studies.stats import (
+    BootstrapResult,
+    auc_normalised,
+    holm,
+    paired_bootstrap,
+    video_sums,
+)
 
 __all__ = [
+    "ALPHA",
+    "DIFFERENT_DATA",
+    "Excluded",
+    "LearningCurve",
     "Report",
     "RunRecord",
+    "RunScan",
+    "adjust_holm",
     "build_report",
     "collect_runs",
+    "data_mismatch",
+    "latex_table",
+    "learning_curves",
     "markdown_table",
     "results_table",
+    "scan_runs",
     "summarize",
+    "variant_label",
     "write_report",
 ]
 
 SEED_AXIS = "training.seed"
 VARIANT_AXIS = "variant"
+GRID_FILE = "grid.json"
+#: significance level of the marks (†) after the Holm correction
+ALPHA = 0.05
+#: why a paired test is refused when the compared runs saw different evaluation data
+DIFFERENT_DATA = "evaluated on different data"
+
+
+def variant_label(name: str, values: dict[str, Any]) -> str:
+    """Row label of a run: the variant name and the non-seed sweep values, or ``name`` (the
+    grid or run name) with them."""
+    extra = [
+        f"{k.split('.')[-1]}={v}" for k, v in values.items() if k not in (SEED_AXIS, VARIANT_AXIS)
+    ]
+    head = str(values[VARIANT_AXIS]) if VARIANT_AXIS in values else name
+    return head + (f" ({', '.join(extra)})" if extra else "")
 
 
 @dataclass
 class RunRecord:
-    """One finished run as the report sees it."""
+    """One complete run as the report sees it."""
 
     run_dir: Path
     name: str
@@ -63,60 +115,227 @@ class RunRecord:
     targets: list[str]
     order: tuple[str, int] = ("", 0)
     recipe: dict[str, Any] = field(default_factory=dict)
+    components: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def variant(self) -> str:
         """Row label: the variant name and the non-seed sweep values, or the grid/run name."""
-        extra = [
-            f"{k.split('.')[-1]}={v}"
-            for k, v in self.values.items()
-            if k not in (SEED_AXIS, VARIANT_AXIS)
-        ]
-        if VARIANT_AXIS in self.values:
-            head = str(self.values[VARIANT_AXIS])
-            return head + (f" ({', '.join(extra)})" if extra else "")
-        return self.name + (f" ({', '.join(extra)})" if extra else "")
+        return variant_label(self.name, self.values)
+
+    def fingerprint(self, split: str) -> str | None:
+        """The data fingerprint of ``split`` recorded in ``metrics.json`` (None if absent)."""
+        fps = self.metrics.get("data_fingerprints")
+        value = fps.get(split) if isinstance(fps, dict) else None
+        return value if isinstance(value, str) and value else None
 
 
-def _grid_entry(run_dir: Path) -> tuple[str | None, dict[str, Any], int]:
-    grid = run_dir.parent / "grid.json"
-    if grid.is_file():
-        rec = json.loads(grid.read_text())
-        runs = rec.get("runs", {})
-        order = rec.get("order") or list(runs)  # grid.json keys are sorted; "order" is not
-        if run_dir.name in runs:
-            index = order.index(run_dir.name) if run_dir.name in order else len(order)
-            return rec.get("name"), runs[run_dir.name]["values"], index
+@dataclass(frozen=True)
+class Excluded:
+    """A grid point or run directory whose numbers are not in the report, and why.
+
+    ``status``: ``failed`` (grid.json records an error), ``pending`` (never started),
+    ``incomplete`` (the run directory did not finish), ``missing`` (recorded as done, but the
+    run directory is gone) or ``unreadable`` (complete, but its files cannot be used).
+    """
+
+    where: str
+    variant: str
+    status: str
+    detail: str
+
+
+@dataclass
+class RunScan:
+    """What :func:`scan_runs` found: the usable runs, the left-out ones, and remarks."""
+
+    runs: list[RunRecord]
+    excluded: list[Excluded]
+    notes: list[str] = field(default_factory=list)
+
+
+def _last_line(text: Any) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[-1].strip() if lines else "no error message recorded"
+
+
+def _read_grid(grid_dir: Path, cache: dict[Path, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The grid record of ``grid_dir`` (None when there is none or it cannot be read)."""
+    key = grid_dir.resolve()
+    if key not in cache:
+        rec = None
+        if (grid_dir / GRID_FILE).is_file():
+            try:
+                rec = read_json(grid_dir / GRID_FILE, "grid record")
+            except CheckpointError:
+                rec = None
+        cache[key] = rec if isinstance(rec, dict) and isinstance(rec.get("runs"), dict) else None
+    return cache[key]
+
+
+def _grid_order(rec: dict[str, Any]) -> list[str]:
+    order = rec.get("order")  # grid.json keys are sorted; "order" is the declared order
+    return [str(t) for t in order] if isinstance(order, list) else list(rec["runs"])
+
+
+def _grid_entry(run_dir: Path, cache: dict) -> tuple[str | None, dict[str, Any], int]:
+    """``(grid name, axis values, index in the grid's order)`` of a run inside a grid."""
+    rec = _read_grid(run_dir.parent, cache)
+    if rec is not None and run_dir.name in rec["runs"]:
+        order = _grid_order(rec)
+        index = order.index(run_dir.name) if run_dir.name in order else len(order)
+        values = rec["runs"][run_dir.name].get("values") or {}
+        return rec.get("name"), dict(values), index
     return None, {}, 0
 
 
-def collect_runs(paths: list[Path]) -> list[RunRecord]:
-    """Every finished run (a folder with ``metrics.json`` and ``recipe.yaml``) under ``paths``,
-    in grid order (the order of ``variants`` and sweep values), each run once."""
-    found: dict[Path, RunRecord] = {}
+def _incomplete_reason(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is not a complete run (None when it is)."""
+    if not is_run_dir(run_dir):
+        return f"no {MARKER_FILE}: not a complete fusionkit run directory"
+    rd = RunDir(run_dir)
+    if rd.is_complete():
+        return None
+    try:
+        marker = rd.marker()
+    except CheckpointError as exc:
+        return str(exc)
+    if marker.status != "complete":
+        return f"status {marker.status!r} in {MARKER_FILE}: the run did not finish"
+    gone = [name for name in marker.files if not (run_dir / name).is_file()]
+    return f"files listed in {MARKER_FILE} are missing: {', '.join(gone)}"
+
+
+def _check_unchanged(run_dir: Path, files: dict[str, str], name: str) -> None:
+    """Refuse a file that changed after the run finished (its SHA-256 is in ``run.json``)."""
+    path = run_dir / name
+    if name in files and file_sha256(path) != files[name]:
+        raise CheckpointError(
+            f"{path} changed after the run finished (its SHA-256 differs from {MARKER_FILE})"
+        )
+
+
+def read_run(run_dir: Path, grid_cache: dict | None = None) -> RunRecord:
+    """A complete run's record: recipe, metrics (checked against ``run.json``), components.
+
+    Raises :class:`FusionkitError` when a file is missing, damaged or was changed."""
+    marker = RunDir(run_dir).marker()
+    recipe = read_yaml(run_dir / RECIPE_FILE, "run recipe")
+    try:
+        targets = [str(t) for t in recipe["model"]["targets"]]
+        seed = int(recipe["training"]["seed"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{run_dir / RECIPE_FILE} lacks model.targets or training.seed; the file was edited"
+        ) from None
+    _check_unchanged(run_dir, marker.files, METRICS_FILE)
+    metrics = read_metrics(run_dir, targets)
+    grid_name, values, index = _grid_entry(run_dir, {} if grid_cache is None else grid_cache)
+    components = (marker.model_extra or {}).get("components") or []
+    return RunRecord(
+        run_dir=run_dir,
+        name=grid_name or recipe.get("name") or run_dir.name,
+        values=values,
+        seed=seed,
+        metrics=metrics,
+        targets=targets,
+        order=(str(run_dir.parent.resolve()), index),
+        recipe=recipe,
+        components=[c for c in components if isinstance(c, dict)],
+        files=dict(marker.files),
+    )
+
+
+def _find(paths: list[Path]) -> tuple[dict[Path, Path], dict[Path, Path]]:
+    """Run directories (a ``run.json`` or a ``metrics.json``) and grid directories under
+    ``paths``, keyed by resolved path."""
+    run_dirs: dict[Path, Path] = {}
+    grid_dirs: dict[Path, Path] = {}
     for root in paths:
         if not root.exists():
             raise CheckpointError(f"not found: {root}")
-        for mfile in sorted(root.rglob("metrics.json")):
-            run_dir = mfile.parent
-            rfile = run_dir / "recipe.yaml"
-            if not rfile.is_file() or run_dir.resolve() in found:
-                continue
-            recipe = yaml.safe_load(rfile.read_text())
-            grid_name, values, index = _grid_entry(run_dir)
-            found[run_dir.resolve()] = RunRecord(
-                run_dir=run_dir,
-                name=grid_name or recipe.get("name") or run_dir.name,
-                values=values,
-                seed=int(recipe["training"]["seed"]),
-                metrics=json.loads(mfile.read_text()),
-                targets=list(recipe["model"]["targets"]),
-                order=(str(run_dir.parent.resolve()), index),
-                recipe=recipe,
+        for name in (MARKER_FILE, METRICS_FILE):
+            for f in sorted(root.rglob(name)):
+                run_dirs.setdefault(f.parent.resolve(), f.parent)
+        for f in sorted(root.rglob(GRID_FILE)):
+            grid_dirs.setdefault(f.parent.resolve(), f.parent)
+    return run_dirs, grid_dirs
+
+
+def _grid_point_issue(
+    where: str, label: str, entry: dict[str, Any], left_out: Excluded | None, complete: bool
+) -> tuple[Excluded | None, str | None]:
+    """The left-out entry of one grid point and a note, from its ``grid.json`` status and its
+    run directory (complete, left out, or absent)."""
+    status = str(entry.get("status", "pending"))
+    if complete:
+        if status == "failed":
+            note = (
+                f"{where}: grid.json records a failure ({_last_line(entry.get('error'))}), but "
+                "its run directory is complete; its numbers are used."
             )
-    if not found:
-        raise CheckpointError(f"no finished runs (metrics.json) under {', '.join(map(str, paths))}")
-    return sorted(found.values(), key=lambda r: r.order)
+            return None, note
+        return None, None
+    if status == "failed":
+        detail = _last_line(entry.get("error"))
+        return Excluded(where, label, "failed", detail), None
+    if left_out is not None:
+        return Excluded(where, label, left_out.status, left_out.detail), None
+    if status == "done":
+        return Excluded(where, label, "missing", "recorded as done, but the run is gone"), None
+    return Excluded(where, label, "pending", "not started"), None
+
+
+def scan_runs(paths: list[Path]) -> RunScan:
+    """Every run directory and grid point under ``paths``: the complete runs, in grid order
+    (the order of ``variants`` and sweep values), each once; and everything left out."""
+    run_dirs, grid_dirs = _find(paths)
+    cache: dict[Path, dict[str, Any] | None] = {}
+    runs: dict[Path, RunRecord] = {}
+    left_out: dict[Path, Excluded] = {}
+    for key, run_dir in run_dirs.items():
+        grid_name, values, _ = _grid_entry(run_dir, cache)
+        label = variant_label(grid_name or run_dir.name, values)
+        reason = _incomplete_reason(run_dir)
+        if reason is not None:
+            left_out[key] = Excluded(str(run_dir), label, "incomplete", reason)
+            continue
+        try:
+            runs[key] = read_run(run_dir, cache)
+        except FusionkitError as exc:
+            left_out[key] = Excluded(str(run_dir), label, "unreadable", str(exc))
+    excluded: list[Excluded] = []
+    notes: list[str] = []
+    for gkey, gdir in grid_dirs.items():
+        rec = _read_grid(gdir, cache)
+        if rec is None:
+            notes.append(f"{gdir / GRID_FILE} cannot be read; its failed points are not listed.")
+            continue
+        for tag in _grid_order(rec):
+            entry = rec["runs"].get(tag) or {}
+            key = gkey / tag
+            label = variant_label(str(rec.get("name") or gdir.name), entry.get("values") or {})
+            item, note = _grid_point_issue(
+                str(gdir / tag), label, entry, left_out.pop(key, None), key in runs
+            )
+            excluded += [item] if item else []
+            notes += [note] if note else []
+    excluded += list(left_out.values())
+    return RunScan(sorted(runs.values(), key=lambda r: r.order), excluded, notes)
+
+
+def collect_runs(paths: list[Path]) -> list[RunRecord]:
+    """Every complete run under ``paths``, in grid order, each run once; an error naming what
+    was left out when there is none."""
+    scan = scan_runs(paths)
+    if not scan.runs:
+        where = ", ".join(map(str, paths))
+        shown = "; ".join(f"{e.where} ({e.status}: {e.detail})" for e in scan.excluded[:5])
+        more = f" and {len(scan.excluded) - 5} more" if len(scan.excluded) > 5 else ""
+        raise CheckpointError(
+            f"no complete runs under {where}" + (f"; left out: {shown}{more}" if shown else "")
+        )
+    return scan.runs
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -192,11 +411,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _md(head: list[str], body: list[list[str]]) -> str:
     def esc(c: str) -> str:
-        return c.replace("|", "\\|")
+        """Keep a cell one cell: escape pipes (also in code spans, as GFM tables need), no
+        line breaks, and outside code spans no HTML tags."""
+        c = c.replace("|", "\\|").replace("\n", " ")
+        return c if c.startswith("`") else re.sub(r"<(?=[A-Za-z/!?])", r"\\<", c)
 
     lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
     return "\n".join(lines) + "\n"
+
+
+def _md_code(text: str) -> str:
+    """``text`` as a Markdown code span (nothing in it is read as markup)."""
+    text = str(text).replace("\n", " ")
+    ticks = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * (ticks + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -205,12 +436,16 @@ def _md(head: list[str], body: list[list[str]]) -> str:
 def _load_predictions(run_dir: Path, split: str) -> dict[str, Any] | None:
     from fusionkit.engine.files import load_tensors
 
-    path = run_dir / "predictions" / f"{split}.safetensors"
+    path = run_dir / PREDICTIONS_DIR / f"{split}.safetensors"
     if not path.is_file():
         return None
     tensors, meta = load_tensors(path)
     videos = json.loads(meta.get("videos", "[]"))
-    out: dict[str, Any] = {"videos": videos, "targets": json.loads(meta.get("targets", "[]"))}
+    out: dict[str, Any] = {
+        "videos": videos,
+        "targets": json.loads(meta.get("targets", "[]")),
+        "fingerprint": meta.get("data_fingerprint"),
+    }
     for name in videos:
         gates = {
             k.split("/")[1]: tensors[k].float().numpy()
@@ -226,38 +461,182 @@ def _load_predictions(run_dir: Path, split: str) -> dict[str, Any] | None:
     return out
 
 
-def _run_sums(run: RunRecord, split: str, cache: dict) -> tuple[list[str], np.ndarray] | None:
+def data_mismatch(runs: list[RunRecord], split: str) -> str | None:
+    """Why ``runs`` cannot be compared video by video on ``split``, or None when they can:
+    every run's ``metrics.json`` must record a fingerprint of the evaluated split's data
+    (video names, lengths, labels, label mask), and all must be equal."""
+    fps = [r.fingerprint(split) for r in runs]
+    if any(f is None for f in fps):
+        return f"no data fingerprint of {split} in metrics.json"
+    return DIFFERENT_DATA if len(set(fps)) > 1 else None
+
+
+def _read_sums(run: RunRecord, split: str) -> tuple[list[str], np.ndarray] | str:
+    """Video names and per-video sufficient statistics of a run's predictions, or why they
+    cannot be used (missing, changed, or made on other data than ``metrics.json``)."""
+    rel = f"{PREDICTIONS_DIR}/{split}.safetensors"
+    try:
+        _check_unchanged(run.run_dir, run.files, rel)
+        preds = _load_predictions(run.run_dir, split)
+    except FusionkitError as exc:
+        return f"{rel} of {run.run_dir.name} cannot be used: {exc}"
+    if preds is None:
+        return f"no {rel} in some runs"
+    if preds["fingerprint"] != run.fingerprint(split):
+        return f"{DIFFERENT_DATA} ({rel} of {run.run_dir.name} does not match its metrics)"
+    names = list(preds["videos"])
+    sums = np.stack(
+        [video_sums(preds[n]["pred"], preds[n]["target"], preds[n]["mask"]) for n in names]
+    )
+    return names, sums
+
+
+def _run_sums(run: RunRecord, split: str, cache: dict) -> tuple[list[str], np.ndarray] | str:
+    """:func:`_read_sums`, read once per run and split."""
     key = (run.run_dir, split)
     if key not in cache:
-        preds = _load_predictions(run.run_dir, split)
-        if preds is None:
-            cache[key] = None
-        else:
-            names = list(preds["videos"])
-            sums = np.stack(
-                [video_sums(preds[n]["pred"], preds[n]["target"], preds[n]["mask"]) for n in names]
-            )
-            cache[key] = (names, sums)
+        cache[key] = _read_sums(run, split)
     return cache[key]
 
 
 def compare(
     row: dict[str, Any], base: dict[str, Any], split: str, n_boot: int, seed: int, cache: dict
 ) -> BootstrapResult | str:
-    """Paired bootstrap of ``row`` against ``base``, or the reason it cannot be done."""
+    """Paired bootstrap of ``row`` against ``base``, or the reason it cannot be done (first
+    of all: the runs were not evaluated on the same data)."""
+    reason = data_mismatch([*row["runs"], *base["runs"]], split)
+    if reason is not None:
+        return reason
     a = [_run_sums(r, split, cache) for r in row["runs"]]
     b = [_run_sums(r, split, cache) for r in base["runs"]]
-    if any(x is None for x in (*a, *b)):
-        return f"no predictions/{split}.safetensors in some runs"
-    names = {tuple(x[0]) for x in (*a, *b)}  # type: ignore[index]
-    if len(names) != 1:
-        return "the runs were evaluated on different videos"
+    why = next((x for x in (*a, *b) if isinstance(x, str)), None)
+    if why is not None:
+        return why
+    if len({tuple(x[0]) for x in (*a, *b)}) != 1:  # type: ignore[index]
+        return DIFFERENT_DATA + " (different videos)"
     return paired_bootstrap(
         [x[1] for x in a],  # type: ignore[index]
         [x[1] for x in b],  # type: ignore[index]
         n_boot=n_boot,
         seed=seed,
     )
+
+
+def adjust_holm(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``p_holm``: per metric, Holm-adjusted p-values over the rows that have a
+    paired test against the baseline (None for the others)."""
+    tested = [r for r in rows if isinstance(r.get("delta"), BootstrapResult)]
+    for r in rows:
+        r["p_holm"] = None
+    if not tested:
+        return
+    raw = np.stack([np.asarray(r["delta"].p_value, dtype=np.float64) for r in tested])
+    adjusted = np.column_stack([holm(raw[:, j]) for j in range(raw.shape[1])])
+    for r, adj in zip(tested, adjusted, strict=True):
+        r["p_holm"] = adj
+
+
+def significant(row: dict[str, Any], col: int) -> bool:
+    """Whether the row differs from the baseline in metric ``col`` (Holm p < :data:`ALPHA`)."""
+    adj = row.get("p_holm")
+    return adj is not None and bool(adj[col] < ALPHA)
+
+
+# ------------------------------------------------------------------------ learning curves
+
+
+@dataclass
+class LearningCurve:
+    """One variant's per-epoch training history over its seeds.
+
+    ``stats[key]`` holds ``mean``, ``min`` and ``max`` over the runs that reached each epoch
+    (``runs``), for ``train_loss``, ``val_ccc_mean`` and ``val_ccc_<target>``."""
+
+    variant: str
+    epochs: list[int]
+    runs: list[int]
+    stats: dict[str, dict[str, list[float]]]
+
+
+def _as_float(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x if math.isfinite(x) else math.nan
+
+
+def run_history(run: RunRecord) -> list[dict[str, Any]]:
+    """A run's per-epoch records: ``metrics.json`` ``history``, else ``history.csv``."""
+    hist = run.metrics.get("history")
+    if isinstance(hist, list) and hist and all(isinstance(h, dict) for h in hist):
+        return hist
+    path = run.run_dir / HISTORY_FILE
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def learning_curves(rows: list[dict[str, Any]]) -> list[LearningCurve]:
+    """Per variant, mean, min and max over seeds of every epoch's training loss and
+    validation CCC (variants without any history are skipped)."""
+    curves = []
+    for row in rows:
+        hists = [h for h in (run_history(r) for r in row["runs"]) if h]
+        if not hists:
+            continue
+        keys = list(
+            dict.fromkeys(
+                k
+                for h in hists
+                for rec in h
+                for k in rec
+                if k == "train_loss" or str(k).startswith("val_ccc_")
+            )
+        )
+        by_epoch: dict[int, list[dict[str, Any]]] = {}
+        for h in hists:
+            for rec in h:
+                by_epoch.setdefault(int(_as_float(rec.get("epoch"))), []).append(rec)
+        epochs = sorted(by_epoch)
+        stats: dict[str, dict[str, list[float]]] = {
+            k: {"mean": [], "min": [], "max": []} for k in keys
+        }
+        for e in epochs:
+            for k in keys:
+                xs = [x for x in (_as_float(rec.get(k)) for rec in by_epoch[e]) if x == x]
+                stats[k]["mean"].append(statistics.fmean(xs) if xs else math.nan)
+                stats[k]["min"].append(min(xs) if xs else math.nan)
+                stats[k]["max"].append(max(xs) if xs else math.nan)
+        curves.append(
+            LearningCurve(row["variant"], epochs, [len(by_epoch[e]) for e in epochs], stats)
+        )
+    return curves
+
+
+# ----------------------------------------------------------------------------- components
+
+#: order of the component kinds in the components table
+KIND_ORDER = ("dataset", "encoder", "fusion", "gate", "head", "perturbation")
+
+
+def component_label(c: dict[str, Any]) -> str:
+    """``rjca (fusionkit 0.4.0)``: a component, the distribution and version behind it."""
+    origin = f"{c.get('distribution') or '?'} {c.get('version') or ''}".strip()
+    return f"{c.get('name', '?')} ({origin})"
+
+
+def variant_components(row: dict[str, Any]) -> dict[str, list[str]]:
+    """Per kind, the components of a variant's runs (each once, in kind order)."""
+    out: dict[str, list[str]] = {}
+    for run in row["runs"]:
+        for c in run.components:
+            labels = out.setdefault(str(c.get("kind", "?")), [])
+            if component_label(c) not in labels:
+                labels.append(component_label(c))
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
 
 
 # ------------------------------------------------------------------------------ robustness
@@ -365,22 +744,28 @@ def robustness_sweeps(rows: list[dict[str, Any]], split: str) -> list[Sweep]:
 
 @dataclass
 class Report:
-    """Everything a report shows; :func:`write_report` renders it."""
+    """Everything a report shows; :func:`write_report` renders it.
+
+    Each row (:func:`summarize`) gains ``delta`` (a :class:`BootstrapResult`, the reason there
+    is no paired test, or None for the baseline), ``p_holm``, ``same_data`` (evaluated on the
+    baseline's data), ``components``, ``left_out`` and ``throughput``."""
 
     split: str
     baseline: str | None
     rows: list[dict[str, Any]]
     targets: list[str]
-    sweeps: list[Sweep]
-    plots: dict[str, bytes]
-    plot_titles: dict[str, str]
-    gates: list[str]
-    n_boot: int
-    boot_seed: int
-    throughput_note: str
-    sources: list[str]
+    sweeps: list[Sweep] = field(default_factory=list)
+    plots: dict[str, bytes] = field(default_factory=dict)
+    plot_titles: dict[str, str] = field(default_factory=dict)
+    gates: list[str] = field(default_factory=list)
+    n_boot: int = 2000
+    boot_seed: int = 0
+    throughput_note: str = "frames/s: not measured"
+    sources: list[str] = field(default_factory=list)
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    excluded: list[Excluded] = field(default_factory=list)
+    curves: list[LearningCurve] = field(default_factory=list)
 
 
 def _is_gated(preds: dict[str, Any]) -> bool:
@@ -398,82 +783,159 @@ def _pick_videos(preds: dict[str, Any], k: int) -> list[str]:
     return sorted(names[:k])
 
 
-def build_report(
-    paths: list[Path],
-    split: str = "test",
-    baseline: str | None = None,
-    n_boot: int = 2000,
-    boot_seed: int = 0,
-    gate_videos: int = 3,
-    throughput: bool = True,
-    registry: Any = None,
-    remeasure: bool = False,
-) -> Report:
-    """Collect runs and compute every table and figure of a report."""
-    from fusionkit.studies import plots
-    from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput
-
-    runs = collect_runs(paths)
-    rows = summarize(runs, split)
-    if not rows:
-        have = sorted({s for r in runs for s in r.metrics.get("splits", {})})
-        raise FusionkitError(
-            f"no run has metrics for split {split!r}; the runs have: {', '.join(have)} "
-            "(choose one with --split)"
-        )
+def _choose_baseline(
+    rows: list[dict[str, Any]], baseline: str | None, excluded: list[Excluded]
+) -> str:
+    """The baseline's label: ``baseline`` if it is a row, the first row if None."""
     labels = [r["variant"] for r in rows]
     if baseline is None:
-        baseline = labels[0]
-    elif baseline not in labels:
+        return labels[0]
+    if baseline in labels:
+        return baseline
+    if any(e.variant == baseline for e in excluded):
         raise FusionkitError(
-            f"--baseline {baseline!r} is not a variant of these runs; variants: {', '.join(labels)}"
+            f"--baseline {baseline!r} has no complete run (all its runs are left out: failed, "
+            f"pending or incomplete); variants with results: {', '.join(labels)}"
         )
-    targets = rows[0]["runs"][0].targets
-    cache: dict = {}
-    base = rows[labels.index(baseline)]
-    notes: list[str] = []
-    for row in rows:
-        row["delta"] = None if row is base else compare(row, base, split, n_boot, boot_seed, cache)
+    raise FusionkitError(
+        f"--baseline {baseline!r} is not a variant of these runs; variants: {', '.join(labels)}"
+    )
+
+
+def _add_comparisons(rep: Report, cache: dict) -> None:
+    """Each row's paired test against the baseline (refused across different data), the Holm
+    adjustment, and notes on every refusal."""
+    base = next(r for r in rep.rows if r["variant"] == rep.baseline)
+    for row in rep.rows:
+        own = data_mismatch(row["runs"], rep.split)
+        if own == DIFFERENT_DATA:
+            rep.notes.append(
+                f"{row['variant']}: its runs were {DIFFERENT_DATA} ({rep.split} data fingerprints "
+                "differ between seeds), so its mean ± std mixes evaluation sets."
+            )
+        row["same_data"] = data_mismatch([*row["runs"], *base["runs"]], rep.split) is None
+        if row is base:
+            row["delta"] = None
+            continue
+        row["delta"] = compare(row, base, rep.split, rep.n_boot, rep.boot_seed, cache)
         if isinstance(row["delta"], str):
-            notes.append(f"{row['variant']}: no significance test ({row['delta']}).")
+            why = row["delta"]
+            if not row["same_data"]:
+                why += (
+                    f"; the {rep.split} data fingerprints in metrics.json differ from those of "
+                    f"the baseline {rep.baseline}, so the CCCs are not directly comparable either"
+                )
+            rep.notes.append(f"{row['variant']}: no paired test against {rep.baseline} ({why}).")
+    adjust_holm(rep.rows)
+
+
+def _add_components(rep: Report) -> None:
+    """Each row's components (kind -> labels) and a note when its runs disagree."""
+    for row in rep.rows:
+        row["components"] = variant_components(row)
+        kinds = {(c.get("kind"), c.get("name")) for run in row["runs"] for c in run.components}
+        if len(kinds) < sum(len(v) for v in row["components"].values()):
+            rep.notes.append(
+                f"{row['variant']}: its runs were made with different plugin versions "
+                "(see the components table)."
+            )
+
+
+def _add_left_out(rep: Report) -> None:
+    """Each row's left-out grid points (the same label)."""
+    for row in rep.rows:
+        row["left_out"] = [e for e in rep.excluded if e.variant == row["variant"]]
+
+
+def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) -> None:
+    """Inference frames/s of each row's first run (measured now or read from its cache)."""
+    from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput
+
+    for row in rep.rows:
         first = row["runs"][0].run_dir
         row["throughput"] = None
         try:
-            if throughput:
+            if measure:
                 row["throughput"] = measure_throughput(
-                    first, split, registry=registry, refresh=remeasure
+                    first, rep.split, registry=registry, refresh=remeasure
                 )
             elif (first / THROUGHPUT_FILE).is_file():
-                row["throughput"] = json.loads((first / THROUGHPUT_FILE).read_text())
+                row["throughput"] = read_json(first / THROUGHPUT_FILE, "throughput cache")
         except (FusionkitError, OSError) as exc:
-            notes.append(f"{row['variant']}: throughput not measured ({exc}).")
-    tp = [r["throughput"] for r in rows if r["throughput"]]
-    throughput_note = (
-        "frames/s: inference over the whole split as evaluation runs it (the recipe's "
-        "windows, hop and batch size, overlapping windows averaged), the fastest of at least 5 "
-        "passes, measured when the report was first made, for the first seed's run of each "
-        f"variant, on {tp[0]['device']} with {tp[0]['threads']} thread(s) (cached in the run's "
-        "`throughput.json`)"
-        if tp
-        else "frames/s: not measured"
-    )
+            rep.notes.append(f"{row['variant']}: throughput not measured ({exc}).")
+    tp = [r["throughput"] for r in rep.rows if r["throughput"]]
+    if tp:
+        rep.throughput_note = (
+            "frames/s: inference over the whole split as evaluation runs it (the recipe's "
+            "windows, hop and batch size, overlapping windows averaged), the fastest of at least "
+            "5 passes, measured when the report was first made, for the first seed's run of each "
+            f"variant, on {tp[0]['device']} with {tp[0]['threads']} thread(s) (cached in the "
+            "run's `throughput.json`)"
+        )
 
-    figures: dict[str, bytes] = {}
-    titles: dict[str, str] = {}
-    keys = metric_keys(targets)
-    mean = np.array([[r[k][0] for k in keys] for r in rows])
-    std = np.array([[r[k][1] for k in keys] for r in rows])
-    figures["ccc"] = plots.ccc_bars(
-        labels,
-        [k.replace("ccc_", "") for k in keys],
-        mean,
-        std,
-        f"CCC on {split} (mean ± std over seeds)",
-    )
-    titles["ccc"] = f"CCC per variant on {split}"
 
-    sweeps = robustness_sweeps(rows, split)
-    for sw in sweeps:
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def _score_figures(rep: Report) -> None:
+    """The CCC bars (zoomed axis) and the Δ-with-interval plot."""
+    from fusionkit.studies import plots
+
+    keys = metric_keys(rep.targets)
+    names = [k.replace("ccc_", "") for k in keys]
+    labels = [r["variant"] for r in rep.rows]
+    mean = np.array([[r[k][0] for k in keys] for r in rep.rows])
+    std = np.array([[r[k][1] for k in keys] for r in rep.rows])
+    title = f"CCC on {rep.split} (mean ± std over seeds)"
+    rep.plots["ccc"] = plots.ccc_bars(labels, names, mean, std, title)
+    rep.plot_titles["ccc"] = f"CCC per variant on {rep.split} (y axis does not start at 0)"
+    tested = [r for r in rep.rows if isinstance(r["delta"], BootstrapResult)]
+    if not tested:
+        return
+    delta = np.array([r["delta"].delta for r in tested])
+    low = np.array([r["delta"].ci_low for r in tested])
+    high = np.array([r["delta"].ci_high for r in tested])
+    sig = np.array([[significant(r, j) for j in range(len(keys))] for r in tested])
+    title = (
+        f"Δ CCC vs {rep.baseline} on {rep.split}\n"
+        f"95% paired-bootstrap interval; filled: Holm p < {ALPHA}"
+    )
+    rep.plots["delta"] = plots.delta_intervals(
+        [r["variant"] for r in tested], names, delta, low, high, sig, title
+    )
+    rep.plot_titles["delta"] = f"Differences from {rep.baseline} on {rep.split}"
+
+
+def _curve_figure(rep: Report) -> None:
+    """Learning curves: validation CCC mean and training loss per epoch."""
+    from fusionkit.studies import plots
+
+    panels = [p for p in ("val_ccc_mean", "train_loss") if any(p in c.stats for c in rep.curves)]
+    if not panels:
+        return
+    curves = [
+        {
+            "label": c.variant,
+            "epoch": c.epochs,
+            **{
+                p: (c.stats[p]["mean"], c.stats[p]["min"], c.stats[p]["max"])
+                for p in panels
+                if p in c.stats
+            },
+        }
+        for c in rep.curves
+        if all(p in c.stats for p in panels)
+    ]
+    title = "Learning curves: mean over seeds, band = min-max over seeds"
+    rep.plots["curves"] = plots.learning_curves(curves, panels, title)
+    rep.plot_titles["curves"] = "Validation CCC mean and training loss per epoch"
+
+
+def _robustness_figures(rep: Report) -> None:
+    from fusionkit.studies import plots
+
+    for sw in rep.sweeps:
         curves = [
             {
                 "label": f"{c.variant} (AUC {c.auc[0]:.3f})",
@@ -487,38 +949,74 @@ def build_report(
             f"{sw.label}: CCC mean vs {sw.axis} on {sw.split}\n"
             f"{sw.perturbation}({fmt_params(sw.params)}), seed {sw.seed}"
         )
-        figures[f"robustness_{sw.slug}"] = plots.robustness_curves(curves, sw.axis, title)
-        titles[f"robustness_{sw.slug}"] = title.replace("\n", "; ")
+        rep.plots[f"robustness_{sw.slug}"] = plots.robustness_curves(curves, sw.axis, title)
+        rep.plot_titles[f"robustness_{sw.slug}"] = title.replace("\n", "; ")
 
-    gated = []
-    for row in rows:
+
+def _gate_figures(rep: Report, gate_videos: int) -> None:
+    from fusionkit.studies import plots
+
+    for row in rep.rows:
         first = row["runs"][0]
-        preds = _load_predictions(first.run_dir, split)
+        preds = _load_predictions(first.run_dir, rep.split)
         if preds is None or not _is_gated(preds):
             continue
         chosen = _pick_videos(preds, gate_videos)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", row["variant"])
-        title = f"{row['variant']} (seed {first.seed}): gate step weights and V/A traces on {split}"
-        figures[f"gates_{slug}"] = plots.gate_traces(
+        key = f"gates_{_slug(row['variant'])}"
+        title = (
+            f"{row['variant']} (seed {first.seed}): gate step weights and V/A traces on {rep.split}"
+        )
+        rep.plots[key] = plots.gate_traces(
             [{"name": n, **preds[n]} for n in chosen], list(preds["targets"]), title
         )
-        titles[f"gates_{slug}"] = title
-        gated.append(f"gates_{slug}")
-    return Report(
+        rep.plot_titles[key] = title
+        rep.gates.append(key)
+
+
+def build_report(
+    paths: list[Path],
+    split: str = "test",
+    baseline: str | None = None,
+    n_boot: int = 2000,
+    boot_seed: int = 0,
+    gate_videos: int = 3,
+    throughput: bool = True,
+    registry: Any = None,
+    remeasure: bool = False,
+) -> Report:
+    """Collect runs and compute every table and figure of a report."""
+    scan = scan_runs(paths)
+    if not scan.runs:
+        collect_runs(paths)  # raises, naming what was left out
+    rows = summarize(scan.runs, split)
+    if not rows:
+        have = sorted({s for r in scan.runs for s in r.metrics.get("splits", {})})
+        raise FusionkitError(
+            f"no run has metrics for split {split!r}; the runs have: {', '.join(have)} "
+            "(choose one with --split)"
+        )
+    rep = Report(
         split=split,
-        baseline=baseline,
+        baseline=_choose_baseline(rows, baseline, scan.excluded),
         rows=rows,
-        targets=targets,
-        sweeps=sweeps,
-        plots=figures,
-        plot_titles=titles,
-        gates=gated,
+        targets=rows[0]["runs"][0].targets,
         n_boot=n_boot,
         boot_seed=boot_seed,
-        throughput_note=throughput_note,
         sources=[str(p) for p in paths],
-        notes=notes,
+        notes=list(scan.notes),
+        excluded=scan.excluded,
     )
+    _add_left_out(rep)
+    _add_comparisons(rep, {})
+    _add_components(rep)
+    _add_throughput(rep, throughput, remeasure, registry)
+    rep.curves = learning_curves(rows)
+    rep.sweeps = robustness_sweeps(rows, split)
+    _score_figures(rep)
+    _curve_figure(rep)
+    _robustness_figures(rep)
+    _gate_figures(rep, gate_videos)
+    return rep
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -538,8 +1036,16 @@ def fmt_params(params: dict[str, Any]) -> str:
 
 
 def results_table(rep: Report) -> str:
-    """The main table (CCC, Δ with interval and p, cost) as Markdown."""
+    """The main table (CCC, Δ of the mean with interval and p, cost) as Markdown."""
     return _md(*_main_table(rep))
+
+
+def delta_table(rep: Report) -> str:
+    """The per-target differences from the baseline as Markdown."""
+    return _md(*_delta_table(rep))
+
+
+DAGGER = "†"
 
 
 def _signed(x: float) -> str:
@@ -550,47 +1056,91 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _delta_cells(row: dict[str, Any], col: int) -> tuple[str, str]:
+def _short(key: str) -> str:
+    return key.replace("ccc_", "CCC ")
+
+
+def _delta_cells(row: dict[str, Any], col: int) -> tuple[str, str, str]:
+    """``(Δ [interval], p, Holm p with † when significant)`` of one metric."""
     d = row["delta"]
     if d is None:
-        return "(baseline)", ""
+        return "(baseline)", "", ""
     if isinstance(d, str):
-        return "n/a", ""
-    return f"{_signed(d.delta[col])} [{_signed(d.ci_low[col])}, {_signed(d.ci_high[col])}]", _p(
-        d.p_value[col]
-    )
+        return f"n/a: {d}", "n/a", "n/a"
+    interval = f"{_signed(d.delta[col])} [{_signed(d.ci_low[col])}, {_signed(d.ci_high[col])}]"
+    adj = row["p_holm"][col]
+    return interval, _p(d.p_value[col]), _p(adj) + (f" {DAGGER}" if adj < ALPHA else "")
+
+
+def _seeds_cell(row: dict[str, Any]) -> str:
+    n, missing = len(row["seeds"]), len(row.get("left_out", []))
+    return f"{n} of {n + missing}" if missing else str(n)
 
 
 def _main_table(rep: Report) -> tuple[list[str], list[list[str]]]:
     keys = metric_keys(rep.targets)
-    short = {k: k.replace("ccc_", "CCC ") for k in keys}
     head = [
         "variant",
         "seeds",
-        *(short[k] for k in keys),
-        f"Δ CCC mean vs {rep.baseline} [95% CI]",
+        *(_short(k) for k in keys),
+        f"Δ {_short(keys[-1])} vs {rep.baseline} [95% CI]",
         "p",
+        "p Holm",
         "params",
         "train s",
         "frames/s",
     ]
     body = []
     for r in rep.rows:
-        delta, p = _delta_cells(r, len(keys) - 1)
         tp = r["throughput"]
         body.append(
             [
                 r["variant"],
-                str(len(r["seeds"])),
-                *(_fmt(r[k]) for k in keys),
-                delta,
-                p,
+                _seeds_cell(r),
+                *(_fmt(r[k]) + (f" {DAGGER}" if significant(r, j) else "")
+                  for j, k in enumerate(keys)),
+                *_delta_cells(r, len(keys) - 1),
                 f"{r['params']:,}" if r["params"] else "",
                 f"{r['train_seconds']:.0f}",
                 f"{tp['frames_per_second']:,.0f}" if tp else "",
             ]
-        )
+        )  # fmt: skip
     return head, body
+
+
+def _delta_table(rep: Report) -> tuple[list[str], list[list[str]]]:
+    keys = metric_keys(rep.targets)
+    head = ["variant"]
+    for k in keys:
+        head += [f"Δ {_short(k)} [95% CI]", "p", "p Holm"]
+    body = []
+    for r in rep.rows:
+        if r["delta"] is None:
+            continue
+        cells = [r["variant"]]
+        for j in range(len(keys)):
+            cells += list(_delta_cells(r, j))
+        body.append(cells)
+    return head, body
+
+
+def _components_table(rep: Report) -> tuple[list[str], list[list[str]]]:
+    kinds = list(dict.fromkeys(k for r in rep.rows for k in r["components"]))
+    head = ["variant", *kinds]
+    body = [[r["variant"], *(", ".join(r["components"].get(k, [])) for k in kinds)]
+            for r in rep.rows]  # fmt: skip
+    return head, body
+
+
+def _excluded_table(rep: Report) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "variant", "status", "reason"]
+    return head, [[e.where, e.variant, e.status, e.detail] for e in rep.excluded]
+
+
+def _md_excluded(rep: Report) -> str:
+    """The left-out runs as Markdown (paths and messages as code: no markup)."""
+    head, body = _excluded_table(rep)
+    return _md(head, [[_md_code(w), v, s, _md_code(d)] for w, v, s, d in body])
 
 
 def _sweep_table(sw: Sweep) -> tuple[list[str], list[list[str]]]:
@@ -611,16 +1161,32 @@ def _definitions(rep: Report) -> list[str]:
     return [
         "CCC: the ABAW metric, one CCC per target over all labelled frames of the split pooled "
         "(population moments), and their mean; `mean ± std` over the seeds of a variant "
-        "(sample std, ddof = 1), read from each run's `metrics.json`.",
-        f"Δ: difference of the seed-averaged CCC mean from the baseline `{rep.baseline}`. "
-        f"Significance: paired bootstrap over the {rep.split} videos ({rep.n_boot} resamples, "
-        f"seed {rep.boot_seed}): each resample draws the split's videos with replacement and "
-        "recomputes the pooled CCC of every run of both variants on the same videos; the "
-        "interval is the 2.5-97.5 percentile interval of the resampled Δ and p the two-sided "
-        "bootstrap p-value (2 × the smaller tail beyond 0, add-one corrected). It measures "
-        "sensitivity to the choice of test videos, not to the training seed (see the ± std).",
+        "(sample std, ddof = 1), read from each run's `metrics.json`. Only complete runs "
+        "(`run.json` status complete) are used; `seeds` reads `2 of 3` when grid points of the "
+        "variant are left out (listed under Runs left out).",
+        f"Δ: difference of the seed-averaged CCC from the baseline `{rep.baseline}`, per target "
+        f"and for the mean. Significance: paired bootstrap over the {rep.split} videos "
+        f"({rep.n_boot} resamples, seed {rep.boot_seed}): each resample draws the split's "
+        "videos with replacement and recomputes the pooled CCC of every run of both variants "
+        "on the same videos; the interval is the 2.5-97.5 percentile interval of the resampled "
+        "Δ and p the two-sided bootstrap p-value (2 × the smaller tail beyond 0, add-one "
+        "corrected). It measures sensitivity to the choice of test videos, not to the training "
+        "seed (see the ± std). The test is only made when every compared run was evaluated on "
+        "the same data (equal data fingerprints of the split in `metrics.json` and the "
+        "predictions file); otherwise the row reads `n/a` with the reason.",
+        "p Holm: the p-values adjusted with Holm's step-down procedure over the variants "
+        "compared with the baseline, separately for each metric; "
+        f"{DAGGER} marks Holm p < {ALPHA} (two-sided: better or worse than the baseline).",
         "params: trainable parameters; train s: training time (mean over seeds) as recorded in "
         f"`metrics.json`; {rep.throughput_note}.",
+        "CCC plot: the y axis is zoomed on the values and does not start at 0. Δ plot: the "
+        "point estimate and 95% interval per metric; filled markers are significant after the "
+        "Holm correction.",
+        "Learning curves: per epoch, the mean over a variant's seeds (line) and their min-max "
+        "(band) of the validation CCC mean and the training loss, from each run's "
+        "`metrics.json` history; with early stopping, later epochs average fewer runs.",
+        "Components: each component of the variant's runs, with the plugin distribution and "
+        "version that provided it (from `run.json`).",
         "Robustness AUC: area under the CCC-mean-versus-strength curve with the strength axis "
         "rescaled to [0, 1] (trapezoid rule), i.e. the curve's average CCC; computed per run, "
         "then mean ± std over seeds. Curves show the mean over seeds with a ± std band.",
@@ -630,19 +1196,33 @@ def _definitions(rep: Report) -> list[str]:
     ]
 
 
+def _title_names(rep: Report) -> str:
+    return ", ".join(dict.fromkeys(r["runs"][0].name for r in rep.rows))
+
+
 def render_markdown(rep: Report, plot_dir: str = "plots") -> str:
-    names = ", ".join(dict.fromkeys(r["runs"][0].name for r in rep.rows))
-    out = [f"# Comparison report: {names}", ""]
+    """The whole report as Markdown (figures linked from ``plot_dir``)."""
+    out = [f"# Comparison report: {_title_names(rep)}", ""]
     out.append(
         f"Split `{rep.split}`, {sum(len(r['runs']) for r in rep.rows)} runs from "
-        f"{', '.join(f'`{s}`' for s in rep.sources)}."
+        f"{', '.join(_md_code(s) for s in rep.sources)}."
     )
     if rep.command:
-        out += ["", f"Generated with `{rep.command}`."]
-    out += ["", "## Results", ""]
-    head, body = _main_table(rep)
-    out.append(_md(head, body))
+        out += ["", f"Generated with {_md_code(rep.command)}."]
+    out += ["", "## Results", "", results_table(rep)]
     out += [f"![{rep.plot_titles['ccc']}]({plot_dir}/ccc.png)", ""]
+    if rep.excluded:
+        out += ["## Runs left out", "", "Not in any number of this report:", ""]
+        out += [_md_excluded(rep)]
+    if any(r["delta"] is not None for r in rep.rows):
+        out += [f"## Differences from the baseline `{rep.baseline}`", "", delta_table(rep)]
+        if "delta" in rep.plots:
+            out += [f"![{rep.plot_titles['delta']}]({plot_dir}/delta.png)", ""]
+    if "curves" in rep.plots:
+        out += ["## Learning curves", ""]
+        out += [f"![{rep.plot_titles['curves']}]({plot_dir}/curves.png)", ""]
+    if any(r["components"] for r in rep.rows):
+        out += ["## Components", "", _md(*_components_table(rep))]
     for sw in rep.sweeps:
         key = f"robustness_{sw.slug}"
         out += [f"## Robustness: {sw.label}", ""]
@@ -701,8 +1281,40 @@ def _code(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+def _html_sections(rep: Report) -> list[str]:
+    """The HTML of the sections after the results table (same order as the Markdown)."""
+    parts: list[str] = []
+    if rep.excluded:
+        parts += ["<h2>Runs left out</h2><p>Not in any number of this report:</p>"]
+        parts.append(_html_table(*_excluded_table(rep)))
+    if any(r["delta"] is not None for r in rep.rows):
+        parts.append(f"<h2>Differences from the baseline {html.escape(str(rep.baseline))}</h2>")
+        parts.append(_html_table(*_delta_table(rep)))
+        parts += [_img(rep, "delta")] if "delta" in rep.plots else []
+    if "curves" in rep.plots:
+        parts += ["<h2>Learning curves</h2>", _img(rep, "curves")]
+    if any(r["components"] for r in rep.rows):
+        parts += ["<h2>Components</h2>", _html_table(*_components_table(rep))]
+    for sw in rep.sweeps:
+        fixed = fmt_params(sw.params) or "none"
+        parts += [
+            f"<h2>Robustness: {html.escape(sw.label)}</h2>",
+            f'<p class="meta">Perturbation <code>{html.escape(sw.perturbation)}</code> '
+            f"(fixed params: {html.escape(fixed)}; seed {sw.seed}) swept over "
+            f"<code>{html.escape(sw.axis)}</code> on <code>{html.escape(sw.split)}</code>; "
+            "cells are CCC mean (mean over seeds).</p>",
+            _html_table(*_sweep_table(sw)),
+            _img(rep, f"robustness_{sw.slug}"),
+        ]
+    if rep.gates:
+        parts.append("<h2>Gate weights over time</h2>")
+        parts += [_img(rep, g) for g in rep.gates]
+    return parts
+
+
 def render_html(rep: Report) -> str:
-    names = ", ".join(dict.fromkeys(r["runs"][0].name for r in rep.rows))
+    """The whole report as one standalone HTML page (inline CSS, figures embedded)."""
+    names = _title_names(rep)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -718,29 +1330,145 @@ def render_html(rep: Report) -> str:
         "<h2>Results</h2>",
         _html_table(*_main_table(rep)),
         _img(rep, "ccc"),
+        *_html_sections(rep),
+        "<h2>How to read this report</h2><ul class='defs'>",
+        *(f"<li>{_code(d)}</li>" for d in _definitions(rep)),
+        "</ul>",
     ]
-    for sw in rep.sweeps:
-        fixed = fmt_params(sw.params) or "none"
-        parts += [
-            f"<h2>Robustness: {html.escape(sw.label)}</h2>",
-            f'<p class="meta">Perturbation <code>{html.escape(sw.perturbation)}</code> '
-            f"(fixed params: {html.escape(fixed)}; seed {sw.seed}) swept over "
-            f"<code>{html.escape(sw.axis)}</code> on <code>{html.escape(sw.split)}</code>; "
-            "cells are CCC mean (mean over seeds).</p>",
-            _html_table(*_sweep_table(sw)),
-            _img(rep, f"robustness_{sw.slug}"),
-        ]
-    if rep.gates:
-        parts.append("<h2>Gate weights over time</h2>")
-        parts += [_img(rep, g) for g in rep.gates]
-    parts.append("<h2>How to read this report</h2><ul class='defs'>")
-    parts += [f"<li>{_code(d)}</li>" for d in _definitions(rep)]
-    parts.append("</ul>")
     if rep.notes:
-        parts.append("<p>Notes:</p><ul>" + "".join(f"<li>{_code(n)}</li>" for n in rep.notes))
+        parts.append("<p>Notes:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rep.notes))
         parts.append("</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------- LaTeX
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """``text`` as literal LaTeX text (the ten special characters escaped)."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _latex_comment(text: str) -> str:
+    return "% " + " ".join(str(text).split())
+
+
+def _latex_params(n: Any) -> str:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return "--"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n / 1e3:.1f}K" if n >= 1e3 else str(int(n))
+
+
+def _latex_signed(x: float) -> str:
+    return f"${x:+.3f}$"
+
+
+def best_rows(rep: Report) -> dict[str, set[str]]:
+    """Per CCC column, the variants shown in bold: the highest mean at the table's precision
+    (3 decimals; ties are all bold), among the rows evaluated on the baseline's data (none
+    when fewer than two rows are)."""
+    out: dict[str, set[str]] = {k: set() for k in metric_keys(rep.targets)}
+    eligible = [r for r in rep.rows if r.get("same_data", True)]
+    if len(eligible) < 2:
+        return out
+    for k in metric_keys(rep.targets):
+        shown = {r["variant"]: round(r[k][0], 3) for r in eligible if math.isfinite(r[k][0])}
+        top = max(shown.values(), default=None)
+        out[k] = {v for v, x in shown.items() if x == top}
+    return out
+
+
+def _latex_num(x: float) -> str:
+    """``-0.050`` -> ``$-$0.050`` (a minus sign, not a hyphen)."""
+    return f"{x:.3f}".replace("-", "$-$")
+
+
+def _latex_ccc(ms: tuple[float, float], bold: bool, mark: bool) -> str:
+    mean, std = ms
+    cell = rf"\textbf{{{_latex_num(mean)}}}" if bold else _latex_num(mean)
+    if math.isfinite(std):
+        cell += rf" $\pm$ {std:.3f}"
+    return cell + (r"$^{\dagger}$" if mark else "")
+
+
+def _latex_delta(row: dict[str, Any], col: int) -> str:
+    d = row["delta"]
+    if d is None:
+        return "--"
+    if isinstance(d, str):
+        return "n/a"
+    return _latex_signed(float(d.delta[col])) + (r"$^{\dagger}$" if significant(row, col) else "")
+
+
+def latex_table(rep: Report) -> str:
+    """A booktabs ``tabular`` (for ``\\input``): CCC per target and mean (mean ± std over
+    seeds, best per column in bold, † where the Holm-adjusted paired-bootstrap p against the
+    baseline is below :data:`ALPHA`), Δ of the last metric and parameters."""
+    keys = metric_keys(rep.targets)
+    best = best_rows(rep)
+    names = {k: latex_escape(k.replace("ccc_", "").capitalize()) for k in keys}
+    lines = [
+        _latex_comment(f"fusionkit report: CCC on {rep.split}; needs \\usepackage{{booktabs}}"),
+        _latex_comment(f"command: {rep.command}") if rep.command else "",
+        "\\begin{tabular}{l" + "c" * (len(keys) + 1) + "r}",
+        "\\toprule",
+        " & ".join(["Variant", *names.values(), f"$\\Delta$ {names[keys[-1]]}", "Params"]) + r" \\",
+        "\\midrule",
+    ]
+    for r in rep.rows:
+        other_data = r["delta"] is not None and not r.get("same_data", True)
+        cells = [latex_escape(r["variant"]) + (r"$^{\ddagger}$" if other_data else "")]
+        cells += [
+            _latex_ccc(r[k], r["variant"] in best[k], significant(r, j)) for j, k in enumerate(keys)
+        ]
+        cells += [_latex_delta(r, len(keys) - 1), _latex_params(r["params"])]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += [_latex_comment(line) for line in _latex_caption(rep)]
+    return "\n".join(x for x in lines if x) + "\n"
+
+
+def _latex_caption(rep: Report) -> list[str]:
+    """Suggested caption text (written as comments below the table)."""
+    refused = [r["variant"] for r in rep.rows if isinstance(r["delta"], str)]
+    out = [
+        f"Caption: CCC on the {rep.split} split, mean $\\pm$ std over seeds; bold: best per "
+        f"column; $\\Delta$: difference from {latex_escape(str(rep.baseline))}; "
+        f"$^\\dagger$: p < {ALPHA} in a two-sided paired bootstrap over test videos "
+        f"({rep.n_boot} resamples), Holm-corrected over the variants compared with the baseline.",
+    ]
+    if any(not r.get("same_data", True) for r in rep.rows):
+        out.append(
+            "$^\\ddagger$: evaluated on different data than the baseline (the data "
+            "fingerprints differ): not comparable, no test."
+        )
+    if refused:
+        out.append(
+            "n/a: no paired test ("
+            + ", ".join(latex_escape(v) for v in refused)
+            + "): "
+            + "; ".join(str(r["delta"]) for r in rep.rows if isinstance(r["delta"], str))
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------ CSV
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -757,8 +1485,24 @@ def _num(x: Any) -> Any:
     if isinstance(x, float) and math.isnan(x):
         return ""
     if isinstance(x, (np.floating, np.integer)):
-        return x.item()
+        return _num(x.item())
     return x
+
+
+def _delta_record(r: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """The Δ columns of one ``summary.csv`` row (empty without a paired test)."""
+    d = r["delta"]
+    ok = isinstance(d, BootstrapResult)
+    rec: dict[str, Any] = {}
+    for j, k in enumerate(keys):
+        rec[f"delta_{k}"] = _num(d.delta[j]) if ok else ""
+        rec[f"delta_{k}_ci_low"] = _num(d.ci_low[j]) if ok else ""
+        rec[f"delta_{k}_ci_high"] = _num(d.ci_high[j]) if ok else ""
+        rec[f"delta_{k}_p"] = _num(d.p_value[j]) if ok else ""
+        rec[f"delta_{k}_p_holm"] = _num(r["p_holm"][j]) if ok else ""
+        rec[f"delta_{k}_significant"] = significant(r, j) if ok else ""
+    rec["paired_test"] = "ok" if ok else ("baseline" if d is None else f"n/a: {d}")
+    return rec
 
 
 def summary_records(rep: Report) -> list[dict[str, Any]]:
@@ -768,16 +1512,12 @@ def summary_records(rep: Report) -> list[dict[str, Any]]:
     for r in rep.rows:
         rec: dict[str, Any] = {"variant": r["variant"], "n_seeds": len(r["seeds"])}
         rec["seeds"] = " ".join(map(str, r["seeds"]))
+        rec["runs_left_out"] = len(r.get("left_out", []))
         for k in keys:
             rec[f"{k}_mean"], rec[f"{k}_std"] = map(_num, r[k])
-        d = r["delta"]
-        for j, k in enumerate(keys):
-            ok = isinstance(d, BootstrapResult)
-            rec[f"delta_{k}"] = _num(d.delta[j]) if ok else ""
-            rec[f"delta_{k}_ci_low"] = _num(d.ci_low[j]) if ok else ""
-            rec[f"delta_{k}_ci_high"] = _num(d.ci_high[j]) if ok else ""
-            rec[f"delta_{k}_p"] = _num(d.p_value[j]) if ok else ""
+        rec.update(_delta_record(r, keys))
         rec["baseline"] = rep.baseline
+        rec["same_data_as_baseline"] = r.get("same_data", "")
         rec["params"] = r["params"]
         rec["train_seconds_mean"] = r["train_seconds"]
         rec["epochs_mean"] = r["epochs"]
@@ -787,6 +1527,9 @@ def summary_records(rep: Report) -> list[dict[str, Any]]:
             c = next((c for c in sw.curves if c.variant == r["variant"]), None)
             rec[f"auc_{sw.label}_mean"] = _num(c.auc[0]) if c else ""
             rec[f"auc_{sw.label}_std"] = _num(c.auc[1]) if c else ""
+        rec["components"] = "; ".join(
+            f"{kind}: {', '.join(labels)}" for kind, labels in r.get("components", {}).items()
+        )
         out.append(rec)
     return out
 
@@ -805,8 +1548,22 @@ def run_records(rep: Report) -> list[dict[str, Any]]:
                     "train_seconds": m.get("train_seconds"),
                     "epochs_run": m.get("epochs_run"),
                     "best_epoch": m.get("best_epoch"),
+                    "data_fingerprint": run.fingerprint(rep.split) or "",
                 }
             )
+            out.append(rec)
+    return out
+
+
+def curve_records(rep: Report) -> list[dict[str, Any]]:
+    """The rows of ``curves.csv``: one per variant and epoch, mean/min/max over seeds."""
+    out = []
+    for c in rep.curves:
+        for i, epoch in enumerate(c.epochs):
+            rec: dict[str, Any] = {"variant": c.variant, "epoch": epoch, "runs": c.runs[i]}
+            for k, s in c.stats.items():
+                for stat in ("mean", "min", "max"):
+                    rec[f"{k}_{stat}"] = _num(s[stat][i])
             out.append(rec)
     return out
 
@@ -836,8 +1593,9 @@ def robustness_records(rep: Report) -> list[dict[str, Any]]:
 
 
 def write_report(rep: Report, out_dir: Path, html_page: bool = True) -> list[Path]:
-    """Write ``report.md``, ``report.html``, ``summary.csv``, ``runs.csv``,
-    ``robustness.csv`` and ``plots/*.png`` into ``out_dir``; returns the paths written."""
+    """Write ``report.md``, ``report.html``, ``table.tex``, ``summary.csv``, ``runs.csv``,
+    ``curves.csv``, ``robustness.csv`` and ``plots/*.png`` into ``out_dir``; returns the
+    paths written."""
     from fusionkit.engine.files import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)
@@ -848,9 +1606,12 @@ def write_report(rep: Report, out_dir: Path, html_page: bool = True) -> list[Pat
         written.append(p)
     files = {
         "report.md": render_markdown(rep),
+        "table.tex": latex_table(rep),
         "summary.csv": _csv(summary_records(rep)),
         "runs.csv": _csv(run_records(rep)),
     }
+    if rep.curves:
+        files["curves.csv"] = _csv(curve_records(rep))
     if rep.sweeps:
         files["robustness.csv"] = _csv(robustness_records(rep))
     if html_page:

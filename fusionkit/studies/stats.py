@@ -15,6 +15,12 @@ would hold on another draw of test videos. It does not model the randomness of t
 that is what the ``± std`` over seeds shows. The two-sided p-value is
 ``min(1, 2 * min(P*(delta* <= 0), P*(delta* >= 0)))`` with the add-one correction
 ``(count + 1) / (B + 1)``; the interval is the percentile interval of ``delta*``.
+
+**Holm correction** (:func:`holm`): when several variants are each tested against one
+baseline, the family-wise error rate is held with Holm's step-down procedure: sort the ``m``
+p-values ascending, multiply the ``i``-th smallest (1-based) by ``m - i + 1``, cap at 1 and
+make the sequence non-decreasing (each adjusted value is the running maximum). A hypothesis is
+rejected at level ``alpha`` when its adjusted p-value is below ``alpha``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "auc_normalised",
     "bootstrap_deltas",
     "ccc_from_sums",
+    "holm",
     "paired_bootstrap",
     "resample_counts",
     "video_sums",
@@ -162,3 +169,26 @@ def auc_normalised(x: Sequence[float], y: Sequence[float]) -> float:
         return float(ys.mean())
     u = (xs - xs[0]) / (xs[-1] - xs[0])
     return float(np.sum((u[1:] - u[:-1]) * (ys[1:] + ys[:-1]) / 2))
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values, in the order given.
+
+    NaN entries are not tests: they stay NaN and do not count in ``m``.
+
+    >>> holm([0.01, 0.04, 0.03, 0.005]).tolist()
+    [0.03, 0.06, 0.06, 0.02]
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"holm expects a 1-D sequence of p-values, got shape {p.shape}")
+    tested = np.flatnonzero(~np.isnan(p))
+    if np.any((p[tested] < 0) | (p[tested] > 1)):
+        raise ValueError(f"p-values must lie in [0, 1]: {p.tolist()}")
+    out = np.full(p.shape, np.nan)
+    m = tested.size
+    running = 0.0
+    for rank, i in enumerate(tested[np.argsort(p[tested], kind="stable")]):
+        running = max(running, min(1.0, float((m - rank) * p[i])))
+        out[i] = running
+    return out
