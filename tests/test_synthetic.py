@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pydantic
 import pytest
@@ -259,3 +261,191 @@ def test_modality_asymmetry_and_fusion_gain() -> None:
     assert audio[arousal] > audio[valence] + 0.2, audio
     assert both.mean() > max(audio.mean(), video.mean()) + 0.08, (audio, video, both)
     assert both.mean() < 0.9, both  # not saturated
+
+
+# --------------------------------------------------------------------------- drift, reliability
+
+QUIET = {"audio_noise": 0.0, "video_noise": 0.0}
+NEW_KNOBS_OFF = {
+    "lag_drift": 0.0,
+    "reliability_rate": 0.0,
+}
+#: The other new knobs only shape what the two above switch on; set away from their defaults.
+NEW_KNOBS_SHAPE = {
+    "lag_drift_period": 3.0,
+    "lag_drift_kind": "walk",
+    "reliability_span": 0.5,
+    "reliability_modality": "audio",
+    "reliability_kinds": ["zero"],
+    "reliability_noise": 7.0,
+}
+
+
+def _videos_equal(a: Video, b: Video) -> bool:
+    return (
+        a.name == b.name
+        and set(a.features) == set(b.features)
+        and all(torch.equal(a.features[m], b.features[m]) for m in a.features)
+        and torch.equal(a.labels, b.labels)
+        and torch.equal(a.label_mask, b.label_mask)
+        and set(a.present) == set(b.present)
+        and all(torch.equal(a.present[m], b.present[m]) for m in a.present)
+    )
+
+
+@pytest.mark.parametrize("base", [{}, {"lag_max": 9, "modality_dropout": 0.5, "frame_drop": 0.2}])
+def test_new_knobs_off_give_the_same_tensors(base: dict) -> None:
+    """Drift and reliability switched off (whatever their shape knobs) change nothing."""
+    ref = make(**base)
+    for extra in (NEW_KNOBS_OFF, {**NEW_KNOBS_OFF, **NEW_KNOBS_SHAPE}):
+        ds = make(**base, **extra)
+        for split in ds.splits():
+            pairs = zip(ref.videos(split), ds.videos(split), strict=True)
+            assert all(_videos_equal(a, b) for a, b in pairs), (split, extra)
+            for a, b in zip(ref.info(split), ds.info(split), strict=True):
+                assert b.reliability == ()
+                assert torch.equal(b.frame_lag, torch.full_like(b.frame_lag, a.lag))
+                assert b.lag == a.lag and torch.equal(a.speech, b.speech)
+
+
+@pytest.mark.parametrize("kind", ["sine", "walk"])
+def test_lag_drift_shifts_audio_by_the_per_frame_lag(kind: str) -> None:
+    drift = {"lag_drift": 6.0, "lag_drift_period": 4.0, "lag_drift_kind": kind}
+    aligned, constant = make(**QUIET), make(lag_max=3, **QUIET)
+    drifting = make(lag_max=3, **drift, **QUIET)
+    steps = []
+    for a, c, d, ci, di in zip(
+        aligned.videos("train"),
+        constant.videos("train"),
+        drifting.videos("train"),
+        constant.info("train"),
+        drifting.info("train"),
+        strict=True,
+    ):
+        n = a.num_frames
+        lag = di.frame_lag
+        assert lag.shape == (n,) and lag.dtype == torch.int64
+        assert di.lag == ci.lag  # the drift does not move the constant lag
+        assert (lag - di.lag).abs().max() <= 6  # bounded drift around it
+        assert len(set(lag.tolist())) > 1  # it changes within the video...
+        steps.append((lag[1:] - lag[:-1]).abs().max())  # ...slowly
+        src = torch.clamp(torch.arange(n) - lag, 0, n - 1)
+        assert torch.equal(d.features["audio"], a.features["audio"][src])
+        assert torch.equal(d.features["video"], a.features["video"])
+        assert torch.equal(d.labels, a.labels)
+        assert torch.equal(d.features["video"], c.features["video"])
+    assert max(steps) <= 1  # never more than one frame of lag change per frame
+
+
+def test_lag_drift_lags_the_speech_track_too() -> None:
+    aligned, drifting = make(), make(lag_drift=8.0, lag_drift_period=3.0)
+    for a, d in zip(aligned.info("val"), drifting.info("val"), strict=True):
+        n = a.latent.shape[0]
+        src = torch.clamp(torch.arange(n) - d.frame_lag, 0, n - 1)
+        assert torch.equal(d.speech, a.speech[src])
+        assert torch.equal(d.latent, a.latent)
+
+
+def _spans(ds: SyntheticDataset, split: str = "train") -> list[list[tuple[int, int]]]:
+    return [[(s.start, s.stop) for s in info.reliability] for info in ds.info(split)]
+
+
+def test_reliability_spans_cover_about_the_rate_without_overlap() -> None:
+    ds = make(num_train=12, reliability_rate=0.3, reliability_span=1.0)
+    covered = total = 0
+    modalities = set()
+    for v, info in zip(ds.videos("train"), ds.info("train"), strict=True):
+        n = v.num_frames
+        spans = info.reliability
+        for s in spans:
+            assert 1 <= s.start < s.stop <= n
+            assert s.kind in ("noise", "zero", "freeze", "silence")
+            assert s.kind != "silence" or s.modality == "audio"
+            modalities.add(s.modality)
+        for s, t in itertools.pairwise(spans):
+            assert s.stop <= t.start  # time order, no overlap: one modality at a time
+        covered += int((info.unreliable("audio") | info.unreliable("video")).sum())
+        total += n
+    assert 0.2 < covered / total < 0.4
+    assert modalities == {"audio", "video"}  # 'either' picks both
+
+
+@pytest.mark.parametrize("kind", ["noise", "zero", "freeze", "silence"])
+def test_each_reliability_kind_changes_only_its_spans(kind: str) -> None:
+    knobs = {"reliability_rate": 0.3, "reliability_span": 1.0, "reliability_kinds": [kind]}
+    if kind == "silence":
+        knobs["reliability_modality"] = "audio"
+    base, ds = make(speech_ratio=1.0), make(speech_ratio=1.0, **knobs)
+    # The kind (and modality) knobs never move a span.
+    assert _spans(ds) == _spans(make(reliability_rate=0.3, reliability_span=1.0))
+    energy = {"base": 0.0, "span": 0.0}
+    seen: set[str] = set()
+    for a, b, info in zip(base.videos("train"), ds.videos("train"), ds.info("train"), strict=True):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.label_mask, b.label_mask)
+        assert all(s.kind == kind for s in info.reliability)
+        for m in ("audio", "video"):
+            hit = info.unreliable(m)
+            x, y = a.features[m], b.features[m]
+            assert torch.equal(x[~hit], y[~hit])  # outside its spans: bitwise unchanged
+            absent = kind in ("zero", "freeze") and bool(hit.any())
+            assert (m in b.present) == absent
+            if absent:
+                assert torch.equal(b.present[m], ~hit)
+            for s in (s for s in info.reliability if s.modality == m):
+                seen.add(m)
+                rows = slice(s.start, s.stop)
+                if kind == "zero":
+                    assert bool((y[rows] == 0).all())
+                elif kind == "freeze":
+                    assert bool((y[rows] == y[s.start - 1]).all())
+                    assert torch.equal(y[s.start - 1], x[s.start - 1])
+                elif kind == "noise":
+                    assert 2.5 < float((y[rows] - x[rows]).std()) < 3.5  # reliability_noise 3
+                else:
+                    energy["base"] += float(x[rows].pow(2).sum())
+                    energy["span"] += float(y[rows].pow(2).sum())
+    assert seen == ({"audio"} if kind == "silence" else {"audio", "video"})
+    if kind == "silence":  # the voice is muted: only room and feature noise remain
+        assert energy["span"] < 0.8 * energy["base"]
+
+
+@pytest.mark.parametrize("modality", ["audio", "video"])
+def test_reliability_modality_leaves_the_other_one_alone(modality: str) -> None:
+    base = make()
+    ds = make(reliability_rate=0.4, reliability_modality=modality)
+    other = "video" if modality == "audio" else "audio"
+    kinds = set()
+    for a, b, info in zip(base.videos("train"), ds.videos("train"), ds.info("train"), strict=True):
+        assert info.reliability and all(s.modality == modality for s in info.reliability)
+        kinds |= {s.kind for s in info.reliability}
+        assert torch.equal(a.features[other], b.features[other])
+        assert other not in b.present
+    assert ("silence" in kinds) == (modality == "audio")
+
+
+def test_reliability_params_validation() -> None:
+    with pytest.raises(pydantic.ValidationError, match="twice"):
+        SyntheticParams(reliability_kinds=["zero", "zero"])
+    with pytest.raises(pydantic.ValidationError, match="audio only"):
+        SyntheticParams(reliability_kinds=["silence"])
+    SyntheticParams(reliability_kinds=["silence"], reliability_modality="audio")
+    with pytest.raises(pydantic.ValidationError):
+        SyntheticParams(reliability_rate=0.95)
+    with pytest.raises(pydantic.ValidationError):
+        SyntheticParams(lag_drift_kind="square")
+
+
+def test_dataset_with_every_new_knob_conforms() -> None:
+    from fusionkit.plugin import check_component
+
+    params = {
+        **SMALL,
+        "num_train": 3,
+        "num_val": 2,
+        "num_test": 2,
+        "lag_max": 4,
+        "lag_drift": 5.0,
+        "lag_drift_kind": "walk",
+        "reliability_rate": 0.4,
+    }
+    check_component("dataset", "synthetic", params).assert_ok()

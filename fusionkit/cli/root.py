@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -56,6 +56,24 @@ _register()
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings print as one line on standard error (no source excerpt)."""
     err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
+
+
+def _no_type_tags() -> None:
+    """typer prints a type tag (``<str>``, ``<bool>``, ``<list[str]>``) beside every
+    parameter; fusionkit's help texts say what a value is, so options show a plain name
+    (``--out OUT``), flags and arguments nothing."""
+    from typer import core
+
+    def display(param: Any, ctx: Any) -> str | None:
+        if isinstance(param, core.TyperArgument) or getattr(param, "is_flag", False):
+            return None
+        return param.metavar or param.name.upper()
+
+    core.TyperOption.display_type_rich = display  # type: ignore[method-assign]
+    core.TyperArgument.display_type_rich = display  # type: ignore[method-assign]
+
+
+_no_type_tags()
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 See ``docs/synthetic.md`` for the generative process and its knobs.
 """
 
-from fusionkit_synthetic.dataset import SyntheticDataset, VideoInfo, build
+from fusionkit_synthetic.dataset import ReliabilitySpan, SyntheticDataset, VideoInfo, build
 from fusionkit_synthetic.params import SyntheticParams
 
-__all__ = ["SyntheticDataset", "SyntheticParams", "VideoInfo", "build"]
+__all__ = ["ReliabilitySpan", "SyntheticDataset", "SyntheticParams", "VideoInfo", "build"]

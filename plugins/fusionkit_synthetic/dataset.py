@@ -10,13 +10,14 @@ from fusionkit.plugin import DataError, Video, register
 from fusionkit_synthetic.generator import (
     SPLITS,
     ObservationMaps,
+    ReliabilitySpan,
     VideoArrays,
     build_maps,
     generate_video,
 )
 from fusionkit_synthetic.params import SyntheticParams
 
-__all__ = ["SyntheticDataset", "VideoInfo", "build"]
+__all__ = ["ReliabilitySpan", "SyntheticDataset", "VideoInfo", "build"]
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,18 @@ class VideoInfo:
 
     Attributes:
         name: the video's name.
-        lag: audio lag in frames (audio frame ``i`` observes the latents at ``i - lag``).
+        lag: constant audio lag in frames (``lag_max``); without drift, audio frame ``i``
+            observes the latents at ``i - lag``.
         speech_ratio: expected fraction of frames with speech.
         audio_gain: multiplicative gain of the speech part of the audio.
         audio_dropout, video_dropout: missing (zeroed) ``[start, stop)`` span, or None.
         latent: ``(N, 2)`` true valence and arousal on every frame (labels are its labelled
             frames).
         speech: ``(N,)`` speech activity on the audio timeline.
+        frame_lag: ``(N,)`` int64 audio lag of every frame: audio frame ``i`` observes the
+            latents at ``clamp(i - frame_lag[i], 0, N - 1)`` (``lag`` plus the drift).
+        reliability: the spans where one modality is unreliable (``reliability_*`` knobs), in
+            time order.
     """
 
     name: str
@@ -42,6 +48,16 @@ class VideoInfo:
     video_dropout: tuple[int, int] | None
     latent: torch.Tensor
     speech: torch.Tensor
+    frame_lag: torch.Tensor
+    reliability: tuple[ReliabilitySpan, ...] = ()
+
+    def unreliable(self, modality: str, kinds: tuple[str, ...] | None = None) -> torch.Tensor:
+        """``(N,)`` bool: ``True`` on frames inside a span of ``modality`` (of ``kinds``)."""
+        out = torch.zeros(self.latent.shape[0], dtype=torch.bool)
+        for span in self.reliability:
+            if span.modality == modality and (kinds is None or span.kind in kinds):
+                out[span.start : span.stop] = True
+        return out
 
 
 class SyntheticDataset:
@@ -49,7 +65,8 @@ class SyntheticDataset:
 
     Each :class:`~fusionkit.plugin.Video` has ``features`` ``{"audio": (N, audio_dim),
     "video": (N, video_dim)}`` (float32), ``labels`` ``(N, 2)`` (valence, arousal; 0 where
-    unlabeled), ``label_mask`` ``(N,)`` and ``present`` (False on a modality's dropout span).
+    unlabeled), ``label_mask`` ``(N,)`` and ``present`` (False where a modality is not observed:
+    its dropout span and its zeroed or frozen reliability spans).
     The true latents and the speech activity are in :meth:`info`.
 
     A split is generated on first use and cached; :meth:`videos` returns the cached records
@@ -111,6 +128,8 @@ class SyntheticDataset:
                     video_dropout=arrays.video_dropout,
                     latent=torch.as_tensor(arrays.latent, dtype=torch.float32),
                     speech=torch.as_tensor(arrays.speech, dtype=torch.float32),
+                    frame_lag=torch.as_tensor(arrays.frame_lag, dtype=torch.int64),
+                    reliability=tuple(arrays.reliability),
                 )
             )
         self._videos[split], self._info[split] = videos, infos
@@ -123,11 +142,19 @@ class SyntheticDataset:
         latent = f32(arrays.latent)
         labels = torch.where(mask[:, None], latent, torch.zeros(()))
         n = latent.shape[0]
-        present = {}
+        absent: dict[str, list[tuple[int, int]]] = {"audio": [], "video": []}
         for m, span in (("audio", arrays.audio_dropout), ("video", arrays.video_dropout)):
             if span is not None:
+                absent[m].append(span)
+        for r in arrays.reliability:
+            if r.kind in ("zero", "freeze"):
+                absent[r.modality].append((r.start, r.stop))
+        present = {}
+        for m, spans in absent.items():
+            if spans:
                 seen = torch.ones(n, dtype=torch.bool)
-                seen[span[0] : span[1]] = False
+                for start, stop in spans:
+                    seen[start:stop] = False
                 present[m] = seen
         return Video(
             name=name,

@@ -13,8 +13,10 @@ One video is made in these steps (``docs/synthetic.md`` has the equations):
    pose, illumination, identity and mouth motion while talking, plus a per-video offset;
 5. audio features: while talking, a random MLP of the display, the arousal trend, speaker
    identity, phonetic content and vocal effort, times a per-video gain; room noise always; the
-   whole clean stream is shifted by the per-video lag;
-6. i.i.d. feature noise, then corruptions: frozen frames, missing spans, unlabeled runs.
+   whole clean stream is shifted by the per-video lag (constant, or drifting over the video),
+   and the voice is muted on silent reliability spans;
+6. i.i.d. feature noise, then corruptions: noisy reliability spans, frozen frames, zeroed or
+   frozen reliability spans, missing spans, unlabeled runs.
 
 Every random quantity comes from its own :class:`numpy.random.Generator`, seeded from
 ``(seed, split, video, stream)``, so changing one knob never changes what another governs.
@@ -24,15 +26,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Literal
 
 import numpy as np
 
 from fusionkit_synthetic.params import SyntheticParams
 
 __all__ = [
+    "RELIABILITY_KINDS",
     "SPLITS",
     "ObservationMaps",
     "RandomMLP",
+    "ReliabilitySpan",
     "VideoArrays",
     "build_maps",
     "causal_ema",
@@ -40,7 +45,9 @@ __all__ = [
     "freeze_index",
     "gaussian_filter",
     "generate_video",
+    "lag_track",
     "latents",
+    "reliability_spans",
     "smooth_noise",
     "speech_activity",
     "stream_rng",
@@ -58,6 +65,7 @@ _POSE, _LIGHT, _MOUTH = 1.5, 6.0, 0.1  # video nuisances
 _A_EMA, _A_TREND = 0.3, 1.5  # audio sees arousal through these causal smoothers
 _CONTENT, _EFFORT, _ROOM = 0.06, 2.0, 1.0  # audio nuisances
 _TALK = 2.0  # mean talk-spurt duration
+_TALK_DRIFT = 1.0  # correlation time of the increments of a drifting lag ("walk")
 _EDGE = 0.04  # softness of speech on/offsets
 
 _DISP = 1.0  # display noise correlation time
@@ -85,6 +93,10 @@ class Stream(IntEnum):
     VIDEO_DROPOUT = 10
     AUDIO_DROPOUT = 11
     UNLABELED = 12
+    LAG_DRIFT = 13
+    RELIABILITY = 14
+    RELIABILITY_KIND = 15
+    RELIABILITY_NOISE = 16
 
 
 def stream_rng(seed: int, *key: int) -> np.random.Generator:
@@ -281,6 +293,132 @@ def unlabeled_mask(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
     return np.cumsum(diff[:n]) == 0
 
 
+def _fold(x: np.ndarray, bound: float) -> np.ndarray:
+    """Reflect ``x`` into ``[-bound, bound]`` (a triangle wave: continuous, identity inside)."""
+    y = np.mod(x + bound, 4.0 * bound)
+    return np.where(y > 2.0 * bound, 4.0 * bound - y, y) - bound
+
+
+def lag_track(
+    rng: np.random.Generator,
+    n: int,
+    fps: float,
+    lag: int,
+    amplitude: float,
+    period: float,
+    kind: Literal["sine", "walk"],
+) -> np.ndarray:
+    """``(n,)`` int64 per-frame audio lag: the constant ``lag`` plus a slow drift in
+    ``[-amplitude, amplitude]`` frames, rounded to whole frames.
+
+    * ``sine``: ``amplitude * sin(2 pi t / (period fps) + phi)``, ``phi ~ U(0, 2 pi)``.
+    * ``walk``: a bounded random walk: ``w_t = w_0 + s * sum_{i <= t} S_1.0(i)`` (smooth
+      increments, ``S_1.0`` unit-variance noise smoothed over 1 s), ``w_0 ~ U(-amplitude,
+      amplitude)``, ``s`` such that the walk moves by about ``amplitude`` (one std) in
+      ``period`` seconds, reflected at ``+-amplitude``.
+    """
+    frames = np.arange(n, dtype=np.float64)
+    span = period * fps  # frames
+    if kind == "sine":
+        phase = rng.uniform(0.0, 2.0 * np.pi)
+        drift = amplitude * np.sin(2.0 * np.pi * frames / span + phase)
+    else:
+        start = rng.uniform(-amplitude, amplitude)
+        sigma = _TALK_DRIFT * fps
+        steps = smooth_noise(rng, n, 1, sigma)[:, 0]
+        # var(sum of span steps) ~ span * 2 sigma sqrt(pi) for Gaussian-smoothed white noise
+        scale = amplitude / np.sqrt(span * 2.0 * sigma * np.sqrt(np.pi))
+        drift = _fold(start + scale * np.cumsum(steps), amplitude)
+    return lag + np.rint(drift).astype(np.int64)
+
+
+RELIABILITY_KINDS: tuple[str, ...] = ("noise", "zero", "freeze", "silence")
+
+
+@dataclass(frozen=True)
+class ReliabilitySpan:
+    """A ``[start, stop)`` run of frames where one modality is unreliable.
+
+    Attributes:
+        modality: ``audio`` or ``video``.
+        kind: ``noise`` (extra Gaussian noise; still observed), ``zero`` (features exactly 0;
+            not observed), ``freeze`` (every row repeats the row before the span; not
+            observed) or ``silence`` (audio only: the voice is muted, room noise remains;
+            still observed).
+        start, stop: frames, ``1 <= start < stop <= N``.
+    """
+
+    modality: str
+    kind: str
+    start: int
+    stop: int
+
+
+def reliability_spans(
+    positions: np.random.Generator,
+    choices: np.random.Generator,
+    n: int,
+    fps: float,
+    params: SyntheticParams,
+) -> list[ReliabilitySpan]:
+    """The unreliable spans of one video, in time order (none when ``reliability_rate`` is 0).
+
+    Spans and gaps alternate: each gap is exponential with mean
+    ``L (1 - rate) / rate`` and each span uniform in ``[0.5 L, 1.5 L]`` frames
+    (``L = reliability_span * fps``), so about ``rate`` of the frames are covered; no span
+    starts at frame 0. ``positions`` draws the gaps and lengths only, ``choices`` two uniforms
+    per span (modality, then kind), so the modality and kind knobs never move a span.
+    """
+    rate = params.reliability_rate
+    if rate <= 0.0:
+        return []
+    mean = params.reliability_span * fps
+    gap_mean = mean * (1.0 - rate) / rate
+    spans = []
+    t = positions.exponential(gap_mean)
+    while True:
+        length = max(1, round(mean * positions.uniform(0.5, 1.5)))
+        start = max(1, round(t))
+        if start >= n:
+            break
+        stop = min(n, start + length)
+        u_modality, u_kind = choices.random(2)
+        modality = params.reliability_modality
+        if modality == "either":
+            modality = "audio" if u_modality < 0.5 else "video"
+        kinds = [
+            k
+            for k in RELIABILITY_KINDS
+            if k in params.reliability_kinds and (k != "silence" or modality == "audio")
+        ]
+        spans.append(ReliabilitySpan(modality, kinds[int(u_kind * len(kinds))], start, stop))
+        t = stop + positions.exponential(gap_mean)
+    return spans
+
+
+def _apply_spans(
+    x: np.ndarray,
+    spans: list[ReliabilitySpan],
+    modality: str,
+    kinds: tuple[str, ...],
+    noise: float,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``x`` with the spans of ``modality`` and of one of ``kinds`` applied (in place)."""
+    for span in spans:
+        if span.modality != modality or span.kind not in kinds:
+            continue
+        rows = slice(span.start, span.stop)
+        if span.kind == "noise":
+            assert rng is not None
+            x[rows] += noise * rng.standard_normal((span.stop - span.start, x.shape[1]))
+        elif span.kind == "zero":
+            x[rows] = 0.0
+        elif span.kind == "freeze":
+            x[rows] = x[span.start - 1]
+    return x
+
+
 # --------------------------------------------------------------------------- one video
 
 
@@ -293,10 +431,13 @@ class VideoArrays:
         audio, video: ``(N, F)`` features as delivered (lagged, noisy, corrupted).
         label_mask: ``(N,)`` bool.
         speech: ``(N,)`` speech activity on the audio's (lagged) timeline.
-        lag: audio lag in frames (audio frame ``i`` observes the latents at ``i - lag``).
+        lag: constant part of the audio lag in frames.
+        frame_lag: ``(N,)`` int64 lag of every frame (audio frame ``i`` observes the latents
+            at ``i - frame_lag[i]``, edge-clamped); ``lag`` everywhere without drift.
         speech_ratio: this video's expected speaking fraction.
         audio_gain: this video's audio gain.
         audio_dropout, video_dropout: missing ``[start, stop)`` span or None.
+        reliability: the unreliable spans, in time order.
     """
 
     latent: np.ndarray
@@ -309,6 +450,8 @@ class VideoArrays:
     audio_gain: float
     audio_dropout: tuple[int, int] | None
     video_dropout: tuple[int, int] | None
+    frame_lag: np.ndarray
+    reliability: list[ReliabilitySpan]
 
 
 def _display(
@@ -358,8 +501,9 @@ def _audio_clean(
     g: np.random.Generator,
     z: np.ndarray,
     speech: np.ndarray,
-) -> tuple[np.ndarray, float]:
-    """Noise-free, unlagged ``(n, audio_dim)`` audio features and the per-video gain.
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Noise-free, unlagged ``(n, audio_dim)`` voice and room parts of the audio features (the
+    clean audio is their sum) and the per-video gain.
 
     While talking, the voice displays causally smoothed arousal strongly, plus the trend of
     that display, and valence weakly, through the shared random map with speaker identity,
@@ -377,7 +521,7 @@ def _audio_clean(
     x = np.concatenate(
         [arousal[:, None], a_trend[:, None], valence[:, None], speaker, content, effort], 1
     )
-    return speech[:, None] * gain * maps.audio(x) + room, gain
+    return speech[:, None] * gain * maps.audio(x), room, gain
 
 
 def generate_video(
@@ -397,17 +541,38 @@ def generate_video(
     z = np.stack([(v - _V_MEAN) / _V_STD, (a - _A_MEAN) / _A_STD], 1)  # standardised
     video = _video_clean(params, maps, rng(Stream.VIDEO_NUISANCE), z, speech)
     video += params.video_noise * rng(Stream.VIDEO_NOISE).standard_normal(video.shape)
-    audio, gain = _audio_clean(params, maps, rng(Stream.AUDIO_NUISANCE), z, speech)
+    voice, room, gain = _audio_clean(params, maps, rng(Stream.AUDIO_NUISANCE), z, speech)
     lag = 0
     if params.lag_max > 0:
         lag = int(rng(Stream.LAG).integers(-params.lag_max, params.lag_max + 1))
-    shifted = np.clip(np.arange(n) - lag, 0, n - 1)
-    audio, speech = audio[shifted], speech[shifted]
+    frame_lag = np.full(n, lag, dtype=np.int64)
+    if params.lag_drift > 0:
+        frame_lag = lag_track(
+            rng(Stream.LAG_DRIFT),
+            n,
+            fps,
+            lag,
+            params.lag_drift,
+            params.lag_drift_period,
+            params.lag_drift_kind,
+        )
+    shifted = np.clip(np.arange(n) - frame_lag, 0, n - 1)
+    audio, speech = (voice + room)[shifted], speech[shifted]
+    spans = reliability_spans(rng(Stream.RELIABILITY), rng(Stream.RELIABILITY_KIND), n, fps, params)
+    for span in spans:  # silence: the voice muted, the room noise kept
+        if span.kind == "silence":
+            audio[span.start : span.stop] = room[shifted[span.start : span.stop]]
     audio += params.audio_noise * rng(Stream.AUDIO_NOISE).standard_normal(audio.shape)
 
-    # Corruptions: frozen frames, then missing spans.
+    # Corruptions: noisy spans, frozen frames, zeroed/frozen spans, then missing spans.
+    if spans:
+        g = rng(Stream.RELIABILITY_NOISE)
+        for modality, x in (("audio", audio), ("video", video)):
+            _apply_spans(x, spans, modality, ("noise",), params.reliability_noise, g)
     video = video[freeze_index(rng(Stream.VIDEO_FREEZE), n, params.frame_drop)]
     audio = audio[freeze_index(rng(Stream.AUDIO_FREEZE), n, params.frame_drop)]
+    for modality, x in (("audio", audio), ("video", video)):
+        _apply_spans(x, spans, modality, ("zero", "freeze"), params.reliability_noise)
     video_span = dropout_span(rng(Stream.VIDEO_DROPOUT), n, params.modality_dropout)
     audio_span = dropout_span(rng(Stream.AUDIO_DROPOUT), n, params.modality_dropout)
     if video_span is not None:
@@ -427,4 +592,6 @@ def generate_video(
         audio_gain=gain,
         audio_dropout=audio_span,
         video_dropout=video_span,
+        frame_lag=frame_lag,
+        reliability=spans,
     )

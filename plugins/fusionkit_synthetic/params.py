@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from fusionkit.plugin import Params
@@ -95,10 +97,79 @@ class SyntheticParams(Params):
         "someone speaks (per-video ratio varies around this)",
     )
 
+    lag_drift: float = Field(
+        0.0,
+        ge=0.0,
+        le=1000.0,
+        description="amplitude in frames of a slow drift of the audio lag within each video, "
+        "added to the constant lag of lag_max (per-frame lag in info().frame_lag, rounded to "
+        "whole frames); 0 = the lag stays constant",
+    )
+    lag_drift_period: float = Field(
+        20.0,
+        ge=0.5,
+        le=3600.0,
+        description="time scale of the drift in seconds: the period of 'sine'; the time in "
+        "which 'walk' moves by about lag_drift",
+    )
+    lag_drift_kind: Literal["sine", "walk"] = Field(
+        "sine",
+        description="'sine': lag_drift * sin(2 pi t / period + random phase); 'walk': a "
+        "random walk with smooth increments, reflected at +-lag_drift",
+    )
+    reliability_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.9,
+        description="expected fraction of each video's frames inside spans where one modality "
+        "is unreliable (noisy, zeroed, frozen or silent; see reliability_kinds); 0 = off",
+    )
+    reliability_span: float = Field(
+        2.0,
+        ge=0.1,
+        le=60.0,
+        description="mean length of an unreliable span in seconds (each uniform in 0.5-1.5 "
+        "times this)",
+    )
+    reliability_modality: Literal["either", "audio", "video"] = Field(
+        "either",
+        description="the modality of the unreliable spans; 'either': each span picks audio or "
+        "video with probability 1/2 (spans never overlap, so one modality at a time)",
+    )
+    reliability_kinds: list[Literal["noise", "zero", "freeze", "silence"]] = Field(
+        default_factory=lambda: ["noise", "zero", "freeze", "silence"],
+        min_length=1,
+        max_length=4,
+        description="what an unreliable span does, drawn uniformly per span among these: "
+        "'noise' adds Gaussian noise (reliability_noise), 'zero' zeroes the features and "
+        "'freeze' repeats the frame before the span (both: present False), 'silence' mutes "
+        "the voice in the audio (audio spans only)",
+    )
+    reliability_noise: float = Field(
+        3.0,
+        ge=0.0,
+        le=20.0,
+        description="std of the Gaussian noise added on 'noise' spans (clean features have "
+        "about unit variance)",
+    )
+
     @model_validator(mode="after")
     def _check_lengths(self) -> SyntheticParams:
         if self.min_frames > self.max_frames:
             raise ValueError(
                 f"min_frames ({self.min_frames}) must not exceed max_frames ({self.max_frames})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_reliability(self) -> SyntheticParams:
+        kinds = self.reliability_kinds
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"reliability_kinds lists a kind twice: {kinds}")
+        if self.reliability_modality != "audio" and set(kinds) == {"silence"}:
+            raise ValueError(
+                "reliability_kinds ['silence'] applies to audio only, but "
+                f"reliability_modality is {self.reliability_modality!r}: add a video kind "
+                "(noise, zero, freeze) or set reliability_modality: audio"
             )
         return self
