@@ -52,6 +52,7 @@ __all__ = [
     "StreamingEncoder",
     "SubmissionFrames",
     "Video",
+    "ZScoreDefault",
 ]
 
 
@@ -92,6 +93,8 @@ class Dataset(Protocol):
     Attributes:
         feature_dims: modality -> per-frame feature size ``F_m``.
         targets: names of the label columns, e.g. ``("valence", "arousal")``.
+
+    Optional: ``zscore_by_default: bool`` (see :class:`ZScoreDefault`).
     """
 
     feature_dims: dict[str, int]
@@ -104,6 +107,15 @@ class Dataset(Protocol):
     def videos(self, split: str) -> Sequence[Video]:
         """All videos of ``split``; raises :class:`fusionkit.core.errors.DataError` if unknown."""
         ...
+
+
+@runtime_checkable
+class ZScoreDefault(Protocol):
+    """A dataset that says whether its features should be z-scored when the recipe leaves
+    ``data.normalize: auto`` (extracted embeddings: yes; data already on a common scale: no).
+    Datasets without it are z-scored."""
+
+    zscore_by_default: bool
 
 
 class DatasetBuild(Protocol):

@@ -232,6 +232,12 @@ class DataSpec(ComponentSpec):
     hop: int = Field(200, ge=1, le=100_000, description="hop between window starts in frames")
     train_split: str = "train"
     val_split: str = "val"
+    normalize: Literal["auto", "zscore", "none"] = Field(
+        "auto",
+        description="per-modality z-scoring of the features with statistics of the training "
+        "split (stored in the run, applied everywhere); auto: the dataset's default "
+        "(z-scoring for extracted features)",
+    )
 
     @classmethod
     def _params_schema(cls, schema: dict[str, Any], handler: Any) -> dict[str, Any]:

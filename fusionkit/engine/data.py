@@ -22,7 +22,7 @@ from torch import Tensor
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
 
-__all__ = ["Batch", "DataWarning", "FrameStore", "window_starts"]
+__all__ = ["Batch", "DataWarning", "FrameStore", "Normalizer", "window_starts"]
 
 
 class DataWarning(UserWarning):
@@ -38,6 +38,62 @@ def _check_finite(v: Video, what: str, x: Tensor, where: str) -> None:
         f"{where}: video {v.name!r} has non-finite {what} ({int((~finite).sum())} values, first "
         f"at frame {int(bad[0])}); fix the data, or the perturbation that produced it"
     )
+
+
+@dataclass
+class Normalizer:
+    """Per-modality z-scoring: ``(x - mean) / std`` per feature dimension, with statistics of
+    the training split only (frames where a modality is present), applied identically to
+    every split, to predictions and to streaming input.
+
+    Attributes:
+        mean, std: modality -> ``(F_m,)``; ``std`` is at least ``eps`` (a constant feature
+            stays finite).
+    """
+
+    mean: dict[str, Tensor]
+    std: dict[str, Tensor]
+    eps: float = 1e-6
+
+    @classmethod
+    def fit(cls, videos: Sequence[Video], modalities: Sequence[str]) -> Normalizer:
+        """Statistics over every present frame of ``videos`` (float64 sums: exact enough for
+        any split size)."""
+        mean, std = {}, {}
+        for m in modalities:
+            total, sq, n = None, None, 0
+            for v in videos:
+                x = v.features[m].double()
+                present = v.present.get(m)
+                if present is not None:
+                    x = x[present.bool()]
+                total = x.sum(0) if total is None else total + x.sum(0)
+                sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
+                n += x.shape[0]
+            if n == 0 or total is None or sq is None:
+                raise DataError(f"feature normalisation: no frame of the training split has {m}")
+            mu = total / n
+            var = (sq / n - mu * mu).clamp(min=0.0)
+            mean[m], std[m] = mu.float(), var.sqrt().float()
+        return cls(mean, std)
+
+    def apply(self, modality: str, x: Tensor) -> Tensor:
+        mean = self.mean[modality].to(x.device)
+        std = self.std[modality].to(x.device).clamp(min=self.eps)
+        return (x - mean) / std
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"mean/{m}": t for m, t in self.mean.items()}
+        out.update({f"std/{m}": t for m, t in self.std.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> Normalizer:
+        mean = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("mean/")}
+        std = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("std/")}
+        if not mean or set(mean) != set(std):
+            raise DataError("feature normalisation statistics are incomplete")
+        return cls(mean, std)
 
 
 def window_starts(num_frames: int, window: int, hop: int) -> list[int]:
@@ -88,6 +144,7 @@ class FrameStore:
         hop: int,
         device: torch.device | str = "cpu",
         where: str = "dataset",
+        normalizer: Normalizer | None = None,
     ) -> None:
         if not videos:
             raise DataError(f"{where} has no videos")
@@ -125,6 +182,8 @@ class FrameStore:
                 stacklevel=2,
             )
         self.features = {m: torch.cat(xs).to(device) for m, xs in feats.items()}
+        if normalizer is not None:
+            self.features = {m: normalizer.apply(m, x) for m, x in self.features.items()}
         cols = list(target_columns)
         self.targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
         self.target_mask = torch.cat([v.label_mask.bool() for v in videos]).to(device)

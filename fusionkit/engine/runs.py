@@ -16,6 +16,7 @@ Files::
     state.safetensors     resumable training state (last finished epoch)
     model.safetensors     best weights (the epoch named in state and metrics)
     history.csv           one line per finished epoch, appended as training goes
+    normalization.safetensors   z-scoring statistics of the training split (when used)
     metrics.json          final metrics per split (written at the end)
     predictions/<split>.safetensors   per-frame predictions and gate weights
 """
@@ -54,6 +55,7 @@ __all__ = [
     "HISTORY_FILE",
     "MARKER_FILE",
     "METRICS_FILE",
+    "NORMALIZATION_FILE",
     "PREDICTIONS_DIR",
     "RECIPE_FILE",
     "STATE_FILE",
@@ -71,6 +73,7 @@ BEST_FILE = "model.safetensors"
 BEST_NEXT = "model.next.safetensors"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
+NORMALIZATION_FILE = "normalization.safetensors"
 PREDICTIONS_DIR = "predictions"
 MARKER_FORMAT = 1
 _MAX_SUFFIX = 10_000

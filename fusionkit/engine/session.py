@@ -17,15 +17,16 @@ from typing import Any
 import torch
 
 from fusionkit.core.errors import CheckpointError, RecipeError
-from fusionkit.core.interfaces import Dataset
+from fusionkit.core.interfaces import Dataset, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import load_weights
-from fusionkit.engine.data import FrameStore
+from fusionkit.engine.data import FrameStore, Normalizer
+from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
-from fusionkit.engine.runs import BEST_FILE, RunDir
+from fusionkit.engine.runs import BEST_FILE, NORMALIZATION_FILE, RunDir
 
 __all__ = [
     "LoadedRun",
@@ -141,10 +142,45 @@ class Session:
     bf16: bool
     registry: Registry
     target_columns: list[int] = field(default_factory=list)
+    normalizer: Normalizer | None = None
 
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(self.recipe.model.targets)
+
+    @property
+    def zscore(self) -> bool:
+        """Whether features are z-scored (``data.normalize``, or the dataset's default)."""
+        mode = self.recipe.data.normalize
+        if mode == "auto":
+            return (
+                self.dataset.zscore_by_default if isinstance(self.dataset, ZScoreDefault) else True
+            )
+        return mode == "zscore"
+
+    def fit_normalizer(self) -> Normalizer | None:
+        """Fit the z-scoring statistics on the training split (as training reads it)."""
+        if self.zscore:
+            videos = self.train_dataset.videos(self.recipe.data.train_split)
+            self.normalizer = Normalizer.fit(videos, sorted(self.recipe.model.encoders))
+        return self.normalizer
+
+    def save_normalizer(self, run: RunDir) -> None:
+        if self.normalizer is not None:
+            save_tensors(run / NORMALIZATION_FILE, self.normalizer.tensors(), {})
+
+    def load_normalizer(self, run: RunDir) -> None:
+        """The statistics a run was trained with; an error when the run should have them."""
+        path = run / NORMALIZATION_FILE
+        if not self.zscore:
+            self.normalizer = None
+            return
+        if not path.exists():
+            raise CheckpointError(
+                f"{run} z-scores its features but has no {NORMALIZATION_FILE}; the run's files "
+                "are incomplete: start a new run"
+            )
+        self.normalizer = Normalizer.from_tensors(load_tensors(path)[0])
 
     def store(self, split: str, dataset: Dataset | None = None) -> FrameStore:
         """The windows of ``split`` (of ``dataset``, default: the clean one) on the device."""
@@ -166,6 +202,7 @@ class Session:
             self.recipe.data.hop,
             self.device,
             where=f"dataset {self.recipe.data.name!r} split {split!r}",
+            normalizer=self.normalizer,
         )
 
 
@@ -279,6 +316,7 @@ def load_run(
             f"`fusionkit resume {run}`)"
         )
     session = build_session(recipe, registry, device=resolve_device(device))
+    session.load_normalizer(run)
     info = load_weights(weights, session.model)
     session.model.eval()
     return LoadedRun(run, session, info)

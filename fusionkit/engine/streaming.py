@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fusionkit.core.errors import ShapeError
 from fusionkit.core.interfaces import CausalEncoder, FrameLocal, StreamingEncoder
+from fusionkit.engine.data import Normalizer
 from fusionkit.engine.model import FusionModel
 
 __all__ = ["StreamingPredictor"]
@@ -47,6 +48,8 @@ class StreamingPredictor:
         feature_dims: modality -> feature size of one frame.
         context: frames kept in the buffer (the window the model sees); a fusion's
             ``fixed_length``, when it has one, overrides it.
+        normalizer: the run's feature z-scoring (``session.normalizer``), applied to every
+            pushed frame.
 
     Example::
 
@@ -54,12 +57,19 @@ class StreamingPredictor:
         va = sp.push({"audio": a_t, "video": v_t})  # (n_targets,) for frame t
     """
 
-    def __init__(self, model: FusionModel, feature_dims: dict[str, int], context: int) -> None:
+    def __init__(
+        self,
+        model: FusionModel,
+        feature_dims: dict[str, int],
+        context: int,
+        normalizer: Normalizer | None = None,
+    ) -> None:
         fixed = model.fusion.fixed_length
         self.context = int(fixed or context)
         if self.context < 1:
             raise ValueError(f"context must be >= 1, got {context}")
         self.fixed = fixed is not None
+        self.normalizer = normalizer
         self.model = model.eval()
         self.modalities = list(model.modalities)
         missing = [m for m in self.modalities if m not in feature_dims]
@@ -104,6 +114,11 @@ class StreamingPredictor:
         # ``context`` frames are always one contiguous slice (no per-frame roll or copy).
         c = self.context
         slot = self.count % c
+        if self.normalizer is not None:
+            frame = {
+                m: self.normalizer.apply(m, x) if m in self.modalities else x
+                for m, x in frame.items()
+            }
         for m in self.modalities:
             x = frame.get(m)
             buf = self.buffers[m]

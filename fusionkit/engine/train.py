@@ -46,6 +46,7 @@ from fusionkit.engine.runs import (
     BEST_NEXT,
     HISTORY_FILE,
     METRICS_FILE,
+    NORMALIZATION_FILE,
     PREDICTIONS_DIR,
     STATE_FILE,
     RunDir,
@@ -302,6 +303,12 @@ class Trainer:
         rc, tr = self.recipe, self.recipe.training
         if resume:
             self.restore()
+        if resume and self.state.epochs_done > 0:
+            self.session.load_normalizer(self.run)  # the statistics the run started with
+        else:
+            self.session.fit_normalizer()
+            if self.dist.is_main:
+                self.session.save_normalizer(self.run)
         train = self.session.store(rc.data.train_split, self.session.train_dataset)
         val = self.session.store(rc.data.val_split)
         bs = tr.batch_size
@@ -378,6 +385,8 @@ class Trainer:
             "data_fingerprints": {split: store.fingerprint() for split, store in stores.items()},
         }
         atomic_write_json(self.run / METRICS_FILE, payload)
+        if self.session.normalizer is not None:
+            written.append(NORMALIZATION_FILE)
         self.run.mark_complete([METRICS_FILE, BEST_FILE, *written])
         return out
 

@@ -1,0 +1,100 @@
+"""Feature z-scoring: statistics of the training split only, stored in the run, applied the same
+way to every split, to reloaded runs and to streaming input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.engine.data import Normalizer
+from fusionkit.engine.evaluate import evaluate_splits
+from fusionkit.engine.files import load_tensors
+from fusionkit.engine.runs import NORMALIZATION_FILE, RunDir
+from fusionkit.engine.session import build_session, load_run
+from fusionkit.engine.streaming import StreamingPredictor
+from fusionkit.engine.train import Trainer
+from tests.conftest import TinyDataset, TinyParams, tiny_recipe
+
+
+def _train(tmp_path, registry, **data):
+    raw = tiny_recipe(tmp_path, epochs=2)
+    raw["data"].update(data)
+    rc = validate_recipe(raw, "r.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        result = Trainer(build_session(rc, registry), run).fit()
+    return rc, run.path, result
+
+
+def test_statistics_are_the_training_split_moments_over_present_frames():
+    videos = TinyDataset(TinyParams()).videos("train")
+    absent = videos[0].features["audio"].shape[0]
+    videos[0] = dataclasses.replace(
+        videos[0], present={"audio": torch.arange(absent) % 3 != 0}
+    )  # a third of its audio frames are not observed: they must not count
+    norm = Normalizer.fit(videos, ["audio", "video"])
+    audio = torch.cat(
+        [videos[0].features["audio"][videos[0].present["audio"]]]
+        + [v.features["audio"] for v in videos[1:]]
+    ).double()
+    torch.testing.assert_close(norm.mean["audio"].double(), audio.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        norm.std["audio"].double(), audio.std(0, unbiased=False), atol=1e-6, rtol=0
+    )
+
+
+def test_a_run_stores_train_statistics_and_applies_them_to_every_split(tmp_path, registry):
+    _, path, result = _train(tmp_path, registry, normalize="zscore")
+    tensors, _ = load_tensors(path / NORMALIZATION_FILE)
+    train = TinyDataset(TinyParams()).videos("train")
+    feats = torch.cat([v.features["video"] for v in train]).double()
+    torch.testing.assert_close(tensors["mean/video"].double(), feats.mean(0), atol=1e-6, rtol=0)
+    assert NORMALIZATION_FILE in RunDir(path).marker().files  # part of the completed run
+
+    loaded = load_run(path, registry=registry)
+    store = loaded.session.store("val")
+    raw_val = torch.cat([v.features["video"] for v in TinyDataset(TinyParams()).videos("val")])
+    expected = (raw_val - tensors["mean/video"]) / tensors["std/video"]
+    torch.testing.assert_close(store.features["video"], expected)
+    again, _, _ = evaluate_splits(loaded.session, ["val", "test"])
+    assert again == result.metrics  # the reloaded run normalises exactly as training did
+
+
+def test_auto_follows_the_dataset_default_and_none_leaves_features_alone(tmp_path, registry):
+    rc = validate_recipe(tiny_recipe(tmp_path), "r.yaml", registry)
+    assert build_session(rc, registry).zscore  # no stated default: extracted-feature rule
+    raw = tiny_recipe(tmp_path)
+    raw["data"]["normalize"] = "none"
+    session = build_session(validate_recipe(raw, "r.yaml", registry), registry)
+    assert not session.zscore and session.fit_normalizer() is None
+    raw["data"] = {"name": "synthetic", "params": {"num_train": 2, "num_val": 1, "num_test": 1}}
+    assert not build_session(validate_recipe(raw, "r.yaml", registry), registry).zscore
+
+
+def test_a_run_missing_its_statistics_refuses_to_load(tmp_path, registry):
+    from fusionkit.core.errors import CheckpointError
+
+    _, path, _ = _train(tmp_path, registry, normalize="zscore")
+    (path / NORMALIZATION_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"has no normalization\.safetensors"):
+        load_run(path, registry=registry)
+
+
+def test_streaming_normalises_pushed_frames_like_the_offline_store(tmp_path, registry):
+    _, path, _ = _train(tmp_path, registry, normalize="zscore")
+    session = load_run(path, registry=registry).session
+    video = TinyDataset(TinyParams()).videos("test")[0]
+    store = session.store("test")
+    n = 40
+    with torch.no_grad():
+        offline = session.model(
+            {m: store.features[m][None, :n] for m in ("audio", "video")},
+            torch.ones(1, n, dtype=torch.bool),
+        ).pred[0]
+    sp = StreamingPredictor(session.model, {"audio": 6, "video": 5}, n, session.normalizer)
+    streamed = torch.stack(
+        [sp.push({m: video.features[m][t] for m in ("audio", "video")}) for t in range(n)]
+    )  # the tiny model is per-frame: streaming equals the offline pass
+    torch.testing.assert_close(streamed, offline, atol=1e-5, rtol=1e-5)
