@@ -40,7 +40,7 @@ def _root(
 
 def _register() -> None:
     # Each area keeps its commands in its own module of this package.
-    from fusionkit.cli import data, plugins, recipe, report, run, weights
+    from fusionkit.cli import data, plugins, recipe, report, run, stream, weights
 
     run.register(app)
     app.add_typer(recipe.app, name="recipe")
@@ -48,6 +48,7 @@ def _register() -> None:
     report.register(app)
     data.register(app)
     weights.register(app)
+    stream.register(app)
 
 
 _register()

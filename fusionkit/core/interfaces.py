@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "GateOutput",
     "Head",
     "HeadBuild",
+    "MediaFeatures",
     "Perturbation",
     "PerturbationBuild",
     "StreamingEncoder",
@@ -298,6 +300,16 @@ class Extractable(Protocol):
             workers: parallel worker processes.
             progress: show a progress display on stderr.
         """
+        ...
+
+
+@runtime_checkable
+class MediaFeatures(Protocol):
+    """A dataset that can turn one media file into the per-frame features its videos carry
+    (``fusionkit stream RUN MEDIA`` uses it; caches are not involved)."""
+
+    def media_features(self, path: Path) -> tuple[dict[str, Tensor], float]:
+        """``({modality: (N, F_m)}, fps)`` of the file's video frames."""
         ...
 
 

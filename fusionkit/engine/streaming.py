@@ -29,15 +29,20 @@ frame; the compute latency is one forward pass over ``context`` frames.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-from fusionkit.core.errors import ShapeError
+from fusionkit.core.errors import DataError, FusionkitError, ShapeError
 from fusionkit.core.interfaces import CausalEncoder, FrameLocal, StreamingEncoder
 from fusionkit.engine.data import Normalizer
 from fusionkit.engine.model import FusionModel
 
-__all__ = ["StreamingPredictor"]
+__all__ = ["StreamedFrame", "StreamingPredictor", "read_feature_file", "stream"]
 
 
 class StreamingPredictor:
@@ -175,3 +180,69 @@ class StreamingPredictor:
             fused, mask = fused[:, newest], mask[:, newest]
         pred = model.head(fused, mask)
         return pred[0, 0 if cut < 3 else n - 1].float()
+
+
+@dataclass
+class StreamedFrame:
+    """One frame of a stream: its index and time, the prediction, the compute latency."""
+
+    index: int
+    seconds: float
+    prediction: Tensor
+    latency: float
+
+
+def read_feature_file(path: Path, modalities: list[str]) -> dict[str, Tensor]:
+    """``{modality: (N, F_m)}`` from a ``.safetensors`` file (one tensor per modality) or a
+    ``.npz`` archive (no pickle), checked for the modalities a model needs and equal lengths."""
+    from fusionkit.engine.files import load_tensors
+
+    if not path.is_file():
+        raise DataError(f"features file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            tensors = load_tensors(path)[0]
+        except FusionkitError as exc:
+            raise DataError(str(exc)) from None
+    elif path.suffix == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                tensors = {k: torch.from_numpy(npz[k]) for k in npz.files}
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{path} is not a readable .npz archive ({exc})") from None
+    else:
+        raise DataError(
+            f"{path}: give a .safetensors or .npz file with one (frames, features) array per "
+            "modality, or a media file the run's dataset can read"
+        )
+    missing = [m for m in modalities if m not in tensors]
+    if missing:
+        raise DataError(f"{path} has no {missing[0]!r} array (it has: {', '.join(tensors)})")
+    lengths = {m: tuple(tensors[m].shape) for m in modalities}
+    if any(len(s) != 2 for s in lengths.values()) or len({s[0] for s in lengths.values()}) != 1:
+        raise DataError(f"{path}: arrays must be (frames, features) of one length; got {lengths}")
+    return {m: tensors[m].float() for m in modalities}
+
+
+def stream(
+    predictor: StreamingPredictor,
+    features: dict[str, Tensor],
+    fps: float,
+    realtime: bool = False,
+) -> Iterator[StreamedFrame]:
+    """Push every frame of ``features`` through ``predictor``, as a live source would (paced
+    at ``fps`` when ``realtime``), yielding each frame's prediction and latency."""
+    predictor.reset()
+    n = next(iter(features.values())).shape[0]
+    start = time.perf_counter()
+    for i in range(n):
+        if realtime:
+            due = start + i / fps
+            time.sleep(max(0.0, due - time.perf_counter()))
+        t0 = time.perf_counter()
+        pred = predictor.push({m: x[i] for m, x in features.items()})
+        if pred.device.type == "cuda":
+            torch.cuda.synchronize(pred.device)
+        yield StreamedFrame(i, i / fps, pred.cpu(), time.perf_counter() - t0)

@@ -1,0 +1,146 @@
+"""``fusionkit stream``: online prediction of a trained run over a features or media file, and
+``fusionkit runs list``: the status of runs and grid points under a folder."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from fusionkit.cli._common import console
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect run directories.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("stream")(stream)
+    app.add_typer(runs_app, name="runs")
+
+
+def stream(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="features file (.safetensors or .npz, one (frames, features) array per "
+            "modality) or a media file the run's dataset can read"
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="write frame,seconds,<targets>,ms as CSV")
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(min=0.1, help="frames per second of a features file")
+    ] = None,
+    realtime: Annotated[
+        bool, typer.Option("--realtime", help="pace the input at the video's frame rate")
+    ] = False,
+    context: Annotated[
+        int | None, typer.Option(min=1, max=100_000, help="frames kept (default: data.window)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, max=1024, help="CPU threads")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only the summary")] = False,
+) -> None:
+    """Predict valence/arousal frame by frame, as from a live source (no future frame is
+    used), printing or writing each frame's prediction and its compute latency."""
+    from fusionkit.core.errors import DataError
+    from fusionkit.core.interfaces import MediaFeatures
+    from fusionkit.engine.files import atomic_write_text
+    from fusionkit.engine.session import load_run, set_threads
+    from fusionkit.engine.streaming import StreamingPredictor, read_feature_file
+    from fusionkit.engine.streaming import stream as run_stream
+
+    set_threads(threads)
+    session = load_run(run_dir, device=device).session
+    rc = session.recipe
+    modalities = sorted(rc.model.encoders)
+    if source.suffix in (".safetensors", ".npz"):
+        features = read_feature_file(source, modalities)
+        rate = fps or 30.0
+    elif isinstance(session.dataset, MediaFeatures):
+        features, media_fps = session.dataset.media_features(source)
+        rate = fps or media_fps
+    else:
+        raise DataError(
+            f"dataset {rc.data.name!r} cannot read media files; give a .safetensors or .npz "
+            "features file"
+        )
+    dims = {m: int(x.shape[1]) for m, x in features.items()}
+    predictor = StreamingPredictor(
+        session.model, dims, context or rc.data.window, session.normalizer
+    )
+    targets = list(rc.model.targets)
+    lines = ["frame,seconds," + ",".join(targets) + ",latency_ms"]
+    latencies = []
+    for f in run_stream(predictor, features, rate, realtime):
+        values = ",".join(f"{v:.6f}" for v in f.prediction.tolist())
+        lines.append(f"{f.index},{f.seconds:.3f},{values},{f.latency * 1e3:.3f}")
+        latencies.append(f.latency)
+        if out is None and not quiet:
+            console.print(lines[-1], highlight=False)
+    if out is not None:
+        atomic_write_text(out, "\n".join(lines) + "\n")
+    ms = sorted(x * 1e3 for x in latencies)
+    p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+    speed = (len(ms) / rate) / max(sum(latencies), 1e-9)
+    console.print(
+        f"streamed {len(ms)} frames at {rate:g} fps: latency p50 {statistics.median(ms):.2f} ms, "
+        f"p99 {p99:.2f} ms, budget {1e3 / rate:.1f} ms per frame; {speed:.1f}x real time"
+        + (f"; wrote {escape(str(out))}" if out else "")
+    )
+
+
+@runs_app.command("list")
+def runs_list(
+    folder: Annotated[Path, typer.Argument(help="a run or grid directory, or a parent of some")],
+) -> None:
+    """Every run under FOLDER with its status (complete, running or interrupted, failed grid
+    points) and its test CCC-mean."""
+    from fusionkit.core.errors import CheckpointError, FusionkitError
+    from fusionkit.engine.checkpoint import read_train_state
+    from fusionkit.engine.files import read_json
+    from fusionkit.engine.runs import MARKER_FILE, STATE_FILE, RunDir
+
+    if not folder.exists():
+        raise CheckpointError(f"not found: {folder}")
+    table = Table(box=None, padding=(0, 2), pad_edge=False)
+    for col in ("run", "status", "epochs", "test CCC-mean"):
+        table.add_column(col)
+    rows = 0
+    for marker in sorted(folder.rglob(MARKER_FILE)):
+        run = RunDir(marker.parent)
+        status, epochs, score = "?", "", ""
+        try:
+            m = run.marker()
+            status = "complete" if run.is_complete() else m.status
+            if (run / STATE_FILE).is_file():
+                epochs = str(read_train_state(run / STATE_FILE).epochs_done)
+            if status == "complete":
+                metrics = read_json(run / "metrics.json", "metrics")
+                test = metrics.get("splits", {}).get("test", {}).get("ccc_mean")
+                score = f"{test:.4f}" if isinstance(test, float) else ""
+        except FusionkitError as exc:
+            status = f"unreadable: {exc}"
+        table.add_row(escape(str(run.path)), escape(status), epochs, score)
+        rows += 1
+    for grid in sorted(folder.rglob("grid.json")):
+        try:
+            rec = read_json(grid, "grid record")
+        except FusionkitError:
+            continue
+        for tag, entry in rec.get("runs", {}).items():
+            point = grid.parent / tag
+            if entry.get("status") == "failed" or not (point / MARKER_FILE).is_file():
+                error = str(entry.get("error", "")).strip().splitlines()
+                why = f"{entry.get('status', '?')}" + (f": {error[-1]}" if error else "")
+                table.add_row(escape(str(point)), escape(why), "", "")
+                rows += 1
+    if not rows:
+        console.print(f"no fusionkit runs under {escape(str(folder))}")
+        return
+    console.print(table)
