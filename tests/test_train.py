@@ -293,3 +293,29 @@ def test_compile_option_trains_through_torch_compile(tmp_path, registry, monkeyp
     for split in ("val", "test"):
         for key, value in eager.metrics[split].items():
             assert compiled.metrics[split][key] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def test_history_grows_epoch_by_epoch_and_tensorboard_logs_it(tmp_path, registry):
+    """history.csv is rewritten after every epoch (read here mid-run), and the optional
+    TensorBoard logger writes the same scalars."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    seen = []
+
+    def read_mid_run(epoch, record):
+        with (tmp_path / "tiny" / "history.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        seen.append([int(r["epoch"]) for r in rows])
+        assert float(rows[-1]["train_loss"]) == pytest.approx(record["train_loss"])
+
+    result, run_dir = train(
+        tmp_path, registry, hook=read_mid_run, epochs=3, loggers=["tensorboard"]
+    )
+    assert seen == [[1], [1, 2], [1, 2, 3]]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    points = events.Scalars("val_ccc_mean")
+    assert [p.step for p in points] == [1, 2, 3]
+    assert [p.value for p in points] == pytest.approx([h["val_ccc_mean"] for h in result.history])

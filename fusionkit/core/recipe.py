@@ -421,6 +421,12 @@ class TrainingSpec(Strict):
     mask_padding: bool = Field(
         True, description="exclude padded frames from the loss (the released code includes them)"
     )
+    loggers: list[Literal["tensorboard"]] = Field(
+        default_factory=list,
+        max_length=1,
+        description="extra per-epoch loggers besides history.csv: tensorboard (needs the "
+        "tensorboard package: pip install 'fusionkit[tensorboard]')",
+    )
     perturbations: list[PerturbationSpec] = Field(
         default_factory=list,
         max_length=64,

@@ -144,6 +144,7 @@ class Trainer:
             min_lr=tr.plateau.min_lr,
         )
         self.state = TrainState(recipe_sha256=self.recipe.training_sha256())
+        self._tb: Any = None  # TensorBoard writer, when training.loggers asks for it
         if self.dist.rank > 0:  # same initial weights everywhere, own dropout stream per rank
             torch.manual_seed(tr.seed + 7919 * self.dist.rank)
 
@@ -282,6 +283,24 @@ class Trainer:
         self.dist.barrier()
         return improved
 
+    def _log_tensorboard(self, record: dict[str, Any]) -> None:
+        """One point per scalar of the epoch record in ``<run>/tensorboard`` (rank 0)."""
+        if "tensorboard" not in self.recipe.training.loggers or not self.dist.is_main:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError(
+                    "training.loggers: tensorboard needs the tensorboard package: "
+                    "pip install 'fusionkit[tensorboard]' (or remove it from the recipe)"
+                ) from None
+            self._tb = SummaryWriter(str(self.run / "tensorboard"))
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, int | float):
+                self._tb.add_scalar(key, value, record["epoch"])
+        self._tb.flush()
+
     def _write_history(self) -> None:
         """Rewrite ``history.csv`` from the committed state, one row per finished epoch
         (atomic; a kill between the state and this file is repaired by the next epoch or by
@@ -335,11 +354,14 @@ class Trainer:
                     "seconds": time.perf_counter() - t0,
                 }
                 improved = self._commit_epoch(epoch, record, score)
+                self._log_tensorboard(record)
                 self.progress.epoch(record, improved)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, record)
         finally:
             self.progress.close()
+            if self._tb is not None:
+                self._tb.close()
         self.dist.barrier()
         return self.finish()
 
