@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fusionkit.core.errors import CheckpointError
-from fusionkit.core.params import describe_validation_error
-from fusionkit.engine.files import json_metadata, load_tensors, save_tensors, state_dict_mismatch
+from fusionkit.engine.files import (
+    json_metadata,
+    load_tensors,
+    parse_record,
+    save_tensors,
+    state_dict_mismatch,
+)
 
 __all__ = ["TrainState", "load_state", "load_weights", "save_state", "save_weights"]
 
@@ -133,14 +138,13 @@ def read_train_state(path: str | Path) -> TrainState:
 
 
 def _parse_state(raw: Any, path: Path) -> TrainState:
-    try:
-        return TrainState.model_validate(raw)
-    except ValidationError as exc:
-        first = describe_validation_error(exc, TrainState)[0]
-        raise CheckpointError(
-            f"{path}: training state is incomplete or from another fusionkit version "
-            f"(trainer.{first}); start a new run"
-        ) from None
+    if isinstance(raw, dict):
+        raw = {"trainer": raw}  # so that a problem reads trainer.<key>
+    return parse_record(_StateFile, raw, path, "training state; start a new run").trainer
+
+
+class _StateFile(BaseModel):
+    trainer: TrainState
 
 
 def load_state(

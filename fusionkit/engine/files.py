@@ -14,13 +14,16 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
+from pydantic import BaseModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fusionkit.core.errors import CheckpointError
+
+M = TypeVar("M", bound=BaseModel)
 
 __all__ = [
     "atomic_write_bytes",
@@ -30,6 +33,7 @@ __all__ = [
     "file_sha256",
     "finite_json",
     "load_tensors",
+    "parse_record",
     "read_json",
     "save_tensors",
     "state_dict_mismatch",
@@ -196,6 +200,20 @@ def json_metadata(meta: dict[str, str], key: str, path: Path) -> Any:
         return json.loads(meta[key])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+
+
+def parse_record(model: type[M], raw: Any, path: Path, what: str) -> M:
+    """``raw`` (read from ``path``) validated as ``model``; a problem names the file, the first
+    wrong key and what the file is."""
+    from pydantic import ValidationError
+
+    from fusionkit.core.params import describe_validation_error
+
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = describe_validation_error(exc, model)[0]
+        raise CheckpointError(f"{path}: not a valid {what} ({first})") from None
 
 
 def clean_temp_files(folder: str | Path) -> list[Path]:

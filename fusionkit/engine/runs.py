@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
-from fusionkit.core.params import describe_validation_error, short_repr
+from fusionkit.core.params import short_repr
 from fusionkit.core.recipe import NAME_PATTERN, Recipe, recipe_to_yaml, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.core.yamlio import read_yaml
@@ -47,6 +47,7 @@ from fusionkit.engine.files import (
     atomic_write_text,
     clean_temp_files,
     file_sha256,
+    parse_record,
     read_json,
 )
 
@@ -272,14 +273,8 @@ class RunDir:
     # ------------------------------------------------------------------ state
 
     def marker(self) -> RunMarker:
-        raw = read_json(self.path / MARKER_FILE, "run marker")
-        try:
-            return RunMarker.model_validate(raw)
-        except ValidationError as exc:
-            first = describe_validation_error(exc, RunMarker)[0]
-            raise CheckpointError(
-                f"{self.path / MARKER_FILE} is not a fusionkit run marker ({first})"
-            ) from None
+        path = self.path / MARKER_FILE
+        return parse_record(RunMarker, read_json(path, "run marker"), path, "fusionkit run marker")
 
     def recipe(self, registry: Registry | None = None) -> Recipe:
         """The run's saved recipe, validated against the installed plugins."""
