@@ -239,11 +239,12 @@ def _assemble(
     return dataset, train_data, model, cols
 
 
-def check_recipe(recipe: Recipe, registry: Registry | None = None) -> None:
+def check_recipe(recipe: Recipe, registry: Registry | None = None) -> FusionModel:
     """Raise every error that building ``recipe`` would raise, without reading any data or
-    allocating weights: the dataset is constructed, the model is built on the meta device."""
+    allocating weights: the dataset is constructed, the model is built on the meta device
+    (and returned: its structure and parameter count are known, its weights are not)."""
     registry = registry or get_registry()
-    _assemble(recipe, registry, torch.device("meta"))
+    return _assemble(recipe, registry, torch.device("meta"))[2]
 
 
 def build_session(

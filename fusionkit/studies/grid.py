@@ -53,6 +53,7 @@ from fusionkit.engine.session import (
     Session,
     available_cores,
     build_session,
+    check_recipe,
     resolve_device,
     set_threads,
 )
@@ -264,21 +265,27 @@ def _run_point(
         run.unlock()
 
 
-def _worker(conn: Any, recipe: Recipe, threads: int) -> None:
-    """Body of a point's own process: the outcome goes back through ``conn``."""
+def _serve(conn: Any, threads: int) -> None:
+    """Body of a worker process: run the points it is sent, one at a time, until told to stop
+    (``None``); each outcome goes back through ``conn``."""
     die_with_parent()
-    try:
-        outcome: tuple[str, Any] = ("done", _run_point(recipe, threads))
-    except KeyboardInterrupt:
-        outcome = ("interrupted", "interrupted")
-    except FusionkitError as exc:
-        outcome = ("failed", str(exc))
-    except BaseException:
-        outcome = ("failed", traceback.format_exc(limit=4))
-    try:
+    while True:
+        try:
+            recipe = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if recipe is None:
+            return
+        try:
+            outcome: tuple[str, Any] = ("done", _run_point(recipe, threads))
+        except KeyboardInterrupt:
+            conn.send(("interrupted", "interrupted"))
+            return
+        except FusionkitError as exc:
+            outcome = ("failed", str(exc))
+        except BaseException:
+            outcome = ("failed", traceback.format_exc(limit=4))
         conn.send(outcome)
-    finally:
-        conn.close()
 
 
 def _signal_name(code: int | None) -> str:
@@ -355,6 +362,8 @@ def run_grid(
         else:
             todo.append(p)
     atomic_write_json(gdir / GRID_FILE, record)
+    if workers > 1 or executor == "ray":
+        todo = _largest_first(todo, registry)
     threads = max(1, available_cores() // max(1, workers))
     say = console.print if console else (lambda *a, **k: None)
     say(
@@ -406,59 +415,92 @@ def run_grid(
     return record
 
 
+@dataclass
+class _Worker:
+    """A worker process, its end of the pipe, and the point it is running (if any)."""
+
+    proc: Any
+    conn: Any
+    tag: str | None = None
+
+    def give(self, point: GridPoint) -> None:
+        self.conn.send(point.recipe)
+        self.tag = point.tag
+
+
+def _largest_first(points: list[GridPoint], registry: Registry | None) -> list[GridPoint]:
+    """Points ordered by model size, largest first, so that parallel workers do not end on
+    one long run while the others idle (the size, counted on the meta device, is a proxy for
+    the training cost)."""
+
+    def size(p: GridPoint) -> int:
+        return sum(t.numel() for t in check_recipe(p.recipe, registry).parameters())
+
+    return sorted(points, key=size, reverse=True)
+
+
 def _run_in_processes(
     todo: list[GridPoint], workers: int, threads: int, done: Callable[[str, str, Any], None]
 ) -> None:
-    """Each point in its own spawned process, ``workers`` at a time. A process that dies
-    without reporting (killed, out of memory, segfault) fails only its own point."""
+    """The points on ``workers`` spawned worker processes, reused from point to point (no
+    interpreter start-up per point). A worker that dies without reporting (killed, out of
+    memory, a segfault in a plugin) fails only the point it was running, and is replaced."""
     ctx = mp.get_context("spawn")
     queue = list(todo)
-    running: dict[Any, tuple[Any, Any, str]] = {}  # sentinel -> (process, conn, tag)
-    outcomes: dict[str, tuple[str, Any]] = {}
+    pool: list[_Worker] = []
 
-    def start(p: GridPoint) -> None:
-        parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(child, p.recipe, threads), daemon=False)
+    def spawn() -> _Worker:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child, threads), daemon=False)
         proc.start()
         child.close()
-        running[proc.sentinel] = (proc, parent, p.tag)
+        return _Worker(proc, parent)
 
     try:
-        while queue or running:
-            while queue and len(running) < workers:
-                start(queue.pop(0))
-            conns = {conn: tag for _, conn, tag in running.values()}
-            ready = wait_any([*running, *conns])
-            for obj in ready:
-                if obj in conns and conns[obj] not in outcomes:
+        while queue or any(w.tag for w in pool):
+            for w in pool:
+                if w.tag is None and queue:
+                    w.give(queue.pop(0))
+            while queue and len(pool) < workers:
+                pool.append(spawn())
+                pool[-1].give(queue.pop(0))
+            busy = [w for w in pool if w.tag is not None]
+            ready = wait_any([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+            for w in busy:
+                outcome = None
+                if w.conn in ready or w.conn.poll():
                     try:
-                        outcomes[conns[obj]] = obj.recv()
+                        outcome = w.conn.recv()
                     except (EOFError, OSError):
-                        pass
-            for sentinel in [s for s in ready if s in running]:
-                proc, conn, tag = running.pop(sentinel)
-                proc.join()
-                if tag not in outcomes and conn.poll():
-                    try:
-                        outcomes[tag] = conn.recv()
-                    except (EOFError, OSError):
-                        pass
-                conn.close()
-                status, value = outcomes.pop(
-                    tag, ("failed", f"worker process died: {_signal_name(proc.exitcode)}")
-                )
-                if status == "interrupted":
-                    raise KeyboardInterrupt
-                done(tag, status, value)
+                        outcome = None
+                tag = w.tag
+                if outcome is not None:
+                    w.tag = None
+                    if outcome[0] == "interrupted":
+                        raise KeyboardInterrupt
+                    done(tag, *outcome)
+                elif w.proc.sentinel in ready:
+                    w.proc.join()
+                    w.tag = None
+                    pool.remove(w)  # replaced when there is work left
+                    done(tag, "failed", f"worker process died: {_signal_name(w.proc.exitcode)}")
     except KeyboardInterrupt:
         # Ctrl-C reaches the workers too: each keeps its last finished epoch and stops; the
         # next `fusionkit run` of the same recipe resumes them.
-        for proc, conn, _ in running.values():
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
-            conn.close()
+        for w in pool:
+            w.proc.join(timeout=30)
         raise
+    finally:
+        for w in pool:
+            if w.proc.is_alive():
+                try:
+                    w.conn.send(None)
+                except (OSError, ValueError):
+                    pass
+                w.proc.join(timeout=10)
+                if w.proc.is_alive():
+                    w.proc.terminate()
+            w.conn.close()
 
 
 def _run_on_ray(
