@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -420,3 +421,37 @@ def shared_tree(base: Path) -> Fixture:
         assert not report.failed, report.failed
         _SHARED["tree"] = fx
     return _SHARED["tree"]
+
+
+#: Foundation backbones with random weights (never downloaded): WavLM Base and DINOv2 ViT-S/14
+#: at 28 px (2 x 2 patches), for tests on real media.
+FOUNDATION_AUDIO = {"name": "wavlm", "params": {"size": "base", "pretrained": False}}
+FOUNDATION_VIDEO = {"name": "dinov2", "params": {"pretrained": False, "img_size": 28}}
+
+
+def overlap_mean(
+    frames: Any,
+    k: int,
+    fps: Fraction,
+    *,
+    sample_rate: int = 16000,
+    hop: int = 320,
+    window: int = 400,
+    anchor: str = "start",
+    width: Fraction | None = None,
+) -> Any:
+    """Row ``k`` computed independently of the extractor: the mean of the encoder frames whose
+    span ``[j * hop, j * hop + window)`` (in samples) overlaps video frame ``k``'s window
+    (``width`` seconds, default ``1 / fps``), with exact fractions; a window past the end
+    takes the nearest frame."""
+    width = Fraction(1) / fps if width is None else width
+    start = Fraction(k) / fps - (width / 2 if anchor == "center" else 0)
+    end = start + width
+    hits = [
+        j
+        for j in range(frames.shape[0])
+        if Fraction(j * hop, sample_rate) < end and Fraction(j * hop + window, sample_rate) > start
+    ]
+    if not hits:
+        hits = [0 if end <= 0 else frames.shape[0] - 1]
+    return frames[hits].mean(0)

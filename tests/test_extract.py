@@ -45,6 +45,7 @@ from tests.conftest import REPO
 pytestmark = [
     pytest.mark.filterwarnings("ignore:affwild2.*label rows"),
     pytest.mark.filterwarnings("ignore:affwild2.*belong to no split"),  # test videos, no test_list
+    pytest.mark.filterwarnings("ignore:affwild2.*have random weights"),  # tiny backbones
 ]
 
 
@@ -478,3 +479,24 @@ def test_a_video_without_audio_is_warned_about(tree_copy):
         UserWarning, match=r"1 of 5 videos have no audio at all \(e\.g\. vid_d_right\)"
     ):
         FrameStore(videos, ["audio", "video"], [0, 1], window=32, hop=16, where="train")
+
+
+def test_random_weights_are_named_in_one_line_of_the_extract_summary(tree_copy, tmp_path):
+    res = cli_extract(tree_copy)
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if "random weights" in line]
+    assert len(lines) == 1, res.output
+    assert flat(res.output).count(
+        "warning: affwild2: the audio backbone 'audio_cnn' and video backbone 'face_cnn' have "
+        "random weights (no weights file, not pretrained), so their features carry no learned "
+        "meaning"
+    )
+    comp = get_registry().get("audio_backbone", "audio_cnn")
+    model = comp.build(comp.params.model_validate(TINY_AUDIO["params"]))
+    weights = tmp_path / "audio.safetensors"
+    save_file(model.state_dict(), str(weights))
+    spec = {"name": "audio_cnn", "params": {**TINY_AUDIO["params"], "weights": str(weights)}}
+    res = cli_extract(tree_copy, f"data.params.audio.backbone={spec}")
+    assert res.exit_code == 0, res.output
+    assert "the video backbone 'face_cnn' has random weights" in flat(res.output)
+    assert "audio backbone" not in flat(res.output)

@@ -1,7 +1,8 @@
 """Raw-media smoke tests on real clips of the GRID corpus (CC BY 4.0, Cooke et al. 2006):
 decoding, resampling, per-frame log-mel patches on the 25 fps video clock checked against the
-word timings, face frames, and extract -> train -> predict end to end on a tree built around
-the clips.
+word timings, face frames, extract -> train -> predict end to end on a tree built around
+the clips, and the same with foundation backbones (WavLM, DINOv2; random weights, offline),
+their rows checked frame by frame against an independent computation.
 
 The clips live outside the repository: ``<repo>/../shared/data/grid`` or
 ``$FUSIONKIT_GRID_DIR``. Without them every test here is skipped with the reason.
@@ -9,8 +10,11 @@ The clips live outside the repository: ``<repo>/../shared/data/grid`` or
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -18,10 +22,20 @@ import torch
 from typer.testing import CliRunner
 
 from fusionkit.cli import app
-from fusionkit_affwild2.faces import prepare_faces
+from fusionkit.core.registry import get_registry
+from fusionkit_affwild2.backbones import AudioBackboneSpec, VisualBackboneSpec
+from fusionkit_affwild2.faces import prepare_faces, read_faces
 from fusionkit_affwild2.logmel import LogMel, frame_patches, patch_starts
 from fusionkit_affwild2.media import decode_audio, load_audio, probe
-from tests.affwild2_fixture import TINY_AUDIO, TINY_VIDEO, _decode_frames, tree_from_clips
+from tests.affwild2_fixture import (
+    FOUNDATION_AUDIO,
+    FOUNDATION_VIDEO,
+    TINY_AUDIO,
+    TINY_VIDEO,
+    _decode_frames,
+    overlap_mean,
+    tree_from_clips,
+)
 from tests.conftest import REPO
 
 GRID = Path(os.environ.get("FUSIONKIT_GRID_DIR", REPO.parent / "shared" / "data" / "grid"))
@@ -131,3 +145,93 @@ def test_grid_extract_run_predict(tmp_path):
     assert lines[1] == f"{tests[0]}/00001.jpg," + lines[1].split(",", 1)[1]
     values = torch.tensor([[float(x) for x in line.split(",")[1:]] for line in lines[1:]])
     assert torch.isfinite(values).all() and values.abs().max() <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore:affwild2.*belong to no split")  # the test clips
+def test_grid_foundation_features_are_aligned_and_train(tmp_path, monkeypatch):
+    """`fusionkit extract` with WavLM Base and DINOv2 ViT-S/14 (random weights, network
+    blocked) writes one row per video frame: row k of audio is the mean of the encoder frames
+    overlapping [k/25, (k+1)/25) and row k of video is crop k+1's embedding, both recomputed
+    here independently; then the foundation recipe trains on them."""
+    pytest.importorskip(
+        "timm", reason="timm is not installed (pip install 'fusionkit[foundation]')"
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test tried to use the network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    fx = tree_from_clips(sorted(GRID.glob("*.mpg")), tmp_path / "grid", crop_size=28)
+    recipe = str(REPO / "recipes" / "affwild2" / "foundation.yaml")
+    args = [
+        f"data.params.root={fx.root}",
+        f"data.params.audio.backbone={FOUNDATION_AUDIO}",
+        f"data.params.video.backbone={FOUNDATION_VIDEO}",
+        "data.params.video.resize=28",
+    ]
+    runner = CliRunner()
+    res = runner.invoke(app, ["extract", recipe, *args, "-q"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert (
+        "warning: affwild2: the audio backbone 'wavlm' and video backbone 'dinov2' have random"
+        in out
+    )
+
+    comp = get_registry().get("dataset", "affwild2")
+    ds = comp.build(
+        comp.params.model_validate(
+            {
+                "root": str(fx.root),
+                "audio": {"backbone": FOUNDATION_AUDIO},
+                "video": {"backbone": FOUNDATION_VIDEO, "resize": 28},
+            }
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (video, *_) = ds.videos("train")
+    spec = fx.trials[video.name]
+    clip = GRID / f"{spec.media}.mpg"
+    assert video.num_frames == 75 and video.fps == 25.0
+    assert video.features["audio"].shape == (75, 768) and video.features["video"].shape == (75, 384)
+    audio_model = AudioBackboneSpec.model_validate(FOUNDATION_AUDIO).build()
+    face_model = VisualBackboneSpec.model_validate(FOUNDATION_VIDEO).build()
+    wave = load_audio(clip, 16000, "container")
+    with torch.inference_mode():
+        frames = audio_model(wave[None])[0]
+    assert frames.shape[0] == 1 + (wave.numel() - 400) // 320 == 148  # 2.97 s at 50 Hz
+    crops = fx.root / "cropped_aligned" / video.name
+    missing = spec.missing_crops[0]
+    for k in (0, 12, 37, 73, 74):
+        expected = overlap_mean(frames, k, Fraction(25))
+        torch.testing.assert_close(video.features["audio"][k], expected, atol=1e-4, rtol=1e-4)
+        if k in spec.missing_crops:
+            continue
+        with torch.inference_mode():
+            face = face_model(read_faces([crops / f"{k + 1:05d}.jpg"], 28, 28))[0]
+        torch.testing.assert_close(video.features["video"][k], face, atol=1e-4, rtol=1e-4)
+    assert not video.present["video"][missing] and not video.features["video"][missing].any()
+    seconds = wave.numel() / 16000  # the audio ends ~30 ms before the video
+    expected_present = [k / 25 < seconds for k in range(75)]
+    assert video.present["audio"].tolist() == expected_present
+
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            recipe,
+            *args,
+            "training.epochs=2",
+            "model.encoders.video.params.channels=[32, 32]",
+            "model.encoders.audio.params.channels=[16, 16]",
+            f"output.dir={tmp_path / 'runs'}",
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(
+        (tmp_path / "runs" / "affwild2_foundation_tagf_valence" / "metrics.json").read_text()
+    )
+    assert metrics, metrics

@@ -2,12 +2,27 @@
 
 Contracts (what the ``affwild2`` extractor feeds a registered backbone):
 
-* ``audio_backbone``: ``(B, patch_frames, n_mels)`` log-mel patches -> ``(B, out_dim)``.
+* ``audio_backbone`` reads one of two inputs, declared by the module's ``input`` attribute
+  (absent means ``"logmel"``, so older backbones keep working unchanged):
+
+  - ``input = "logmel"``: ``(B, patch_frames, n_mels)`` log-mel patches -> ``(B, out_dim)``,
+    one patch per video frame (``vggish``, ``audio_cnn``);
+  - ``input = "waveform"`` (:class:`WaveformBackbone`): ``(B, samples)`` mono waveforms at the
+    module's ``sample_rate`` -> ``(B, T, out_dim)`` encoder frames, frame ``j`` covering
+    samples ``[j * frame_hop, j * frame_hop + frame_window)`` (``wav2vec2``, ``hubert``,
+    ``wavlm`` in :mod:`~fusionkit_affwild2.foundation_audio`). The extractor cuts long audio
+    into chunks and averages, for each video frame, the encoder frames that overlap its
+    window (:mod:`~fusionkit_affwild2.waveform`).
+
 * ``visual_backbone``: ``(B, 3, input_size, input_size)`` RGB faces scaled to ``[-1, 1]``
-  -> ``(B, out_dim)``; the module exposes ``input_size``.
+  -> ``(B, out_dim)``; the module exposes ``input_size`` (a backbone with another
+  normalisation, such as the timm ones in :mod:`~fusionkit_affwild2.foundation_visual`,
+  converts inside its ``forward``).
 
 Built with random weights (seeded by ``seed``) or loaded from a user-supplied safetensors file
-(``weights``; never a pickle). Key names follow the widely used PyTorch ports, so converted
+(``weights``; never a pickle); the foundation backbones also take ``pretrained: true``
+(weights fetched by torchaudio / timm on the user's machine). Key names follow the widely used
+PyTorch ports, so converted
 weights load directly: ``vggish`` uses the ``features.*`` / ``embeddings.*`` layout of the
 torchvggish port, ``ir50`` the ``input_layer`` / ``body`` / ``output_layer`` layout of the
 arcface IR backbones (a ``module.`` prefix is stripped).
@@ -51,17 +66,58 @@ __all__ = [
     "VGGishParams",
     "VisualBackbone",
     "VisualBackboneSpec",
+    "WaveformBackbone",
+    "audio_input",
     "load_backbone_weights",
+    "read_weights",
 ]
 
 
 @runtime_checkable
 class AudioBackbone(Protocol):
-    """``(B, patch_frames, n_mels)`` log-mel patches -> ``(B, out_dim)``."""
+    """``(B, patch_frames, n_mels)`` log-mel patches -> ``(B, out_dim)`` (or, with
+    ``input = "waveform"``, the :class:`WaveformBackbone` contract)."""
 
     out_dim: int
 
     def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class WaveformBackbone(Protocol):
+    """``(B, samples)`` mono waveforms at ``sample_rate`` -> ``(B, T, out_dim)`` encoder
+    frames; frame ``j`` covers samples ``[j * frame_hop, j * frame_hop + frame_window)``, so a
+    waveform of ``n >= frame_window`` samples gives ``1 + (n - frame_window) // frame_hop``
+    frames."""
+
+    input: str  # "waveform"
+    out_dim: int
+    sample_rate: int
+    frame_hop: int
+    frame_window: int
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def audio_input(module: object) -> str:
+    """What an ``audio_backbone`` reads: ``"logmel"`` (the default) or ``"waveform"``."""
+    kind = getattr(module, "input", "logmel")
+    if kind not in ("logmel", "waveform"):
+        raise DataError(
+            f"audio_backbone {type(module).__name__} declares input={kind!r}; expected "
+            "'logmel' or 'waveform'"
+        )
+    if kind == "waveform" and not isinstance(module, WaveformBackbone):
+        missing = [
+            a
+            for a in ("out_dim", "sample_rate", "frame_hop", "frame_window")
+            if not hasattr(module, a)
+        ]
+        raise DataError(
+            f"audio_backbone {type(module).__name__} declares input='waveform' but lacks "
+            f"{', '.join(missing)}"
+        )
+    return kind
 
 
 @runtime_checkable
@@ -89,7 +145,7 @@ KINDS = (
         AudioBackboneBuild,
         AudioBackbone,
         module=True,
-        summary="log-mel patch -> embedding (feature extraction)",
+        summary="log-mel patch or waveform -> embedding (feature extraction)",
         distribution="fusionkit",
     ),
     Kind(
@@ -122,8 +178,9 @@ class _WeightsParams(Params):
     seed: int = Field(0, ge=0, description="seed of the random initialisation")
 
 
-def load_backbone_weights(module: nn.Module, path: Path) -> None:
-    """Load safetensors weights strictly; a mismatch names the file and the keys."""
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors weights file, without ``module.`` prefixes; errors name
+    the file."""
     if not Path(path).is_file():
         raise DataError(f"backbone weights file {path} does not exist")
     try:
@@ -132,7 +189,15 @@ def load_backbone_weights(module: nn.Module, path: Path) -> None:
         raise DataError(
             f"backbone weights {path} are not a readable safetensors file: {exc}"
         ) from None
-    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def load_backbone_weights(
+    module: nn.Module, path: Path, tensors: dict[str, Tensor] | None = None
+) -> None:
+    """Load safetensors weights strictly; a mismatch names the file and the keys.
+    ``tensors``: the file's tensors already read (and mapped) by the caller."""
+    tensors = read_weights(path) if tensors is None else tensors
     problems = state_dict_mismatch(module.state_dict(), tensors)
     if problems:
         raise DataError(f"backbone weights {path} do not fit {type(module).__name__}: {problems}")

@@ -2,8 +2,9 @@
 
 Time is the video's own frame index everywhere: label row ``k`` (after the header), crop
 ``%05d.jpg`` of ``k + 1``, the audio patch starting at ``k / fps`` (``fps`` from the
-container) and feature row ``k`` all belong to frame ``k``. Rows marked ``-5`` stay in place
-with ``label_mask`` False; time is never compacted.
+container; for waveform backbones the window of frame ``k``, see
+:mod:`~fusionkit_affwild2.waveform`) and feature row ``k`` all belong to frame ``k``. Rows
+marked ``-5`` stay in place with ``label_mask`` False; time is never compacted.
 
 Features come from the caches ``fusionkit extract`` writes; :meth:`AffWild2Dataset.videos`
 only reads them. Each :class:`~fusionkit.plugin.Video` has ``features`` ``audio`` and
@@ -36,7 +37,9 @@ from fusionkit_affwild2.extraction import (
     VisualJob,
     backbone_dims,
     backbone_identity,
+    backbone_info,
     execute,
+    random_init,
     resolve_device,
 )
 from fusionkit_affwild2.layout import (
@@ -106,7 +109,7 @@ class AffWild2Dataset:
         if v_size is not None and v_size > params.video.resize:
             raise DataError(
                 f"data.params.video.resize={params.video.resize} is smaller than the visual "
-                f"backbone's input size {v_size}"
+                f"backbone's input size {v_size}; set data.params.video.resize={v_size} (or more)"
             )
         self.feature_dims: dict[str, int] = {"audio": a_dim, "video": v_dim}
         self._videos: dict[str, list[Video]] = {}
@@ -256,16 +259,22 @@ class AffWild2Dataset:
         return library_versions(["torchaudio", "av"])
 
     @cached_property
+    def audio_input(self) -> str:
+        """What the audio backbone reads: ``"logmel"`` or ``"waveform"``."""
+        return backbone_info(self.params.audio.backbone).input
+
+    @cached_property
     def audio_cache(self) -> CacheFolder:
         a = self.params.audio
-        identity = {
+        identity: dict[str, Any] = {
             "name": a.backbone.name,
             "backbone": backbone_identity(a.backbone),
-            "logmel": a.logmel.model_dump(mode="json"),
-            "anchor": a.anchor,
-            "sync": a.sync,
-            "frame_count": self.params.frame_count,
         }
+        if self.audio_input == "waveform":  # the log-mel settings play no part
+            identity |= {"input": "waveform", "waveform": a.waveform.model_dump(mode="json")}
+        else:  # unchanged since format 1, so existing log-mel caches stay valid
+            identity["logmel"] = a.logmel.model_dump(mode="json")
+        identity |= {"anchor": a.anchor, "sync": a.sync, "frame_count": self.params.frame_count}
         return CacheFolder(self.cache_root, "audio", identity, self._versions)
 
     @cached_property
@@ -293,6 +302,7 @@ class AffWild2Dataset:
             frame_count=self.params.frame_count,
             batch_size=a.batch_size,
             device=device,
+            waveform=a.waveform.model_dump(mode="json"),
         )
 
     def _visual_job(self, trial: str, device: str) -> VisualJob:
@@ -351,6 +361,7 @@ class AffWild2Dataset:
         t0 = time.perf_counter()
         device = resolve_device(self.params.device)
         self._warn_unused(stacklevel=3)
+        self._warn_random_init()
         media, trials, problems = self._extractable(self.all_trials())
         audio_items = [
             (m, {"media": p}, self._audio_job(m, p, device)) for m, p in sorted(media.items())
@@ -366,7 +377,11 @@ class AffWild2Dataset:
         jobs = [Job(f"{kind} {j.label}", j.payload) for kind, j, _ in planned]
         try:
             failed = run_jobs(
-                jobs, execute, workers=workers, description="affwild2 extract", progress=progress
+                jobs,
+                execute,
+                workers=workers,
+                description=f"affwild2 extract ({device})",
+                progress=progress,
             )
         finally:
             self.audio_cache.write_manifest(media)
@@ -391,6 +406,27 @@ class AffWild2Dataset:
             self._warn_lengths(trials)
         return report
 
+    def _warn_random_init(self) -> None:
+        """One warning naming the backbones that get random weights (features without
+        meaning): no weights file and not pretrained."""
+        named = [
+            f"{modality} backbone '{spec.name}'"
+            for modality, spec in (
+                ("audio", self.params.audio.backbone),
+                ("video", self.params.video.backbone),
+            )
+            if random_init(spec)
+        ]
+        if named:
+            warnings.warn(
+                f"affwild2: the {' and '.join(named)} {'have' if len(named) > 1 else 'has'} "
+                "random weights (no weights file, not pretrained), so their features carry no "
+                "learned meaning; set "
+                "data.params.<audio|video>.backbone.params.weights=FILE.safetensors (or "
+                "pretrained: true on a foundation backbone)",
+                stacklevel=3,
+            )
+
     def _warn_no_audio(self, media: dict[str, Path], trials: Sequence[str]) -> None:
         """Warn about raw videos whose audio cache records no audio at all (no audio track,
         or one without samples): their trials would train on constant audio features."""
@@ -398,11 +434,13 @@ class AffWild2Dataset:
         for m in sorted(media):
             meta = self.audio_cache.info(m)
             info = (meta or {}).get("info") or {}
-            if meta is not None and info.get("logmel_frames", 1) == 0:
+            frames = info.get("logmel_frames", info.get("encoder_frames", 1))
+            if meta is not None and frames == 0:
+                window = "log-mel" if "logmel_frames" in info else "encoder"
                 what = (
                     "no audio track"
                     if not info.get("channels")
-                    else "audio shorter than one log-mel window"
+                    else f"audio shorter than one {window} window"
                 )
                 silent[m] = f"{media[m].name} ({what})"
         if not silent:

@@ -2,13 +2,17 @@
 features, each written as one cache file (see :mod:`fusionkit_affwild2.cache`).
 
 Jobs are small picklable records run by :func:`execute` in worker processes; each builds its
-backbone once per process.
+backbone once per process, on the job's device (``cuda`` when ``device: auto`` finds one),
+and feeds it batches. Audio goes through log-mel patches or, for a backbone declaring
+``input = "waveform"``, through :mod:`~fusionkit_affwild2.waveform` (chunked encoding, then
+per-frame pooling).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +20,25 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit.plugin import ComponentSpec, DataError
+from fusionkit_affwild2.backbones import audio_input
 from fusionkit_affwild2.cache import CacheFolder, file_sha256
 from fusionkit_affwild2.faces import read_faces
 from fusionkit_affwild2.layout import crop_indices
 from fusionkit_affwild2.logmel import LogMel, frame_patches, patch_starts
-from fusionkit_affwild2.media import load_audio, probe
-from fusionkit_affwild2.params import LogMelParams
+from fusionkit_affwild2.media import MediaInfo, load_audio, probe
+from fusionkit_affwild2.params import LogMelParams, WaveformParams
+from fusionkit_affwild2.waveform import encode_chunked, encoder_frames, frame_windows, pool_frames
 
 __all__ = [
     "AudioJob",
+    "BackboneInfo",
     "VisualJob",
     "backbone_dims",
     "backbone_identity",
+    "backbone_info",
     "build_backbone",
     "execute",
+    "random_init",
     "resolve_device",
 ]
 
@@ -52,14 +61,55 @@ def build_backbone(spec: ComponentSpec, device: str) -> nn.Module:
     return _MODELS[key]
 
 
-def backbone_dims(spec: ComponentSpec) -> tuple[int, int | None]:
-    """``(out_dim, input_size)`` of a backbone, from its architecture alone (built on the
-    meta device: no memory, no weights read)."""
-    if "weights" in type(spec.params).model_fields:
-        spec = spec.model_copy(update={"params": spec.params.model_copy(update={"weights": None})})
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What the extractor needs to know of a backbone before running it."""
+
+    out_dim: int
+    input_size: int | None
+    input: str  # audio backbones: "logmel" or "waveform"
+
+
+_INFO: dict[str, BackboneInfo] = {}
+
+
+def _spec_key(spec: ComponentSpec) -> str:
+    return json.dumps([spec.kind, spec.name, spec.params.model_dump(mode="json")], sort_keys=True)
+
+
+def _info(spec: ComponentSpec) -> BackboneInfo:
+    fields = type(spec.params).model_fields
+    update = {k: v for k, v in (("weights", None), ("pretrained", False)) if k in fields}
+    if update:
+        spec = spec.model_copy(update={"params": spec.params.model_copy(update=update)})
     with torch.device("meta"):
         module = spec.build()
-    return int(module.out_dim), getattr(module, "input_size", None)
+    kind = audio_input(module) if spec.kind == "audio_backbone" else "image"
+    return BackboneInfo(int(module.out_dim), getattr(module, "input_size", None), kind)
+
+
+def backbone_info(spec: ComponentSpec) -> BackboneInfo:
+    """A backbone's output size, input size and input kind, from its architecture alone
+    (built on the meta device: no memory, no weights read or downloaded)."""
+    key = _spec_key(spec)
+    if key not in _INFO:
+        _INFO[key] = _info(spec)
+    return _INFO[key]
+
+
+def backbone_dims(spec: ComponentSpec) -> tuple[int, int | None]:
+    """``(out_dim, input_size)`` of a backbone (see :func:`backbone_info`)."""
+    info = backbone_info(spec)
+    return info.out_dim, info.input_size
+
+
+def random_init(spec: ComponentSpec) -> bool:
+    """Whether a backbone with a ``weights`` param gets random weights: no weights file and
+    no ``pretrained: true``."""
+    p = spec.params
+    if "weights" not in type(p).model_fields:
+        return False
+    return p.weights is None and not getattr(p, "pretrained", False)
 
 
 def backbone_identity(spec: ComponentSpec) -> dict[str, Any]:
@@ -85,9 +135,10 @@ def _run_batched(model: nn.Module, inputs: list[Tensor], device: str) -> Tensor:
 class AudioJob:
     """Audio features of one raw video: one row per video frame.
 
-    Writes ``features`` ``(F, D)`` and ``present`` ``(F,)`` (the frame's patch overlaps real
-    audio) with ``info`` = the media's :class:`~fusionkit_affwild2.media.MediaInfo` plus the
-    audio length.
+    Writes ``features`` ``(F, D)`` and ``present`` ``(F,)`` (the frame's patch or window
+    overlaps real audio) with ``info`` = the media's
+    :class:`~fusionkit_affwild2.media.MediaInfo` plus the audio length and its frame count
+    (``logmel_frames`` or ``encoder_frames``).
     """
 
     item: str
@@ -102,12 +153,60 @@ class AudioJob:
     frame_count: str
     batch_size: int
     device: str
+    waveform: dict[str, Any] | None = None
 
     def run(self) -> None:
         path = Path(self.media)
         info = probe(path, self.frame_count)  # type: ignore[arg-type]
         if info.num_frames == 0:
             raise DataError(f"media file {path} has no video frames")
+        model = build_backbone(self.backbone, self.device)
+        if audio_input(model) == "waveform":
+            tensors, extra = self._waveform_features(model, path, info)
+        else:
+            tensors, extra = self._logmel_features(model, path, info)
+        folder = CacheFolder(self.cache_root, "audio", self.extractor, self.versions)
+        folder.write(self.item, tensors, {"media": path}, {**info.to_dict(), **extra})
+
+    def _waveform_features(
+        self, model: nn.Module, path: Path, info: MediaInfo
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        wp = WaveformParams.model_validate(self.waveform or {})
+        rate, hop, win = int(model.sample_rate), int(model.frame_hop), int(model.frame_window)
+        wave = load_audio(path, rate, self.sync)  # type: ignore[arg-type]
+        n = wave.numel()
+        real = encoder_frames(n, hop, win)
+        if n < win:  # too short for one encoder frame: pad with silence, present stays False
+            wave = torch.nn.functional.pad(wave, (0, win - n))
+        frames = encode_chunked(
+            model,
+            wave,
+            chunk_frames=max(1, round(wp.chunk_seconds * rate / hop)),
+            context_frames=round(wp.context_seconds * rate / hop),
+            chunks_per_batch=wp.chunks_per_batch,
+            device=self.device,
+        )
+        width = None if wp.window_ms is None else Fraction(str(wp.window_ms)) / 1000
+        windows = frame_windows(
+            info.num_frames,
+            Fraction(info.fps_exact),
+            rate,
+            hop,
+            win,
+            n,
+            self.anchor,  # type: ignore[arg-type]
+            width,
+        )
+        present = windows.present & (real > 0)
+        feats = pool_frames(frames, windows)
+        return {"features": feats.contiguous(), "present": present}, {
+            "audio_seconds": n / rate,
+            "encoder_frames": real,
+        }
+
+    def _logmel_features(
+        self, model: nn.Module, path: Path, info: MediaInfo
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         lm_params = LogMelParams.model_validate(self.logmel)
         front = LogMel(lm_params)
         wave = load_audio(path, lm_params.sample_rate, self.sync)  # type: ignore[arg-type]
@@ -121,7 +220,6 @@ class AudioJob:
             self.anchor,  # type: ignore[arg-type]
         )
         present = (starts < real) & (starts + lm_params.patch_frames > 0)
-        model = build_backbone(self.backbone, self.device)
         feats = torch.cat(
             [
                 _run_batched(
@@ -130,17 +228,10 @@ class AudioJob:
                 for chunk in starts.split(self.batch_size)
             ]
         )
-        folder = CacheFolder(self.cache_root, "audio", self.extractor, self.versions)
-        folder.write(
-            self.item,
-            {"features": feats.contiguous(), "present": present},
-            {"media": path},
-            {
-                **info.to_dict(),
-                "audio_seconds": wave.numel() / lm_params.sample_rate,
-                "logmel_frames": real,
-            },
-        )
+        return {"features": feats.contiguous(), "present": present}, {
+            "audio_seconds": wave.numel() / lm_params.sample_rate,
+            "logmel_frames": real,
+        }
 
 
 @dataclass(frozen=True)

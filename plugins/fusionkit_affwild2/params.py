@@ -18,6 +18,7 @@ __all__ = [
     "LogMelParams",
     "SplitParams",
     "VisualParams",
+    "WaveformParams",
 ]
 
 
@@ -43,28 +44,57 @@ class LogMelParams(Params):
         return self
 
 
+class WaveformParams(Params):
+    """How a waveform backbone (wav2vec2, hubert, wavlm) is run and put on the video clock."""
+
+    window_ms: float | None = Field(
+        None,
+        gt=0,
+        description="length of each video frame's window; its row is the mean of the encoder "
+        "frames (20 ms steps) overlapping it (null: one video frame, 1000 / fps ms)",
+    )
+    chunk_seconds: float = Field(
+        16.0, gt=0, description="audio encoded per chunk (bounds memory on long videos)"
+    )
+    context_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="extra audio on each side of a chunk, encoded for context and dropped",
+    )
+    chunks_per_batch: int = Field(
+        4, ge=1, le=1024, description="equal-length chunks per backbone call"
+    )
+
+
 class AudioParams(Params):
-    """Audio feature extraction: decode, mono, resample, log-mel patches, backbone."""
+    """Audio feature extraction: decode, mono, sync, resample, then log-mel patches
+    (``vggish``, ``audio_cnn``) or the waveform (``wav2vec2``, ``hubert``, ``wavlm``) into
+    the backbone, one row per video frame."""
 
     backbone: AudioBackboneSpec = Field(
         default={"name": "vggish"},
         validate_default=True,
-        description="audio_backbone applied to each frame's log-mel patch",
+        description="audio_backbone applied to each frame's log-mel patch, or to the waveform",
     )
     logmel: LogMelParams = Field(
-        default_factory=LogMelParams, description="log-mel front end (VGGish defaults)"
+        default_factory=LogMelParams,
+        description="log-mel front end of log-mel backbones (VGGish defaults)",
+    )
+    waveform: WaveformParams = Field(
+        default_factory=WaveformParams,
+        description="chunking and per-frame pooling of waveform backbones",
     )
     anchor: Literal["start", "center"] = Field(
         "start",
-        description="start: frame i's patch starts at i/fps (as released, ~0.48 s look-ahead); "
-        "center: the patch is centred on i/fps",
+        description="start: frame i's patch (or window) starts at i/fps (as released, ~0.48 s "
+        "look-ahead with 0.96 s patches); center: it is centred on i/fps",
     )
     sync: Literal["container", "none"] = Field(
         "container",
         description="container: shift audio by its start time minus the video's (container "
         "timestamps) so t=0 is the first video frame; none: audio sample 0 = frame 0",
     )
-    batch_size: int = Field(256, ge=1, le=65_536, description="patches per backbone call")
+    batch_size: int = Field(256, ge=1, le=65_536, description="log-mel patches per backbone call")
 
 
 class VisualParams(Params):

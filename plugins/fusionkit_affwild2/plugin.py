@@ -1,7 +1,9 @@
-"""Entry point: the ``affwild2`` and ``features`` datasets, the backbone kinds and backbones.
+"""Entry point: the ``affwild2`` and ``features`` datasets, the backbone kinds and backbones
+(the classic ones in :mod:`~fusionkit_affwild2.backbones`, the foundation ones in
+:mod:`~fusionkit_affwild2.foundation_audio` and :mod:`~fusionkit_affwild2.foundation_visual`).
 
-The datasets are imported when built, so that loading the registry imports neither PyAV nor
-torchaudio.
+The datasets are imported when built, and the foundation backbones import torchaudio / timm
+only when built, so that loading the registry imports neither PyAV, torchaudio nor timm.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fusionkit import plugin
-from fusionkit_affwild2 import backbones
+from fusionkit_affwild2 import backbones, foundation_audio, foundation_visual
 from fusionkit_affwild2.params import AffWild2Params, FeaturesParams
 
 
@@ -39,4 +41,4 @@ def fusionkit_register_kinds(registry: plugin.Registry) -> None:
 def fusionkit_register_components(registry: plugin.Registry) -> None:
     import sys
 
-    registry.add_module(backbones, sys.modules[__name__])
+    registry.add_module(backbones, foundation_audio, foundation_visual, sys.modules[__name__])
