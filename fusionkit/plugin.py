@@ -27,7 +27,8 @@ This module re-exports, from the rest of fusionkit (which is private to fusionki
 * building blocks: padding-aware layers, :func:`check_shape`, :func:`xavier_init_`;
 * perturbation helpers: :func:`video_generator`, :func:`with_features`, ...;
 * files and processes: atomic writes and safetensors helpers for datasets that cache
-  features, :func:`die_with_parent` for worker processes;
+  features, :func:`die_with_parent` and :func:`available_cores` for worker processes,
+  :class:`TaskProgress` for long work (bars on a terminal, plain lines in logs);
 * the conformance kit: :func:`check_component`, :func:`check_fusion`, ... (also
   :mod:`fusionkit.testing`).
 
@@ -86,6 +87,8 @@ from fusionkit.engine.perturb import (
     video_generator,
     with_features,
 )
+from fusionkit.engine.progress import TaskProgress
+from fusionkit.engine.session import available_cores
 from fusionkit.engine.workers import die_with_parent
 from fusionkit.layers import (
     check_mask,
@@ -139,10 +142,12 @@ __all__ = [
     "ShapeError",
     "StreamingEncoder",
     "SubmissionFrames",
+    "TaskProgress",
     "Video",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "available_cores",
     "check_component",
     "check_dataset",
     "check_encoder",

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["TrainProgress", "duration", "train_progress"]
+__all__ = ["TaskProgress", "TrainProgress", "duration", "train_progress"]
 
 
 def duration(seconds: float) -> str:
@@ -149,3 +149,60 @@ def train_progress(console: Console | None, label: str = "train") -> TrainProgre
     if console.is_terminal:
         return _Bars(console)
     return _Lines(console, label)
+
+
+class TaskProgress:
+    """Progress of ``total`` units of work (extraction jobs, files): a live bar on a terminal,
+    otherwise one plain line each time another 5% (at least one unit) is done, with k/N, the
+    unit just finished and the estimated time left. Use it as a context manager::
+
+        with TaskProgress("extract", len(jobs), console) as progress:
+            for job in jobs:
+                ...
+                progress.advance(job.label)
+    """
+
+    def __init__(self, description: str, total: int, console: Console | None) -> None:
+        self.description, self.total, self.console = description, total, console
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self._next_line = 0
+        self._bar: Progress | None = None
+        if console is not None and console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[item]}"),
+                console=console,
+                transient=False,
+            )
+            self._task = self._bar.add_task(escape(description), total=total, item="")
+
+    def __enter__(self) -> TaskProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def advance(self, item: str = "") -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, item=escape(item))
+            return
+        if self.console is None or (self.done < self._next_line and self.done < self.total):
+            return
+        self._next_line = self.done + max(1, self.total // 20)
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed / self.done * (self.total - self.done)
+        self.console.print(
+            f"{escape(self.description)} {self.done}/{self.total} {escape(item)}  "
+            f"elapsed {duration(elapsed)}  eta {duration(left)}",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -43,21 +43,15 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors import SafetensorError, safe_open
 
 from fusionkit.plugin import (
     DataError,
     ExtractReport,
     FusionkitError,
+    TaskProgress,
     atomic_write_json,
+    available_cores,
     die_with_parent,
     save_tensors,
 )
@@ -481,29 +475,16 @@ def run_jobs(
     failures: dict[str, str] = {}
     if not jobs:
         return failures
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[item]}"),
-        console=console or Console(stderr=True),
-        disable=not progress,
-        transient=False,
-    )
-    with bar:
-        task = bar.add_task(description, total=len(jobs), item="")
+    shown = (console or Console(stderr=True)) if progress else None
+    with TaskProgress(description, len(jobs), shown) as bar:
         if workers <= 1:
             for job in jobs:
-                bar.update(task, item=job.label)
                 err = _call(fn, job.payload)
                 if err is not None:
                     failures[job.label] = err
-                bar.advance(task)
-            bar.update(task, item="")
+                bar.advance(job.label)
             return failures
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, available_cores() // workers)
         with ProcessPoolExecutor(
             max_workers=workers,
             mp_context=get_context("spawn"),
@@ -526,12 +507,11 @@ def run_jobs(
                             err = f"worker failed: {type(exc).__name__}: {exc}"
                         if err is not None:
                             failures[job.label] = err
-                        bar.update(task, advance=1, item=job.label)
+                        bar.advance(job.label)
             except KeyboardInterrupt:
                 for fut in pending:
                     fut.cancel()
                 raise
-        bar.update(task, item="")
     return failures
 
 
