@@ -20,10 +20,12 @@ def __getattr__(name: str) -> Any:
     if name in _MOVED:
         warnings.warn(
             f"fusionkit.{name} moved to fusionkit.plugin.{name}; import it from there",
-            DeprecationWarning,
+            FutureWarning,  # shown by default: plugin authors see it in the CLI too
             stacklevel=2,
         )
         from fusionkit import plugin
 
-        return getattr(plugin, name)
+        value = getattr(plugin, name)
+        globals()[name] = value  # one warning per process
+        return value
     raise AttributeError(f"module 'fusionkit' has no attribute {name!r}")

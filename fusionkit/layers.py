@@ -137,7 +137,7 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: Tensor, keep: Tensor) -> Tensor:
     """
     if not bn.training and bn.track_running_stats:
         return bn(x)
-    xf = x.float()
+    xf = x if x.dtype == torch.float64 else x.float()  # statistics in at least float32
     w = rearrange(keep, "n -> n 1").to(xf.dtype)
     n = w.sum(dim=0)  # (1,), stays on the device
     mean = (xf * w).sum(dim=0) / n.clamp(min=1)

@@ -68,6 +68,7 @@ from fusionkit.core.interfaces import (
     StreamingEncoder,
     SubmissionFrames,
     Video,
+    ZScoreDefault,
 )
 from fusionkit.core.params import EmptyParams, Params
 from fusionkit.core.recipe import ComponentSpec
@@ -144,6 +145,7 @@ __all__ = [
     "SubmissionFrames",
     "TaskProgress",
     "Video",
+    "ZScoreDefault",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",

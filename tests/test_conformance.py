@@ -394,3 +394,46 @@ def test_plugins_check_and_list_cli(tmp_path):
     assert {"fusion", "gate"} <= {c["kind"] for c in dists["fusionkit"]["components"]}
     usage = _fk(["plugins", "check", "lats"], env)
     assert usage.returncode == 2 and "did you mean 'last'" in usage.stderr
+
+
+class _CumSum(nn.Module):
+    """Claims a receptive field of 2 frames but sums over every past frame; its step form
+    forgets the running sum (so stepping differs from forward)."""
+
+    receptive_field = 2
+
+    def __init__(self, in_dim: int, broken_step: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(in_dim, 4)
+        self.out_dim = 4
+        self.broken_step = broken_step
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return torch.cumsum(self.lin(x), dim=1)
+
+    def init_stream(self, batch: int, device: Any) -> Tensor:
+        return torch.zeros(batch, 4)
+
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        y = self.lin(x) + (0 if self.broken_step else state)
+        return y, y
+
+
+def test_false_receptive_field_and_streaming_claims_fail():
+    from fusionkit.core.params import EmptyParams
+
+    def build(params, *, in_dim, modality):
+        return _CumSum(in_dim)
+
+    report = check_encoder(build, EmptyParams(), name="cumsum")
+    results = {r.check: r for r in report.results}
+    assert results["causal"].status == "fail"
+    assert "declares receptive_field = 2" in results["causal"].message
+    assert results["streaming"].status == "pass"  # the running sum is carried: it is exact
+
+    def broken(params, *, in_dim, modality):
+        return _CumSum(in_dim, broken_step=True)
+
+    results = {r.check: r for r in check_encoder(broken, EmptyParams(), name="x").results}
+    assert results["streaming"].status == "fail"
+    assert "step() frame by frame" in results["streaming"].message

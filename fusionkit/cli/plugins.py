@@ -57,18 +57,15 @@ class DistributionInfo:
 
 
 def _requirement_on_fusionkit(dist: str) -> str:
-    """The distribution's requirement on fusionkit (e.g. ``fusionkit>=0.1,<0.2``), or ``""``."""
+    """The distribution's requirement on fusionkit (e.g. ``fusionkit>=0.2,<0.3``), or ``""``."""
+    from fusionkit.core.registry import required_fusionkit
+
     if _normalize(dist) == "fusionkit":
         return ""
     try:
-        requires = md.distribution(dist).requires or []
+        return required_fusionkit(md.distribution(dist))
     except md.PackageNotFoundError:
         return ""
-    for req in requires:
-        head = re.split(r"[\s;]", req, maxsplit=1)[0]
-        if _normalize(re.split(r"[<>=!~\[(]", head, maxsplit=1)[0]) == "fusionkit":
-            return req.split(";", 1)[0].strip()
-    return ""
 
 
 def distributions(reg: Registry) -> list[DistributionInfo]:
@@ -136,7 +133,12 @@ def plugins_list(
         head = f"[bold]{escape(d.name)}[/] {escape(d.version)}"
         notes = []
         if d.requires_fusionkit:
-            notes.append(f"requires {d.requires_fusionkit}")
+            from packaging.requirements import Requirement
+
+            from fusionkit.core import __version__
+
+            ok = Requirement(d.requires_fusionkit).specifier.contains(__version__, prereleases=True)
+            notes.append(f"requires {d.requires_fusionkit}" + ("" if ok else " (NOT this version)"))
         if d.entry_points:
             notes.append("entry points: " + ", ".join(d.entry_points))
         if notes:
@@ -297,3 +299,23 @@ def plugins_check(
         )
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("kinds")
+def plugins_kinds(
+    strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,
+) -> None:
+    """The component kinds: what each builds, its build arguments, who declared it."""
+    reg = _load(strict, quiet=True)
+    table = Table(box=None, padding=(0, 2), pad_edge=False)
+    for col in ("kind", "build(params, ...)", "declared by", "components", "what it is"):
+        table.add_column(col, overflow="fold")
+    for k in reg.kinds():
+        table.add_row(
+            k.name,
+            ", ".join(k.build_kwargs) or "-",
+            escape(k.distribution),
+            str(len(reg.names(k.name))),
+            escape(k.summary),
+        )
+    console.print(table)

@@ -19,13 +19,16 @@ app = typer.Typer(no_args_is_help=True, help="Validate, show, list and copy reci
 def recipe_validate(
     recipe: Annotated[str | None, typer.Argument(help="recipe YAML")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="fail if any installed plugin fails to load")
+    ] = False,
 ) -> None:
     """Check a recipe (and overrides) without running it: the schema, every component's params,
     and building the dataset and the model (no data read, no weights allocated)."""
     from fusionkit.engine.session import check_recipe
     from fusionkit.studies.grid import expand_grid
 
-    rc = load(recipe, overrides)
+    rc = load(recipe, overrides, strict)
     if rc.is_grid:
         points = expand_grid(rc)
         for p in points:

@@ -31,7 +31,8 @@ def stream(
         ),
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="write frame,seconds,<targets>,ms as CSV")
+        Path | None,
+        typer.Option("--out", "-o", help="write frame,seconds,<targets>,latency_ms as CSV"),
     ] = None,
     fps: Annotated[
         float | None, typer.Option(min=0.1, help="frames per second of a features file")
@@ -118,6 +119,9 @@ def runs_list(
         try:
             m = run.marker()
             status = "complete" if run.is_complete() else m.status
+            if status == "running":
+                holder = run.holder()
+                status = f"running ({holder})" if holder else "interrupted"
             if (run / STATE_FILE).is_file():
                 epochs = str(read_train_state(run / STATE_FILE).epochs_done)
             if status == "complete":

@@ -16,6 +16,7 @@ everywhere in strict mode).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import inspect
 import os
@@ -205,7 +206,10 @@ class Registry:
     # ------------------------------------------------------------------ kinds
 
     def add_kind(self, kind: Kind) -> None:
-        """Declare a new kind (raises :class:`PluginError` if the name is taken)."""
+        """Declare a new kind (raises :class:`PluginError` if the name is taken); the
+        declaring distribution is recorded from the plugin being loaded."""
+        if self._origin[0] != "<direct>":
+            kind = dataclasses.replace(kind, distribution=self._origin[0])
         if not _NAME_RE.match(kind.name):
             raise PluginError(f"{self._where()}: kind name {kind.name!r} is not lowercase_words")
         if kind.name in self._kinds and self._kinds[kind.name] != kind:
@@ -378,8 +382,7 @@ class Registry:
                 ]
             )
         if not isinstance(obj, spec.returns):
-            members = sorted(getattr(spec.returns, "__protocol_attrs__", ()) or ())
-            missing = [m for m in members if not hasattr(obj, m)]
+            missing = [m for m in _protocol_members(spec.returns) if not hasattr(obj, m)]
             raise RecipeError(
                 [
                     f"{where}: {kind} {name!r} from '{comp.distribution}' built a "
@@ -414,6 +417,43 @@ class Registry:
         for (kind, name), entries in other._items.items():
             mine = self._items.setdefault((kind, name), [])
             mine.extend(c for c in entries if c not in mine)
+
+
+def _protocol_members(proto: type) -> list[str]:
+    """The attribute and method names a protocol requires."""
+    members = getattr(proto, "__protocol_attrs__", None)  # Python 3.12+
+    if members is None:
+        import typing
+
+        members = typing._get_protocol_attrs(proto)  # type: ignore[attr-defined]
+    return sorted(members)
+
+
+def required_fusionkit(dist: Any) -> str:
+    """A distribution's requirement on fusionkit (``fusionkit>=0.2,<0.3``), or ``""``."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    for text in getattr(dist, "requires", None) or []:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) == "fusionkit" and req.marker is None:
+            return str(req)
+    return ""
+
+
+def _version_problem(dist: Any) -> str | None:
+    """Why the installed fusionkit does not satisfy what a plugin declares, or ``None``."""
+    from packaging.requirements import Requirement
+
+    from fusionkit.core import __version__
+
+    text = required_fusionkit(dist)
+    if text and not Requirement(text).specifier.contains(__version__, prereleases=True):
+        return f"requires {text} but this is fusionkit {__version__}; update the plugin"
+    return None
 
 
 def _strict_from_env() -> bool:
@@ -453,6 +493,15 @@ def load_registry(*, strict: bool | None = None) -> Registry:
     for ep in eps:  # import every plugin and collect the kinds first
         dist = ep.dist.name if ep.dist is not None else "<unknown>"
         version = ep.dist.version if ep.dist is not None else ""
+        mismatch = _version_problem(ep.dist) if ep.dist is not None else None
+        if mismatch and strict:
+            raise PluginError(f"plugin '{ep.name}' from distribution '{dist}' {version} {mismatch}")
+        if mismatch:  # loaded all the same: it may still work
+            warnings.warn(
+                f"fusionkit: plugin '{ep.name}' from distribution '{dist}' {version} {mismatch}",
+                PluginLoadWarning,
+                stacklevel=2,
+            )
         try:
             module = ep.load()
             scratch = Registry(_kinds=dict(registry._kinds))

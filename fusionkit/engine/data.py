@@ -169,6 +169,13 @@ class FrameStore:
                     )
                 _check_finite(v, f"{m} features", x, where)
                 present = v.present.get(m)
+                if present is not None and (
+                    present.dtype != torch.bool or tuple(present.shape) != (v.num_frames,)
+                ):
+                    raise DataError(
+                        f"{where}: video {v.name!r}: present[{m!r}] is {present.dtype} "
+                        f"{tuple(present.shape)}, expected bool ({v.num_frames},)"
+                    )
                 if present is not None and not bool(present.any()):
                     absent.setdefault(m, []).append(v.name)
                 feats[m].append(x.float())

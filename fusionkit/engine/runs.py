@@ -260,6 +260,22 @@ class RunDir:
     def locked(self) -> bool:
         return self._lock_fd is not None
 
+    def holder(self) -> str | None:
+        """Who holds this run's lock right now (another process), or ``None``."""
+        path = self.path / LOCK_FILE
+        if self._lock_fd is not None or not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def __enter__(self) -> RunDir:
         return self.lock()
 
@@ -295,10 +311,12 @@ class RunDir:
                 theirs = {}
             diffs = _diff(theirs, recipe.training_view())
             shown = "; ".join(diffs[:5]) or "the recipe hash differs"
-            raise CheckpointError(
-                f"{self.path} was created by a different recipe ({shown}); resume it with "
-                f"`fusionkit resume {self.path}`, or start a new run"
+            fix = (
+                "start a new run (without --resume) or choose another output.name"
+                if self.is_complete()
+                else f"resume it as it was with `fusionkit resume {self.path}`, or start a new run"
             )
+            raise CheckpointError(f"{self.path} was created by a different recipe ({shown}); {fix}")
 
     def is_complete(self) -> bool:
         """Whether the run finished and every file ``run.json`` lists is still there."""
@@ -354,7 +372,7 @@ class RunDir:
         that failed before its first epoch), so that a retry gets the same name."""
         if not self.path.is_dir():
             return False
-        created = {MARKER_FILE, RECIPE_FILE, LOCK_FILE}
+        created = {MARKER_FILE, RECIPE_FILE, LOCK_FILE, NORMALIZATION_FILE}  # before epoch 1
         for p in self.path.iterdir():
             if p.name not in created and not (p.name.startswith(".") and p.name.endswith(".tmp")):
                 return False

@@ -31,6 +31,10 @@ has the full contract):
 ``batch-independence``    eval mode: an item's output does not depend on the other batch items
 ``frame-local``           components declaring ``frame_local = True``: in eval mode, output
                           frame k does not change when every other input frame changes
+``causal``                encoders declaring ``receptive_field = R``: changing input frame u
+                          changes no output before u nor R or more frames after it
+``streaming``             encoders with ``init_stream``/``step``: stepping frame by frame
+                          equals ``forward`` on the whole window (eval mode)
 ``gradients``             train mode: every parameter gets a finite, non-zero gradient, and the
                           gradient reaches every input tensor (fusion, gate, head)
 ``host-sync``             train-mode forward + backward dispatches no op that makes the host

@@ -211,6 +211,67 @@ class ModuleChecks:
                     "the component per-frame"
                 )
 
+    def causal(self) -> None:
+        """An encoder declaring ``receptive_field = R``: output frame ``t`` depends on input
+        frames ``t - R + 1 .. t`` only (what streaming prediction relies on)."""
+        module = self.module
+        assert module is not None
+        rf = getattr(module, "receptive_field", None)
+        if self.a.kind != "encoder" or not isinstance(rf, int):
+            raise NotApplicable("does not declare an integer receptive_field")
+        t = max(self._lengths())
+        if t < 3:
+            raise NotApplicable(f"the only window length is T={t}")
+        u = t // 2  # change input frame u only
+        mask = padding_mask([t] * 3, t)
+        x, y = self._changed_pair(3, t, (torch.arange(t) == u)[None])
+        module.eval()
+        with torch.no_grad():
+            a = self._call(module, x, mask, what=f"(B=3, T={t})")
+            b = self._call(module, y, mask, what=f"(B=3, T={t}, frame {u} changed)")
+        for name in a:
+            before = slice(0, u)
+            after = slice(min(t, u + max(rf, 1)), t)
+            for part, frames in (("before", before), (f"{rf} or more after", after)):
+                if not close(a[name][:, frames], b[name][:, frames]):
+                    raise Violation(
+                        f"declares receptive_field = {rf}, but output {name!r} at frames {part} "
+                        f"the changed input frame {u} changed by up to "
+                        f"{max_diff(a[name][:, frames], b[name][:, frames]):.3g} (T={t}, eval "
+                        "mode); fix the attribute or the component"
+                    )
+
+    def streaming(self) -> None:
+        """An encoder with ``init_stream``/``step``: stepping frame by frame from the start
+        equals ``forward`` over the whole window (eval mode)."""
+        module = self.module
+        assert module is not None
+        if self.a.kind != "encoder" or not (
+            callable(getattr(module, "init_stream", None))
+            and callable(getattr(module, "step", None))
+        ):
+            raise NotApplicable("has no init_stream/step streaming form")
+        t = min(max(self._lengths()), 32)
+        x = self.a.inputs(2, t, self.gen)
+        (key,) = x
+        module.eval()
+        with torch.no_grad():
+            full = self._call(module, x, padding_mask([t, t], t), what=f"(B=2, T={t})")
+            state = module.init_stream(2, "cpu")
+            steps = []
+            for i in range(t):
+                out, state = module.step(x[key][:, i], state)
+                steps.append(out)
+        (name,) = full
+        stepped = torch.stack(steps, dim=1)
+        if tuple(stepped.shape) != tuple(full[name].shape) or not close(stepped, full[name]):
+            raise Violation(
+                f"step() frame by frame gives {shape_of(stepped)}, differing from forward's "
+                f"{shape_of(full[name])} by up to "
+                f"{max_diff(stepped, full[name]) if stepped.shape == full[name].shape else 'n/a'}"
+                f" (B=2, T={t}, eval mode)"
+            )
+
     def _backward(
         self, module: nn.Module, device: torch.device | str, autocast: torch.dtype | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
@@ -450,6 +511,8 @@ def run_module_checks(
     runner.run("masking-train", lambda: checks.masking(train=True))
     runner.run("batch-independence", checks.batch_independence)
     runner.run("frame-local", checks.frame_local)
+    runner.run("causal", checks.causal)
+    runner.run("streaming", checks.streaming)
     runner.run("gradients", checks.gradients)
     runner.run("host-sync", checks.host_sync)
     runner.run("determinism", checks.determinism)

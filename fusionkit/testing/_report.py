@@ -19,6 +19,8 @@ CHECKS: dict[str, tuple[str, ...]] = {
         "masking-train",
         "batch-independence",
         "frame-local",
+        "causal",
+        "streaming",
         "gradients",
         "host-sync",
         "determinism",
