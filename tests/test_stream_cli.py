@@ -80,8 +80,8 @@ def test_runs_list_shows_each_run_status(trained, tmp_path):
     raw = tiny_recipe(tmp_path, epochs=1)
     raw["output"]["name"] = "unfinished"
     rc = validate_recipe(raw, "r.yaml", fk_registry.get_registry())
-    RunDir.create(rc, fk_registry.get_registry()).unlock()
+    RunDir.create(rc, fk_registry.get_registry()).unlock()  # started, then stopped
     res = CliRunner().invoke(app, ["runs", "list", str(tmp_path)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     lines = {ln.split()[0]: ln for ln in res.output.splitlines()[1:] if ln.strip()}
-    assert "complete" in lines[str(run)] and "running" in lines[str(tmp_path / "unfinished")]
+    assert "complete" in lines[str(run)] and "interrupted" in lines[str(tmp_path / "unfinished")]
