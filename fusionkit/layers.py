@@ -47,7 +47,7 @@ def check_shape(who: str, what: str, x: Tensor, pattern: str, **known: int) -> d
     want = _axes_text(pattern, known)
     try:
         dims = parse_shape(x, pattern)
-    except EinopsError:
+    except (EinopsError, RuntimeError, ValueError):  # the rank differs
         raise ShapeError(f"{who} expected {what} {want}; got {tuple(x.shape)}") from None
     if any(dims[k] != v for k, v in known.items()):
         raise ShapeError(f"{who} expected {what} {want}; got {tuple(x.shape)}")

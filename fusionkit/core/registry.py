@@ -263,6 +263,7 @@ class Registry:
                 "underscores, starting with a letter"
             )
         params = params or _params_of(build)
+        summary = summary or _summary_of(build)
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise PluginError(f"{where}: {kind} {name!r} params must be a pydantic BaseModel class")
         if not callable(build):
@@ -307,11 +308,7 @@ class Registry:
                 mark = getattr(obj, _MARK, None)
                 if isinstance(mark, _Mark) and getattr(obj, "__module__", "") == module.__name__:
                     self.add(
-                        mark.kind,
-                        mark.name,
-                        build=obj,
-                        params=mark.params,
-                        summary=mark.summary or _summary_of(obj),
+                        mark.kind, mark.name, build=obj, params=mark.params, summary=mark.summary
                     )
 
     def names(self, kind: str) -> list[str]:

@@ -15,6 +15,7 @@ from fusionkit.plugin import (
     Params,
     ShapeError,
     check_shape,
+    check_shapes,
     masked_batch_norm,
     register,
 )
@@ -89,6 +90,7 @@ class ConcatFusion(nn.Module):
     def __init__(self, params: ConcatParams, in_dims: dict[str, int]) -> None:
         super().__init__()
         self.modalities = sorted(in_dims)
+        self.in_dims = {m: int(in_dims[m]) for m in self.modalities}
         self.normalize = params.normalize
         self.out_dims = {"fused": sum(in_dims.values())}
 
@@ -98,12 +100,11 @@ class ConcatFusion(nn.Module):
             raise ShapeError(
                 f"fusion 'concat' expected modalities {self.modalities}; missing {missing}"
             )
+        sizes = {m: {"d": d} for m, d in self.in_dims.items()}
+        check_shapes("fusion 'concat'", feats, "b t d", sizes)
         xs = [feats[m] for m in self.modalities]
         if self.normalize:
             xs = [nn.functional.normalize(x, dim=-1) for x in xs]
-        lengths = {m: tuple(x.shape[:2]) for m, x in zip(self.modalities, xs, strict=True)}
-        if len(set(lengths.values())) != 1:
-            raise ShapeError(f"fusion 'concat' needs equal (B, T) across modalities; got {lengths}")
         fused = torch.cat(xs, dim=-1)
         return {"fused": rearrange(fused, "b t d -> b t 1 d")}
 
