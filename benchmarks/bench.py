@@ -13,9 +13,14 @@ unfused byte count (it does cut the real traffic, by fusing).
 Rows are ``--models`` entries, each ``MODEL[:OPT+OPT...]`` with options ``bf16``/``fp32``
 (autocast precision) and ``compile``/``eager`` (``torch.compile`` on/off) overriding the global
 ``--bf16``/``--compile`` for that row, e.g. ``tagf_eager,tagf,tagf:bf16,tagf:bf16+compile``.
-Each row runs in a fresh process. ``vs_eager`` is the ``tagf_eager`` row's training step time
-(as that row is given) over this row's; rows of ``tagf_eager`` run first so that every row
-has it.
+Each row runs in a fresh process, and the rows run interleaved: ``--rounds`` times the whole
+list in turn (``tagf_eager`` first in each round), so that a slow spell of a shared machine
+falls on every row alike. A row's times are the median over the rounds of each process's
+median, with the range over the rounds; ``vs_eager`` is, per round, the ``tagf_eager`` row's
+training step time (as that row is given) over this row's, the median over the rounds with its
+range: only ratios of rows measured side by side. FLOPs and bytes are counted in the first
+round only (they do not change). ``--adam`` picks the Adam implementation of every row
+(``for-loop``: PyTorch's default on the CPU, ``foreach``, ``fused``).
 
 ``--profile`` runs a few more training steps of each row under ``torch.profiler`` and reports
 the wall time per step, the device-busy time per step (CUDA: the union of the intervals of the
@@ -26,6 +31,7 @@ thread) and the top-5 kernels (CUDA) or aten ops (CPU) by self time.
 Examples::
 
     python benchmarks/bench.py                                   # released shapes, CPU
+    python benchmarks/bench.py --models tagf_eager,tagf --threads 2 # the two TAGFs, side by side
     python benchmarks/bench.py --encoders tcn                    # with the TCN front ends
     python benchmarks/bench.py --batch 64 --device cuda \\
         --models tagf_eager,tagf,tagf:bf16,tagf:bf16+compile --profile
@@ -134,8 +140,8 @@ def parse_models(models: str, *, bf16: bool = False, compile: bool = False) -> l
 
 
 def run_order(variants: list[Variant]) -> list[Variant]:
-    """The ``tagf_eager`` rows first (so that ``vs_eager`` is known for every row), then the
-    others, each group in the given order."""
+    """One round: the ``tagf_eager`` rows first (so that ``vs_eager`` is known for every row),
+    then the others, each group in the given order."""
     return [v for v in variants if v.model == EAGER] + [v for v in variants if v.model != EAGER]
 
 
@@ -478,6 +484,15 @@ def _tf32() -> dict[str, bool] | None:
     }
 
 
+ADAM = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make_adam(params: Iterable[nn.Parameter], impl: str) -> torch.optim.Adam:
+    """Adam (lr 1e-4) in one of its implementations (:data:`ADAM`); ``for-loop`` is what
+    ``torch.optim.Adam`` picks by default for CPU tensors."""
+    return torch.optim.Adam(params, lr=1e-4, **ADAM[impl])
+
+
 def measure(args: argparse.Namespace, var: Variant) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -487,7 +502,7 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
     inputs = {m: torch.randn(b, t, d, device=device) for m, d in feat.items()}
     mask = torch.ones(b, t, dtype=torch.bool, device=device)
     target = torch.rand(b, t, 2, device=device) * 2 - 1
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = make_adam(model.parameters(), getattr(args, "adam", "for-loop"))
     fwd = torch.compile(model) if var.compile else model
 
     def make_train_step(forward: Callable) -> Callable[[], None]:
@@ -537,15 +552,18 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
     # FLOPs and bytes on the uncompiled model: both are properties of the computation.
     from torch.utils.flop_counter import FlopCounterMode
 
-    model.train()
-    eager_step = make_train_step(model)
-    with FlopCounterMode(display=False) as counter:
-        eager_step()
-    flops = counter.get_total_flops()
-    with ByteCounter() as bc:
-        eager_step()
-    _sync(device)
-    nbytes = bc.total
+    flops = nbytes = None
+    by_op: dict[str, int] = {}
+    if getattr(args, "counts", True):
+        model.train()
+        eager_step = make_train_step(model)
+        with FlopCounterMode(display=False) as counter:
+            eager_step()
+        flops = counter.get_total_flops()
+        with ByteCounter() as bc:
+            eager_step()
+        _sync(device)
+        nbytes, by_op = bc.total, dict(bc.by_op)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peaks = pick_peaks(device.type, name, var.bf16, args.peak_tflops, args.peak_gbs)
@@ -564,13 +582,11 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
         "infer_windows_s": b / infer_s,
         "infer_frames_s": b * t / infer_s,
         "peak_mem_mb": peak / 2**20,
-        "train_gflop": flops / 1e9,
-        "train_gflops_s": flops / train_s / 1e9,
-        "train_gb": nbytes / 1e9,
-        "train_gb_s": nbytes / train_s / 1e9,
-        "top_bytes_ops": {
-            k: v / 1e9 for k, v in sorted(bc.by_op.items(), key=lambda kv: -kv[1])[:5]
-        },
+        "train_gflop": None if flops is None else flops / 1e9,
+        "train_gflops_s": None if flops is None else flops / train_s / 1e9,
+        "train_gb": None if nbytes is None else nbytes / 1e9,
+        "train_gb_s": None if nbytes is None else nbytes / train_s / 1e9,
+        "top_bytes_ops": {k: v / 1e9 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:5]},
         "peak_tflops": peaks["tflops"],
         "peak_gbs": peaks["gbs"],
         "peak_source": peaks["source"],
@@ -620,6 +636,7 @@ COLS = [
     "compile",
     "params",
     "train_step_ms",
+    "train_step_range",
     "vs_eager",
     "train_windows_s",
     "train_frames_s",
@@ -637,8 +654,12 @@ def table_row(row: dict) -> str:
     cells = []
     for c in COLS:
         if c == "vs_eager":
-            v = row.get("vs_eager")
-            cells.append("" if v is None else f"{v:.2f}x")
+            v, rng = row.get("vs_eager"), row.get("vs_eager_range")
+            text = "" if v is None else f"{v:.2f}x"
+            cells.append(text if rng is None else f"{text} ({rng[0]:.2f}-{rng[1]:.2f})")
+        elif c == "train_step_range":
+            rng = row.get("train_step_range")
+            cells.append("" if rng is None else f"{_cell(rng[0])}-{_cell(rng[1])}")
         elif c == "% of roofline":
             v = row.get("roofline_pct")
             bound = {"compute": "compute", "memory": "mem"}.get(row.get("roofline_bound"), "")
@@ -738,12 +759,12 @@ def footer(rows: list[dict]) -> list[str]:
     return out
 
 
-def run_child(args: argparse.Namespace, var: Variant) -> dict | str:
+def run_child(args: argparse.Namespace, var: Variant, counts: bool = True) -> dict | str:
     """One row in a fresh process; the row, or a one-line failure message."""
-    argv = [a for a in sys.argv[1:]]
+    argv = [*sys.argv[1:], "--single", var.spec] + ([] if counts else ["--no-counts"])
     try:
         out = subprocess.run(
-            [sys.executable, __file__, *argv, "--single", var.spec],
+            [sys.executable, __file__, *argv],
             capture_output=True,
             text=True,
             check=False,
@@ -755,6 +776,35 @@ def run_child(args: argparse.Namespace, var: Variant) -> dict | str:
         lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
         return lines[-1]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+#: per-process timings combined over the rounds by their median
+TIMED = ["train_step_ms", "train_windows_s", "train_frames_s", "infer_windows_s", "infer_frames_s"]
+
+
+def combine(rounds: list[dict], ratios: list[float | None]) -> dict:
+    """One table row from a row's measurements in each round (the first one holds the counts)
+    and its per-round ``vs_eager`` ratios (None where that round had no eager row).
+
+    Timings: the median over the rounds, ``train_step_range`` their (min, max); peak memory:
+    the largest; ``vs_eager``: the median of the ratios, ``vs_eager_range`` their (min, max).
+    """
+    row = dict(rounds[0])
+    for key in TIMED:
+        row[key] = statistics.median(r[key] for r in rounds)
+    steps = [r["train_step_ms"] for r in rounds]
+    row["train_step_range"] = (min(steps), max(steps))
+    row["rounds_train_step_ms"] = steps
+    row["peak_mem_mb"] = max(r["peak_mem_mb"] for r in rounds)
+    if row.get("train_gflop") is not None:
+        row["train_gflops_s"] = row["train_gflop"] / row["train_step_ms"] * 1e3
+        row["train_gb_s"] = row["train_gb"] / row["train_step_ms"] * 1e3
+    row["roofline_pct"] = roofline_pct(row.get("roofline_ms"), row["train_step_ms"])
+    known = [x for x in ratios if x is not None]
+    row["rounds_vs_eager"] = ratios
+    row["vs_eager"] = statistics.median(known) if known else None
+    row["vs_eager_range"] = (min(known), max(known)) if len(known) > 1 else None
+    return row
 
 
 def main() -> None:
@@ -777,8 +827,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for rows without fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile rows without eager")
+    ap.add_argument("--adam", choices=list(ADAM), default="for-loop", help="Adam implementation")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="times the row list runs, interleaved (default 3)"
+    )
     ap.add_argument("--profile", action="store_true", help="torch.profiler section per row")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, help="peak compute for the roofline")
@@ -786,8 +840,11 @@ def main() -> None:
     ap.add_argument("--row-timeout", type=float, help="seconds per row (default: none)")
     ap.add_argument("--json", type=Path, help="append results as JSON lines here")
     ap.add_argument("--single", help=argparse.SUPPRESS)
+    ap.add_argument("--no-counts", dest="counts", action="store_false", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     try:
         variants = parse_models(args.models, bf16=args.bf16, compile=args.compile)
         if args.single:
@@ -801,34 +858,58 @@ def main() -> None:
     print(f"# {mach}")
     print(
         f"# batch {args.batch}, T {args.length}, encoders {args.encoders}, rjca {args.mode}, "
-        f"defaults bf16 {args.bf16} compile {args.compile}, median of {args.repeats} after "
-        f"{args.warmup} warm-up"
+        f"defaults bf16 {args.bf16} compile {args.compile}, Adam {args.adam}; median of "
+        f"{args.repeats} after {args.warmup} warm-up per process, {args.rounds} interleaved "
+        "round(s) of fresh processes",
+        flush=True,
     )
+    order = run_order(variants)
+    runs: dict[str, list[dict]] = {v.spec: [] for v in order}
+    ratios: dict[str, list[float | None]] = {v.spec: [] for v in order}
+    failed: dict[str, str] = {}
+    eager_spec = next((v.spec for v in order if v.model == EAGER), None)
+    for r in range(args.rounds):
+        eager_ms = None
+        done = []
+        for var in order:
+            row = run_child(args, var, counts=not runs[var.spec])
+            if isinstance(row, str):
+                failed[var.spec] = row
+                done.append(f"{var.spec} failed")
+                continue
+            if var.spec == eager_spec:
+                eager_ms = row["train_step_ms"]
+            runs[var.spec].append(row)
+            ratio = None if eager_ms is None else eager_ms / row["train_step_ms"]
+            ratios[var.spec].append(ratio)
+            done.append(
+                f"{var.spec} {row['train_step_ms']:.1f} ms"
+                + ("" if ratio is None else f" ({ratio:.2f}x)")
+            )
+        print(f"# round {r + 1}/{args.rounds}: " + ", ".join(done), flush=True)
     print("| " + " | ".join(COLS) + " |")
-    print("|" + "---|" * len(COLS), flush=True)
-    eager_ms = eager_spec = None
+    print("|" + "---|" * len(COLS))
     rows = []
-    for var in run_order(variants):
-        row = run_child(args, var)
-        if isinstance(row, str):
-            print(f"| {var.spec} | failed: {row} |", flush=True)
+    for var in order:
+        if not runs[var.spec]:
+            print(f"| {var.spec} | failed: {failed.get(var.spec, '?')} |")
             continue
-        if var.model == EAGER and eager_ms is None:
-            eager_ms, eager_spec = row["train_step_ms"], var.spec
+        row = combine(runs[var.spec], ratios[var.spec])
         row.update(
             machine=mach,
             batch=args.batch,
             length=args.length,
             encoders=args.encoders,
             mode=args.mode,
-            vs_eager=None if eager_ms is None else eager_ms / row["train_step_ms"],
+            adam=args.adam,
+            rounds=len(runs[var.spec]),
             eager_variant=eager_spec,
         )
         rows.append(row)
         if args.json:
             with args.json.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-        print(table_row(row), flush=True)
+        print(table_row(row))
     for line in profile_section(rows) + footer(rows):
         print(line)
 

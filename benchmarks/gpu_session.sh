@@ -1,55 +1,47 @@
 #!/usr/bin/env bash
-# One-shot GPU measurement for issue #7 (TAGF training >= 3x tagf_eager at batch 64, T = 300;
-# GPU busy time against step time; FLOPs and bytes per step against the device's peaks).
+# Every GPU number of docs/benchmarks.md in one run of about 7 minutes (at most ~10.5):
+# TAGF training throughput against the eager re-creation of the released code (tagf_eager) in
+# fp32, bf16 and bf16 + torch.compile at batch 64 and at the released batch 12 (T = 300), GPU
+# busy time against step time (torch.profiler), FLOPs and bytes per step against the device's
+# peaks (roofline; H100/H200 known), the CUDA tests, and the quickstart recipe trained on CUDA.
 #
-# How a session with the device tool runs it (one call, ~10 minutes):
+# Run it from anywhere on a machine with a CUDA GPU and a Python that has torch:
 #
-#   1. Here, in the repo root, fetch the wheels the GPU machine lacks (pydantic is missing
-#      there; its own needs with it; ~2.6 MB in all, far under the 64 MiB carry limit):
-#        grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
-#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#          --implementation cp --platform manylinux_2_28_x86_64 \
-#          --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#          --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
-#          pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
-#          typing-inspection==0.4.2 typing-extensions==4.15.0
-#      (sizes seen: pydantic 472 KB, pydantic_core cp312 manylinux2014 2.09 MB,
-#      typing_extensions 45 KB, typing_inspection 15 KB, annotated_types 14 KB; one version
-#      of each, or the install stops.)
-#   2. The device tool's call:
-#        run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-#      (kind: nvidia-h100-x1, the default; the roofline peak table knows H100 and H200.)
-#   3. What comes back under $OUT (6 files, the limit is 8):
-#        env.txt        nvidia-smi, python/torch/CUDA/cuDNN versions, TF32 flags, plugins
-#        pytest.log     the CUDA tests (ids containing "cuda": bf16 autocast, no host sync)
-#        bench64.log    batch 64, T 300: tagf_eager, tagf, tagf:bf16, rjca:bf16,
-#                       tagf_temporal:bf16, tagf:bf16+compile, with --profile (busy time,
-#                       top kernels), FLOPs, bytes and the roofline per row
-#        bench12.log    the released batch 12 shapes, every model, fp32 and tagf in bf16
-#        bench.jsonl    every row of both bench runs as JSON lines (batch field tells them apart)
-#        quickstart.log `python -m fusionkit run recipes/quickstart.yaml training.device=cuda`
+#   bash benchmarks/gpu_session.sh                 # results in ./gpu_out
+#   OUT=/tmp/gpu_out PYTHON=python3.12 bash benchmarks/gpu_session.sh
 #
-# What the GPU machine has (device/KINDS.md, 2026-11): Python 3.12, torch 2.11 + torchaudio,
-# numpy, einops, pluggy, typer, rich, safetensors, pyyaml, matplotlib, pytest. Missing and
-# needed: pydantic (+ pydantic-core, annotated-types, typing-inspection; typing-extensions is
-# there but carried so the versions match pydantic's pins) -> the wheels above. Missing and not
-# needed: av (PyAV) is imported only by the affwild2 media/extraction modules, never when the
-# registry loads plugins, by bench.py or by `fusionkit run` on the synthetic data; matplotlib
-# (there anyway) only by report plots. In step (b), test files that import av or jsonschema
-# fail to collect; pytest reports them and (--continue-on-collection-errors) runs the rest.
+# fusionkit need not be installed: the script puts the repository and plugins/ on PYTHONPATH
+# and, when no "fusionkit" entry points are visible, writes a minimal fusionkit dist-info
+# (METADATA + entry_points.txt from pyproject.toml) into $FK_SITE (default /tmp/site), where
+# importlib.metadata finds the plugins. Dependencies the machine lacks (pydantic and its own
+# needs, typically) can be put as wheels into .whl/ in the repository root; they are installed
+# into $FK_SITE without network access, e.g. fetched beforehand on another machine with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#     pydantic pydantic-core annotated-types typing-inspection typing-extensions
+# (one version of each, matching pydantic's pins). PyAV is not needed: only the Aff-Wild2
+# extraction modules import it; test files that need it are reported and skipped.
 #
-# fusionkit is not pip-installed there: it runs from PYTHONPATH (repo root + plugins/). Its
-# registry finds plugins only through the "fusionkit" entry-point group (importlib.metadata,
-# fusionkit/registry.py), so when no such entry points are visible the script writes a minimal
-# fusionkit-<version>.dist-info (METADATA + entry_points.txt from pyproject.toml) into
-# /tmp/site, which is on PYTHONPATH; importlib.metadata finds it like an installed package.
+# What it writes to $OUT:
+#   env.txt        nvidia-smi, python/torch/CUDA/cuDNN versions, TF32 flags, plugins
+#   pytest.log     the CUDA tests (ids containing "cuda": bf16 autocast, no host sync)
+#   bench64.log    batch 64, T 300: tagf_eager, tagf, tagf:bf16, rjca:bf16,
+#                  tagf_temporal:bf16, tagf:bf16+compile, with --profile (busy time,
+#                  top kernels), FLOPs, bytes and the roofline per row
+#   levers.log     the TAGF gate (batch 12, T 300) through nn.LSTM (cuDNN) and through the
+#                  fused step_scores, forward + backward: which one a GPU should use
+#   bench12.log    the released batch 12 shapes, every model, fp32 and tagf in bf16
+#   bench.jsonl    every row of both bench runs as JSON lines (the batch field tells them apart)
+#   quickstart.log `python -m fusionkit run recipes/quickstart.yaml training.device=cuda`
 #
-# Time budget (each step is capped with `timeout`, and a failed or timed-out step does not stop
-# the next): setup ~10 s, (a) 20 s, (b) 60 s, (c) 330 s, (d) 90 s, (e) 60 s: at most ~570 s
-# of the 600 s call; expected ~6 min. Caps can be changed with T_A .. T_E (seconds). Each
-# bench row also has its own cap (--row-timeout: 200 s at batch 64, for the compile row).
+# Each step is capped with `timeout`, and a failed or timed-out step does not stop the next:
+# setup ~10 s, (a) 20 s, (b) 60 s, (c) 330 s, (c2) 60 s, (d) 90 s, (e) 60 s, ~630 s at
+# most; the caps are T_A .. T_F (seconds). Each bench row has its own cap too (--row-timeout:
+# 200 s at batch 64, for the compile row). GPU timings are steady, so each bench row runs once
+# (--rounds 1). In the CPU check below (FK_QUICK=1) the levers step runs the full CPU shapes and
+# may hit its cap; that is harmless.
 #
-# Local smoke test of the same steps on the CPU (small shapes, no CUDA):
+# The same steps on the CPU with tiny shapes, to check the script itself:
 #   FK_DEVICE=cpu FK_QUICK=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
 
 set -o pipefail
@@ -63,13 +55,13 @@ read -ra PY <<<"${PYTHON:-python3}" # an array: PYTHON may carry flags
 mkdir -p "$SITE"
 
 if [ "${FK_QUICK:-0}" = 1 ]; then # CPU smoke test of this script: tiny shapes
-  B64=(--batch 2 --length 40 --repeats 1 --warmup 1 --threads 2)
-  B12=(--batch 1 --length 40 --repeats 1 --warmup 1 --threads 2)
+  B64=(--batch 2 --length 40 --repeats 1 --warmup 1 --threads 2 --rounds 1)
+  B12=(--batch 1 --length 40 --repeats 1 --warmup 1 --threads 2 --rounds 1)
   BIG_MODELS="tagf_eager,tagf,tagf:bf16,rjca:bf16"
   QS_EXTRA=(training.epochs=1)
 else
-  B64=(--batch 64 --length 300 --repeats 10 --warmup 3)
-  B12=(--batch 12 --length 300 --repeats 10 --warmup 3)
+  B64=(--batch 64 --length 300 --repeats 10 --warmup 3 --rounds 1)
+  B12=(--batch 12 --length 300 --repeats 10 --warmup 3 --rounds 1)
   # the compile row last: if compiling runs long, it cannot starve the other rows
   BIG_MODELS="tagf_eager,tagf,tagf:bf16,rjca:bf16,tagf_temporal:bf16,tagf:bf16+compile"
   QS_EXTRA=()
@@ -143,10 +135,15 @@ print("components:", ", ".join(f"{c.kind}/{c.name}" for c in r.components()))
 step "cuda tests" "$OUT/pytest.log" "${T_B:-60}" -- "${PY[@]}" -m pytest -q -p no:cacheprovider \
   --continue-on-collection-errors -k cuda tests
 
-# --- (c) issue #7: batch 64, T 300, with the profiler -----------------------------------------
+# --- (c) batch 64, T 300, with the profiler ----------------------------------------------------
 step "bench batch 64" "$OUT/bench64.log" "${T_C:-330}" -- "${PY[@]}" benchmarks/bench.py \
   --device "$DEV" "${B64[@]}" --models "$BIG_MODELS" --profile --row-timeout 200 \
   --json "$OUT/bench.jsonl"
+
+# --- (c2) the TAGF gate on the GPU: nn.LSTM (cuDNN) against the fused step_scores -----------
+# (TAGFGate.fused picks the modules on a GPU by default, the fused path on the CPU)
+step "gate levers" "$OUT/levers.log" "${T_F:-60}" -- "${PY[@]}" benchmarks/levers.py \
+  --device "$DEV" --groups gate --no-compile --repeats 10
 
 # --- (d) the released shapes: batch 12 --------------------------------------------------------
 step "bench batch 12" "$OUT/bench12.log" "${T_D:-90}" -- "${PY[@]}" benchmarks/bench.py \

@@ -1,8 +1,14 @@
-"""Shared fixtures: a tiny in-test dataset registered next to the installed plugins."""
+"""Shared fixtures: a tiny in-test dataset registered next to the installed plugins.
+
+Tests run torch on one thread (and so do the processes they start): on a busy 2-core machine
+two threads per process can be many times slower than one.
+"""
 
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import textwrap
 from pathlib import Path
 from typing import ClassVar
@@ -14,6 +20,7 @@ from pydantic import BaseModel, Field
 from fusionkit.core.interfaces import Video
 from fusionkit.core.registry import Registry, load_registry
 
+torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 

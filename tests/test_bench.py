@@ -287,3 +287,72 @@ def test_cuda_rows_render_with_busy_time_roofline_and_tf32_note() -> None:
     assert "| 0.25 | 50.0% | 50.0% |" in text and "top-5 CUDA kernels" in text
     foot = "\n".join(bench.footer([row]))
     assert "H100 SXM5 datasheet" in foot and "cuDNN True" in foot and "798 TFLOP/s" in foot
+
+
+# --- rounds -----------------------------------------------------------------------------------
+
+
+def _measured(step_ms: float, gflop: float | None = 1.0) -> dict:
+    return {
+        "model": "tagf",
+        "variant": "tagf",
+        "precision": "fp32",
+        "bf16": False,
+        "compile": False,
+        "params": 10,
+        "train_step_ms": step_ms,
+        "train_windows_s": 1e3 / step_ms,
+        "train_frames_s": 3e5 / step_ms,
+        "infer_windows_s": 2e3 / step_ms,
+        "infer_frames_s": 6e5 / step_ms,
+        "peak_mem_mb": step_ms,
+        "train_gflop": gflop,
+        "train_gb": None if gflop is None else 2.0,
+        "roofline_ms": None,
+    }
+
+
+def test_rounds_combine_into_medians_ranges_and_side_by_side_ratios() -> None:
+    """Timings: the median over the rounds with their range; the ratio to the eager row: the
+    median of the per-round ratios (rows of one round ran side by side), with its range."""
+    rounds = [_measured(100.0), _measured(300.0, None), _measured(200.0, None)]
+    row = bench.combine(rounds, [2.0, 1.5, None])
+    assert row["train_step_ms"] == 200.0 and row["train_step_range"] == (100.0, 300.0)
+    assert row["infer_frames_s"] == pytest.approx(6e5 / 200.0)
+    assert row["peak_mem_mb"] == 300.0  # the largest
+    assert row["train_gflop"] == 1.0  # counted in the first round
+    assert row["train_gflops_s"] == pytest.approx(1.0 / 0.2)
+    assert row["vs_eager"] == pytest.approx(1.75) and row["vs_eager_range"] == (1.5, 2.0)
+    line = bench.table_row(row)
+    assert "| 200.0 | 100.0-300.0 | 1.75x (1.50-2.00) |" in line
+    assert line.count("|") == len(bench.COLS) + 1
+    one = bench.combine([_measured(50.0)], [None])
+    assert one["vs_eager"] is None and one["vs_eager_range"] is None
+    assert one["train_step_range"] == (50.0, 50.0)
+
+
+def test_adam_implementations() -> None:
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert bench.make_adam(p, "for-loop").defaults["foreach"] is False
+    assert bench.make_adam(p, "foreach").defaults["foreach"] is True
+    assert bench.make_adam(p, "fused").defaults["fused"] is True
+
+
+def test_rows_run_interleaved_in_rounds_with_counts_once(monkeypatch, capsys) -> None:
+    """--rounds 2: the row list runs twice in turn, eager row first in each round; FLOPs and
+    bytes are asked for in the first round only; ratios are per round."""
+    calls = []
+
+    def fake_child(args, var, counts=True):
+        calls.append((var.spec, counts))
+        ms = {"tagf_eager": 300.0, "tagf": 100.0 if len(calls) <= 2 else 150.0}[var.spec]
+        return _measured(ms, 1.0 if counts else None)
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--models", "tagf,tagf_eager", "--rounds", "2"])
+    bench.main()
+    assert calls == [("tagf_eager", True), ("tagf", True), ("tagf_eager", False), ("tagf", False)]
+    out = capsys.readouterr().out
+    assert "# round 1/2: tagf_eager 300.0 ms (1.00x), tagf 100.0 ms (3.00x)" in out
+    assert "# round 2/2: tagf_eager 300.0 ms (1.00x), tagf 150.0 ms (2.00x)" in out
+    assert "| 2.50x (2.00-3.00) |" in out

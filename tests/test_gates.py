@@ -269,3 +269,145 @@ def test_bf16_autocast_cuda(name: str) -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gate.parameters())
     for w in out.weights.values():
         torch.testing.assert_close(w.float().sum(-1), torch.ones(3, 9, device="cuda"))
+
+
+# ------------------------------------------------------------- tagf fast path (step_scores)
+
+
+def _reference_scores(enc, x: torch.Tensor) -> torch.Tensor:
+    """The released computation through the modules: nn.LSTM, nn.Dropout, Linear, normalize."""
+    return enc(x).mean(dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("n", "s", "d", "block"),
+    [(40, 3, 8, None), (40, 3, 8, 7), (13, 1, 6, 4), (9, 4, 6, 2), (5, 2, 6, 1)],
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_step_scores_equal_the_module_path_values_and_gradients(n, s, d, block, train) -> None:
+    """float64, so that any difference is a bug and not rounding: the same scores and the same
+    gradients for the input and every parameter, in train mode with the dropout mask that
+    nn.Dropout draws from the same generator state (blocks of frames: any size, last partial)."""
+    from fusionkit_rjca.gates import StepEncoder
+    from fusionkit_rjca.step_scores import step_scores
+
+    enc = StepEncoder(d, 2 * d, 0.3).double().train(train)
+    with torch.no_grad():
+        enc.proj.bias.normal_()
+    x = torch.randn(n, s, d, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    ref = _reference_scores(enc, x1)
+    torch.manual_seed(1)  # the draws of nn.Dropout on the (N, S, 3D) concatenation
+    noise = torch.empty(n, s, 3 * d, dtype=torch.float64).bernoulli_(0.7).div_(0.7)
+    got = step_scores(enc.lstm, enc.init_state, enc.proj, x2, 0.3, train, block=block, noise=noise)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    w = torch.randn_like(ref)
+    params = list(enc.parameters())
+    g_ref = torch.autograd.grad((ref * w).sum(), [x1, *params])
+    g_got = torch.autograd.grad((got * w).sum(), [x2, *params])
+    names = ["x"] + [name for name, _ in enc.named_parameters()]
+    for name, a, b in zip(names, g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=lambda m, k=name: f"{k}: {m}")
+
+
+def test_step_scores_pass_gradcheck() -> None:
+    from fusionkit_rjca.gates import StepEncoder
+    from fusionkit_rjca.step_scores import step_scores
+
+    enc = StepEncoder(3, 4, 0.0).double()
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        return step_scores(enc.lstm, enc.init_state, enc.proj, x, block=2)
+
+    assert torch.autograd.gradcheck(f, (x, *enc.parameters()))
+
+
+def test_tagf_gate_uses_the_fast_path_with_the_released_math() -> None:
+    """The gate's weights equal softmax(mean(encoder(x)) / tau) from the module path, with the
+    fast path (the default on the CPU) and with the modules (fused = False)."""
+    gate = _build("tagf").eval()
+    assert gate.fused is None
+    stacks = _stacks(2, 7)
+    out = gate(stacks, _mask([7, 7], 7))
+    gate.fused = False
+    modules = gate(stacks, _mask([7, 7], 7))
+    for m, x in stacks.items():
+        score = _reference_scores(gate.encoder[m], x.reshape(14, S, -1)).reshape(2, 7, S)
+        want = torch.softmax(score / 0.1, dim=-1)
+        torch.testing.assert_close(out.weights[m], want)
+        torch.testing.assert_close(modules.weights[m], want)
+
+
+def test_tagf_dropout_keeps_the_released_rate_and_scale() -> None:
+    """In train mode the gate's dropout (p = 0.1 on [x || h]) changes the weights from draw to
+    draw; the fast path's mask keeps each unit with probability 1 - p, scaled by 1 / (1 - p)."""
+    from fusionkit_rjca.dropout import dropout_noise
+
+    gate = _build("tagf").train()
+    stacks = _stacks(2, 9)
+    w1 = gate(stacks, _mask([9, 9], 9)).weights["video"]
+    w2 = gate(stacks, _mask([9, 9], 9)).weights["video"]
+    assert not torch.allclose(w1, w2)
+    noise = dropout_noise((400, 1000), 0.1, device=torch.device("cpu"), dtype=torch.float32)
+    kept = noise > 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005  # 4e5 draws: sd 4.7e-4
+    torch.testing.assert_close(noise[kept], torch.full_like(noise[kept], 1 / 0.9))
+
+
+def test_tagf_state_dict_layout_is_unchanged() -> None:
+    """Checkpoints keep loading: the gate's parameter names and shapes are those of the released
+    layout (nn.LSTM weights, one init_state per stream, the Linear)."""
+    gate = _build("tagf", {"video": 256, "audio": 128})
+    want = {}
+    for m, d in {"audio": 128, "video": 256}.items():
+        p = f"encoder.{m}."
+        for suffix in ("", "_reverse"):
+            want[p + f"lstm.weight_ih_l0{suffix}"] = (4 * d, d)
+            want[p + f"lstm.weight_hh_l0{suffix}"] = (4 * d, d)
+            want[p + f"lstm.bias_ih_l0{suffix}"] = (4 * d,)
+            want[p + f"lstm.bias_hh_l0{suffix}"] = (4 * d,)
+        want[p + "init_state"] = (4, d)
+        want[p + "proj.weight"] = (2 * d, 3 * d)
+        want[p + "proj.bias"] = (2 * d,)
+    assert {k: tuple(v.shape) for k, v in gate.state_dict().items()} == want
+
+
+def test_tagf_bf16_autocast_runs_the_fast_path_in_bf16() -> None:
+    """Under bf16 autocast the fast path computes in bf16 (like nn.LSTM and nn.Linear do):
+    weights near the float32 ones (eval), finite gradients (train)."""
+    gate = _build("tagf")
+    stacks = {m: x.requires_grad_() for m, x in _stacks(3, 5).items()}
+    mask = _mask([5, 5, 2], 5)
+    exact = gate.eval()(stacks, mask).weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gate(stacks, mask).weights
+        out = gate.train()(stacks, mask)
+    for m, w in low.items():
+        assert w.dtype == torch.float32  # the softmax runs in float32
+        torch.testing.assert_close(w, exact[m], atol=0.02, rtol=0)
+    out.features.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gate.parameters())
+
+
+@pytest.mark.parametrize("block", [7, None])
+def test_step_scores_draw_their_dropout_block_by_block_as_one_draw(block) -> None:
+    """On the CPU the mask is drawn per block of frames, the same numbers as one
+    ``rand(N, S, D + 2H) < 1 - p`` for all frames: the result does not depend on the block."""
+    from fusionkit_rjca.gates import StepEncoder
+    from fusionkit_rjca.step_scores import step_scores
+
+    enc = StepEncoder(8, 16, 0.3).double().train()
+    x = torch.randn(50, 3, 8, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(4)
+    got = step_scores(enc.lstm, enc.init_state, enc.proj, x, 0.3, True, block=block)
+    torch.manual_seed(4)
+    noise = (torch.rand(50, 3, 24) < 0.7).double() / 0.7
+    ref = step_scores(enc.lstm, enc.init_state, enc.proj, x, 0.3, True, noise=noise)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    params = [x, *enc.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(got.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

@@ -98,3 +98,15 @@ def test_the_layers_and_their_usual_forms_as_seen_by_host_syncs() -> None:
     assert any(s.startswith("_pack_padded_sequence") for s in packed)
     indexed = host_syncs(lambda: bn(flat[keep]))
     assert any(s.startswith("index:") for s in indexed)
+
+
+def test_masked_batch_norm_keeps_float64_in_float64() -> None:
+    """Statistics in at least float32: float64 inputs are not rounded to float32 (the eager
+    parity tests compare whole models in float64)."""
+    torch.manual_seed(0)
+    ours, ref = nn.BatchNorm1d(4).double(), nn.BatchNorm1d(4).double()
+    x = torch.randn(30, 4, dtype=torch.float64) * 5 + 3
+    got = masked_batch_norm(ours, x, torch.ones(30, dtype=torch.bool))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-12)

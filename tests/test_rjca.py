@@ -322,3 +322,31 @@ def test_bf16_autocast_cuda(mode: str) -> None:
     assert out["video"].shape == (3, 20, 3, DV)
     sum(v.float().sum() for v in out.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fus.parameters())
+
+
+# ------------------------------------------------------------------------------- dropout
+
+
+def test_fast_dropout_is_dropout_with_the_same_rate_and_scale() -> None:
+    """The fusion's dropout modules: nn.Dropout subclasses (no state, same repr), a mask
+    kept with probability 1 - p and scaled by 1 / (1 - p), identity in eval or at p = 0, and
+    the gradient is the mask."""
+    from torch import nn
+
+    from fusionkit_rjca.dropout import FastDropout
+
+    fus = _build(mode="faithful", length=8)
+    drops = [m for m in fus.modules() if isinstance(m, nn.Dropout)]
+    assert drops and all(isinstance(m, FastDropout) and m.p == 0.6 for m in drops)
+    assert not any("dropout" in k for k in fus.state_dict())
+    drop = FastDropout(0.25).train()
+    x = torch.randn(500, 800, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # 4e5 draws: sd 7e-4
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert drop.eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))

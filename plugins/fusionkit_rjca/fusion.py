@@ -18,6 +18,9 @@ Modes (how ``key_m`` is defined):
   ``Linear(d_m -> d_m)`` on the feature axis; any ``T`` works. With ``W_km = I`` and zero bias
   in both modes (and ``T = L``) the two give identical outputs.
 
+Dropout draws its masks as ``rand < 1 - p`` on the CPU (:class:`~fusionkit_rjca.dropout.
+FastDropout`: the distribution of ``nn.Dropout``, half its random-number cost).
+
 Padding (``mask_padding``, fusionkit variant): padded frames are zeroed in ``K_m`` before the
 time contraction (and, in faithful mode, also in the input of the time-axis Linear), so the
 content of padded frames never reaches a valid frame. The released code sums over padded
@@ -48,6 +51,7 @@ from fusionkit.plugin import (
     register,
     xavier_init_,
 )
+from fusionkit_rjca.dropout import FastDropout
 
 __all__ = ["JointCrossAttentionStep", "RJCAFusion", "RJCAParams", "build_rjca"]
 
@@ -156,8 +160,8 @@ class JointCrossAttentionStep(nn.Module):
         )
         self.value = nn.ModuleDict({m: nn.Linear(dims[m], dims[m]) for m in order})
         self.out = nn.ModuleDict({m: nn.Linear(d, dims[m]) for m in order})
-        self.corr_dropout = nn.ModuleDict({m: nn.Dropout(dropout) for m in order})
-        self.out_dropout = nn.ModuleDict({m: nn.Dropout(dropout) for m in order})
+        self.corr_dropout = nn.ModuleDict({m: FastDropout(dropout) for m in order})
+        self.out_dropout = nn.ModuleDict({m: FastDropout(dropout) for m in order})
 
     def _key(self, m: str, x: Tensor, valid: Tensor) -> Tensor:
         """``K_m`` as ``(B, T, d_m)`` with padded frames zeroed when ``mask_padding``."""
@@ -172,7 +176,8 @@ class JointCrossAttentionStep(nn.Module):
         """``xs``: ``{m: (B, T, d_m)}``, ``mask``: ``(B, T)`` -> updated ``{m: (B, T, d_m)}``."""
         joint = self.query(torch.cat([xs[m] for m in self.order], dim=-1))  # b t d
         valid = rearrange(mask, "b t -> b t 1").to(joint.dtype)
-        scale = torch.full((mask.shape[0], 1, 1), self.scale, device=joint.device)
+        wide = torch.float64 if joint.dtype == torch.float64 else torch.float32
+        scale = torch.full((mask.shape[0], 1, 1), self.scale, device=joint.device, dtype=wide)
         if self.correlation == "mean":
             n_valid = (
                 mask.sum(dim=1).clamp(min=1)

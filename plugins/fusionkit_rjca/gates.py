@@ -4,7 +4,8 @@
   ``fused = ReLU(sum_i w_i X^(i))``.
 * ``tagf`` (as released, ABAW9): per frame, a BiLSTM runs over the ``S`` *steps*; its
   unit-norm encoding is averaged over features into one score per step,
-  ``w = softmax(score / tau)``, ``fused = sum_i w_i X^(i)`` (no ReLU).
+  ``w = softmax(score / tau)``, ``fused = sum_i w_i X^(i)`` (no ReLU). On the CPU the encoder
+  runs as one fused function (:mod:`fusionkit_rjca.step_scores`, same parameters and math).
 * ``tagf_temporal`` (fusionkit reading of "time-aware"): per stream, a BiLSTM runs over
   *time* on the last step (or the step mean), ``w = softmax(Linear_{2H -> S}(h_t) / tau)``.
 
@@ -31,6 +32,7 @@ from fusionkit.plugin import (
     shifted_bilstm,
     xavier_init_,
 )
+from fusionkit_rjca.step_scores import step_scores
 
 __all__ = [
     "GRJCAGate",
@@ -44,6 +46,11 @@ __all__ = [
     "build_tagf",
     "build_tagf_temporal",
 ]
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float32 for the softmax, or as it is when wider (float64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class _StackGate(nn.Module):
@@ -119,7 +126,7 @@ class GRJCAGate(_StackGate):
 
     def _weights(self, s: str, stack: Tensor, mask: Tensor) -> Tensor:
         logits = self.score[s](stack[:, :, -1])  # b t s
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.softmax(_wide(logits) / self.temperature, dim=-1)
 
     def _post(self, fused: Tensor) -> Tensor:
         return torch.relu(fused) if self.relu else fused
@@ -170,6 +177,17 @@ class StepEncoder(nn.Module):
         e = self.proj(self.dropout(torch.cat([x, h], dim=-1)))
         return F.normalize(e, dim=-1)
 
+    def scores(self, x: Tensor) -> Tensor:
+        """``self(x).mean(-1)``: ``(N, S, D) -> (N, S)``, the gate's per-step scores.
+
+        Computed by :func:`~fusionkit_rjca.step_scores.step_scores`: the same parameters and
+        math, the BiLSTM over the few steps unrolled as batched products; dropout keeps the
+        same rate and scale with other random draws than ``nn.Dropout`` (``rand < 1 - p``).
+        """
+        return step_scores(
+            self.lstm, self.init_state, self.proj, x, self.dropout.p, self.dropout.training
+        )
+
 
 class TAGFGate(_StackGate):
     """Released TAGF gate: a BiLSTM across the recursion steps of each frame.
@@ -180,6 +198,10 @@ class TAGFGate(_StackGate):
 
     name = "tagf"
     frame_local = True  # the BiLSTM runs over the steps of one frame
+    #: how the encoders run: True the fused :func:`step_scores`, False the modules (``nn.LSTM``,
+    #: cuDNN on a GPU), None (default) fused on the CPU and the modules elsewhere (the fused
+    #: path is measured on the CPU only). The same parameters and math either way.
+    fused: bool | None = None
 
     def __init__(self, params: TAGFParams, in_dims: dict[str, int], num_steps: int) -> None:
         super().__init__(in_dims, num_steps)
@@ -193,7 +215,9 @@ class TAGFGate(_StackGate):
     def _weights(self, s: str, stack: Tensor, mask: Tensor) -> Tensor:
         b = stack.shape[0]
         per_frame = rearrange(stack, "b t s d -> (b t) s d")
-        score = reduce(self.encoder[s](per_frame).float(), "n s e -> n s", "mean")
+        fused = stack.device.type == "cpu" if self.fused is None else self.fused
+        enc = self.encoder[s]
+        score = _wide(enc.scores(per_frame) if fused else enc(per_frame).mean(dim=-1))
         w = torch.softmax(score / self.temperature, dim=-1)
         return rearrange(w, "(b t) s -> b t s", b=b)
 
@@ -250,7 +274,7 @@ class TAGFTemporalGate(_StackGate):
             seq = reduce(stack, "b t s d -> b t d", "mean")
         h = shifted_bilstm(self.lstm[s], seq, mask)
         logits = self.score[s](h)  # b t s
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+        return torch.softmax(_wide(logits) / self.temperature, dim=-1)
 
     def _post(self, fused: Tensor) -> Tensor:
         return torch.relu(fused) if self.relu else fused
