@@ -114,12 +114,24 @@ def _check_splits(recipe: Recipe, dataset: Dataset) -> None:
         raise RecipeError(problems, recipe.source)
 
 
+#: The last dataset built in this process, by (registry, name, params): grid points that share
+#: their data (seeds, models) reuse it instead of reading or generating it again. Datasets
+#: hand out their videos read-only (perturbations work on copies).
+_last_dataset: dict[tuple[int, str, str], Dataset] = {}
+
+
 def build_dataset(recipe: Recipe, registry: Registry) -> Dataset:
     """The recipe's dataset (clean: without training perturbations)."""
+    key = (id(registry), recipe.data.name, recipe.data.params.model_dump_json())
+    if key in _last_dataset:
+        return _last_dataset[key]
     try:
-        return registry.build("dataset", recipe.data.name, recipe.data.params, where="data")
+        dataset = registry.build("dataset", recipe.data.name, recipe.data.params, where="data")
     except RecipeError as exc:
         raise RecipeError(exc.problems, recipe.source) from None
+    _last_dataset.clear()
+    _last_dataset[key] = dataset
+    return dataset
 
 
 @dataclass
