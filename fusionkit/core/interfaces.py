@@ -73,6 +73,10 @@ class Video:
         present: modality -> ``(N,)`` bool, ``False`` on frames where the modality was not
             observed (no face crop, no audio track); a modality not listed is present on every
             frame. fusionkit warns about videos in which a modality is never present.
+        flags: name -> ``(N,)`` bool, ``True`` on frames in a condition the dataset knows of
+            (e.g. ``"audio unreliable"``). Not a model input: fusionkit saves the flags with
+            the predictions and ``fusionkit report`` shades the flagged frames in its gate
+            plots. Names are short plain text without ``/``.
     """
 
     name: str
@@ -82,6 +86,7 @@ class Video:
     fps: float = 30.0
     frame_ids: Tensor | None = None
     present: dict[str, Tensor] = field(default_factory=dict)
+    flags: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:
@@ -175,6 +180,14 @@ class FrameLocal(Protocol):
 
 
 @runtime_checkable
+class NamedSteps(Protocol):
+    """A fusion whose stacked steps have names (e.g. the modalities it stacks), in step order;
+    the report labels the gate weights over the steps with them."""
+
+    step_names: Sequence[str]
+
+
+@runtime_checkable
 class Fusion(Protocol):
     """``{modality: (B, T, D_m)} -> {stream: (B, T, S, D_s)}``.
 
@@ -183,7 +196,7 @@ class Fusion(Protocol):
         num_steps: ``S``, the number of stacked steps (1 for a plain fusion).
         fixed_length: the only window length ``T`` the fusion accepts, or ``None``.
 
-    Optional: :class:`FrameLocal`.
+    Optional: :class:`FrameLocal`, :class:`NamedSteps`.
     """
 
     out_dims: dict[str, int]

@@ -181,6 +181,17 @@ class FrameStore:
                 feats[m].append(x.float())
             labels = v.labels[:, list(target_columns)]
             _check_finite(v, "labels", labels[v.label_mask.bool()], where)
+            for flag, on in v.flags.items():
+                if not isinstance(flag, str) or not flag or "/" in flag or len(flag) > 64:
+                    raise DataError(
+                        f"{where}: video {v.name!r}: flag name {flag!r} must be 1-64 characters "
+                        "without '/'"
+                    )
+                if on.dtype != torch.bool or tuple(on.shape) != (v.num_frames,):
+                    raise DataError(
+                        f"{where}: video {v.name!r}: flags[{flag!r}] is {on.dtype} "
+                        f"{tuple(on.shape)}, expected bool ({v.num_frames},)"
+                    )
         for m, names in absent.items():
             warnings.warn(
                 f"{where}: {len(names)} of {len(videos)} videos have no {m} at all (e.g. "
@@ -194,6 +205,14 @@ class FrameStore:
         cols = list(target_columns)
         self.targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
         self.target_mask = torch.cat([v.label_mask.bool() for v in videos]).to(device)
+        names = sorted({f for v in videos for f in v.flags})
+        #: flag name -> (total frames,) bool on the CPU (False on videos without the flag)
+        self.flags = {
+            f: torch.cat(
+                [v.flags.get(f, torch.zeros(v.num_frames, dtype=torch.bool)) for v in videos]
+            )
+            for f in names
+        }
         starts, vids = [], []
         for i, v in enumerate(videos):
             s = window_starts(v.num_frames, window, hop)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fusionkit.core.errors import CheckpointError, TrainingError
+from fusionkit.core.interfaces import NamedSteps
 from fusionkit.engine.checkpoint import (
     TrainState,
     load_state,
@@ -426,11 +427,17 @@ class Trainer:
                 tensors[f"label_mask/{name}"] = store.target_mask[sl].cpu().to(torch.uint8)
                 for s, w in p.gate_weights.items():
                     tensors[f"gate/{s}/{name}"] = w[sl]
+                for f, on in store.flags.items():
+                    if bool(on[sl].any()):
+                        tensors[f"flag/{f}/{name}"] = on[sl].to(torch.uint8)
             meta = {
                 "targets": json.dumps(list(self.targets)),
                 "videos": json.dumps(store.names),
                 "data_fingerprint": store.fingerprint(),
             }
+            fusion = self.model.fusion
+            if isinstance(fusion, NamedSteps):
+                meta["step_names"] = json.dumps([str(n) for n in fusion.step_names])
             rel = f"{PREDICTIONS_DIR}/{split}.safetensors"
             save_tensors(self.run / rel, tensors, meta)
             names.append(rel)

@@ -89,6 +89,28 @@ def zoomed_limits(low: np.ndarray, high: np.ndarray, pad: float = 0.15) -> tuple
     return lo - margin, hi + margin
 
 
+#: up to this many lines share one axes legend; more go into a legend below the figure
+INLINE_LEGEND = 8
+
+
+def line_style(i: int) -> str:
+    """Line style of line ``i``: solid for the first 10 colours, then dashed, dotted, ..."""
+    return ("-", "--", ":", "-.")[(i // 10) % 4]
+
+
+def _legend_height(n: int) -> float:
+    """Extra figure height (inches) for a legend of ``n`` lines below the axes."""
+    return 0.0 if n <= INLINE_LEGEND else 0.2 * math.ceil(n / 2) + 0.2
+
+
+def _legend(fig: Figure, ax: Any, n: int) -> None:
+    if n <= INLINE_LEGEND:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=2)
+
+
 def ccc_bars_figure(
     variants: Sequence[str],
     metrics: Sequence[str],
@@ -189,20 +211,21 @@ def learning_curves(curves: Sequence[dict[str, Any]], panels: Sequence[str], tit
     """
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(5.2 * len(panels) + 0.6, 3.8)
+    fig = _figure(5.2 * len(panels) + 0.6, 3.8 + _legend_height(len(curves)))
     axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
     for ax, panel in zip(axes, panels, strict=True):
         for i, c in enumerate(curves):
             x = np.asarray(c["epoch"], dtype=float)
             mean, low, high = (np.asarray(v, dtype=float) for v in c[panel])
-            ax.plot(x, mean, marker="o", ms=3, lw=1.5, color=color(i), label=plain(c["label"]))
+            ax.plot(x, mean, marker="o", ms=3, lw=1.5, color=color(i), ls=line_style(i),
+                    label=plain(c["label"]))  # fmt: skip
             if np.any(high > low):
                 ax.fill_between(x, low, high, color=color(i), alpha=0.15, lw=0)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(plain(panel))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    _legend(fig, axes[0], len(curves))
     fig.suptitle(plain(title), fontsize=10)
     return _png(fig)
 
@@ -214,40 +237,57 @@ def robustness_curves(
 
     Each curve: ``{"label", "x", "mean", "std"}`` (sequences of equal length).
     """
-    fig = _figure(7.5, 4.2)
+    fig = _figure(7.5, 4.2 + _legend_height(len(curves)))
     ax = fig.subplots()
     for i, c in enumerate(curves):
         x = np.asarray(c["x"], dtype=float)
         y = np.asarray(c["mean"], dtype=float)
         s = np.nan_to_num(np.asarray(c["std"], dtype=float), nan=0.0)
-        ax.plot(x, y, marker="o", ms=4, lw=1.6, color=color(i), label=plain(c["label"]))
+        ax.plot(x, y, marker="o", ms=4, lw=1.6, color=color(i), ls=line_style(i),
+                label=plain(c["label"]))  # fmt: skip
         if np.any(s > 0):
             ax.fill_between(x, y - s, y + s, color=color(i), alpha=0.15, lw=0)
     ax.set_xlabel(plain(axis_label))
     ax.set_ylabel(plain(ylabel))
     ax.set_title(plain(title), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _legend(fig, ax, len(curves))
     return _png(fig)
 
 
-def gate_traces(videos: Sequence[dict[str, Any]], targets: Sequence[str], title: str) -> bytes:
+def gate_traces(
+    videos: Sequence[dict[str, Any]],
+    targets: Sequence[str],
+    title: str,
+    step_names: Sequence[str] | None = None,
+) -> bytes:
     """Per video (columns): valence/arousal prediction vs label, then each stream's gate
     weights over the recursion steps, stacked (they sum to 1 per frame for softmax gates).
+    Frames the dataset flagged (e.g. ``audio unreliable``) are shaded in every panel.
 
     Each video: ``{"name", "pred" (N, n_targets), "target" (N, n_targets), "mask" (N,),
-    "gates": {stream: (N, S)}}``.
+    "gates": {stream: (N, S)}, "flags": {name: (N,) bool}}`` (``flags`` optional).
+    ``step_names``: labels of the ``S`` steps (``step j`` when None or of another length).
     """
     streams = sorted({s for v in videos for s in v["gates"]})
+    flag_names = sorted({f for v in videos for f in v.get("flags", {})})
+    shade = {f: color(2 + 2 * i) for i, f in enumerate(flag_names)}
     rows = len(targets) + len(streams)
     cols = len(videos)
     fig = _figure(4.2 * cols + 0.6, 1.55 * rows + 0.7)
     axes = np.atleast_2d(fig.subplots(rows, cols, sharex="col", squeeze=False))
+
+    def flagged(ax: Any, v: dict[str, Any], t: np.ndarray) -> None:
+        for f, on in v.get("flags", {}).items():
+            ax.fill_between(t, 0, 1, where=on, step="mid", color=shade[f], alpha=0.18, lw=0,
+                            transform=ax.get_xaxis_transform(), label=plain(f))  # fmt: skip
+
     for c, v in enumerate(videos):
         n = v["pred"].shape[0]
         t = np.arange(n)
         for r, name in enumerate(targets):
             ax = axes[r, c]
+            flagged(ax, v, t)
             label = np.where(v["mask"], v["target"][:, r], np.nan)
             ax.plot(t, label, color="black", lw=1.2, label="label")
             ax.plot(t, v["pred"][:, r], color=color(r), lw=1.2, label="prediction")
@@ -257,8 +297,6 @@ def gate_traces(videos: Sequence[dict[str, Any]], targets: Sequence[str], title:
                 ax.set_ylabel(plain(name))
             if r == 0:
                 ax.set_title(plain(v["name"]), fontsize=9)
-            if r == 0 and c == cols - 1:
-                ax.legend(fontsize=7, loc="lower right")
         for k, s in enumerate(streams):
             ax = axes[len(targets) + k, c]
             w = v["gates"].get(s)
@@ -266,14 +304,25 @@ def gate_traces(videos: Sequence[dict[str, Any]], targets: Sequence[str], title:
                 ax.set_axis_off()
                 continue
             steps = w.shape[1]
-            ax.stackplot(t, w.T, colors=[color(6 + j) for j in range(steps)],
-                         labels=[f"step {j}" for j in range(steps)], alpha=0.85)  # fmt: skip
+            names = (
+                [plain(str(x)) for x in step_names]
+                if step_names is not None and len(step_names) == steps
+                else [f"step {j}" for j in range(steps)]
+            )
+            ax.stackplot(t, w.T, colors=[color(6 + j) for j in range(steps)], labels=names,
+                         alpha=0.85)  # fmt: skip
+            flagged(ax, v, t)
             top = float(np.max(w.sum(1))) if w.size else 1.0
             ax.set_ylim(0, max(1.0, math.ceil(top * 10) / 10))
             if c == 0:
                 ax.set_ylabel(plain(f"gate\n{s}"))
-            if k == 0 and c == cols - 1:
-                ax.legend(fontsize=7, loc="lower right", ncols=steps)
         axes[-1, c].set_xlabel("frame")
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend.keys()), fontsize=7,
+                   loc="outside lower center", ncols=min(len(legend), 6))  # fmt: skip
     fig.suptitle(plain(title), fontsize=10)
     return _png(fig)

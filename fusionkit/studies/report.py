@@ -445,6 +445,7 @@ def _load_predictions(run_dir: Path, split: str) -> dict[str, Any] | None:
         "videos": videos,
         "targets": json.loads(meta.get("targets", "[]")),
         "fingerprint": meta.get("data_fingerprint"),
+        "step_names": json.loads(meta.get("step_names", "null")),
     }
     for name in videos:
         gates = {
@@ -457,6 +458,11 @@ def _load_predictions(run_dir: Path, split: str) -> dict[str, Any] | None:
             "target": tensors[f"target/{name}"].double().numpy(),
             "mask": tensors[f"label_mask/{name}"].bool().numpy(),
             "gates": gates,
+            "flags": {
+                k.split("/")[1]: tensors[k].bool().numpy()
+                for k in tensors
+                if k.startswith("flag/") and k.endswith(f"/{name}") and k.count("/") == 2
+            },
         }
     return out
 
@@ -754,6 +760,7 @@ class Report:
     baseline: str | None
     rows: list[dict[str, Any]]
     targets: list[str]
+    baseline_of: dict[str, str] = field(default_factory=dict)
     sweeps: list[Sweep] = field(default_factory=list)
     plots: dict[str, bytes] = field(default_factory=dict)
     plot_titles: dict[str, str] = field(default_factory=dict)
@@ -778,20 +785,49 @@ def _is_gated(preds: dict[str, Any]) -> bool:
 
 
 def _pick_videos(preds: dict[str, Any], k: int) -> list[str]:
-    """The ``k`` longest videos (ties by name): more time for the gate to move."""
-    names = sorted(preds["videos"], key=lambda n: (-preds[n]["pred"].shape[0], n))
+    """The ``k`` longest videos (ties by name), those with flagged frames first: more time
+    for the gate to move, and conditions to see it move under."""
+    names = sorted(
+        preds["videos"],
+        key=lambda n: (not preds[n]["flags"], -preds[n]["pred"].shape[0], n),
+    )
     return sorted(names[:k])
 
 
 def _choose_baseline(
     rows: list[dict[str, Any]], baseline: str | None, excluded: list[Excluded]
-) -> str:
-    """The baseline's label: ``baseline`` if it is a row, the first row if None."""
+) -> tuple[str, dict[str, str]]:
+    """The baseline's display label and each row's baseline row label.
+
+    ``baseline`` may be a row label (one baseline for every row, the first row if None) or,
+    in a grid with sweep axes besides the seed, a variant name: then each row is compared with
+    that variant's row at the same sweep values (its own condition)."""
     labels = [r["variant"] for r in rows]
     if baseline is None:
-        return labels[0]
+        baseline = labels[0]
     if baseline in labels:
-        return baseline
+        return baseline, {label: baseline for label in labels}
+    per_condition = {}
+    for row in rows:
+        run = row["runs"][0]
+        if VARIANT_AXIS in run.values:
+            per_condition[row["variant"]] = variant_label(
+                run.name, {**run.values, VARIANT_AXIS: baseline}
+            )
+    if per_condition and any(b in labels for b in per_condition.values()):
+        missing = sorted({b for b in per_condition.values() if b not in labels})
+        if missing:
+            raise FusionkitError(
+                f"--baseline {baseline!r}: no complete runs for {', '.join(missing)} (failed, "
+                "pending or incomplete), so the rows of that condition have no baseline; finish "
+                "those runs or name one row label as the baseline"
+            )
+        if len(per_condition) < len(labels):
+            raise FusionkitError(
+                f"--baseline {baseline!r} is a variant name, but some rows do not come from a "
+                "grid with named variants; name one row label as the baseline instead"
+            )
+        return f"{baseline} (same sweep values)", per_condition
     if any(e.variant == baseline for e in excluded):
         raise FusionkitError(
             f"--baseline {baseline!r} has no complete run (all its runs are left out: failed, "
@@ -805,8 +841,9 @@ def _choose_baseline(
 def _add_comparisons(rep: Report, cache: dict) -> None:
     """Each row's paired test against the baseline (refused across different data), the Holm
     adjustment, and notes on every refusal."""
-    base = next(r for r in rep.rows if r["variant"] == rep.baseline)
+    by_label = {r["variant"]: r for r in rep.rows}
     for row in rep.rows:
+        base = by_label[rep.baseline_of[row["variant"]]]
         own = data_mismatch(row["runs"], rep.split)
         if own == DIFFERENT_DATA:
             rep.notes.append(
@@ -823,9 +860,10 @@ def _add_comparisons(rep: Report, cache: dict) -> None:
             if not row["same_data"]:
                 why += (
                     f"; the {rep.split} data fingerprints in metrics.json differ from those of "
-                    f"the baseline {rep.baseline}, so the CCCs are not directly comparable either"
+                    f"the baseline {base['variant']}, so the CCCs are not directly comparable "
+                    "either"
                 )
-            rep.notes.append(f"{row['variant']}: no paired test against {rep.baseline} ({why}).")
+            rep.notes.append(f"{row['variant']}: no paired test against {base['variant']} ({why}).")
     adjust_holm(rep.rows)
 
 
@@ -875,7 +913,7 @@ def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) 
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
 
 
 def _score_figures(rep: Report) -> None:
@@ -967,7 +1005,10 @@ def _gate_figures(rep: Report, gate_videos: int) -> None:
             f"{row['variant']} (seed {first.seed}): gate step weights and V/A traces on {rep.split}"
         )
         rep.plots[key] = plots.gate_traces(
-            [{"name": n, **preds[n]} for n in chosen], list(preds["targets"]), title
+            [{"name": n, **preds[n]} for n in chosen],
+            list(preds["targets"]),
+            title,
+            step_names=preds["step_names"],
         )
         rep.plot_titles[key] = title
         rep.gates.append(key)
@@ -995,9 +1036,11 @@ def build_report(
             f"no run has metrics for split {split!r}; the runs have: {', '.join(have)} "
             "(choose one with --split)"
         )
+    shown, baseline_of = _choose_baseline(rows, baseline, scan.excluded)
     rep = Report(
         split=split,
-        baseline=_choose_baseline(rows, baseline, scan.excluded),
+        baseline=shown,
+        baseline_of=baseline_of,
         rows=rows,
         targets=rows[0]["runs"][0].targets,
         n_boot=n_boot,
@@ -1516,7 +1559,7 @@ def summary_records(rep: Report) -> list[dict[str, Any]]:
         for k in keys:
             rec[f"{k}_mean"], rec[f"{k}_std"] = map(_num, r[k])
         rec.update(_delta_record(r, keys))
-        rec["baseline"] = rep.baseline
+        rec["baseline"] = rep.baseline_of.get(r["variant"], rep.baseline)
         rec["same_data_as_baseline"] = r.get("same_data", "")
         rec["params"] = r["params"]
         rec["train_seconds_mean"] = r["train_seconds"]

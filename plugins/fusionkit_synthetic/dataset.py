@@ -66,7 +66,9 @@ class SyntheticDataset:
     Each :class:`~fusionkit.plugin.Video` has ``features`` ``{"audio": (N, audio_dim),
     "video": (N, video_dim)}`` (float32), ``labels`` ``(N, 2)`` (valence, arousal; 0 where
     unlabeled), ``label_mask`` ``(N,)`` and ``present`` (False where a modality is not observed:
-    its dropout span and its zeroed or frozen reliability spans).
+    its dropout span and its zeroed or frozen reliability spans) and ``flags``
+    (``"audio unreliable"`` / ``"video unreliable"``: every reliability span of that modality,
+    of any kind, and its dropout span; shaded in the report's gate plots).
     The true latents and the speech activity are in :meth:`info`.
 
     A split is generated on first use and cached; :meth:`videos` returns the cached records
@@ -159,6 +161,15 @@ class SyntheticDataset:
                 for start, stop in spans:
                     seen[start:stop] = False
                 present[m] = seen
+        flags = {}
+        for m in ("audio", "video"):
+            bad = torch.zeros(n, dtype=torch.bool)
+            spans = [(r.start, r.stop) for r in arrays.reliability if r.modality == m]
+            dropout = arrays.audio_dropout if m == "audio" else arrays.video_dropout
+            for start, stop in [*spans, *([dropout] if dropout is not None else [])]:
+                bad[start:stop] = True
+            if bool(bad.any()):
+                flags[f"{m} unreliable"] = bad
         return Video(
             name=name,
             features={"audio": f32(arrays.audio), "video": f32(arrays.video)},
@@ -167,6 +178,7 @@ class SyntheticDataset:
             fps=float(self.params.fps),
             frame_ids=torch.arange(n, dtype=torch.int64),
             present=present,
+            flags=flags,
         )
 
 
