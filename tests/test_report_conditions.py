@@ -134,3 +134,44 @@ def test_bad_flags_are_refused_with_the_video_named():
         [video({"noisy": torch.tensor([True, False, False, True, True])})], ["audio"], [0, 1], 4, 2
     )
     assert store.flags["noisy"].tolist() == [True, False, False, True, True]
+
+
+def test_gate_weights_on_flagged_frames_match_a_direct_computation(tmp_path, registry):
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["data"] = {
+        "name": "synthetic",
+        "params": {"seed": 5, "num_train": 2, "num_val": 1, "num_test": 3, "min_frames": 100,
+                   "max_frames": 140, "audio_dim": 8, "video_dim": 8, "reliability_rate": 0.4},
+        "window": 64,
+        "hop": 48,
+    }  # fmt: skip
+    raw["model"]["fusion"] = {"name": "modality_stack", "params": {"dim": 8}}
+    raw["model"]["gate"] = {"name": "moe_gate", "params": {"hidden": 8, "reliability_hidden": 8}}
+    raw["sweep"] = {"training.seed": [0, 1]}
+    run_grid(validate_recipe(raw, "grid", registry), registry=registry)
+    grid_dir = tmp_path / "tiny"
+    rep = build_report([grid_dir], n_boot=100, throughput=False)
+    got = {(g.stream, g.flag): g for g in rep.flag_gates}
+    assert got, "the synthetic dataset with reliability spans flags frames"
+    for (stream, flag), g in got.items():
+        assert g.runs == 2 and g.steps == ("audio", "video")
+        inside, outside = [], []
+        for seed in (0, 1):
+            tensors, meta = load_tensors(grid_dir / f"seed-{seed}" / "predictions/test.safetensors")
+            names = json.loads(meta["videos"])
+            w = torch.cat([tensors[f"gate/{stream}/{n}"].double() for n in names])
+            on = torch.cat(
+                [
+                    tensors[f"flag/{flag}/{n}"].bool()
+                    if f"flag/{flag}/{n}" in tensors
+                    else torch.zeros(len(tensors[f"pred/{n}"]), dtype=torch.bool)
+                    for n in names
+                ]
+            )
+            inside.append(w[on].mean(0))
+            outside.append(w[~on].mean(0))
+        assert g.inside == pytest.approx(torch.stack(inside).mean(0).tolist(), abs=1e-6)
+        assert g.outside == pytest.approx(torch.stack(outside).mean(0).tolist(), abs=1e-6)
+    write_report(rep, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "weights flagged" in md and (tmp_path / "out" / "gate_flags.csv").is_file()

@@ -773,6 +773,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     excluded: list[Excluded] = field(default_factory=list)
     curves: list[LearningCurve] = field(default_factory=list)
+    flag_gates: list[FlagGate] = field(default_factory=list)
 
 
 def _is_gated(preds: dict[str, Any]) -> bool:
@@ -991,6 +992,94 @@ def _robustness_figures(rep: Report) -> None:
         rep.plot_titles[f"robustness_{sw.slug}"] = title.replace("\n", "; ")
 
 
+@dataclass(frozen=True)
+class FlagGate:
+    """A gated variant's mean step weights of one stream on the frames a dataset flag marks
+    (``inside``) and on the other frames (``outside``), pooled over every frame of the split
+    and averaged over the seeds (``runs``)."""
+
+    variant: str
+    stream: str
+    flag: str
+    steps: tuple[str, ...]
+    inside: tuple[float, ...]
+    outside: tuple[float, ...]
+    frames_flagged: float
+    runs: int
+
+
+def flag_gate_weights(rep: Report) -> list[FlagGate]:
+    """:class:`FlagGate` rows of every gated variant whose predictions carry flags."""
+    out = []
+    for row in rep.rows:
+        per: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, float]]] = {}
+        steps: tuple[str, ...] = ()
+        for run in row["runs"]:
+            preds = _load_predictions(run.run_dir, rep.split)
+            if preds is None or not _is_gated(preds):
+                continue
+            names = preds["videos"]
+            flags = sorted({f for n in names for f in preds[n]["flags"]})
+            for s in sorted({s for n in names for s in preds[n]["gates"]}):
+                w = np.concatenate([preds[n]["gates"][s] for n in names])
+                steps = tuple(preds["step_names"] or [f"step {j}" for j in range(w.shape[1])])
+                for f in flags:
+                    on = np.concatenate(
+                        [
+                            preds[n]["flags"].get(f, np.zeros(len(preds[n]["pred"]), bool))
+                            for n in names
+                        ]
+                    )
+                    if on.any() and (~on).any():
+                        per.setdefault((s, f), []).append(
+                            (w[on].mean(0), w[~on].mean(0), float(on.mean()))
+                        )
+        for (s, f), vals in sorted(per.items()):
+            inside = np.mean([v[0] for v in vals], axis=0)
+            outside = np.mean([v[1] for v in vals], axis=0)
+            if len(steps) != inside.shape[0]:
+                steps = tuple(f"step {j}" for j in range(inside.shape[0]))
+            out.append(
+                FlagGate(
+                    row["variant"],
+                    s,
+                    f,
+                    steps,
+                    tuple(map(float, inside)),
+                    tuple(map(float, outside)),
+                    float(np.mean([v[2] for v in vals])),
+                    len(vals),
+                )
+            )
+    return out
+
+
+def flag_gate_table(rep: Report) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the gate-weights-on-flagged-frames table."""
+    head = ["variant", "stream", "flag", "flagged frames", "runs", "weights flagged",
+            "weights elsewhere"]  # fmt: skip
+    body = [
+        [
+            g.variant,
+            g.stream,
+            g.flag,
+            f"{100 * g.frames_flagged:.0f} %",
+            str(g.runs),
+            ", ".join(f"{n} {x:.2f}" for n, x in zip(g.steps, g.inside, strict=True)),
+            ", ".join(f"{n} {x:.2f}" for n, x in zip(g.steps, g.outside, strict=True)),
+        ]
+        for g in rep.flag_gates
+    ]
+    return head, body
+
+
+FLAG_GATE_TEXT = (
+    "Mean gate weight of each step on the frames the dataset flags and on the other frames "
+    "(every frame of the split, mean over the seeds): a gate that reacts to the flagged "
+    "condition moves weight between its steps there."
+)
+
+
 def _gate_figures(rep: Report, gate_videos: int) -> None:
     from fusionkit.studies import plots
 
@@ -1059,6 +1148,7 @@ def build_report(
     _curve_figure(rep)
     _robustness_figures(rep)
     _gate_figures(rep, gate_videos)
+    rep.flag_gates = flag_gate_weights(rep)
     return rep
 
 
@@ -1281,6 +1371,8 @@ def render_markdown(rep: Report, plot_dir: str = "plots") -> str:
         out += [_md(h, b), f"![{rep.plot_titles[key]}]({plot_dir}/{key}.png)", ""]
     if rep.gates:
         out += ["## Gate weights over time", ""]
+        if rep.flag_gates:
+            out += [FLAG_GATE_TEXT, "", _md(*flag_gate_table(rep)), ""]
         out += [f"![{rep.plot_titles[g]}]({plot_dir}/{g}.png)\n" for g in rep.gates]
     out += ["## How to read this report", ""]
     out += [f"- {d}" for d in _definitions(rep)]
@@ -1351,6 +1443,8 @@ def _html_sections(rep: Report) -> list[str]:
         ]
     if rep.gates:
         parts.append("<h2>Gate weights over time</h2>")
+        if rep.flag_gates:
+            parts += [f"<p>{html.escape(FLAG_GATE_TEXT)}</p>", _html_table(*flag_gate_table(rep))]
         parts += [_img(rep, g) for g in rep.gates]
     return parts
 
@@ -1637,8 +1731,8 @@ def robustness_records(rep: Report) -> list[dict[str, Any]]:
 
 def write_report(rep: Report, out_dir: Path, html_page: bool = True) -> list[Path]:
     """Write ``report.md``, ``report.html``, ``table.tex``, ``summary.csv``, ``runs.csv``,
-    ``curves.csv``, ``robustness.csv`` and ``plots/*.png`` into ``out_dir``; returns the
-    paths written."""
+    ``curves.csv``, ``robustness.csv``, ``gate_flags.csv`` (those with content) and
+    ``plots/*.png`` into ``out_dir``; returns the paths written."""
     from fusionkit.engine.files import atomic_write_bytes, atomic_write_text
 
     out_dir = Path(out_dir)
@@ -1657,6 +1751,23 @@ def write_report(rep: Report, out_dir: Path, html_page: bool = True) -> list[Pat
         files["curves.csv"] = _csv(curve_records(rep))
     if rep.sweeps:
         files["robustness.csv"] = _csv(robustness_records(rep))
+    if rep.flag_gates:
+        files["gate_flags.csv"] = _csv(
+            [
+                {
+                    "variant": g.variant,
+                    "stream": g.stream,
+                    "flag": g.flag,
+                    "step": n,
+                    "weight_flagged": a,
+                    "weight_elsewhere": b,
+                    "frames_flagged": g.frames_flagged,
+                    "runs": g.runs,
+                }
+                for g in rep.flag_gates
+                for n, a, b in zip(g.steps, g.inside, g.outside, strict=True)
+            ]
+        )
     if html_page:
         files["report.html"] = render_html(rep)
     for name, text in files.items():
