@@ -17,13 +17,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
-    "ccc_bars",
     "ccc_bars_figure",
     "delta_figure",
-    "delta_intervals",
     "gate_traces",
     "learning_curves",
     "plain",
+    "png",
     "robustness_curves",
     "zoomed_limits",
 ]
@@ -52,7 +51,8 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (no timestamp metadata: the same figure gives the same bytes)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     return buf.getvalue()
@@ -142,17 +142,6 @@ def ccc_bars_figure(
     return fig
 
 
-def ccc_bars(
-    variants: Sequence[str],
-    metrics: Sequence[str],
-    mean: np.ndarray,
-    std: np.ndarray,
-    title: str,
-) -> bytes:
-    """PNG of :func:`ccc_bars_figure`."""
-    return _png(ccc_bars_figure(variants, metrics, mean, std, title))
-
-
 def delta_figure(
     variants: Sequence[str],
     metrics: Sequence[str],
@@ -190,19 +179,6 @@ def delta_figure(
     return fig
 
 
-def delta_intervals(
-    variants: Sequence[str],
-    metrics: Sequence[str],
-    delta: np.ndarray,
-    low: np.ndarray,
-    high: np.ndarray,
-    significant: np.ndarray,
-    title: str,
-) -> bytes:
-    """PNG of :func:`delta_figure`."""
-    return _png(delta_figure(variants, metrics, delta, low, high, significant, title))
-
-
 def learning_curves(curves: Sequence[dict[str, Any]], panels: Sequence[str], title: str) -> bytes:
     """Per-epoch curves, one panel per quantity (e.g. validation CCC mean, train loss), one
     line per variant (mean over seeds) with a shaded min-max band over seeds.
@@ -227,7 +203,7 @@ def learning_curves(curves: Sequence[dict[str, Any]], panels: Sequence[str], tit
         ax.grid(alpha=0.3)
     _legend(fig, axes[0], len(curves))
     fig.suptitle(plain(title), fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def robustness_curves(
@@ -252,7 +228,7 @@ def robustness_curves(
     ax.set_title(plain(title), fontsize=10)
     ax.grid(alpha=0.3)
     _legend(fig, ax, len(curves))
-    return _png(fig)
+    return png(fig)
 
 
 def gate_traces(
@@ -325,4 +301,4 @@ def gate_traces(
         fig.legend(list(legend.values()), list(legend.keys()), fontsize=7,
                    loc="outside lower center", ncols=min(len(legend), 6))  # fmt: skip
     fig.suptitle(plain(title), fontsize=10)
-    return _png(fig)
+    return png(fig)

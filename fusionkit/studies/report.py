@@ -927,7 +927,7 @@ def _score_figures(rep: Report) -> None:
     mean = np.array([[r[k][0] for k in keys] for r in rep.rows])
     std = np.array([[r[k][1] for k in keys] for r in rep.rows])
     title = f"CCC on {rep.split} (mean ± std over seeds)"
-    rep.plots["ccc"] = plots.ccc_bars(labels, names, mean, std, title)
+    rep.plots["ccc"] = plots.png(plots.ccc_bars_figure(labels, names, mean, std, title))
     rep.plot_titles["ccc"] = f"CCC per variant on {rep.split} (y axis does not start at 0)"
     tested = [r for r in rep.rows if isinstance(r["delta"], BootstrapResult)]
     if not tested:
@@ -940,8 +940,8 @@ def _score_figures(rep: Report) -> None:
         f"Δ CCC vs {rep.baseline} on {rep.split}\n"
         f"95% paired-bootstrap interval; filled: Holm p < {ALPHA}"
     )
-    rep.plots["delta"] = plots.delta_intervals(
-        [r["variant"] for r in tested], names, delta, low, high, sig, title
+    rep.plots["delta"] = plots.png(
+        plots.delta_figure([r["variant"] for r in tested], names, delta, low, high, sig, title)
     )
     rep.plot_titles["delta"] = f"Differences from {rep.baseline} on {rep.split}"
 
