@@ -97,10 +97,10 @@ def make_distribution(root: Path, dist: str, module: str, source: str) -> None:
 
 
 TINY_PLUGIN = """
-import fusionkit
+from fusionkit.plugin import hookimpl
 from tests.conftest import TinyDataset, TinyParams
 
-@fusionkit.hookimpl
+@hookimpl
 def fusionkit_register_components(registry):
     registry.add("dataset", "tiny", build=TinyDataset, params=TinyParams)
 """

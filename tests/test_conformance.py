@@ -351,10 +351,10 @@ def test_raise_for_failures_names_each_skipped_plugin(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- CLI
 
 BAD_GATE_PLUGIN = """
-import fusionkit
+from fusionkit.plugin import hookimpl
 from tests.test_conformance import SigmoidGate
 
-@fusionkit.hookimpl
+@hookimpl
 def fusionkit_register_components(registry):
     registry.add("gate", "fkbad_sigmoid",
                  build=lambda p, *, in_dims, num_steps: SigmoidGate(in_dims, num_steps))

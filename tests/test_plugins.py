@@ -23,10 +23,11 @@ BUILTINS = {
 
 
 GOOD = """
-import fusionkit
 from torch import nn
 
-@fusionkit.hookimpl
+from fusionkit.plugin import hookimpl
+
+@hookimpl
 def fusionkit_register_components(registry):
     registry.add("gate", "mine", build=lambda p, *, in_dims, num_steps: nn.Identity())
 """
@@ -71,9 +72,9 @@ def test_invalid_registration_is_rejected_without_partial_state(tmp_path, monkey
         "fk-bad",
         "fk_bad",
         """
-        import fusionkit
+        from fusionkit.plugin import hookimpl
 
-        @fusionkit.hookimpl
+        @hookimpl
         def fusionkit_register_components(registry):
             registry.add("gate", "half", build=lambda p, **k: None)
             registry.add("fusoin", "x", build=lambda p, **k: None)
