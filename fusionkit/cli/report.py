@@ -27,14 +27,21 @@ def report(
     ] = None,
     split: Annotated[str, typer.Option(help="split whose metrics are compared")] = "test",
     baseline: Annotated[
-        str | None, typer.Option(help="variant the others are compared with (default: first)")
+        str | None,
+        typer.Option(
+            help="row the others are compared with (default: the first), or a variant name "
+            "of a grid with conditions: each row against that variant at its sweep values"
+        ),
     ] = None,
     bootstrap: Annotated[
         int, typer.Option(min=100, help="paired-bootstrap resamples over videos")
     ] = 2000,
     seed: Annotated[int, typer.Option(help="seed of the bootstrap resampling")] = 0,
     gate_videos: Annotated[
-        int, typer.Option(min=1, help="videos shown in each gate plot (the longest ones)")
+        int,
+        typer.Option(
+            min=1, help="videos shown in each gate plot (the longest; those with flags first)"
+        ),
     ] = 3,
     throughput: Annotated[
         bool,
