@@ -10,7 +10,8 @@ import pytest
 from fusionkit.core.errors import RecipeError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.studies.grid import expand_grid, point_tag, run_grid
-from fusionkit.studies.report import collect_runs, markdown_table, summarize
+from fusionkit.studies.render import markdown_table
+from fusionkit.studies.report import collect_runs, summarize
 from tests.conftest import tiny_recipe
 
 

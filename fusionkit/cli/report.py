@@ -59,13 +59,8 @@ def report(
     paired bootstrap (Holm-corrected; only for runs evaluated on the same data), learning
     curves, components, cost, robustness curves and gate plots (Markdown, HTML, CSV, LaTeX).
     Failed, pending and incomplete runs are listed, never used."""
-    from fusionkit.studies.report import (
-        build_report,
-        delta_table,
-        render_markdown,
-        results_table,
-        write_report,
-    )
+    from fusionkit.studies.render import delta_table, render_markdown, results_table, write_report
+    from fusionkit.studies.report import build_report
 
     rep = build_report(
         paths,
