@@ -176,3 +176,14 @@ def test_gate_weights_on_flagged_frames_match_a_direct_computation(tmp_path, reg
     write_report(rep, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "weights flagged" in md and (tmp_path / "out" / "gate_flags.csv").is_file()
+
+
+def test_a_condition_without_baseline_runs_is_an_error_naming_it(condition_grid, tmp_path):
+    import shutil
+
+    grid = tmp_path / "tiny"
+    shutil.copytree(condition_grid, grid)
+    for run in grid.glob("concat_seed-1_*"):
+        (run / "run.json").unlink()  # no longer a complete run: left out of the report
+    with pytest.raises(FusionkitError, match=r"no complete runs for concat \(seed=1\)"):
+        build_report([grid], baseline="concat", throughput=False)
