@@ -40,7 +40,7 @@ def test_a_variant_name_as_baseline_compares_within_each_condition(condition_gri
     rows = {r["variant"]: r for r in rep.rows}
     assert rep.baseline == "concat (same sweep values)"
     for seed in (0, 1):
-        base, other = rows[f"concat (seed={seed})"], rows[f"grjca (seed={seed})"]
+        base, other = rows[f"concat (params.seed={seed})"], rows[f"grjca (params.seed={seed})"]
         assert base["delta"] is None
         # the point estimate is the difference of the two rows' seed-averaged means
         runs = [json.loads((r.run_dir / "metrics.json").read_text()) for r in other["runs"]]
@@ -50,15 +50,17 @@ def test_a_variant_name_as_baseline_compares_within_each_condition(condition_gri
     write_report(rep, tmp_path / "out")
     with open(tmp_path / "out" / "summary.csv", newline="") as f:
         summary = {r["variant"]: r for r in csv.DictReader(f)}
-    assert summary["grjca (seed=1)"]["baseline"] == "concat (seed=1)"
-    assert summary["concat (seed=0)"]["paired_test"] == "baseline"
+    assert summary["grjca (params.seed=1)"]["baseline"] == "concat (params.seed=1)"
+    assert summary["concat (params.seed=0)"]["paired_test"] == "baseline"
 
 
 def test_a_row_label_baseline_still_means_one_baseline(condition_grid):
-    rep = build_report([condition_grid], baseline="concat (seed=0)", n_boot=200, throughput=False)
-    assert set(rep.baseline_of.values()) == {"concat (seed=0)"}
+    rep = build_report(
+        [condition_grid], baseline="concat (params.seed=0)", n_boot=200, throughput=False
+    )
+    assert set(rep.baseline_of.values()) == {"concat (params.seed=0)"}
     # seed 1 of the data is other videos: no paired test against seed 0's
-    assert isinstance({r["variant"]: r for r in rep.rows}["grjca (seed=1)"]["delta"], str)
+    assert isinstance({r["variant"]: r for r in rep.rows}["grjca (params.seed=1)"]["delta"], str)
 
 
 def test_an_unknown_variant_name_is_refused(condition_grid):
@@ -185,5 +187,5 @@ def test_a_condition_without_baseline_runs_is_an_error_naming_it(condition_grid,
     shutil.copytree(condition_grid, grid)
     for run in grid.glob("concat_seed-1_*"):
         (run / "run.json").unlink()  # no longer a complete run: left out of the report
-    with pytest.raises(FusionkitError, match=r"no complete runs for concat \(seed=1\)"):
+    with pytest.raises(FusionkitError, match=r"no complete runs for concat \(params.seed=1\)"):
         build_report([grid], baseline="concat", throughput=False)

@@ -90,12 +90,32 @@ ALPHA = 0.05
 DIFFERENT_DATA = "evaluated on different data"
 
 
+def _axis_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted key's shortest trailing part that no other key ends with."""
+    out = {}
+    for k in keys:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(o != k and (o == tail or o.endswith("." + tail)) for o in keys):
+                break
+        out[k] = tail
+    return out
+
+
 def variant_label(name: str, values: dict[str, Any]) -> str:
     """Row label of a run: the variant name and the non-seed sweep values, or ``name`` (the
-    grid or run name) with them."""
-    extra = [
-        f"{k.split('.')[-1]}={v}" for k, v in values.items() if k not in (SEED_AXIS, VARIANT_AXIS)
-    ]
+    grid or run name) with them. An axis is named by the last part of its path, or by as many
+    parts as it takes to tell it from the other axes (``params.seed`` next to
+    ``training.seed``).
+
+    >>> variant_label("g", {"variant": "tagf", "data.params.lag_max": 30, "training.seed": 0})
+    'tagf (lag_max=30)'
+    >>> variant_label("g", {"variant": "tagf", "data.params.seed": 1, "training.seed": 0})
+    'tagf (params.seed=1)'
+    """
+    names = _axis_names(list(values))
+    extra = [f"{names[k]}={v}" for k, v in values.items() if k not in (SEED_AXIS, VARIANT_AXIS)]
     head = str(values[VARIANT_AXIS]) if VARIANT_AXIS in values else name
     return head + (f" ({', '.join(extra)})" if extra else "")
 
