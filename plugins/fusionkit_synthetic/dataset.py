@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,14 @@ from fusionkit_synthetic.generator import (
 from fusionkit_synthetic.params import SyntheticParams
 
 __all__ = ["ReliabilitySpan", "SyntheticDataset", "VideoInfo", "build"]
+
+
+def span_mask(n: int, spans: Iterable[tuple[int, int]]) -> torch.Tensor:
+    """``(n,)`` bool: ``True`` on the frames inside any ``[start, stop)`` span."""
+    out = torch.zeros(n, dtype=torch.bool)
+    for start, stop in spans:
+        out[start:stop] = True
+    return out
 
 
 @dataclass(frozen=True)
@@ -53,11 +62,14 @@ class VideoInfo:
 
     def unreliable(self, modality: str, kinds: tuple[str, ...] | None = None) -> torch.Tensor:
         """``(N,)`` bool: ``True`` on frames inside a span of ``modality`` (of ``kinds``)."""
-        out = torch.zeros(self.latent.shape[0], dtype=torch.bool)
-        for span in self.reliability:
-            if span.modality == modality and (kinds is None or span.kind in kinds):
-                out[span.start : span.stop] = True
-        return out
+        return span_mask(
+            self.latent.shape[0],
+            (
+                (s.start, s.stop)
+                for s in self.reliability
+                if s.modality == modality and (kinds is None or s.kind in kinds)
+            ),
+        )
 
 
 class SyntheticDataset:
@@ -147,27 +159,14 @@ class SyntheticDataset:
         latent = f32(arrays.latent)
         labels = torch.where(mask[:, None], latent, torch.zeros(()))
         n = latent.shape[0]
-        absent: dict[str, list[tuple[int, int]]] = {"audio": [], "video": []}
-        for m, span in (("audio", arrays.audio_dropout), ("video", arrays.video_dropout)):
-            if span is not None:
-                absent[m].append(span)
-        for r in arrays.reliability:
-            if r.kind in ("zero", "freeze"):
-                absent[r.modality].append((r.start, r.stop))
-        present = {}
-        for m, spans in absent.items():
-            if spans:
-                seen = torch.ones(n, dtype=torch.bool)
-                for start, stop in spans:
-                    seen[start:stop] = False
-                present[m] = seen
-        flags = {}
-        for m in ("audio", "video"):
-            bad = torch.zeros(n, dtype=torch.bool)
-            spans = [(r.start, r.stop) for r in arrays.reliability if r.modality == m]
-            dropout = arrays.audio_dropout if m == "audio" else arrays.video_dropout
-            for start, stop in [*spans, *([dropout] if dropout is not None else [])]:
-                bad[start:stop] = True
+        present, flags = {}, {}
+        for m, dropout in (("audio", arrays.audio_dropout), ("video", arrays.video_dropout)):
+            own = [r for r in arrays.reliability if r.modality == m]
+            missing = [dropout] if dropout is not None else []
+            absent = [*missing, *((r.start, r.stop) for r in own if r.kind in ("zero", "freeze"))]
+            if absent:
+                present[m] = ~span_mask(n, absent)
+            bad = span_mask(n, [*missing, *((r.start, r.stop) for r in own)])
             if bool(bad.any()):
                 flags[f"{m} unreliable"] = bad
         return Video(
