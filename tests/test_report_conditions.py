@@ -12,7 +12,7 @@ import torch
 
 from fusionkit.core.errors import FusionkitError
 from fusionkit.core.recipe import validate_recipe
-from fusionkit.engine.files import load_tensors
+from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import run_grid, train_and_evaluate
 from fusionkit.studies.render import write_report
@@ -156,6 +156,7 @@ def test_gate_weights_on_flagged_frames_match_a_direct_computation(tmp_path, reg
     rep = build_report([grid_dir], n_boot=100, throughput=False)
     got = {(g.stream, g.flag): g for g in rep.flag_gates}
     assert got, "the synthetic dataset with reliability spans flags frames"
+    seed0 = {}
     for (stream, flag), g in got.items():
         assert g.runs == 2 and g.steps == ("audio", "video")
         inside, outside = [], []
@@ -173,11 +174,23 @@ def test_gate_weights_on_flagged_frames_match_a_direct_computation(tmp_path, reg
             )
             inside.append(w[on].mean(0))
             outside.append(w[~on].mean(0))
+        seed0[(stream, flag)] = (inside[0].tolist(), outside[0].tolist())
         assert g.inside == pytest.approx(torch.stack(inside).mean(0).tolist(), abs=1e-6)
         assert g.outside == pytest.approx(torch.stack(outside).mean(0).tolist(), abs=1e-6)
     write_report(rep, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "weights flagged" in md and (tmp_path / "out" / "gate_flags.csv").is_file()
+
+    # a predictions file changed after its run finished is not used for the table either
+    path = grid_dir / "seed-1" / "predictions/test.safetensors"
+    tensors, meta = load_tensors(path)
+    save_tensors(path, {k: v + 1 if k.startswith("gate/") else v for k, v in tensors.items()}, meta)
+    again = {(g.stream, g.flag): g for g in build_report([grid_dir], throughput=False).flag_gates}
+    assert again.keys() == got.keys()
+    for key, g in again.items():
+        assert g.runs == 1
+        assert g.inside == pytest.approx(seed0[key][0], abs=1e-6)
+        assert g.outside == pytest.approx(seed0[key][1], abs=1e-6)
 
 
 def test_a_condition_without_baseline_runs_is_an_error_naming_it(condition_grid, tmp_path):

@@ -24,6 +24,7 @@ __all__ = [
     "plain",
     "png",
     "robustness_curves",
+    "step_labels",
     "zoomed_limits",
 ]
 
@@ -231,6 +232,14 @@ def robustness_curves(
     return png(fig)
 
 
+def step_labels(step_names: Sequence[str] | None, steps: int) -> list[str]:
+    """Labels of a gate's ``steps`` steps: the fusion's step names when it names exactly that
+    many (:class:`~fusionkit.core.interfaces.NamedSteps`), else ``step 0``, ``step 1``, ..."""
+    if step_names is not None and len(step_names) == steps:
+        return [str(n) for n in step_names]
+    return [f"step {j}" for j in range(steps)]
+
+
 def gate_traces(
     videos: Sequence[dict[str, Any]],
     targets: Sequence[str],
@@ -280,11 +289,7 @@ def gate_traces(
                 ax.set_axis_off()
                 continue
             steps = w.shape[1]
-            names = (
-                [plain(str(x)) for x in step_names]
-                if step_names is not None and len(step_names) == steps
-                else [f"step {j}" for j in range(steps)]
-            )
+            names = [plain(x) for x in step_labels(step_names, steps)]
             ax.stackplot(t, w.T, colors=[color(6 + j) for j in range(steps)], labels=names,
                          alpha=0.85)  # fmt: skip
             flagged(ax, v, t)

@@ -75,6 +75,7 @@ __all__ = [
     "fmt_params",
     "learning_curves",
     "metric_keys",
+    "read_predictions",
     "scan_runs",
     "significant",
     "summarize",
@@ -449,9 +450,11 @@ def data_mismatch(runs: list[RunRecord], split: str) -> str | None:
     return DIFFERENT_DATA if len(set(fps)) > 1 else None
 
 
-def _read_sums(run: RunRecord, split: str) -> tuple[list[str], np.ndarray] | str:
-    """Video names and per-video sufficient statistics of a run's predictions, or why they
-    cannot be used (missing, changed, or made on other data than ``metrics.json``)."""
+def read_predictions(run: RunRecord, split: str) -> dict[str, Any] | str:
+    """A run's predictions of ``split`` (:func:`_load_predictions`) when they can be trusted,
+    else why not: missing, changed since the run finished (SHA-256 in ``run.json``), or made on
+    other data than ``metrics.json``. Every number the report takes from a predictions file
+    goes through here."""
     rel = f"{PREDICTIONS_DIR}/{split}.safetensors"
     try:
         _check_unchanged(run.run_dir, run.files, rel)
@@ -462,6 +465,15 @@ def _read_sums(run: RunRecord, split: str) -> tuple[list[str], np.ndarray] | str
         return f"no {rel} in some runs"
     if preds["fingerprint"] != run.fingerprint(split):
         return f"{DIFFERENT_DATA} ({rel} of {run.run_dir.name} does not match its metrics)"
+    return preds
+
+
+def _read_sums(run: RunRecord, split: str) -> tuple[list[str], np.ndarray] | str:
+    """Video names and per-video sufficient statistics of a run's predictions, or why they
+    cannot be used (:func:`read_predictions`)."""
+    preds = read_predictions(run, split)
+    if isinstance(preds, str):
+        return preds
     names = list(preds["videos"])
     sums = np.stack(
         [video_sums(preds[n]["pred"], preds[n]["target"], preds[n]["mask"]) for n in names]
@@ -982,19 +994,21 @@ class FlagGate:
 
 def flag_gate_weights(rep: Report) -> list[FlagGate]:
     """:class:`FlagGate` rows of every gated variant whose predictions carry flags."""
+    from fusionkit.studies import plots
+
     out = []
     for row in rep.rows:
         per: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, float]]] = {}
-        steps: tuple[str, ...] = ()
+        steps: dict[str, tuple[str, ...]] = {}
         for run in row["runs"]:
-            preds = _load_predictions(run.run_dir, rep.split)
-            if preds is None or not _is_gated(preds):
+            preds = read_predictions(run, rep.split)
+            if isinstance(preds, str) or not _is_gated(preds):
                 continue
             names = preds["videos"]
             flags = sorted({f for n in names for f in preds[n]["flags"]})
             for s in sorted({s for n in names for s in preds[n]["gates"]}):
                 w = np.concatenate([preds[n]["gates"][s] for n in names])
-                steps = tuple(preds["step_names"] or [f"step {j}" for j in range(w.shape[1])])
+                steps[s] = tuple(plots.step_labels(preds["step_names"], w.shape[1]))
                 for f in flags:
                     on = np.concatenate(
                         [
@@ -1009,14 +1023,12 @@ def flag_gate_weights(rep: Report) -> list[FlagGate]:
         for (s, f), vals in sorted(per.items()):
             inside = np.mean([v[0] for v in vals], axis=0)
             outside = np.mean([v[1] for v in vals], axis=0)
-            if len(steps) != inside.shape[0]:
-                steps = tuple(f"step {j}" for j in range(inside.shape[0]))
             out.append(
                 FlagGate(
                     row["variant"],
                     s,
                     f,
-                    steps,
+                    steps[s],
                     tuple(map(float, inside)),
                     tuple(map(float, outside)),
                     float(np.mean([v[2] for v in vals])),
@@ -1031,8 +1043,8 @@ def _gate_figures(rep: Report, gate_videos: int) -> None:
 
     for row in rep.rows:
         first = row["runs"][0]
-        preds = _load_predictions(first.run_dir, rep.split)
-        if preds is None or not _is_gated(preds):
+        preds = read_predictions(first, rep.split)
+        if isinstance(preds, str) or not _is_gated(preds):
             continue
         chosen = _pick_videos(preds, gate_videos)
         key = f"gates_{_slug(row['variant'])}"
