@@ -34,10 +34,12 @@ def measure(recipe: str, overrides: list[str], workers: int, source: str | None)
         env["PYTHONPATH"] = os.pathsep.join([str(src), str(src / "plugins")])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    # run from the output folder: `python -m` puts the working directory first on sys.path,
+    # which from a checkout's root would shadow --source with that checkout's fusionkit
     proc = subprocess.run(
-        [sys.executable, "-m", "fusionkit", "run", recipe, *overrides, f"output.dir={out}",
-         "-j", str(workers), "-q"],
-        env=env, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "fusionkit", "run", str(Path(recipe).resolve()), *overrides,
+         f"output.dir={out}", "-j", str(workers), "-q"],
+        env=env, cwd=out, capture_output=True, text=True, check=False,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
