@@ -172,3 +172,54 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float, name: str) -> None:
     else:
         err = float((a - b).norm() / b.norm())
         assert err <= rel, f"{name}: relative error {err:.3g} > {rel}"
+
+
+def _bf16_step(model, forward, target, mask):
+    """One bf16-autocast forward, the float32 ``1 - CCC`` loss and its backward."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = forward()
+    ccc_loss(pred.float(), target, mask).backward()
+    return pred.float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach()).norm() / b.detach().norm())
+
+
+def test_bf16_training_step_is_as_close_to_float32_as_the_released_structure_in_bf16():
+    """bf16 autocast on the CPU (``training.precision: bf16``) rounds TAGF no worse than the
+    released structure does under the same autocast: both against the released structure in
+    float32, the predictions and the gradient of every parameter and input. Gradients of a
+    near-uniform gate are sums with much cancellation, so bf16 (8-bit significands) moves
+    many by 5-30 % in norm, for both; a wrong computation would move them by ~100 %.
+    The released window length; dropout off."""
+    batch, length = 2, 300
+    fk, eager = _pair(length, biases=True)
+    _, eager_bf16 = _pair(length, biases=True)
+    for m in (fk, eager, eager_bf16):
+        m.train()
+        _no_dropout(m)
+    torch.manual_seed(1)
+    video, audio = torch.randn(batch, length, DV), torch.randn(batch, length, DA)
+    target = torch.rand(batch, length, 2) * 2 - 1
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    inputs = {
+        k: [x.clone().requires_grad_() for _ in range(3)] for k, x in (("v", video), ("a", audio))
+    }
+    v, a = inputs["v"], inputs["a"]
+
+    ref = eager(v[0], a[0])
+    ccc_loss(ref, target, mask).backward()
+    ours = _bf16_step(fk, lambda: fk({"video": v[1], "audio": a[1]}, mask).pred, target, mask)
+    peer = _bf16_step(eager_bf16, lambda: eager_bf16(v[2], a[2]), target, mask)
+
+    assert 1e-4 < _rel(ours, ref.detach()) <= 2 * _rel(peer, ref.detach())  # bf16 did run
+    refs = {n: p.grad for n, p in eager.named_parameters() if n not in ZERO_GRAD}
+    refs |= {"video input": v[0].grad, "audio input": a[0].grad}
+    got = to_eager({n: p.grad for n, p in fk.named_parameters()}, len(eager.layers))
+    got |= {"video input": v[1].grad, "audio input": a[1].grad}
+    peers = {n: p.grad for n, p in eager_bf16.named_parameters()}
+    peers |= {"video input": v[2].grad, "audio input": a[2].grad}
+    for name, g in refs.items():
+        err, peer_err = _rel(got[name], g), _rel(peers[name], g)
+        assert err <= 2 * peer_err + 1e-3, f"{name}: {err:.3g} against {peer_err:.3g} for the peer"
