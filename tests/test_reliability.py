@@ -753,3 +753,18 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_to_use_fp32(cli, tmp_path, cli_inproc, monkeypatch):
+    """bf16 autocast is emulated (slower than fp32) on CPUs without AVX512-BF16/AMX: the run
+    says so at its start, and says nothing where bf16 is native or fp32 is used."""
+    import fusionkit.studies.grid as grid
+
+    _, recipe = cli
+    for native, precision, said in ((False, "bf16", True), (True, "bf16", False),
+                                    (False, "fp32", False)):  # fmt: skip
+        monkeypatch.setattr(grid, "native_bf16", lambda device, native=native: native)
+        proc = cli_inproc(["run", str(recipe), f"training.precision={precision}",
+                           "training.epochs=1", f"output.name={precision}-{native}"])  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert ("no native bf16" in proc.stdout) == said, proc.stdout

@@ -241,3 +241,49 @@ def test_parallel_workers_give_the_serial_results(tmp_path):
         m_par = json.loads((tmp_path / "par" / "tiny" / tag / "metrics.json").read_text())
         m_ser = json.loads((tmp_path / "ser" / "tiny" / tag / "metrics.json").read_text())
         assert m_par["splits"] == m_ser["splits"]
+
+
+def _ccc_means(folder) -> list[float]:
+    return [
+        json.loads(p.read_text())["splits"]["test"]["ccc_mean"]
+        for p in sorted(folder.glob("*/metrics.json"))
+    ]
+
+
+def test_two_grids_of_one_name_are_never_pooled_into_one_row(tmp_path, registry):
+    """The same grid run into two folders: one row per grid, each the mean of its own seeds
+    (they used to merge back into one row of six runs with every seed twice)."""
+    for where in ("a", "b"):
+        run_grid(
+            grid_recipe(tmp_path / where, registry, {"training.seed": [0, 1]}), registry=registry
+        )
+    runs = collect_runs([tmp_path / "a", tmp_path / "b"])
+    notes: list[str] = []
+    rows = {r["variant"]: r for r in summarize(runs, "test", notes)}
+    assert set(rows) == {"a/tiny/tiny", "b/tiny/tiny"}
+    for where in ("a", "b"):
+        row = rows[f"{where}/tiny/tiny"]
+        assert row["seeds"] == [0, 1]
+        assert row["ccc_mean"][0] == pytest.approx(
+            statistics.fmean(_ccc_means(tmp_path / where / "tiny"))
+        )
+    assert notes == []  # same setup, repeated seeds: split without a remark
+
+
+def test_runs_of_one_label_that_differ_in_more_than_the_seed_are_not_pooled(tmp_path, registry):
+    """Two grids of one name with disjoint seeds but another learning rate used to form one
+    row of three seeds; now they are two rows and a note names what differs."""
+    run_grid(grid_recipe(tmp_path / "a", registry, {"training.seed": [0, 1]}), registry=registry)
+    run_grid(
+        grid_recipe(tmp_path / "b", registry, {"training.seed": [2]}, lr=1e-3), registry=registry
+    )
+    notes: list[str] = []
+    rows = summarize(collect_runs([tmp_path / "a", tmp_path / "b"]), "test", notes)
+    assert {r["variant"]: r["seeds"] for r in rows} == {"a/tiny/tiny": [0, 1], "b/tiny/tiny": [2]}
+    assert (
+        len(notes) == 1 and "tiny: its runs differ in more than the seed (training.lr)" in notes[0]
+    )
+    # one grid alone: one row, no remark
+    notes = []
+    rows = summarize(collect_runs([tmp_path / "a"]), "test", notes)
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("tiny", [0, 1])] and notes == []

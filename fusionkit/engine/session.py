@@ -35,6 +35,7 @@ __all__ = [
     "build_session",
     "check_recipe",
     "load_run",
+    "native_bf16",
     "resolve_device",
     "set_threads",
 ]
@@ -81,6 +82,17 @@ def resolve_device(spec: str) -> torch.device:
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here; on a CPU without AVX512-BF16 or AMX
+    PyTorch emulates them, and bf16 autocast is slower than float32. True when unknown."""
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
 
 
 def _target_columns(recipe: Recipe, dataset: Dataset) -> list[int]:

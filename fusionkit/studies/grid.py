@@ -54,6 +54,7 @@ from fusionkit.engine.session import (
     available_cores,
     build_session,
     check_recipe,
+    native_bf16,
     resolve_device,
     set_threads,
 )
@@ -113,6 +114,11 @@ def _describe(session: Session, console: Console, dist: Dist) -> None:
         f"model: {params:,} parameters on {session.device} "
         f"({'bf16' if session.bf16 else 'fp32'}){threads}"
     )
+    if session.bf16 and not native_bf16(session.device):
+        console.print(
+            "note: this CPU has no native bf16 matrix products (AVX512-BF16 or AMX), so bf16 "
+            "autocast is likely slower than fp32 here; set training.precision=fp32"
+        )
     if dist.enabled:
         console.print(
             f"data parallel: {dist.world_size} processes, "

@@ -367,23 +367,82 @@ def metric_keys(targets: list[str]) -> list[str]:
     return [*keys, "ccc_mean"] if len(targets) > 1 else keys
 
 
-def summarize(runs: list[RunRecord], split: str) -> list[dict[str, Any]]:
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def run_setup(run: RunRecord) -> dict[str, str]:
+    """What the seeds of one variant must share: the run's recipe (flattened to dotted keys)
+    without ``training.seed`` and ``output``, plus the device and precision that
+    ``metrics.json`` says the run used (``precision: auto`` is bf16 on CUDA, fp32 on a CPU)."""
+    setup = {
+        k: json.dumps(v, sort_keys=True, default=str)
+        for k, v in _flat(run.recipe).items()
+        if k != "training.seed" and k != "output" and not k.startswith("output.")
+    }
+    for k in ("device", "precision"):
+        if k in run.metrics:
+            setup[f"{k} used"] = json.dumps(run.metrics[k], default=str)
+    return setup
+
+
+def _setup_difference(members: list[RunRecord]) -> list[str]:
+    """The setup keys (:func:`run_setup`) on which ``members`` disagree, sorted."""
+    setups = [run_setup(m) for m in members]
+    keys = set().union(*setups)
+    return sorted(k for k in keys if len({st.get(k) for st in setups}) > 1)
+
+
+def _distinct_names(folders: list[Path]) -> dict[Path, str]:
+    """Each folder's shortest trailing path that no other of ``folders`` shares
+    (``a/fusion_gate`` and ``b/fusion_gate`` for two grids of one name)."""
+    unique = sorted(set(folders))
+    for depth in range(1, max(len(f.parts) for f in unique) + 1):
+        names = {f: "/".join(f.parts[-depth:]) for f in unique}
+        if len(set(names.values())) == len(unique):
+            return names
+    return {f: str(f) for f in unique}
+
+
+def summarize(
+    runs: list[RunRecord], split: str, notes: list[str] | None = None
+) -> list[dict[str, Any]]:
     """One row per variant, in grid order: ``{"variant", "seeds", "runs", "ccc_<t>": (mean,
     std), ..., "params", "train_seconds"}`` (``train_seconds`` is the mean over seeds).
 
     A label whose runs repeat a seed (the same variant name in two grids, or two runs of one
-    recipe) is split into one row per grid (``<grid dir>/<variant>``) or run directory."""
+    recipe), or whose runs differ in more than the seed (:func:`run_setup`: e.g. two grids
+    with one variant name, trained in other precisions), is split into one row per grid
+    (``<grid dir>/<variant>``) or run directory, and the second case is said in ``notes``,
+    so that a row's mean ± std never pools different experiments."""
     groups: dict[str, list[RunRecord]] = {}
     for r in runs:
         if split in r.metrics.get("splits", {}):
             groups.setdefault(r.variant, []).append(r)
     for label, members in list(groups.items()):
         seeds = [m.seed for m in members]
-        if len(set(seeds)) < len(seeds):  # e.g. the same variant name in two grids: split up
+        differ = _setup_difference(members)
+        if len(set(seeds)) < len(seeds) or differ:
             del groups[label]
+            # a grid point by its grid folder, a single run by its own folder
+            homes = {m.run_dir: m.run_dir.parent if m.values else m.run_dir for m in members}
+            names = _distinct_names(list(homes.values()))
             for m in members:
-                where = f"{m.run_dir.parent.name}/{label}" if m.values else m.run_dir.name
-                groups.setdefault(where, []).append(m)
+                home = names[homes[m.run_dir]]
+                groups.setdefault(f"{home}/{label}" if m.values else home, []).append(m)
+            if differ and notes is not None:
+                notes.append(
+                    f"{label}: its runs differ in more than the seed ({', '.join(differ[:5])}"
+                    f"{', ...' if len(differ) > 5 else ''}), so they are shown per grid or run "
+                    "directory, not pooled."
+                )
     rows = []
     for variant, members in sorted(groups.items(), key=lambda kv: min(m.order for m in kv[1])):
         members.sort(key=lambda m: m.seed)
@@ -1076,7 +1135,8 @@ def build_report(
     scan = scan_runs(paths)
     if not scan.runs:
         collect_runs(paths)  # raises, naming what was left out
-    rows = summarize(scan.runs, split)
+    notes = list(scan.notes)
+    rows = summarize(scan.runs, split, notes)
     if not rows:
         have = sorted({s for r in scan.runs for s in r.metrics.get("splits", {})})
         raise FusionkitError(
@@ -1093,7 +1153,7 @@ def build_report(
         n_boot=n_boot,
         boot_seed=boot_seed,
         sources=[str(p) for p in paths],
-        notes=list(scan.notes),
+        notes=notes,
         excluded=scan.excluded,
     )
     _add_left_out(rep)
