@@ -281,7 +281,8 @@ def test_runs_of_one_label_that_differ_in_more_than_the_seed_are_not_pooled(tmp_
     rows = summarize(collect_runs([tmp_path / "a", tmp_path / "b"]), "test", notes)
     assert {r["variant"]: r["seeds"] for r in rows} == {"a/tiny/tiny": [0, 1], "b/tiny/tiny": [2]}
     assert (
-        len(notes) == 1 and "tiny: its runs differ in more than the seed (training.lr)" in notes[0]
+        len(notes) == 1
+        and "tiny: the runs of each differ in more than the seed (training.lr)" in notes[0]
     )
     # one grid alone: one row, no remark
     notes = []

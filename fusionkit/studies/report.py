@@ -426,6 +426,7 @@ def summarize(
     for r in runs:
         if split in r.metrics.get("splits", {}):
             groups.setdefault(r.variant, []).append(r)
+    split_up: dict[tuple[str, ...], list[str]] = {}  # differing keys -> labels
     for label, members in list(groups.items()):
         seeds = [m.seed for m in members]
         differ = _setup_difference(members)
@@ -437,12 +438,15 @@ def summarize(
             for m in members:
                 home = names[homes[m.run_dir]]
                 groups.setdefault(f"{home}/{label}" if m.values else home, []).append(m)
-            if differ and notes is not None:
-                notes.append(
-                    f"{label}: its runs differ in more than the seed ({', '.join(differ[:5])}"
-                    f"{', ...' if len(differ) > 5 else ''}), so they are shown per grid or run "
-                    "directory, not pooled."
-                )
+            if differ:
+                split_up.setdefault(tuple(differ), []).append(label)
+    for differ, labels in split_up.items():
+        if notes is not None:
+            keys = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
+            notes.append(
+                f"{', '.join(labels)}: the runs of each differ in more than the seed ({keys}), "
+                "so they are shown per grid or run directory, not pooled."
+            )
     rows = []
     for variant, members in sorted(groups.items(), key=lambda kv: min(m.order for m in kv[1])):
         members.sort(key=lambda m: m.seed)
