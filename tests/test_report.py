@@ -523,3 +523,39 @@ def test_failed_pending_and_incomplete_runs_are_listed_and_never_used(grid, tmp_
     assert "<script" not in html and "&lt;script&gt;" in html
     with pytest.raises(FusionkitError, match="--baseline 'rjca' has no complete run"):
         build_report([gdir], baseline="rjca", throughput=False)
+
+
+def _row(variant: str, seeds: int, mean: float, std: float, delta=None, p_holm=None) -> dict:
+    return {"variant": variant, "seeds": list(range(seeds)), "ccc_mean": (mean, std),
+            "delta": delta, "p_holm": p_holm}  # fmt: skip
+
+
+def _boot(delta_mean: float):
+    from fusionkit.studies.stats import BootstrapResult
+
+    d = np.array([0.0, 0.0, delta_mean])  # valence, arousal, mean
+    return BootstrapResult(d, d - 0.01, d + 0.01, np.full(3, 0.001), 2000, 24, 0.95)
+
+
+def test_a_significant_delta_smaller_than_the_seed_spread_gets_a_caveat():
+    """The paired test resamples test videos only: a significant Δ CCC mean below the seeds'
+    std (of either row) is flagged; a larger one, a non-significant one, or one from single
+    seeds is not."""
+    from types import SimpleNamespace
+
+    from fusionkit.studies.report import _add_seed_caveats
+
+    base = _row("base", 3, 0.680, 0.022)
+    sig = np.array([0.01, 0.01, 0.01])
+    rows = [
+        base,
+        _row("small", 3, 0.696, 0.007, _boot(0.016), sig),  # 0.016 < 0.022 (the base's std)
+        _row("large", 3, 0.730, 0.010, _boot(0.050), sig),  # 0.050 > 0.022
+        _row("not significant", 3, 0.690, 0.030, _boot(0.010), np.array([0.5, 0.5, 0.5])),
+        _row("one seed", 1, 0.690, 0.0, _boot(0.010), sig),
+    ]
+    rep = SimpleNamespace(rows=rows, baseline_of={r["variant"]: "base" for r in rows}, notes=[])
+    _add_seed_caveats(rep)
+    assert len(rep.notes) == 1
+    assert rep.notes[0].startswith("small: Δ CCC mean +0.016 against base is significant")
+    assert "std up to 0.022" in rep.notes[0]

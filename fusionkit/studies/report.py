@@ -915,6 +915,28 @@ def _add_comparisons(rep: Report, cache: dict) -> None:
     adjust_holm(rep.rows)
 
 
+def _add_seed_caveats(rep: Report) -> None:
+    """A note for each significant Δ CCC mean smaller than the spread between seeds: the
+    paired test resamples test videos, not training runs, so such a Δ may not survive other
+    seeds."""
+    by_label = {r["variant"]: r for r in rep.rows}
+    for row in rep.rows:
+        base = by_label[rep.baseline_of[row["variant"]]]
+        if row is base or not isinstance(row.get("delta"), BootstrapResult):
+            continue
+        if not significant(row, -1) or min(len(row["seeds"]), len(base["seeds"])) < 2:
+            continue
+        delta = float(row["delta"].delta[-1])
+        spread = max(row["ccc_mean"][1], base["ccc_mean"][1])
+        if abs(delta) < spread:
+            rep.notes.append(
+                f"{row['variant']}: Δ CCC mean {delta:+.3f} against {base['variant']} is "
+                f"significant over the test videos but smaller than the spread between seeds "
+                f"(std up to {spread:.3f}); the test does not cover training randomness, so "
+                "more seeds are needed before calling it a difference."
+            )
+
+
 def _add_components(rep: Report) -> None:
     """Each row's components (kind -> labels) and a note when its runs disagree."""
     for row in rep.rows:
@@ -1162,6 +1184,7 @@ def build_report(
     )
     _add_left_out(rep)
     _add_comparisons(rep, {})
+    _add_seed_caveats(rep)
     _add_components(rep)
     _add_throughput(rep, throughput, remeasure, registry)
     rep.curves = learning_curves(rows)
