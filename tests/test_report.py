@@ -525,16 +525,18 @@ def test_failed_pending_and_incomplete_runs_are_listed_and_never_used(grid, tmp_
         build_report([gdir], baseline="rjca", throughput=False)
 
 
-def _row(variant: str, seeds: int, mean: float, std: float, delta=None, p_holm=None) -> dict:
-    return {"variant": variant, "seeds": list(range(seeds)), "ccc_mean": (mean, std),
+def _row(variant: str, seeds: int, mean: float, std: float, delta=None, p_holm=None,
+         key: str = "ccc_mean") -> dict:  # fmt: skip
+    return {"variant": variant, "seeds": list(range(seeds)), key: (mean, std),
             "delta": delta, "p_holm": p_holm}  # fmt: skip
 
 
-def _boot(delta_mean: float):
+def _boot(delta_last: float, n: int = 3):
     from fusionkit.studies.stats import BootstrapResult
 
-    d = np.array([0.0, 0.0, delta_mean])  # valence, arousal, mean
-    return BootstrapResult(d, d - 0.01, d + 0.01, np.full(3, 0.001), 2000, 24, 0.95)
+    d = np.zeros(n)
+    d[-1] = delta_last  # the last metric: the mean of the targets, or the only target
+    return BootstrapResult(d, d - 0.01, d + 0.01, np.full(n, 0.001), 2000, 24, 0.95)
 
 
 def test_a_significant_delta_smaller_than_the_seed_spread_gets_a_caveat():
@@ -554,8 +556,26 @@ def test_a_significant_delta_smaller_than_the_seed_spread_gets_a_caveat():
         _row("not significant", 3, 0.690, 0.030, _boot(0.010), np.array([0.5, 0.5, 0.5])),
         _row("one seed", 1, 0.690, 0.0, _boot(0.010), sig),
     ]
-    rep = SimpleNamespace(rows=rows, baseline_of={r["variant"]: "base" for r in rows}, notes=[])
+    rep = SimpleNamespace(
+        rows=rows,
+        baseline_of={r["variant"]: "base" for r in rows},
+        notes=[],
+        targets=["valence", "arousal"],
+    )
     _add_seed_caveats(rep)
     assert len(rep.notes) == 1
     assert rep.notes[0].startswith("small: Δ CCC mean +0.016 against base is significant")
     assert "std up to 0.022" in rep.notes[0]
+    spread = {r["variant"]: r["within_seed_spread"] for r in rows}  # summary.csv's column
+    assert spread == {"base": None, "small": True, "large": False, "not significant": True,
+                      "one seed": None}  # fmt: skip
+    # one target: its CCC is the metric
+    one = np.array([0.01])
+    rows = [
+        _row("base", 2, 0.5, 0.03, key="ccc_valence"),
+        _row("x", 2, 0.52, 0.01, _boot(0.02, 1), one, key="ccc_valence"),
+    ]
+    rep = SimpleNamespace(rows=rows, baseline_of={"base": "base", "x": "base"}, notes=[],
+                          targets=["valence"])  # fmt: skip
+    _add_seed_caveats(rep)
+    assert rep.notes and rep.notes[0].startswith("x: Δ CCC valence +0.020 against base")

@@ -583,6 +583,8 @@ def _delta_record(r: dict[str, Any], keys: list[str]) -> dict[str, Any]:
         rec[f"delta_{k}_p"] = _num(d.p_value[j]) if ok else ""
         rec[f"delta_{k}_p_holm"] = _num(r["p_holm"][j]) if ok else ""
         rec[f"delta_{k}_significant"] = significant(r, j) if ok else ""
+    within = r.get("within_seed_spread")
+    rec[f"delta_{keys[-1]}_within_seed_spread"] = "" if within is None else within
     rec["paired_test"] = "ok" if ok else ("baseline" if d is None else f"n/a: {d}")
     return rec
 

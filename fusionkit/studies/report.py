@@ -916,21 +916,26 @@ def _add_comparisons(rep: Report, cache: dict) -> None:
 
 
 def _add_seed_caveats(rep: Report) -> None:
-    """A note for each significant Δ CCC mean smaller than the spread between seeds: the
-    paired test resamples test videos, not training runs, so such a Δ may not survive other
-    seeds."""
+    """A note for each significant Δ CCC mean (the only CCC with one target) smaller than the
+    std over seeds of either row: the paired test resamples test videos, not training runs,
+    so such a Δ may not survive other seeds. Sets each row's ``within_seed_spread`` (None
+    without a paired test or with a single seed)."""
+    key = metric_keys(rep.targets)[-1]  # the mean of the targets, or the only one
+    name = "CCC mean" if key == "ccc_mean" else f"CCC {key.removeprefix('ccc_')}"
     by_label = {r["variant"]: r for r in rep.rows}
     for row in rep.rows:
         base = by_label[rep.baseline_of[row["variant"]]]
+        row["within_seed_spread"] = None  # no paired test, or a single seed: not judged
         if row is base or not isinstance(row.get("delta"), BootstrapResult):
             continue
-        if not significant(row, -1) or min(len(row["seeds"]), len(base["seeds"])) < 2:
+        if min(len(row["seeds"]), len(base["seeds"])) < 2:
             continue
         delta = float(row["delta"].delta[-1])
-        spread = max(row["ccc_mean"][1], base["ccc_mean"][1])
-        if abs(delta) < spread:
+        spread = max(row[key][1], base[key][1])
+        row["within_seed_spread"] = abs(delta) < spread
+        if significant(row, -1) and abs(delta) < spread:
             rep.notes.append(
-                f"{row['variant']}: Δ CCC mean {delta:+.3f} against {base['variant']} is "
+                f"{row['variant']}: Δ {name} {delta:+.3f} against {base['variant']} is "
                 f"significant over the test videos but smaller than the spread between seeds "
                 f"(std up to {spread:.3f}); the test does not cover training randomness, so "
                 "more seeds are needed before calling it a difference."
