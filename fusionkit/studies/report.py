@@ -403,12 +403,11 @@ def _setup_difference(members: list[RunRecord]) -> list[str]:
 def _distinct_names(folders: list[Path]) -> dict[Path, str]:
     """Each folder's shortest trailing path that no other of ``folders`` shares
     (``a/fusion_gate`` and ``b/fusion_gate`` for two grids of one name)."""
-    unique = sorted(set(folders))
-    for depth in range(1, max(len(f.parts) for f in unique) + 1):
-        names = {f: "/".join(f.parts[-depth:]) for f in unique}
-        if len(set(names.values())) == len(unique):
-            return names
-    return {f: str(f) for f in unique}
+    unique = set(folders)
+    depth = 1  # ends: distinct folders differ in their full paths
+    while len({f.parts[-depth:] for f in unique}) < len(unique):
+        depth += 1
+    return {f: "/".join(f.parts[-depth:]) for f in unique}
 
 
 def summarize(
@@ -440,13 +439,12 @@ def summarize(
                 groups.setdefault(f"{home}/{label}" if m.values else home, []).append(m)
             if differ:
                 split_up.setdefault(tuple(differ), []).append(label)
-    for differ, labels in split_up.items():
-        if notes is not None:
-            keys = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
-            notes.append(
-                f"{', '.join(labels)}: the runs of each differ in more than the seed ({keys}), "
-                "so they are shown per grid or run directory, not pooled."
-            )
+    for differ, labels in split_up.items() if notes is not None else ():
+        keys = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
+        notes.append(
+            f"{', '.join(labels)}: the runs of each differ in more than the seed ({keys}), "
+            "so they are shown per grid or run directory, not pooled."
+        )
     rows = []
     for variant, members in sorted(groups.items(), key=lambda kv: min(m.order for m in kv[1])):
         members.sort(key=lambda m: m.seed)
