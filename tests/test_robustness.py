@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fusionkit.core.registry as fk_registry
+from fusionkit.core.errors import CheckpointError
 from fusionkit.core.recipe import RobustnessSpec, validate_recipe
 from fusionkit.engine.runs import RunDir
 from fusionkit.engine.session import load_run
@@ -132,12 +133,12 @@ def test_grid_point_with_missing_robustness_only_evaluates(tmp_path, registry, m
     assert record["runs"]["seed-0"]["status"] == "done"
     assert robustness_complete(run_dir, point)
     assert sha(run_dir / "model.safetensors") == weights
-    # anything else changed in a finished point is refused, naming the field
+    # anything else changed in a finished point refuses the grid before it runs, naming it
     raw["training"]["lr"] = 0.5
     raw["evaluation"]["robustness"][0]["values"] = [0, 5, 9]
-    record = run_grid(validate_recipe(raw, "g", registry), registry=registry)
-    assert record["runs"]["seed-0"]["status"] == "failed"
-    assert "training.lr: run has 0.003, now 0.5" in record["runs"]["seed-0"]["error"]
+    with pytest.raises(CheckpointError, match=r"seed-0 \(training\.lr 0\.003 -> 0\.5\)"):
+        run_grid(validate_recipe(raw, "g", registry), registry=registry)
+    assert json.loads((tmp_path / "tiny" / "grid.json").read_text())["runs"] == record["runs"]
 
 
 @pytest.fixture

@@ -22,6 +22,12 @@ continues an interrupted grid. A failing point, or a worker process that dies (o
 a crash in a plugin), is recorded as failed in ``grid.json`` and does not stop the others. A
 point counts as finished when its run is complete and every robustness sweep of its recipe
 is; a run that only misses robustness values evaluates them without retraining.
+
+Re-running a grid whose recipe changed in anything but its robustness sweeps is refused before
+anything is written, naming the points and fields that changed. Run folders of points that are
+no longer in the grid (a variant or sweep value removed) are kept and listed in ``grid.json``
+under ``stale``. Two points that train the same recipe (``training.seed: [1, 1.0]``) are refused
+when the grid is expanded.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from rich.markup import escape
 
 from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
 from fusionkit.core.overrides import apply_overrides
+from fusionkit.core.params import short_repr
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
@@ -214,6 +221,7 @@ def expand_grid(recipe: Recipe, registry: Registry | None = None) -> list[GridPo
     axes.update(recipe.sweep)
     out_dir = str(grid_dir(recipe))
     points, tags = [], set()
+    trained: dict[str, str] = {}  # training_sha256 -> run name
     for combo in itertools.product(*axes.values()):
         values = dict(zip(axes, combo, strict=True))
         overrides = dict(recipe.variants.get(values.get(VARIANT_AXIS), {}))
@@ -226,6 +234,15 @@ def expand_grid(recipe: Recipe, registry: Registry | None = None) -> list[GridPo
         tags.add(tag)
         raw["output"] = {"dir": out_dir, "name": tag}
         rc = validate_recipe(raw, f"{recipe.source} [sweep point {tag}]", registry)
+        same = trained.setdefault(rc.training_sha256(), tag)
+        if same != tag:
+            raise RecipeError(
+                [
+                    f"sweep: points {same} and {tag} train the same recipe (values repeat?); "
+                    "remove the repeated value"
+                ],
+                recipe.source,
+            )
         points.append(GridPoint(tag, values, rc))
     return points
 
@@ -308,7 +325,7 @@ def _signal_name(code: int | None) -> str:
 # ----------------------------------------------------------------------------- the grid
 
 
-def _grid_record(recipe: Recipe, points: list[GridPoint]) -> dict[str, Any]:
+def _grid_record(recipe: Recipe, points: list[GridPoint], stale: list[str]) -> dict[str, Any]:
     return {
         "created_by": "fusionkit",
         "name": recipe.run_name,
@@ -316,7 +333,66 @@ def _grid_record(recipe: Recipe, points: list[GridPoint]) -> dict[str, Any]:
         "variants": recipe.variants,
         "order": [p.tag for p in points],
         "runs": {p.tag: {"values": p.values, "status": "pending"} for p in points},
+        "stale": stale,
     }
+
+
+def _some(names: list[str], n: int, sep: str = ", ") -> str:
+    """The first ``n`` of ``names``, then ``and <k> more``."""
+    more = [f"and {len(names) - n} more"] if len(names) > n else []
+    return sep.join([*names[:n], *more])
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``path <old> -> <new>`` for every leaf that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [f"{path} {short_repr(old)} -> {short_repr(new)}"]
+
+
+def _changed_fields(run: RunDir, recipe: Recipe, registry: Registry | None) -> list[str]:
+    """What ``recipe`` changes in the training of ``run``, read from the run's recipe.yaml;
+    none when that file cannot be trusted (unreadable, or edited after the run was created)."""
+    try:
+        own = run.recipe(registry)
+        if own.training_sha256() != run.marker().recipe_sha256:
+            return []
+    except FusionkitError:
+        return []
+    return _differences(own.training_view(), recipe.training_view())
+
+
+def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | None) -> None:
+    """Refuse the grid, before anything is written, when an existing run directory of one of
+    its points was created by another training recipe (the grid's recipe was edited since)."""
+    changed = []
+    for p in points:
+        run = RunDir(gdir / p.tag)
+        try:
+            run.marker()
+        except CheckpointError:
+            continue  # no run yet, or a damaged run.json: that point fails on its own
+        try:
+            run.check_same_training(p.recipe, registry)
+        except CheckpointError as exc:
+            fields = _changed_fields(run, p.recipe, registry)
+            changed.append(f"{p.tag} ({_some(fields, 3) if fields else exc})")
+    if changed:
+        raise CheckpointError(
+            f"{gdir} holds {len(changed)} run(s) of this grid trained with another recipe (run "
+            f"-> now): {_some(changed, 3, '; ')}. Nothing was run or written. Restore the recipe "
+            "to continue this grid, or run the changed grid into a new folder (another "
+            "output.name or output.dir)"
+        )
+
+
+def _stale_runs(points: list[GridPoint], gdir: Path) -> list[str]:
+    """Run directories in the grid folder that are not points of the grid (any more)."""
+    tags = {p.tag for p in points}
+    return sorted(d.name for d in gdir.iterdir() if d.name not in tags and is_run_dir(d))
 
 
 def _prepare_grid_dir(recipe: Recipe) -> Path:
@@ -355,7 +431,9 @@ def run_grid(
     """
     points = expand_grid(recipe, registry)
     gdir = _prepare_grid_dir(recipe)
-    record = _grid_record(recipe, points)
+    _check_unchanged(points, gdir, registry)
+    stale = _stale_runs(points, gdir)
+    record = _grid_record(recipe, points, stale)
     todo = []
     for p in points:
         run_dir = gdir / p.tag
@@ -379,6 +457,14 @@ def run_grid(
         highlight=False,
         soft_wrap=True,
     )
+    if stale:
+        say(
+            f"note: {len(stale)} run folder(s) in {escape(str(gdir))} are not points of this "
+            f"grid any more: {escape(_some(stale, 5))}; they are kept, and `fusionkit report` "
+            "leaves them out",
+            highlight=False,
+            soft_wrap=True,
+        )
     t0 = time.perf_counter()
     finished = 0
 
