@@ -23,7 +23,10 @@ def report(
     paths: Annotated[list[Path], typer.Argument(help="grid or run directories")],
     out: Annotated[
         Path | None,
-        typer.Option(help="write report.md, report.html, CSVs and plots/ into this directory"),
+        typer.Option(
+            help="write report.md, report.html, CSVs and plots/ into this folder: a new or "
+            "empty one, or an earlier report's, which is replaced entirely"
+        ),
     ] = None,
     split: Annotated[str, typer.Option(help="split whose metrics are compared")] = "test",
     baseline: Annotated[
@@ -59,9 +62,17 @@ def report(
     paired bootstrap (Holm-corrected; only for runs evaluated on the same data), learning
     curves, components, cost, robustness curves and gate plots (Markdown, HTML, CSV, LaTeX).
     Failed, pending and incomplete runs are listed, never used."""
-    from fusionkit.studies.render import delta_table, render_markdown, results_table, write_report
+    from fusionkit.studies.render import (
+        check_report_dir,
+        delta_table,
+        render_markdown,
+        results_table,
+        write_report,
+    )
     from fusionkit.studies.report import build_report
 
+    if out is not None:
+        check_report_dir(out)  # before the bootstraps: a refused --out is told at once
     rep = build_report(
         paths,
         split=split,

@@ -131,7 +131,8 @@ class RunRecord:
     seed: int
     metrics: dict[str, Any]
     targets: list[str]
-    order: tuple[str, int] = ("", 0)
+    #: sort key: the index of the report path it was found under, its folder, grid order
+    order: tuple[int, str, int] = (0, "", 0)
     recipe: dict[str, Any] = field(default_factory=dict)
     components: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
@@ -154,7 +155,9 @@ class Excluded:
 
     ``status``: ``failed`` (grid.json records an error), ``pending`` (never started),
     ``incomplete`` (the run directory did not finish), ``missing`` (recorded as done, but the
-    run directory is gone) or ``unreadable`` (complete, but its files cannot be used).
+    run directory is gone), ``unreadable`` (complete, but its files cannot be used),
+    ``stale`` (in a grid folder, but no point of the grid as last run), ``no-split`` (not
+    evaluated on the report's split) or ``duplicate`` (repeats a seed of the same setup).
     """
 
     where: str
@@ -187,13 +190,38 @@ def _read_grid(grid_dir: Path, cache: dict[Path, dict[str, Any] | None]) -> dict
                 rec = read_json(grid_dir / GRID_FILE, "grid record")
             except CheckpointError:
                 rec = None
-        cache[key] = rec if isinstance(rec, dict) and isinstance(rec.get("runs"), dict) else None
+        cache[key] = rec if _valid_grid_record(rec) else None
     return cache[key]
+
+
+def _valid_grid_record(rec: Any) -> bool:
+    """Whether ``rec`` has the shape ``fusionkit run`` writes: ``runs`` maps run names to
+    entries with a ``values`` mapping (a damaged file is reported as unreadable instead)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("runs"), dict):
+        return False
+    if not isinstance(rec.get("order", []), list):
+        return False
+    return all(
+        isinstance(e, dict) and isinstance(e.get("values", {}), dict) for e in rec["runs"].values()
+    )
 
 
 def _grid_order(rec: dict[str, Any]) -> list[str]:
     order = rec.get("order")  # grid.json keys are sorted; "order" is the declared order
     return [str(t) for t in order] if isinstance(order, list) else list(rec["runs"])
+
+
+def _stale_reason(run_dir: Path, cache: dict) -> str | None:
+    """Why a run inside a grid folder is not one of the grid's points (None when it is, or
+    when its folder holds no readable grid record): its variant or sweep value was removed
+    from the grid's recipe after it ran."""
+    rec = _read_grid(run_dir.parent, cache)
+    if rec is None or run_dir.name in rec["runs"]:
+        return None
+    return (
+        f"not a point of grid {rec.get('name') or run_dir.parent.name} as last run "
+        f"({run_dir.parent / GRID_FILE}): its variant or sweep value was removed from the recipe"
+    )
 
 
 def _grid_entry(run_dir: Path, cache: dict) -> tuple[str | None, dict[str, Any], int]:
@@ -233,7 +261,7 @@ def _check_unchanged(run_dir: Path, files: dict[str, str], name: str) -> None:
         )
 
 
-def read_run(run_dir: Path, grid_cache: dict | None = None) -> RunRecord:
+def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> RunRecord:
     """A complete run's record: recipe, metrics (checked against ``run.json``), components.
 
     Raises :class:`FusionkitError` when a file is missing, damaged or was changed."""
@@ -257,24 +285,24 @@ def read_run(run_dir: Path, grid_cache: dict | None = None) -> RunRecord:
         seed=seed,
         metrics=metrics,
         targets=targets,
-        order=(str(run_dir.parent.resolve()), index),
+        order=(root, str(run_dir.parent.resolve()), index),
         recipe=recipe,
         components=[c for c in components if isinstance(c, dict)],
         files=dict(marker.files),
     )
 
 
-def _find(paths: list[Path]) -> tuple[dict[Path, Path], dict[Path, Path]]:
-    """Run directories (a ``run.json`` or a ``metrics.json``) and grid directories under
-    ``paths``, keyed by resolved path."""
-    run_dirs: dict[Path, Path] = {}
+def _find(paths: list[Path]) -> tuple[dict[Path, tuple[Path, int]], dict[Path, Path]]:
+    """Run directories (a ``run.json`` or a ``metrics.json``) with the index of the first of
+    ``paths`` they are under, and grid directories, keyed by resolved path."""
+    run_dirs: dict[Path, tuple[Path, int]] = {}
     grid_dirs: dict[Path, Path] = {}
-    for root in paths:
+    for i, root in enumerate(paths):
         if not root.exists():
             raise CheckpointError(f"not found: {root}")
         for name in (MARKER_FILE, METRICS_FILE):
             for f in sorted(root.rglob(name)):
-                run_dirs.setdefault(f.parent.resolve(), f.parent)
+                run_dirs.setdefault(f.parent.resolve(), (f.parent, i))
         for f in sorted(root.rglob(GRID_FILE)):
             grid_dirs.setdefault(f.parent.resolve(), f.parent)
     return run_dirs, grid_dirs
@@ -311,15 +339,19 @@ def scan_runs(paths: list[Path]) -> RunScan:
     cache: dict[Path, dict[str, Any] | None] = {}
     runs: dict[Path, RunRecord] = {}
     left_out: dict[Path, Excluded] = {}
-    for key, run_dir in run_dirs.items():
+    for key, (run_dir, root) in run_dirs.items():
         grid_name, values, _ = _grid_entry(run_dir, cache)
         label = variant_label(grid_name or run_dir.name, values)
+        stale = _stale_reason(run_dir, cache)
+        if stale is not None:
+            left_out[key] = Excluded(str(run_dir), run_dir.name, "stale", stale)
+            continue
         reason = _incomplete_reason(run_dir)
         if reason is not None:
             left_out[key] = Excluded(str(run_dir), label, "incomplete", reason)
             continue
         try:
-            runs[key] = read_run(run_dir, cache)
+            runs[key] = read_run(run_dir, cache, root)
         except FusionkitError as exc:
             left_out[key] = Excluded(str(run_dir), label, "unreadable", str(exc))
     excluded: list[Excluded] = []
@@ -378,14 +410,28 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: recipe keys that do not change what a run trains and how it is scored (as
+#: :meth:`fusionkit.core.recipe.Recipe.training_view` leaves them out, and the seed)
+_NOT_SETUP = (
+    "training.seed",
+    "output",
+    "evaluation.robustness",
+    "description",
+    "strict_plugins",
+    "sweep",
+    "variants",
+)
+
+
 def run_setup(run: RunRecord) -> dict[str, str]:
     """What the seeds of one variant must share: the run's recipe (flattened to dotted keys)
-    without ``training.seed`` and ``output``, plus the device and precision that
-    ``metrics.json`` says the run used (``precision: auto`` is bf16 on CUDA, fp32 on a CPU)."""
+    without the seed, the output location, robustness sweeps and descriptions, plus the device
+    and precision that ``metrics.json`` says the run used (``precision: auto`` is bf16 on
+    CUDA, fp32 on a CPU)."""
     setup = {
         k: json.dumps(v, sort_keys=True, default=str)
         for k, v in _flat(run.recipe).items()
-        if k != "training.seed" and k != "output" and not k.startswith("output.")
+        if not any(k == n or k.startswith(n + ".") for n in _NOT_SETUP)
     }
     for k in ("device", "precision"):
         if k in run.metrics:
@@ -410,49 +456,130 @@ def _distinct_names(folders: list[Path]) -> dict[Path, str]:
     return {f: "/".join(f.parts[-depth:]) for f in unique}
 
 
-def summarize(
-    runs: list[RunRecord], split: str, notes: list[str] | None = None
+def _home(run: RunRecord) -> Path:
+    """Where a run belongs: a grid point's grid folder, a single run's own folder."""
+    return run.run_dir.parent if run.values else run.run_dir
+
+
+def row_label(label: str, prefix: str, suffix: str, grid_point: bool) -> str:
+    """A row's label from the variant label, the folder prefix that tells two homes of one
+    label apart and the setup suffix that tells two setups in one home apart.
+
+    >>> row_label("tagf", "a/fusion_gate", "", True)
+    'a/fusion_gate/tagf'
+    >>> row_label("tagf", "", "lr=0.1", True)
+    'tagf [lr=0.1]'
+    """
+    head = (f"{prefix}/{label}" if grid_point else prefix) if prefix else label
+    return f"{head} [{suffix}]" if suffix else head
+
+
+def _setup_suffix(runs: list[RunRecord], keys: list[str]) -> str:
+    """``lr=0.1, precision used=bf16``: the values of ``keys`` in ``runs``' setup."""
+    setup = run_setup(runs[0])
+    names = _axis_names(keys)
+    values = {k: setup.get(k, "unset").strip('"') for k in keys[:3]}
+    shown = [f"{names[k]}={v if len(v) <= 24 else v[:23] + '…'}" for k, v in values.items()]
+    return ", ".join(shown) + (", ..." if len(keys) > 3 else "")
+
+
+def _split_label(
+    label: str, members: list[RunRecord], excluded: list[Excluded]
 ) -> list[dict[str, Any]]:
-    """One row per variant, in grid order: ``{"variant", "seeds", "runs", "ccc_<t>": (mean,
-    std), ..., "params", "train_seconds"}`` (``train_seconds`` is the mean over seeds).
+    """The rows of one label: one, unless its runs repeat a seed or differ in more than the
+    seed; then one per home (grid folder or run folder) and setup (:func:`run_setup`). A seed
+    repeated with the same setup in the same home is counted once; the repeat is left out."""
+    seeds = [m.seed for m in members]
+    if len(set(seeds)) == len(seeds) and not _setup_difference(members):
+        return [{"variant": label, "label": label, "prefix": "", "suffix": "", "runs": members}]
+    parts: dict[tuple[Path, str], list[RunRecord]] = {}
+    for m in members:
+        parts.setdefault((_home(m), json.dumps(run_setup(m), sort_keys=True)), []).append(m)
+    homes = {home for home, _ in parts}
+    prefixes = _distinct_names(list(homes)) if len(homes) > 1 else {}
+    out = []
+    for (home, _), runs in parts.items():
+        in_home = [m for (h, _), rs in parts.items() if h == home for m in rs]
+        differ = _setup_difference(in_home)
+        prefix, suffix = prefixes.get(home, ""), _setup_suffix(runs, differ) if differ else ""
+        kept: dict[int, RunRecord] = {}
+        for m in sorted(runs, key=lambda r: r.order):
+            if m.seed in kept:
+                excluded.append(
+                    Excluded(
+                        str(m.run_dir),
+                        label,
+                        "duplicate",
+                        f"repeats seed {m.seed} of {kept[m.seed].run_dir} with the same "
+                        "recipe; counted once",
+                    )
+                )
+            else:
+                kept[m.seed] = m
+        grid_point = bool(runs[0].values)
+        out.append(
+            {
+                "variant": row_label(label, prefix, suffix, grid_point),
+                "label": label,
+                "prefix": prefix,
+                "suffix": suffix,
+                "runs": list(kept.values()),
+            }
+        )
+    return out
+
+
+def summarize(
+    runs: list[RunRecord],
+    split: str,
+    notes: list[str] | None = None,
+    excluded: list[Excluded] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per variant, in the order of the runs: ``{"variant", "seeds", "runs",
+    "ccc_<t>": (mean, std), ..., "params", "train_seconds"}`` (``train_seconds`` is the mean
+    over seeds).
 
     A label whose runs repeat a seed (the same variant name in two grids, or two runs of one
     recipe), or whose runs differ in more than the seed (:func:`run_setup`: e.g. two grids
-    with one variant name, trained in other precisions), is split into one row per grid
-    (``<grid dir>/<variant>``) or run directory, and the second case is said in ``notes``,
-    so that a row's mean ± std never pools different experiments."""
+    with one variant name trained in other precisions, or a grid folder holding runs of an
+    edited recipe), is split into one row per grid folder or run folder (``<folder>/<variant>``)
+    and per setup (``<variant> [lr=0.1]``); the second case is said in ``notes``, so that a
+    row's mean ± std never pools different experiments. A seed repeated with the same setup
+    in one folder counts once. Runs without metrics for ``split``, and the repeats, are added
+    to ``excluded``."""
+    excluded = [] if excluded is None else excluded
     groups: dict[str, list[RunRecord]] = {}
     for r in runs:
         if split in r.metrics.get("splits", {}):
             groups.setdefault(r.variant, []).append(r)
+        else:
+            have = ", ".join(sorted(r.metrics.get("splits", {}))) or "none"
+            excluded.append(
+                Excluded(
+                    str(r.run_dir),
+                    r.variant,
+                    "no-split",
+                    f"no metrics for split {split} (evaluated on: {have})",
+                )
+            )
     split_up: dict[tuple[str, ...], list[str]] = {}  # differing keys -> labels
-    for label, members in list(groups.items()):
-        seeds = [m.seed for m in members]
+    found: list[dict[str, Any]] = []
+    for label, members in groups.items():
+        parts = _split_label(label, members, excluded)
+        found += parts
         differ = _setup_difference(members)
-        if len(set(seeds)) < len(seeds) or differ:
-            del groups[label]
-            # a grid point by its grid folder, a single run by its own folder
-            homes = {m.run_dir: m.run_dir.parent if m.values else m.run_dir for m in members}
-            names = _distinct_names(list(homes.values()))
-            for m in members:
-                home = names[homes[m.run_dir]]
-                groups.setdefault(f"{home}/{label}" if m.values else home, []).append(m)
-            if differ:
-                split_up.setdefault(tuple(differ), []).append(label)
+        if differ:
+            split_up.setdefault(tuple(differ), []).append(label)
     for differ, labels in split_up.items() if notes is not None else ():
         keys = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
         notes.append(
             f"{', '.join(labels)}: the runs of each differ in more than the seed ({keys}), "
-            "so they are shown per grid or run directory, not pooled."
+            "so they are shown in separate rows, not pooled."
         )
     rows = []
-    for variant, members in sorted(groups.items(), key=lambda kv: min(m.order for m in kv[1])):
-        members.sort(key=lambda m: m.seed)
-        row: dict[str, Any] = {
-            "variant": variant,
-            "seeds": [m.seed for m in members],
-            "runs": members,
-        }
+    for row in sorted(found, key=lambda r: min(m.order for m in r["runs"])):
+        members = sorted(row["runs"], key=lambda m: m.seed)
+        row.update(seeds=[m.seed for m in members], runs=members)
         for k in metric_keys(members[0].targets):
             row[k] = _mean_std([m.metrics["splits"][split][k] for m in members])
         row["params"] = members[0].metrics.get("parameters")
@@ -707,7 +834,9 @@ class Curve:
 
 @dataclass
 class Sweep:
-    """One robustness sweep across variants."""
+    """One robustness sweep across variants. ``key`` names it in file names and CSV columns:
+    the label, with ``-2``, ``-3`` ... when sweeps of one label differ (another perturbation,
+    params, seed or split)."""
 
     label: str
     perturbation: str
@@ -718,10 +847,14 @@ class Sweep:
     values: list[Any]
     curves: list[Curve] = field(default_factory=list)
     dropped: list[Any] = field(default_factory=list)
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.label
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.label)
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key)
 
 
 def _sort_values(values: list[Any]) -> list[Any]:
@@ -730,16 +863,63 @@ def _sort_values(values: list[Any]) -> list[Any]:
     return values
 
 
-def robustness_sweeps(rows: list[dict[str, Any]], split: str) -> list[Sweep]:
-    """Group every run's ``robustness/*.json`` by sweep and variant (values present in all
-    runs of the sweep; curves are mean ± std over a variant's runs)."""
-    from fusionkit.studies.robustness import read_robustness, value_key
+def _robustness_problem(rec: Any) -> str | None:
+    """What is wrong with a ``robustness/*.json`` record, or None when it has the shape
+    :func:`fusionkit.studies.robustness.run_sweep` writes."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for key, kind in (("name", str), ("perturbation", str), ("params", dict), ("axis", str)):
+        if not isinstance(rec.get(key), kind):
+            return f"{key!r} is missing or not a {kind.__name__}"
+    if not isinstance(rec.get("seed"), int) or not isinstance(rec.get("results"), dict):
+        return "'seed' or 'results' is missing or malformed"
+    for split, by_value in rec["results"].items():
+        if not isinstance(by_value, dict):
+            return f"results.{split} is not a mapping"
+        for k, v in by_value.items():
+            ok = isinstance(v, dict) and "value" in v and isinstance(v.get("metrics"), dict)
+            if not ok or not all(
+                isinstance(x, (int, float)) for n, x in v["metrics"].items() if n.startswith("ccc_")
+            ):
+                return f"results.{split}.{k} lacks a value or numeric metrics"
+            if "ccc_mean" not in v["metrics"]:
+                return f"results.{split}.{k}.metrics lacks ccc_mean"
+    return None
 
+
+def _run_robustness(run: RunRecord, notes: list[str]) -> list[dict[str, Any]]:
+    """A run's robustness records; a damaged file is left out with a note."""
+    from fusionkit.studies.robustness import ROBUSTNESS_DIR
+
+    folder = run.run_dir / ROBUSTNESS_DIR
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            rec = read_json(path, "robustness results")
+            problem = _robustness_problem(rec)
+        except FusionkitError as exc:
+            problem = str(exc)
+        if problem is None:
+            out.append(rec)
+        else:
+            notes.append(f"{path} is left out of the robustness curves: {problem}.")
+    return out
+
+
+def robustness_sweeps(
+    rows: list[dict[str, Any]], split: str, notes: list[str] | None = None
+) -> list[Sweep]:
+    """Group every run's ``robustness/*.json`` by sweep and variant (values present in all
+    runs of the sweep; curves are mean ± std over a variant's runs). Damaged files, and sweeps
+    whose runs share no value, are left out with a note in ``notes``."""
+    from fusionkit.studies.robustness import value_key
+
+    notes = [] if notes is None else notes
     found: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         for run in row["runs"]:
-            for rec in read_robustness(run.run_dir):
-                results = rec.get("results", {})
+            for rec in _run_robustness(run, notes):
+                results = rec["results"]
                 use = split if split in results else next(iter(sorted(results)), None)
                 if use is None:
                     continue
@@ -760,7 +940,7 @@ def robustness_sweeps(rows: list[dict[str, Any]], split: str) -> list[Sweep]:
                 name = spec.get("name") or f"{spec['perturbation']}_{spec['axis']}"
                 if name not in declared:
                     declared.append(name)
-    sweeps = []
+    sweeps: list[Sweep] = []
     for (label, pert, _p, axis, seed, use), entry in sorted(
         found.items(),
         key=lambda kv: (declared.index(kv[0][0]) if kv[0][0] in declared else len(declared),
@@ -769,9 +949,20 @@ def robustness_sweeps(rows: list[dict[str, Any]], split: str) -> list[Sweep]:
         per_run = [r for runs in entry["by"].values() for r in runs]
         keys = set.intersection(*(set(r) for r in per_run))
         every = {k for r in per_run for k in r}
+        if not keys:
+            notes.append(
+                f"robustness sweep {label} ({pert} over {axis} on {use}): its runs share no "
+                "value, so it has no curves."
+            )
+            continue
         values = _sort_values([per_run[0][k]["value"] for k in keys])
         dropped = _sort_values([json.loads(k) for k in every - keys])
         sweep = Sweep(label, pert, entry["header"]["params"], axis, seed, use, values, [], dropped)
+        taken = {sw.slug for sw in sweeps}
+        n = 1
+        while sweep.slug in taken:  # two sweeps of one label, or labels of one slug
+            n += 1
+            sweep.key = f"{label}-{n}"
         for variant, runs in entry["by"].items():
             targets = [k for k in runs[0][value_key(values[0])]["metrics"] if k.startswith("ccc_")]
             mean: dict[str, list[float]] = {k: [] for k in targets}
@@ -847,19 +1038,28 @@ def _choose_baseline(
 
     ``baseline`` may be a row label (one baseline for every row, the first row if None) or,
     in a grid with sweep axes besides the seed, a variant name: then each row is compared with
-    that variant's row at the same sweep values (its own condition)."""
+    that variant's row at the same sweep values (its own condition), from the same folder and
+    setup when rows were split (:func:`summarize`). A name that reads both ways is refused."""
     labels = [r["variant"] for r in rows]
     if baseline is None:
         baseline = labels[0]
-    if baseline in labels:
-        return baseline, {label: baseline for label in labels}
     per_condition = {}
     for row in rows:
         run = row["runs"][0]
         if VARIANT_AXIS in run.values:
-            per_condition[row["variant"]] = variant_label(
-                run.name, {**run.values, VARIANT_AXIS: baseline}
+            base = variant_label(run.name, {**run.values, VARIANT_AXIS: baseline})
+            per_condition[row["variant"]] = row_label(base, row["prefix"], row["suffix"], True)
+    conditional = any(b in labels and b != baseline for b in per_condition.values())
+    if baseline in labels:
+        if conditional:
+            raise FusionkitError(
+                f"--baseline {baseline!r} is both a row of its own and a variant compared per "
+                f"condition (e.g. {next(b for b in per_condition.values() if b != baseline)!r}); "
+                "report the grid folder without that run, or pass the full label of the one "
+                f"row to compare every row with (rows: {', '.join(labels[:6])}"
+                + (", ...)" if len(labels) > 6 else ")")
             )
+        return baseline, {label: baseline for label in labels}
     if per_condition and any(b in labels for b in per_condition.values()):
         missing = sorted({b for b in per_condition.values() if b not in labels})
         if missing:
@@ -953,9 +1153,17 @@ def _add_components(rep: Report) -> None:
 
 
 def _add_left_out(rep: Report) -> None:
-    """Each row's left-out grid points (the same label)."""
+    """Each row's left-out runs and grid points: those of its label, and when the label's rows
+    were split by folder (:func:`summarize`), those in the row's folders."""
     for row in rep.rows:
-        row["left_out"] = [e for e in rep.excluded if e.variant == row["variant"]]
+        homes = {str(_home(r)) for r in row["runs"]}
+        row["left_out"] = [
+            e
+            for e in rep.excluded
+            if e.variant == row["label"]
+            and e.status != "duplicate"
+            and (not row["prefix"] or str(Path(e.where).parent) in homes or e.where in homes)
+        ]
 
 
 def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) -> None:
@@ -979,14 +1187,24 @@ def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) 
         rep.throughput_note = (
             "frames/s: inference over the whole split as evaluation runs it (the recipe's "
             "windows, hop and batch size, overlapping windows averaged), the fastest of at least "
-            "5 passes, measured when the report was first made, for the first seed's run of each "
-            f"variant, on {tp[0]['device']} with {tp[0]['threads']} thread(s) (cached in the "
-            "run's `throughput.json`)"
+            "5 passes, for the first seed's run of each variant, on "
+            f"{tp[0]['device']} with {tp[0]['threads']} thread(s) (cached in the run's "
+            "`throughput.json`, measured again for another split, device or thread count)"
         )
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+
+
+def _unused_key(key: str, taken: dict[str, Any]) -> str:
+    """``key``, or ``key-2``, ``key-3`` ...: the first that names no plot yet (two labels
+    can share a file-name slug: ``tg+1`` and ``tg-1``)."""
+    n, out = 1, key
+    while out in taken:
+        n += 1
+        out = f"{key}-{n}"
+    return out
 
 
 def _score_figures(rep: Report) -> None:
@@ -1135,7 +1353,7 @@ def _gate_figures(rep: Report, gate_videos: int) -> None:
         if isinstance(preds, str) or not _is_gated(preds):
             continue
         chosen = _pick_videos(preds, gate_videos)
-        key = f"gates_{_slug(row['variant'])}"
+        key = _unused_key(f"gates_{_slug(row['variant'])}", rep.plots)
         title = (
             f"{row['variant']} (seed {first.seed}): gate step weights and V/A traces on {rep.split}"
         )
@@ -1147,6 +1365,19 @@ def _gate_figures(rep: Report, gate_videos: int) -> None:
         )
         rep.plot_titles[key] = title
         rep.gates.append(key)
+
+
+def _check_targets(rows: list[dict[str, Any]]) -> None:
+    """Refuse rows that predict different targets: their CCC columns do not line up."""
+    by_targets: dict[tuple[str, ...], Path] = {}
+    for row in rows:
+        by_targets.setdefault(tuple(row["runs"][0].targets), row["runs"][0].run_dir)
+    if len(by_targets) > 1:
+        shown = "; ".join(f"{d} predicts [{', '.join(t)}]" for t, d in by_targets.items())
+        raise FusionkitError(
+            f"the runs predict different targets ({shown}); report runs with the same "
+            "model.targets together"
+        )
 
 
 def build_report(
@@ -1165,7 +1396,8 @@ def build_report(
     if not scan.runs:
         collect_runs(paths)  # raises, naming what was left out
     notes = list(scan.notes)
-    rows = summarize(scan.runs, split, notes)
+    rows = summarize(scan.runs, split, notes, scan.excluded)
+    _check_targets(rows)
     if not rows:
         have = sorted({s for r in scan.runs for s in r.metrics.get("splits", {})})
         raise FusionkitError(
@@ -1191,7 +1423,7 @@ def build_report(
     _add_components(rep)
     _add_throughput(rep, throughput, remeasure, registry)
     rep.curves = learning_curves(rows)
-    rep.sweeps = robustness_sweeps(rows, split)
+    rep.sweeps = robustness_sweeps(rows, split, rep.notes)
     _score_figures(rep)
     _curve_figure(rep)
     _robustness_figures(rep)

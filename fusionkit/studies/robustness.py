@@ -175,6 +175,30 @@ def read_robustness(run_dir: Path) -> list[dict[str, Any]]:
     return [read_json(p, "robustness results") for p in sorted(folder.glob("*.json"))]
 
 
+def _cached_throughput(path: Path, split: str, cpu_threads: int | None) -> dict[str, Any] | None:
+    """The record in ``path`` if it was measured as :func:`measure_throughput` would measure
+    now (same split, device and thread count), else None (missing, damaged or different)."""
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.engine.session import available_cores, resolve_device
+
+    if not path.is_file():
+        return None
+    try:
+        rec = read_json(path, "throughput record")
+    except FusionkitError:
+        return None  # damaged: measured again and rewritten
+    device = resolve_device("auto")  # as load_run picks it
+    if device.type == "cpu" and cpu_threads:
+        threads = min(cpu_threads, available_cores())  # as set_threads caps it
+    else:
+        threads = torch.get_num_threads()
+    if not isinstance(rec, dict) or (rec.get("split"), rec.get("threads")) != (split, threads):
+        return None
+    if str(rec.get("device", "")).split(":")[0] != device.type:
+        return None
+    return rec
+
+
 @torch.no_grad()
 def measure_throughput(
     run_dir: Path,
@@ -195,15 +219,27 @@ def measure_throughput(
     threads (default 1: multi-threaded kernels are erratic when other processes share the
     cores; ``None`` keeps torch's setting). Reported: frames of the split per second and
     windows per second, with the device, thread count and every pass time.
+
+    The cache is used only when it was measured on the same split, device and thread count
+    as asked for now; otherwise the speed is measured again and the cache replaced. The
+    record names its ``split``.
     """
+    from fusionkit.core.errors import DataError
+
     path = Path(run_dir) / THROUGHPUT_FILE
-    if path.is_file() and not refresh:
-        return read_json(path, "throughput record")
+    if not refresh:
+        cached = _cached_throughput(path, split, cpu_threads)
+        if cached is not None:
+            return cached
     loaded = load_run(run_dir, registry=registry)
     session = loaded.session
     rc = session.recipe
-    if split not in session.dataset.splits():
-        split = rc.evaluation.splits[0]
+    have = session.dataset.splits()
+    if split not in have:
+        raise DataError(
+            f"cannot measure the throughput of {run_dir} on split {split!r}: its dataset has "
+            f"{', '.join(map(repr, have))} (choose one with --split)"
+        )
     store = session.store(split)
     bs = rc.evaluation.batch_size
 

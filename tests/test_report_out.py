@@ -1,0 +1,257 @@
+"""`fusionkit report --out`: only folders fusionkit made, an earlier report replaced whole, and
+the throughput cache used only for what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fusionkit.core.errors import DataError
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.engine.runs import RunDir
+from fusionkit.studies.grid import train_and_evaluate
+from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput
+from tests.conftest import tiny_recipe
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """The console entry point in this process (`error: ...`, exit 2) with the `tiny` data."""
+    import fusionkit.core.registry as fk_registry
+    from tests.conftest import make_registry
+
+    fk_registry.clear_registry_cache()
+    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
+
+    def run(*args: str) -> Result:
+        from fusionkit.cli import root
+
+        monkeypatch.setattr(sys, "argv", ["fusionkit", *args])
+        capsys.readouterr()
+        try:
+            root.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        got = capsys.readouterr()
+        return Result(code, got.out, got.err)
+
+    yield run
+    fk_registry.clear_registry_cache()
+
+
+def one_line_error(res: Result, *fragments: str) -> str:
+    assert res.code == 2, (res.code, res.out, res.err)
+    assert "Traceback" not in res.err
+    text = " ".join(res.err.split())  # the console wraps long lines
+    assert text.startswith("error: "), res.err
+    for f in fragments:
+        assert f in text, (f, text)
+    return text
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, registry):
+    """Two tiny trained runs: `a` with a robustness sweep, `b` without."""
+    tmp = tmp_path_factory.mktemp("report_out")
+    out = {}
+    for name, sweep in (("a", True), ("b", False)):
+        raw = tiny_recipe(tmp, epochs=1)
+        raw["name"] = name
+        if sweep:
+            raw["evaluation"]["robustness"] = [
+                {"name": "shift", "perturbation": "shift", "axis": "k", "values": [0, 8]}
+            ]
+        rc = validate_recipe(raw, name, registry)
+        with RunDir.create(rc, registry) as run:
+            train_and_evaluate(rc, run, resume=False, registry=registry)
+        out[name] = run.path
+    return out
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def report(cli, *args: str) -> Result:
+    return cli("report", *args, "--no-throughput", "--bootstrap=100")
+
+
+def test_a_user_folder_with_files_is_refused_and_left_unchanged(cli, runs, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes\n")
+    (mine / "summary.csv").write_text("a,b\n1,2\n")
+    before = tree(mine)
+    res = report(cli, str(runs["a"]), "--out", str(mine))
+    one_line_error(
+        res, f"--out {mine} was not made by fusionkit report", "give a new or empty folder"
+    )
+    assert tree(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left
+
+
+def test_a_run_folder_or_a_folder_inside_it_is_refused_as_out(cli, runs):
+    run = runs["b"]
+    before = tree(run)
+    one_line_error(
+        report(cli, str(run), "--out", str(run)),
+        f"--out {run} is the fusionkit run directory {run} (it has run.json)",
+        "give a new or empty folder outside them",
+    )
+    inside = run / "report"
+    one_line_error(
+        report(cli, str(run), "--out", str(inside)),
+        f"--out {inside} is inside the fusionkit run directory {run}",
+    )
+    assert tree(run) == before and not inside.exists()
+
+
+def test_a_grid_folder_is_refused_as_out(cli, runs, tmp_path):
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "grid.json").write_text("{}")
+    one_line_error(
+        report(cli, str(runs["b"]), "--out", str(grid / "report")),
+        f"is inside the fusionkit grid directory {grid} (it has grid.json)",
+    )
+    assert [p.name for p in grid.iterdir()] == ["grid.json"]
+
+
+def test_a_second_report_replaces_the_first_and_leaves_none_of_its_files(cli, runs, tmp_path):
+    out = tmp_path / "rep"
+    assert report(cli, str(runs["a"]), "--out", str(out)).code == 0
+    first = tree(out)
+    assert "robustness.csv" in first and "plots/robustness_shift.png" in first
+    assert "report.html" in first
+
+    res = report(cli, str(runs["b"]), "--out", str(out), "--no-html")
+    assert res.code == 0, res.err
+    second = tree(out)
+    for stale in ("robustness.csv", "plots/robustness_shift.png", "report.html"):
+        assert stale not in second
+    assert second["report.md"].decode().startswith("# Comparison report: b\n")
+    mark = json.loads(second["report.json"])  # what fusionkit wrote, and nothing else
+    assert mark["created_by"] == "fusionkit" and mark["command"].startswith("fusionkit report")
+    assert set(second) == set(mark["files"]) | {"report.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # nothing left beside it
+
+    # a file the user added to the report folder is never deleted by the next report
+    (out / "notes.txt").write_text("mine\n")
+    one_line_error(
+        report(cli, str(runs["a"]), "--out", str(out)),
+        f"--out {out} holds files its earlier report did not write (notes.txt)",
+    )
+    assert tree(out) == {**second, "notes.txt": b"mine\n"}
+
+
+def test_a_report_from_before_reports_were_marked_is_replaced(cli, runs, tmp_path):
+    out = tmp_path / "old"
+    (out / "plots").mkdir(parents=True)
+    (out / "report.md").write_text("# Comparison report: a\n\nolder\n")
+    (out / "robustness.csv").write_text("sweep\n")
+    (out / "plots" / "robustness_shift.png").write_bytes(b"png")
+    assert report(cli, str(runs["b"]), "--out", str(out)).code == 0
+    got = tree(out)
+    assert "robustness.csv" not in got and "plots/robustness_shift.png" not in got
+    assert set(got) == set(json.loads(got["report.json"])["files"]) | {"report.json"}
+
+
+def test_an_empty_folder_gets_the_report_and_stays_the_same_folder(cli, runs, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    inode = out.stat().st_ino
+    assert report(cli, str(runs["b"]), "--out", str(out)).code == 0
+    assert out.stat().st_ino == inode and (out / "report.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_a_failed_write_leaves_the_earlier_report_intact(cli, runs, tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    assert report(cli, str(runs["b"]), "--out", str(out)).code == 0
+    before = tree(out)
+    calls = []
+
+    def full_disk(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    one_line_error(
+        report(cli, str(runs["a"]), "--out", str(out)),
+        f"could not write the report to {out}",
+        "No space left on device",
+        "the earlier report there (if any) is intact",
+    )
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_out_that_is_a_file_says_a_folder_is_needed(cli, runs, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep\n")
+    text = one_line_error(
+        report(cli, str(runs["b"]), "--out", str(afile)),
+        f"--out {afile} is a file",
+        "give a new or empty folder",
+    )
+    assert "Not a directory" not in text and "free disk space" not in text
+    assert afile.read_text() == "keep\n"
+    one_line_error(
+        report(cli, str(runs["b"]), "--out", str(afile / "sub")),
+        f"--out {afile / 'sub'}: {afile} is a file, not a folder",
+    )
+
+
+def test_out_is_checked_before_the_report_is_computed(cli, runs, tmp_path, monkeypatch):
+    import fusionkit.studies.report as report_mod
+
+    def never(*a, **k):
+        raise AssertionError("the report was computed for a refused --out")
+
+    monkeypatch.setattr(report_mod, "build_report", never)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x.txt").write_text("x")
+    one_line_error(report(cli, str(runs["b"]), "--out", str(tmp_path / "mine")), "was not made")
+
+
+def test_a_throughput_cached_for_one_split_is_not_reused_for_another(runs, registry):
+    run = runs["b"]
+    fast = {"min_seconds": 0.0, "min_passes": 1, "registry": registry}
+    test = measure_throughput(run, "test", **fast)
+    assert test["split"] == "test" and test["threads"] == 1
+    cache = run / THROUGHPUT_FILE
+    assert json.loads(cache.read_text())["split"] == "test"
+
+    val = measure_throughput(run, "val", **fast)
+    assert val["split"] == "val"
+    assert val["frames"] != test["frames"]  # the val split, measured now
+    assert json.loads(cache.read_text())["split"] == "val"  # the cache follows
+
+    again = measure_throughput(run, "val", **fast)
+    assert again == val  # the same request: the cache
+
+    rec = json.loads(cache.read_text())
+    rec["threads"] = 7  # measured with other threads: not the speed asked for
+    cache.write_text(json.dumps(rec))
+    assert measure_throughput(run, "val", **fast)["threads"] == 1
+
+    with pytest.raises(DataError, match="on split 'nope': its dataset has 'train', 'val'"):
+        measure_throughput(run, "nope", **fast)
