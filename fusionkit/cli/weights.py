@@ -8,7 +8,8 @@ running it. The component is built with its default params plus any ``--param`` 
 architecture only, on the meta device, when its build allows; else with random weights); if
 the built module defines ``convert_state_dict(sd) -> sd``, that method maps the released key
 layout onto its own. Every tensor is then checked against the module's state dict (names and
-shapes, then a strict ``load_state_dict``), and the file is written atomically.
+shapes, then a strict ``load_state_dict``); a tensor holding NaN or infinite values is
+refused, and the file is written atomically.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def _buildable(registry: Registry, kind: str) -> bool:
 
 
 def _params(comp: Component, items: list[str]) -> BaseModel:
-    """The component's params: defaults, ``KEY=VALUE`` items applied, ``weights`` unset."""
+    """The component's params: defaults, ``KEY=VALUE`` items applied, ``weights`` unset
+    (a ``weights`` item is refused: the file being converted is the weights)."""
     from pydantic import ValidationError
 
     from fusionkit.core.overrides import apply_overrides
@@ -105,12 +107,34 @@ def _params(comp: Component, items: list[str]) -> BaseModel:
 
     raw = apply_overrides({}, items, where="--param") if items else {}
     if "weights" in comp.params.model_fields:
+        if raw.get("weights") is not None:
+            raise RecipeError(
+                [
+                    "weights: not a --param of weights convert: the weights are the input "
+                    "file (SRC), the one being converted; drop --param weights=... and give "
+                    "that file as SRC"
+                ],
+                f"--param of {comp.kind} {comp.name!r}",
+            )
         raw["weights"] = None  # random init: the file being converted is the weights
     try:
         return comp.params.model_validate(raw)
     except ValidationError as exc:
         problems = describe_validation_error(exc, comp.params)
         raise RecipeError(problems, f"--param of {comp.kind} {comp.name!r}") from None
+
+
+def _non_finite_tensor(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """``"'name' (k of n values are NaN or infinite)"`` for the first floating-point tensor of
+    ``sd`` holding a NaN or an infinity, else ``None``."""
+    import torch
+
+    for key, t in sd.items():
+        if (t.is_floating_point() or t.is_complex()) and not t.is_meta:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"{key!r} ({bad} of {t.numel()} values are NaN or infinite)"
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -256,6 +280,13 @@ def convert_weights(
             f"{src} does not fit {comp.kind} {comp.name!r} {how}: {problems}; check --arch "
             "and --param, or that the file holds these weights"
         )
+    bad = _non_finite_tensor(sd)
+    if bad is not None:
+        raise CheckpointError(
+            f"{src}: tensor {bad}; weights with NaN or infinite values make NaN features and "
+            "predictions: convert a checkpoint of a healthy model (one saved before training "
+            "diverged)"
+        )
     try:  # the final check: the tensors load into the architecture, strictly
         module.load_state_dict(sd, strict=True, assign=_on_meta(module))
     except RuntimeError as exc:
@@ -352,7 +383,8 @@ def convert(
         typer.Option(
             "--param",
             "-p",
-            help="KEY=VALUE param of the architecture (repeatable; default: its defaults)",
+            help="KEY=VALUE param of the architecture (repeatable; default: its defaults; "
+            "not weights: SRC is the weights)",
         ),
     ] = None,
 ) -> None:

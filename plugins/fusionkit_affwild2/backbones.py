@@ -41,7 +41,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -171,16 +171,39 @@ class VisualBackboneSpec(ComponentSpec):
     kind: ClassVar[str] = "visual_backbone"
 
 
+#: Largest ``seed`` of a backbone's random initialisation (``torch.manual_seed`` takes a
+#: 64-bit integer; the synthetic dataset uses the same bound).
+MAX_SEED = 2**63 - 1
+#: Largest width of one conv block of the light CNN backbones, and most blocks.
+MAX_CHANNELS = 4096
+MAX_BLOCKS = 16
+
+#: Conv block widths of ``audio_cnn`` / ``face_cnn``: positive and bounded, so a typo is one
+#: line from ``recipe validate`` instead of a traceback or an allocation failure.
+_Channels = list[Annotated[int, Field(ge=1, le=MAX_CHANNELS)]]
+
+
 class _WeightsParams(Params):
     weights: Path | None = Field(
         None, description="safetensors file with the backbone's weights (default: random init)"
     )
-    seed: int = Field(0, ge=0, description="seed of the random initialisation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random initialisation")
+
+
+def _non_finite(tensors: dict[str, Tensor]) -> str | None:
+    """``"'name' (k of n values are NaN or infinite)"`` for the first floating-point tensor
+    holding a NaN or an infinity, else ``None``."""
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not t.is_meta:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"{key!r} ({bad} of {t.numel()} values are NaN or infinite)"
+    return None
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:
     """The tensors of a safetensors weights file, without ``module.`` prefixes; errors name
-    the file."""
+    the file (and a tensor holding NaN or infinite values)."""
     if not Path(path).is_file():
         raise DataError(f"backbone weights file {path} does not exist")
     try:
@@ -189,15 +212,29 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         raise DataError(
             f"backbone weights {path} are not a readable safetensors file: {exc}"
         ) from None
+    _refuse_non_finite(tensors, path)
     return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def _refuse_non_finite(tensors: dict[str, Tensor], path: Path) -> None:
+    bad = _non_finite(tensors)
+    if bad is not None:
+        raise DataError(
+            f"backbone weights {path}: tensor {bad}; such weights turn every feature into NaN: "
+            "convert the weights again from a checkpoint of a healthy model"
+        )
 
 
 def load_backbone_weights(
     module: nn.Module, path: Path, tensors: dict[str, Tensor] | None = None
 ) -> None:
-    """Load safetensors weights strictly; a mismatch names the file and the keys.
-    ``tensors``: the file's tensors already read (and mapped) by the caller."""
-    tensors = read_weights(path) if tensors is None else tensors
+    """Load safetensors weights strictly; a mismatch (or a tensor holding NaN or infinite
+    values) names the file and the keys. ``tensors``: the file's tensors already read (and
+    mapped) by the caller."""
+    if tensors is None:
+        tensors = read_weights(path)  # refuses non-finite tensors
+    else:
+        _refuse_non_finite(tensors, path)
     problems = state_dict_mismatch(module.state_dict(), tensors)
     if problems:
         raise DataError(f"backbone weights {path} do not fit {type(module).__name__}: {problems}")
@@ -312,8 +349,11 @@ class VGGish(nn.Module):
 class AudioCNNParams(_WeightsParams):
     """A light audio CNN (any patch size)."""
 
-    channels: list[int] = Field(
-        default_factory=lambda: [32, 64, 128], min_length=1, description="conv block widths"
+    channels: _Channels = Field(
+        default_factory=lambda: [32, 64, 128],
+        min_length=1,
+        max_length=MAX_BLOCKS,
+        description=f"conv block widths (1..{MAX_CHANNELS} each, at most {MAX_BLOCKS} blocks)",
     )
     dim: int = Field(128, ge=1, description="embedding size")
 
@@ -455,8 +495,11 @@ class FaceCNNParams(_WeightsParams):
     """A light face CNN."""
 
     input_size: int = Field(40, ge=4, description="face size fed to the network")
-    channels: list[int] = Field(
-        default_factory=lambda: [32, 64, 128], min_length=1, description="conv block widths"
+    channels: _Channels = Field(
+        default_factory=lambda: [32, 64, 128],
+        min_length=1,
+        max_length=MAX_BLOCKS,
+        description=f"conv block widths (1..{MAX_CHANNELS} each, at most {MAX_BLOCKS} blocks)",
     )
     dim: int = Field(512, ge=1, description="embedding size")
 
