@@ -148,6 +148,8 @@ class FrameStore:
     ) -> None:
         if not videos:
             raise DataError(f"{where} has no videos")
+        #: what the split is, for messages (e.g. ``dataset 'x' split 'val'``)
+        self.where = where
         self.names = [v.name for v in videos]
         self.lengths = torch.tensor([v.num_frames for v in videos], dtype=torch.long)
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths

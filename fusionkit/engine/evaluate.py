@@ -16,7 +16,14 @@ from fusionkit.engine.metrics import regression_metrics
 from fusionkit.engine.model import FusionModel
 from fusionkit.engine.session import Session
 
-__all__ = ["SplitPredictions", "autocast", "evaluate", "evaluate_splits", "predict"]
+__all__ = [
+    "SplitPredictions",
+    "autocast",
+    "evaluate",
+    "evaluate_splits",
+    "no_labels_error",
+    "predict",
+]
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -74,16 +81,40 @@ def predict(
     )
 
 
+def no_labels_error(what: str, frames: int, videos: int, need: str) -> TrainingError:
+    """The error for a split that has frames but not one labelled frame: a metric of it
+    would be NaN or, worse, a number made of nothing."""
+    return TrainingError(
+        f"{what} has no labelled frames (every label is masked: {frames} frames in {videos} "
+        f"video(s)); {need}"
+    )
+
+
 def evaluate(
     model: FusionModel,
     store: FrameStore,
     targets: tuple[str, ...],
     batch_size: int,
     bf16: bool = False,
+    split: str | None = None,
 ) -> tuple[dict[str, float], SplitPredictions]:
-    """Metrics of one split (ABAW protocol) and its per-frame predictions."""
-    preds = predict(model, store, batch_size, bf16)
+    """Metrics of one split (ABAW protocol) and its per-frame predictions.
+
+    Raises:
+        TrainingError: the split has no labelled frame, so there is nothing to score
+            (:func:`predict` gives the predictions of such a split).
+    """
     keep = store.target_mask.cpu()
+    if not bool(keep.any()):
+        raise no_labels_error(
+            f"split {split!r}" if split is not None else store.where,
+            store.num_frames,
+            len(store.names),
+            "no metric can be computed on it: evaluate a labelled split (per-frame predictions "
+            "without labels: fusionkit predict RUN --split "
+            f"{split if split is not None else 'SPLIT'})",
+        )
+    preds = predict(model, store, batch_size, bf16)
     metrics = regression_metrics(preds.pred[keep], store.targets.cpu()[keep], targets)
     return metrics, preds
 
@@ -95,7 +126,8 @@ def evaluate_splits(
     ``splits``.
 
     Raises:
-        TrainingError: the model predicts non-finite values (no metrics are made of them).
+        TrainingError: a split has no labelled frame, or the model predicts non-finite values
+            (no metrics are made of either).
     """
     results: dict[str, dict[str, Any]] = {}
     preds: dict[str, SplitPredictions] = {}
@@ -104,7 +136,7 @@ def evaluate_splits(
     for split in splits:
         store = session.store(split)
         m, p = evaluate(
-            session.model, store, session.targets, rc.evaluation.batch_size, session.bf16
+            session.model, store, session.targets, rc.evaluation.batch_size, session.bf16, split
         )
         if not bool(torch.isfinite(p.pred).all()):
             raise TrainingError(

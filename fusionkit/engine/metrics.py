@@ -62,9 +62,14 @@ def ccc_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 def pcc(pred: Tensor, target: Tensor) -> Tensor:
-    """Pearson correlation of two 1-D tensors (population moments)."""
-    _mp, _mt, vp, vt, cov, _ = _masked_moments(pred, target, None, -1)
-    return cov / (vp.sqrt() * vt.sqrt()).clamp_min(torch.finfo(vp.dtype).tiny)
+    """Pearson correlation of two 1-D tensors (population moments).
+
+    As :func:`ccc`: an empty input gives NaN (there is no correlation of nothing), and a
+    zero variance gives 0 (the covariance is 0 then), not a division by zero.
+    """
+    _mp, _mt, vp, vt, cov, n = _masked_moments(pred, target, None, -1)
+    out = cov / (vp.sqrt() * vt.sqrt()).clamp_min(torch.finfo(vp.dtype).tiny)
+    return torch.where(n > 0, out, torch.full_like(out, math.nan))
 
 
 def rmse(pred: Tensor, target: Tensor) -> Tensor:
@@ -79,7 +84,9 @@ def regression_metrics(pred: Tensor, target: Tensor, names: tuple[str, ...]) -> 
         names: target names, e.g. ``("valence", "arousal")``.
 
     Returns:
-        ``ccc_<name>``, ``pcc_<name>``, ``rmse_<name>`` per target, ``ccc_mean`` and ``n_frames``.
+        ``ccc_<name>``, ``pcc_<name>``, ``rmse_<name>`` per target, ``ccc_mean`` and ``n_frames``;
+        with no frame every metric is NaN (callers refuse such a split: see
+        :func:`fusionkit.engine.evaluate.evaluate`).
     """
     pred = pred.double()
     target = target.double()

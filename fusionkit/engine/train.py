@@ -33,7 +33,12 @@ from fusionkit.engine.checkpoint import (
 )
 from fusionkit.engine.data import FrameStore
 from fusionkit.engine.distributed import Dist
-from fusionkit.engine.evaluate import SplitPredictions, evaluate, evaluate_splits
+from fusionkit.engine.evaluate import (
+    SplitPredictions,
+    evaluate,
+    evaluate_splits,
+    no_labels_error,
+)
 from fusionkit.engine.files import (
     atomic_write_json,
     atomic_write_text,
@@ -248,9 +253,43 @@ class Trainer:
             f"{why}. Nothing of this epoch was saved; the run keeps its last finished epoch"
         )
 
+    def _check_labels(self, train: FrameStore, val: FrameStore) -> None:
+        """Refuse, before the first epoch, a split that training, model selection or the
+        final evaluation needs labels of but that has not one labelled frame (its CCC would
+        be NaN every epoch and a best epoch would be picked on nothing)."""
+        rc = self.recipe
+        for split, store, need in (
+            (rc.data.train_split, train, "training needs labels: choose another data.train_split"),
+            (rc.data.val_split, val, "model selection needs labels: choose another data.val_split"),
+        ):
+            if not bool(store.target_mask.any()):
+                raise no_labels_error(f"split {split!r}", store.num_frames, len(store.names), need)
+        scored: dict[str, str] = {}
+        for split in rc.evaluation.splits:
+            scored.setdefault(split, "evaluation.splits")
+        for i, spec in enumerate(rc.evaluation.robustness):
+            for split in spec.splits:
+                scored.setdefault(split, f"evaluation.robustness.{i}.splits")
+        scored.pop(rc.data.val_split, None)  # checked above
+        for split, where in scored.items():
+            videos = self.session.dataset.videos(split)
+            if not any(bool(v.label_mask.bool().any()) for v in videos):
+                raise no_labels_error(
+                    f"split {split!r}",
+                    sum(v.num_frames for v in videos),
+                    len(videos),
+                    f"it cannot be scored: remove it from {where} (per-frame predictions "
+                    f"without labels: fusionkit predict RUN --split {split})",
+                )
+
     def _validate(self, val: FrameStore, epoch: int) -> dict[str, Any]:
         metrics, preds = evaluate(
-            self.model, val, self.targets, self.recipe.evaluation.batch_size, self.bf16
+            self.model,
+            val,
+            self.targets,
+            self.recipe.evaluation.batch_size,
+            self.bf16,
+            self.recipe.data.val_split,
         )
         if not bool(torch.isfinite(preds.pred).all()):
             raise TrainingError(
@@ -331,6 +370,7 @@ class Trainer:
                 self.session.save_normalizer(self.run)
         train = self.session.store(rc.data.train_split, self.session.train_dataset)
         val = self.session.store(rc.data.val_split)
+        self._check_labels(train, val)
         bs = tr.batch_size
         steps = math.ceil(self.dist.windows_per_rank(train.num_windows) / bs)
         fwd = self.dist.wrap(self.model, self.device)
