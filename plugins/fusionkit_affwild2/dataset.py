@@ -43,6 +43,7 @@ from fusionkit_affwild2.extraction import (
     resolve_device,
 )
 from fusionkit_affwild2.layout import (
+    ZERO_CROP,
     AnnotationSets,
     Labels,
     find_annotation_sets,
@@ -54,6 +55,7 @@ from fusionkit_affwild2.layout import (
     read_labels,
     read_name_list,
     read_submission_template,
+    zero_based_crops_error,
 )
 from fusionkit_affwild2.params import AffWild2Params
 
@@ -115,6 +117,40 @@ class AffWild2Dataset:
         self._videos: dict[str, list[Video]] = {}
         self._labels: dict[str, Labels] = {}
         self._unused_warned = False
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """The checks that read no media, run when the dataset is built (so ``fusionkit recipe
+        validate`` reports them, as ``run`` and ``extract`` would): the root exists, the
+        annotation folders are found and no trial is in both train and val, the test list
+        reads and names no annotated trial, the submission template and the backbone weights
+        files exist. Costs a few directory listings and reading the test list."""
+        if not self.root.is_dir():
+            raise DataError(
+                f"dataset root {self.root} does not exist or is not a folder; set "
+                "data.params.root (or data.root) to the folder of your Aff-Wild2 copy"
+            )
+        _ = self.label_paths  # finds the annotation folders, refuses a train/val overlap
+        _ = self.test_trials  # reads the test list, refuses annotated test trials
+        if self.params.submission_template is not None:
+            path = self._path(self.params.submission_template)
+            if not path.is_file():
+                raise DataError(
+                    f"submission template {path} does not exist or is not a file; set "
+                    "data.params.submission_template to the organisers' sample prediction "
+                    f"file (a relative path is read under {self.root})"
+                )
+        for modality, spec in (
+            ("audio", self.params.audio.backbone),
+            ("video", self.params.video.backbone),
+        ):
+            weights = getattr(spec.params, "weights", None)
+            if weights is not None and not Path(weights).is_file():
+                raise DataError(
+                    f"backbone weights file {weights} does not exist; set "
+                    f"data.params.{modality}.backbone.params.weights to an existing "
+                    ".safetensors file"
+                )
 
     # ------------------------------------------------------------------ layout
 
@@ -130,7 +166,8 @@ class AffWild2Dataset:
         both = sorted(set(train) & set(val))
         if both:
             raise DataError(
-                f"trial(s) {', '.join(both[:5])} appear in both {sets.train} and {sets.val}"
+                f"trial(s) {_few(both)} appear in both {sets.train} and {sets.val}; a trial "
+                "must be in one partition only: remove its annotation file from the other"
             )
         return {**train, **val}
 
@@ -144,9 +181,29 @@ class AffWild2Dataset:
 
     @cached_property
     def test_trials(self) -> list[str]:
+        """The names of ``test_list``; none may have an annotation file (a test trial with
+        labels would be scored as "test" on training or validation data)."""
         if self.params.test_list is None:
             return []
-        return read_name_list(self._path(self.params.test_list))
+        path = self._path(self.params.test_list)
+        if not path.is_file():
+            raise DataError(
+                f"test list {path} does not exist or is not a file; set data.params.test_list "
+                f"to the organisers' test set release list (a relative path is read under "
+                f"{self.root})"
+            )
+        names = read_name_list(path)
+        labelled = [t for t in names if t in self.label_paths]
+        if labelled:
+            sets = self.annotation_sets
+            raise DataError(
+                f"test list {path} names trial(s) that have an annotation file in "
+                f"{sets.train} or {sets.val}: {_few(labelled)}; test trials must be unlabelled "
+                "(their 'test' scores would be computed on training or validation labels): "
+                "remove these names from the test list (or, if they are test videos, their "
+                "annotation files)"
+            )
+        return names
 
     @cached_property
     def template(self) -> dict[str, list[tuple[str, int]]] | None:
@@ -163,7 +220,15 @@ class AffWild2Dataset:
         return p if p.is_absolute() else self.root / p
 
     def media_path(self, trial: str) -> Path:
+        """The raw video of ``trial``: ``X.mp4`` for ``X``, ``X_left`` and ``X_right``, or the
+        trial's own ``X_left.mp4`` when there is no ``X.mp4``."""
         return find_media(trial, self.media_index, self.root, self.params.video_dirs)
+
+    def media_key(self, trial: str) -> str:
+        """The name of the audio cache of ``trial``: the stem of the raw video it reads (one
+        cache per distinct file). ``X_left`` and ``X_right`` share ``X.mp4``, key ``X``;
+        trials with files of their own (``X_left.mp4``, ``X_right.mp4``) get their own."""
+        return self._trial_media(trial).stem
 
     def crops_path(self, trial: str) -> Path:
         return self.root / self.params.crops_dir / trial
@@ -199,14 +264,31 @@ class AffWild2Dataset:
                 if e.is_dir() and not e.name.startswith(".") and e.name not in trials
             )
         used = trials | {media_name(t) for t in trials}
-        videos = sorted(
-            str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
-            for stem, p in self.media_index.items()
-            if stem not in used
-        )
+        videos = sorted(self._shown(p) for stem, p in self.media_index.items() if stem not in used)
         return crops, videos
 
+    def _shown(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def _warn_shadowed(self, stacklevel: int) -> None:
+        """Warn about raw videos named after a ``_left`` / ``_right`` trial that the trial does
+        not read, because the un-suffixed video of the same name exists and wins."""
+        index = self.media_index
+        shadowed = [
+            f"{self._shown(index[t])} (trial {t} reads {self._shown(index[media_name(t)])})"
+            for t in self.all_trials()
+            if t in index and media_name(t) != t and media_name(t) in index
+        ]
+        if shadowed:
+            warnings.warn(
+                f"affwild2: {len(shadowed)} raw video(s) named after a _left/_right trial are "
+                f"not used, because the un-suffixed video exists and _left/_right trials read "
+                f"it: {_few(shadowed)}; remove or rename one of the two files",
+                stacklevel=stacklevel,
+            )
+
     def _warn_unused(self, stacklevel: int) -> None:
+        self._warn_shadowed(stacklevel + 1)
         crops, videos = self.unused_sources()
         if not crops and not videos:
             return
@@ -322,9 +404,9 @@ class AffWild2Dataset:
     def _extractable(
         self, trials: Sequence[str]
     ) -> tuple[dict[str, Path], list[str], dict[str, str]]:
-        """Raw video per media name, the trials that can be extracted, and ``trial -> problem``
-        for those whose raw video or face-crop folder does not exist (``strict``: raise the
-        first problem instead)."""
+        """Raw video per audio cache (:meth:`media_key`), the trials that can be extracted, and
+        ``trial -> problem`` for those whose raw video or face-crop folder does not exist or
+        whose crops are numbered from 0 (``strict``: raise the first problem instead)."""
         media: dict[str, Path] = {}
         usable: list[str] = []
         problems: dict[str, str] = {}
@@ -337,6 +419,8 @@ class AffWild2Dataset:
                         f"face-crop folder {crops} of trial {t!r} does not exist (trial "
                         f"{self._origin(t)})"
                     )
+                if (crops / ZERO_CROP).exists():
+                    raise zero_based_crops_error(crops)
             except DataError as exc:
                 if self.params.strict:
                     raise DataError(
@@ -345,7 +429,7 @@ class AffWild2Dataset:
                     ) from None
                 problems[t] = str(exc)
                 continue
-            media.setdefault(media_name(t), path)
+            media.setdefault(path.stem, path)  # the stem names one file (see index_media)
             usable.append(t)
         return media, usable, problems
 
@@ -445,7 +529,7 @@ class AffWild2Dataset:
                 silent[m] = f"{media[m].name} ({what})"
         if not silent:
             return
-        users = sorted(t for t in trials if media_name(t) in silent)
+        users = sorted(t for t in trials if self.media_key(t) in silent)
         warnings.warn(
             f"affwild2: {len(silent)} raw video(s) have no audio: {_few(list(silent.values()))}; "
             f"their {len(users)} trial(s) ({_few(users)}) train on constant audio features "
@@ -473,7 +557,7 @@ class AffWild2Dataset:
         for t in trials:
             if t not in self.label_paths:
                 continue
-            info = self.audio_cache.info(media_name(t))
+            info = self.audio_cache.info(self.media_key(t))
             if info is None:
                 continue
             frames, rows = int(info["info"]["num_frames"]), self.labels(t).rows
@@ -489,14 +573,16 @@ class AffWild2Dataset:
 
     def _load_trial(self, trial: str, audio_memo: dict[str, Any]) -> Video:
         verify = self.params.verify_sources
-        m = media_name(trial)
+        path = self._trial_media(trial)
+        m = path.stem  # the audio cache of this file (media_key), verified once per file
         if m not in audio_memo:
-            path = self._trial_media(trial)
             audio_memo[m] = self.audio_cache.load_or_raise(
                 m, {"media": path} if verify else None, _FIX
             )
         a_tensors, a_meta = audio_memo[m]
         crops = self.crops_path(trial)
+        if (crops / ZERO_CROP).exists():  # a cache made from it would be one frame off
+            raise zero_based_crops_error(crops)
         v_tensors, _ = self.video_cache.load_or_raise(
             trial, {"crops": crops} if verify else None, _FIX
         )
@@ -529,10 +615,13 @@ class AffWild2Dataset:
         """The trials of ``split`` read from the feature caches (loaded once per split).
 
         Raises:
-            DataError: naming the cache file when it is missing, stale or corrupt.
+            DataError: naming the cache file when it is missing, stale or corrupt, or the
+                submission template when it does not list the split's trials (checked
+                before any cache is read, so ``predict`` stops before predicting).
         """
         if split not in self._videos:
             names = self.trials(split)
+            self._template_rows(split, names)
             memo: dict[str, Any] = {}
             self._videos[split] = [self._load_trial(t, memo) for t in names]
             self._warn_lengths(names)
@@ -542,12 +631,66 @@ class AffWild2Dataset:
         return list(self._videos[split])
 
     def submission_frames(self, split: str) -> dict[str, list[tuple[str, int]]]:
-        """ABAW rows ``<trial>/%05d.jpg`` per trial: the template's rows when one is given,
-        else one per frame of the trial."""
-        out = {}
-        for v in self.videos(split):
-            if self.template is not None and v.name in self.template:
-                out[v.name] = list(self.template[v.name])
-            else:
-                out[v.name] = [(f"{v.name}/{k + 1:05d}.jpg", k) for k in range(v.num_frames)]
-        return out
+        """ABAW rows ``<trial>/%05d.jpg`` per trial: with ``submission_template``, exactly the
+        template's rows in its order (for ``test``, and for any split whose trials it names),
+        else one per frame of each trial.
+
+        Raises:
+            DataError: naming the template when its videos and the split's trials differ
+                (template videos without a trial, trials the template does not list).
+        """
+        names = self.trials(split)
+        template = self._template_rows(split, names)
+        if template is not None:
+            return {video: list(rows) for video, rows in template.items()}
+        return {
+            v.name: [(f"{v.name}/{k + 1:05d}.jpg", k) for k in range(v.num_frames)]
+            for v in self.videos(split)
+        }
+
+    def _template_rows(
+        self, split: str, names: Sequence[str]
+    ) -> dict[str, list[tuple[str, int]]] | None:
+        """The template's rows when they define ``split``'s rows (split ``test``, or a split
+        whose trials the template names), checked against ``names``; else None."""
+        template, source = self.template, self.params.submission_template
+        if template is None or source is None:
+            return None
+        if split != "test" and set(template).isdisjoint(names):
+            return None
+        self._check_template(split, names, template, self._path(source))
+        return template
+
+    def _check_template(
+        self,
+        split: str,
+        names: Sequence[str],
+        template: dict[str, list[tuple[str, int]]],
+        path: Path,
+    ) -> None:
+        """Refuse a template whose videos are not exactly the trials of ``split``: its rows
+        are written exactly, so each of its videos needs a prediction and each predicted
+        trial needs its rows."""
+        listed = set(names)
+        absent = [v for v in template if v not in listed]
+        unlisted = [t for t in names if t not in template]
+        if not absent and not unlisted:
+            return
+        where = (
+            f"test list {self._path(self.params.test_list)}"
+            if split == "test" and self.params.test_list is not None
+            else f"split {split!r}"
+        )
+        parts = []
+        if absent:
+            parts.append(f"{len(absent)} template video(s) not in the {where}: {_few(absent)}")
+        if unlisted:
+            parts.append(
+                f"{len(unlisted)} video(s) of the {where} not in the template: {_few(unlisted)}"
+            )
+        raise DataError(
+            f"submission template {path} does not match the videos to predict: "
+            f"{'; '.join(parts)}; its rows are written exactly, so the template and the "
+            f"{where} must name the same videos: use the sample file and the test list of the "
+            "same release"
+        )

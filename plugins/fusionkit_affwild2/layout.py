@@ -19,6 +19,7 @@ __all__ = [
     "HEADER",
     "MEDIA_SUFFIXES",
     "UNLABELLED",
+    "ZERO_CROP",
     "Labels",
     "crop_indices",
     "find_annotation_sets",
@@ -28,6 +29,7 @@ __all__ = [
     "read_labels",
     "read_name_list",
     "read_submission_template",
+    "zero_based_crops_error",
 ]
 
 HEADER = "valence,arousal"
@@ -129,7 +131,8 @@ def read_name_list(path: Path) -> list[str]:
 def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
     """The organisers' sample prediction file: ``image_location,...`` then
     ``<video>/<frame>.jpg,...`` rows. Returns video -> ``(row name, 0-based frame)`` in file
-    order."""
+    order. The organisers list each video's rows together; a video whose rows resume after
+    another video's is warned about (its rows are then written together)."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -137,6 +140,7 @@ def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
     if not lines or not lines[0].lower().startswith("image_location"):
         raise DataError(f"{path}:1: expected a header starting with 'image_location'")
     out: dict[str, list[tuple[str, int]]] = {}
+    last, resumed = "", None
     for k, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -145,7 +149,17 @@ def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
         m = _CROP.match(image)
         if not video or m is None or int(m.group(1)) < 1:
             raise DataError(f"{path}:{k}: expected '<video>/<5-digit frame>.jpg', found {loc!r}")
+        if video != last and video in out and resumed is None:
+            resumed = f"{path}:{k}: the rows of video {video!r} resume after other videos' rows"
+        last = video
         out.setdefault(video, []).append((loc, int(m.group(1)) - 1))
+    if resumed is not None:
+        warnings.warn(
+            f"affwild2: {resumed}; the prediction file lists each video's rows together, in "
+            "the order of the videos' first rows, so its row order differs from the template's "
+            "(the rows themselves are the same)",
+            stacklevel=2,
+        )
     return out
 
 
@@ -255,16 +269,39 @@ def find_media(trial: str, index: dict[str, Path], root: Path, video_dirs: Itera
     )
 
 
+#: The file whose presence shows a crop folder numbered from 0 (Aff-Wild2 numbers from 1).
+ZERO_CROP = "00000.jpg"
+
+
+def zero_based_crops_error(folder: Path, name: str = ZERO_CROP) -> DataError:
+    """The error for a crop folder holding frame number 0 (``name``): its files are 0-based,
+    so every face would sit one frame off its label."""
+    return DataError(
+        f"face-crop folder {folder} holds {name}, but Aff-Wild2 crops are 1-based (00001.jpg "
+        "is frame 0), so this folder is numbered from 0 and every face would be one frame off "
+        "its label; renumber its files k -> k + 1 (00000.jpg -> 00001.jpg, ...) and run "
+        "`fusionkit extract` again"
+    )
+
+
 def crop_indices(folder: Path) -> dict[int, Path]:
     """0-based frame index -> crop file of a ``cropped_aligned/<trial>/`` folder (files are
-    ``%05d.jpg``, 1-based; frames without a face have no file)."""
+    ``%05d.jpg``, 1-based; frames without a face have no file).
+
+    Raises:
+        DataError: when the folder does not exist, or holds a crop numbered 0 (``00000.jpg``:
+            a 0-based folder, whose faces would all be one frame off).
+    """
     if not folder.is_dir():
         raise DataError(f"face-crop folder {folder} does not exist")
     out: dict[int, Path] = {}
     for entry in folder.iterdir():
         m = _CROP.match(entry.name)
-        if m is not None and int(m.group(1)) >= 1:
-            out[int(m.group(1)) - 1] = entry
+        if m is None:
+            continue
+        if int(m.group(1)) == 0:
+            raise zero_based_crops_error(folder, entry.name)
+        out[int(m.group(1)) - 1] = entry
     return out
 
 
