@@ -109,6 +109,24 @@ def test_a_trial_in_train_and_val_is_refused_naming_both_files(tmp_path):
     assert "remove its annotation file from the other" in message
 
 
+def test_a_test_list_naming_an_annotated_trial_is_refused(tmp_path):
+    """A trial of Train_Set listed as test used to be scored as "test" with its labels."""
+    feats, labels = make_features(
+        tmp_path, train=("a", "b"), val=("c",), arrays=("a", "b", "c", "t")
+    )
+    leak = tmp_path / "test_list.txt"
+    leak.write_text("t\nb\n")
+    with pytest.raises(
+        DataError,
+        match=r"test list .* names trial\(s\) that have an annotation "
+        r"file in .*Train_Set or .*Validation_Set: b; test trials must be unlabelled",
+    ):
+        dataset(feats, labels, test_list=str(leak))
+    clean = tmp_path / "clean.txt"
+    clean.write_text("t\n")
+    assert dataset(feats, labels, test_list=str(clean)).trials("test") == ["t"]
+
+
 # --------------------------------------------------------------------------- 4: shared_media
 
 

@@ -53,8 +53,8 @@ from fusionkit_affwild2.layout import (
     label_files,
     media_name,
     read_labels,
-    read_name_list,
     read_submission_template,
+    read_test_list,
     zero_based_crops_error,
 )
 from fusionkit_affwild2.params import AffWild2Params
@@ -185,25 +185,12 @@ class AffWild2Dataset:
         labels would be scored as "test" on training or validation data)."""
         if self.params.test_list is None:
             return []
-        path = self._path(self.params.test_list)
-        if not path.is_file():
-            raise DataError(
-                f"test list {path} does not exist or is not a file; set data.params.test_list "
-                f"to the organisers' test set release list (a relative path is read under "
-                f"{self.root})"
-            )
-        names = read_name_list(path)
-        labelled = [t for t in names if t in self.label_paths]
-        if labelled:
-            sets = self.annotation_sets
-            raise DataError(
-                f"test list {path} names trial(s) that have an annotation file in "
-                f"{sets.train} or {sets.val}: {_few(labelled)}; test trials must be unlabelled "
-                "(their 'test' scores would be computed on training or validation labels): "
-                "remove these names from the test list (or, if they are test videos, their "
-                "annotation files)"
-            )
-        return names
+        return read_test_list(
+            self._path(self.params.test_list),
+            self.label_paths,
+            self.annotation_sets,
+            "data.params.test_list",
+        )
 
     @cached_property
     def template(self) -> dict[str, list[tuple[str, int]]] | None:

@@ -42,7 +42,7 @@ from fusionkit_affwild2.layout import (
     label_files,
     media_name,
     read_labels,
-    read_name_list,
+    read_test_list,
 )
 from fusionkit_affwild2.params import FeaturesParams
 
@@ -130,8 +130,16 @@ class FeaturesDataset:
         self._widths: dict[str, dict[Path, int]] = {}
         self.feature_dims: dict[str, int] = {m: self._dim(m) for m in self.modalities}
         self._videos: dict[str, list[Video]] = {}
-        # folder listings only: `recipe validate` refuses what `run` would
-        _ = self.label_paths
+        # folder listings and the test list only: `recipe validate` refuses what `run` would
+        _ = self.label_paths, self.test_trials
+
+    @cached_property
+    def test_trials(self) -> list[str]:
+        """The names of ``test_list`` (none without one); none may have an annotation file."""
+        if self.params.test_list is None:
+            return []
+        path = self.params.test_list.expanduser()
+        return read_test_list(path, self.label_paths, self.annotation_sets, "data.params.test_list")
 
     # ------------------------------------------------------------------ layout
 
@@ -251,7 +259,7 @@ class FeaturesDataset:
 
     def trials(self, split: str) -> list[str]:
         if split == "test" and self.params.test_list is not None:
-            return read_name_list(self.params.test_list.expanduser())
+            return self.test_trials
         if split in ("train", "val"):
             sets = self.annotation_sets
             train, val = fold_split(

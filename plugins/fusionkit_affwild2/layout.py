@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,31 @@ def read_labels(path: Path) -> Labels:
     if not len(mask):
         raise DataError(f"{path}: header but no frame rows")
     return Labels(values, mask, path)
+
+
+def read_test_list(
+    path: Path, labelled: Mapping[str, Path], sets: AnnotationSets, param: str
+) -> list[str]:
+    """The trials of a test list (:func:`read_name_list`); refused when the file is missing or
+    names a trial with an annotation file in ``labelled`` (its "test" scores would be computed
+    on training or validation labels). ``sets``: the annotation folders, named in the message;
+    ``param``: the recipe path that sets the file."""
+    if not path.is_file():
+        raise DataError(
+            f"test list {path} does not exist or is not a file; set {param} to the organisers' "
+            "test set release list"
+        )
+    names = read_name_list(path)
+    leaked = [t for t in names if t in labelled]
+    if leaked:
+        shown = ", ".join(leaked[:5]) + (", ..." if len(leaked) > 5 else "")
+        raise DataError(
+            f"test list {path} names trial(s) that have an annotation file in {sets.train} or "
+            f"{sets.val}: {shown}; test trials must be unlabelled (their 'test' scores would "
+            "be computed on training or validation labels): remove these names "
+            "from the test list (or, if they are test videos, their annotation files)"
+        )
+    return names
 
 
 def read_name_list(path: Path) -> list[str]:
