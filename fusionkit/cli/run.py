@@ -3,6 +3,11 @@ grid of them), continuing an interrupted run, re-evaluating a finished one."""
 
 from __future__ import annotations
 
+import shlex
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +16,46 @@ from rich.markup import escape
 
 from fusionkit.cli._common import console, err_console, load, metrics_table
 
-__all__ = ["eval_cmd", "register", "resume", "run"]
+__all__ = ["eval_cmd", "register", "resume", "run", "sigterm_as_interrupt"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a batch scheduler) arrived: handled like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main
+    thread, so that it takes Ctrl-C's path: the run keeps its last finished epoch (or is
+    removed when none finished) and the resume hint is printed. The previous handler is
+    restored on exit. Outside the main thread nothing changes (Python delivers signals to the
+    main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # no signal support here: leave it as it was
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
+
+
+def _q(path: object) -> str:
+    """A path as a shell word, escaped for rich markup: for a command the user is told to run."""
+    return escape(shlex.quote(str(path)))
 
 
 def register(app: typer.Typer) -> None:
@@ -81,14 +125,21 @@ def run(
                 "the run to continue: fusionkit resume RUN_DIR"
             )
         run_dir = RunDir.open(target) if dist.is_main else RunDir(target)
-        if dist.is_main:
-            run_dir.lock()
-            run_dir.check_same_training(rc)
-        _train(rc, run_dir, resume=True, quiet=quiet, dist=dist, threads=threads)
+        try:
+            if dist.is_main:
+                run_dir.lock()
+                run_dir.check_same_training(rc)
+            _train(rc, run_dir, resume=True, quiet=quiet, dist=dist, threads=threads)
+        finally:
+            run_dir.unlock()
         return
-    run_dir = RunDir.create(rc) if dist.is_main else None
-    path = dist.broadcast(str(run_dir.path) if run_dir else None)
-    _train(rc, run_dir or RunDir(path), resume=False, quiet=quiet, dist=dist, threads=threads)
+    made = RunDir.create(rc) if dist.is_main else None
+    path = dist.broadcast(str(made.path) if made else None)
+    run_dir = made or RunDir(path)
+    try:
+        _train(rc, run_dir, resume=False, quiet=quiet, dist=dist, threads=threads)
+    finally:
+        run_dir.unlock()
 
 
 def resume(
@@ -105,10 +156,13 @@ def resume(
     check_recipe(rc)
     threads = set_threads(rc.training.num_threads)
     dist = Dist.from_env(resolve_device(rc.training.device).type)
-    if dist.is_main:
-        run.lock()
-        run.check_same_training(rc)
-    _train(rc, run, resume=True, quiet=quiet, dist=dist, threads=threads)
+    try:
+        if dist.is_main:
+            run.lock()
+            run.check_same_training(rc)
+        _train(rc, run, resume=True, quiet=quiet, dist=dist, threads=threads)
+    finally:
+        run.unlock()
 
 
 def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
@@ -119,26 +173,30 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
         quiet = True
         console.quiet = True
     if resume and dist.is_main and run.is_complete():
-        console.print(
-            f"{escape(str(run.path))} is complete already; nothing to do (its results are in "
-            f"{escape(str(run.path / 'metrics.json'))})"
-        )
+        _finish_robustness(rc, run, quiet=quiet)
         return
     verb = "resuming" if resume else "fusionkit run"
-    console.print(f"[bold]{verb}[/] {escape(rc.run_name)} -> {escape(str(run.path))}")
     try:
-        result = train_and_evaluate(
-            rc, run, resume=resume, console=None if quiet else console, dist=dist
-        )
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            console.print(f"[bold]{verb}[/] {escape(rc.run_name)} -> {escape(str(run.path))}")
+            result = train_and_evaluate(
+                rc, run, resume=resume, console=None if quiet else console, dist=dist
+            )
+    except KeyboardInterrupt as exc:
         if dist.is_main and not resume and run.remove_if_unstarted():
             err_console.print("\n[yellow]interrupted[/] before the first epoch finished")
+        elif dist.is_main and run.is_complete():
+            err_console.print(
+                f"\n[yellow]interrupted[/] during the robustness sweeps: the run is complete and "
+                f"the values computed so far are kept in {escape(str(run.path))}\n"
+                f"resume with: fusionkit resume {_q(run.path)}"
+            )
         else:
             err_console.print(
                 f"\n[yellow]interrupted[/]: the last finished epoch is saved in "
-                f"{escape(str(run.path))}\nresume with: fusionkit resume {escape(str(run.path))}"
+                f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
             )
-        raise typer.Exit(130) from None
+        raise typer.Exit(_exit_code(exc)) from None
     except FusionkitError:
         if dist.is_main:
             # nothing started: remove the folder, so that a retry gets the same name
@@ -146,7 +204,7 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
             if not removed and (run / "state.safetensors").is_file():
                 err_console.print(
                     f"the last finished epoch is saved in {escape(str(run.path))}; after fixing "
-                    f"the cause, resume with: fusionkit resume {escape(str(run.path))}"
+                    f"the cause, resume with: fusionkit resume {_q(run.path)}"
                 )
         raise
     console.print(
@@ -156,6 +214,57 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
             list(rc.model.targets),
         )
     )
+    console.print(f"run directory: {escape(str(run.path))}")
+
+
+def _finish_robustness(rc, run, *, quiet: bool) -> None:
+    """A complete run (locked by the caller): evaluate the values of ``rc``'s robustness
+    sweeps that its ``robustness/`` folder lacks (a sweep interrupted after training, or one
+    added with ``run --resume``), on the run's best weights; nothing to do when none is."""
+    from fusionkit.engine.session import load_run
+    from fusionkit.studies.robustness import (
+        missing_values,
+        results_path,
+        robustness_complete,
+        run_recipe_robustness,
+    )
+
+    specs = list(rc.evaluation.robustness)
+    if robustness_complete(run.path, rc):
+        console.print(
+            f"{escape(str(run.path))} is complete already; nothing to do (its results are in "
+            f"{escape(str(run.path / 'metrics.json'))})"
+        )
+        return
+    todo = []
+    for spec in specs:
+        missing = len(missing_values(run.path, spec))
+        if missing:
+            todo.append(f"{spec.label} ({missing} of {len(spec.values) * len(spec.splits)})")
+    console.print(
+        f"{escape(str(run.path))} is complete; evaluating the robustness values it misses on "
+        f"its best weights (no training): {escape(', '.join(todo))}"
+    )
+
+    def on_value(split: str, value: object, metrics: dict) -> None:
+        if not quiet:
+            console.print(
+                f"  {escape(split)} {escape(repr(value))}: CCC-mean {metrics['ccc_mean']:.4f}"
+            )
+
+    try:
+        with sigterm_as_interrupt():
+            session = load_run(run, device=rc.training.device).session
+            run_recipe_robustness(run, specs, session=session, on_value=on_value)
+    except KeyboardInterrupt as exc:
+        err_console.print(
+            f"\n[yellow]interrupted[/]: the robustness values computed so far are kept in "
+            f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
+        )
+        raise typer.Exit(_exit_code(exc)) from None
+    for spec in specs:
+        where = results_path(run.path, spec)
+        console.print(f"robustness {escape(spec.label)}: {escape(str(where))}")
     console.print(f"run directory: {escape(str(run.path))}")
 
 
@@ -181,9 +290,11 @@ def _run_grid(rc, workers: int, quiet: bool, executor: str, ray_address: str | N
             ray_address=ray_address,
         )
     except KeyboardInterrupt:
+        # the embedded quickstart's source is "<default quickstart>", which is no argument
+        source = "" if rc.source.startswith("<") else f" {_q(rc.source)}"
         err_console.print(
             "\n[yellow]interrupted[/]: finished points are kept and running ones keep their "
-            f"last finished epoch; continue with the same command: fusionkit run {rc.source}"
+            f"last finished epoch; continue with the same command: fusionkit run{source}"
         )
         raise typer.Exit(130) from None
     failed = [t for t, r in record["runs"].items() if r["status"] != "done"]
@@ -199,12 +310,16 @@ def eval_cmd(
     ] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
 ) -> None:
-    """Reload a run's best weights and recompute its metrics; compares with metrics.json."""
+    """Reload a run's best weights and recompute its metrics; compares with metrics.json
+    (exactly: every stored number must come out bit for bit the same)."""
     from fusionkit.engine.evaluate import evaluate_splits
     from fusionkit.engine.runs import RunDir, read_metrics
-    from fusionkit.engine.session import load_run
+    from fusionkit.engine.session import load_run, set_threads
 
     run = RunDir.open(run_dir)
+    # the threads the run was trained with (as `fusionkit run` sets them): a different count
+    # changes the order of float sums, so the last digits of the metrics
+    threads = set_threads(run.recipe().training.num_threads)
     loaded = load_run(run, device=device)
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
@@ -217,11 +332,19 @@ def eval_cmd(
         for k, v in m.items()
         if s in stored["splits"] and stored["splits"][s].get(k) != v
     ]
+    asked = rc.training.num_threads
+    how = f"{loaded.session.device}, {threads} thread{'s' if threads != 1 else ''} " + (
+        f"(training.num_threads={asked})" if asked else "(the available cores)"
+    )
     if mismatches:
         err_console.print(
-            "[red]differs from metrics.json:[/]\n  " + escape("\n  ".join(mismatches))
+            f"[red]differs from metrics.json[/] (compared exactly; re-evaluated on {escape(how)}):"
+            "\n  " + escape("\n  ".join(mismatches))
         )
         raise typer.Exit(1)
     compared = [s for s in splits if s in stored["splits"]]
     if compared:
-        console.print(f"[green]reproduces metrics.json exactly[/] ({', '.join(compared)})")
+        console.print(
+            f"[green]reproduces metrics.json exactly[/] ({', '.join(compared)}; "
+            f"re-evaluated on {escape(how)})"
+        )

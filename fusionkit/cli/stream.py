@@ -53,18 +53,20 @@ def stream(
     from fusionkit.core.interfaces import MediaFeatures
     from fusionkit.engine.files import atomic_write_text
     from fusionkit.engine.session import load_run, set_threads
-    from fusionkit.engine.streaming import StreamingPredictor, read_feature_file
+    from fusionkit.engine.streaming import StreamingPredictor, check_features, read_feature_file
     from fusionkit.engine.streaming import stream as run_stream
 
     set_threads(threads)
     session = load_run(run_dir, device=device).session
     rc = session.recipe
     modalities = sorted(rc.model.encoders)
+    expected = {m: int(session.dataset.feature_dims[m]) for m in modalities}
     if source.suffix in (".safetensors", ".npz"):
-        features = read_feature_file(source, modalities)
+        features = read_feature_file(source, modalities, expected)
         rate = fps or 30.0
     elif isinstance(session.dataset, MediaFeatures):
         features, media_fps = session.dataset.media_features(source)
+        features = check_features(features, source, modalities, expected)
         rate = fps or media_fps
     else:
         raise DataError(
@@ -100,8 +102,8 @@ def stream(
 def runs_list(
     folder: Annotated[Path, typer.Argument(help="a run or grid directory, or a parent of some")],
 ) -> None:
-    """Every run under FOLDER with its status (complete, running or interrupted, failed grid
-    points) and its test CCC-mean."""
+    """Every run under FOLDER with its status (complete, running or interrupted, incomplete
+    when files of a complete run are missing, failed grid points) and its test CCC-mean."""
     from fusionkit.core.errors import CheckpointError, FusionkitError
     from fusionkit.engine.checkpoint import read_train_state
     from fusionkit.engine.files import read_json
@@ -118,13 +120,18 @@ def runs_list(
         status, epochs, score = "?", "", ""
         try:
             m = run.marker()
-            status = "complete" if run.is_complete() else m.status
+            status = m.status
+            missing = run.missing_files()
+            if missing:  # run.json says complete, but files it lists are gone
+                status = f"incomplete (files missing: {', '.join(missing)})"
+            elif status == "complete":
+                status += _robustness_gaps(run)
             if status == "running":
                 holder = run.holder()
                 status = f"running ({holder})" if holder else "interrupted"
             if (run / STATE_FILE).is_file():
                 epochs = str(read_train_state(run / STATE_FILE).epochs_done)
-            if status == "complete":
+            if status.startswith("complete"):
                 metrics = read_json(run / "metrics.json", "metrics")
                 test = metrics.get("splits", {}).get("test", {}).get("ccc_mean")
                 score = f"{test:.4f}" if isinstance(test, float) else ""
@@ -148,3 +155,20 @@ def runs_list(
         console.print(f"no fusionkit runs under {escape(str(folder))}")
         return
     console.print(table)
+
+
+def _robustness_gaps(run) -> str:
+    """``", robustness partial (...)"`` when sweeps of the run's recipe miss values (a sweep
+    interrupted after training; ``fusionkit resume`` evaluates them), else ``""``."""
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.studies.robustness import missing_values
+
+    try:
+        specs = run.recipe().evaluation.robustness
+        gaps = [(s.label, len(missing_values(run.path, s)), s) for s in specs]
+    except FusionkitError:  # the recipe cannot be read here: the run itself is complete
+        return ""
+    shown = [
+        f"{label}: {k} of {len(s.values) * len(s.splits)} missing" for label, k, s in gaps if k
+    ]
+    return f", robustness partial ({'; '.join(shown)})" if shown else ""

@@ -11,7 +11,8 @@ metrics and predictions, and it records the SHA-256 of each of them.
 
 Files::
 
-    run.json              marker, versions, components, status (complete: file hashes)
+    run.json              marker, versions, components, training settings, status (complete:
+                          file hashes)
     recipe.yaml           the resolved recipe
     state.safetensors     resumable training state (last finished epoch)
     model.safetensors     best weights (the epoch named in state and metrics)
@@ -27,6 +28,7 @@ import fcntl
 import os
 import platform
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -93,6 +95,11 @@ class RunMarker(BaseModel):
     completed: str | None = None
     files: dict[str, str] = Field(
         default_factory=dict, description="at completion: file -> SHA-256"
+    )
+    training_view: dict[str, Any] | None = Field(
+        None,
+        description="the training settings the run was created with (Recipe.training_view); "
+        "names the key when recipe.yaml is edited later (absent in runs made before it)",
     )
 
 
@@ -191,8 +198,8 @@ class RunDir:
             except FileExistsError:
                 if exact:
                     raise CheckpointError(
-                        f"{path} already exists; resume it with `fusionkit resume {path}` or "
-                        "choose another output.name"
+                        f"{path} already exists; resume it with `fusionkit resume {_q(path)}` "
+                        "or choose another output.name"
                     ) from None
                 continue
             except OSError as exc:
@@ -202,6 +209,7 @@ class RunDir:
             marker = RunMarker(
                 recipe_sha256=recipe.training_sha256(),
                 created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                training_view=recipe.training_view(),  # names a key of a later edit
                 **_provenance(recipe, registry),
             )
             try:
@@ -231,11 +239,19 @@ class RunDir:
     # ------------------------------------------------------------------ lock
 
     def lock(self) -> RunDir:
-        """Take the run's lock for the life of this process (or until :meth:`unlock`)."""
+        """Take the run's lock for the life of this process (or until :meth:`unlock`).
+
+        Raises:
+            CheckpointError: another process holds it (naming that process), or the lock file
+                cannot be made or locked (a read-only folder: naming the folder and the reason).
+        """
         if self._lock_fd is not None:
             return self
         path = self.path / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._lock_error(exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -244,11 +260,25 @@ class RunDir:
             raise CheckpointError(
                 f"{self.path} is in use by {holder}; wait for it to finish or stop it"
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise self._lock_error(exc) from None
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        except OSError as exc:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise self._lock_error(exc) from None
         self._lock_fd = fd
         return self
+
+    def _lock_error(self, exc: OSError) -> CheckpointError:
+        return CheckpointError(
+            f"cannot lock {self.path} ({LOCK_FILE}: {exc.strerror or exc}); the run folder must "
+            "be writable to resume it or add results to it"
+        )
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -302,21 +332,50 @@ class RunDir:
         return validate_recipe(raw, str(p), registry)
 
     def check_same_training(self, recipe: Recipe, registry: Registry | None = None) -> None:
-        """Refuse unless ``recipe`` trains exactly what this run was created for."""
-        saved = self.marker().recipe_sha256
-        if saved != recipe.training_sha256():
-            try:
-                theirs = self.recipe(registry).training_view()
-            except FusionkitError:
-                theirs = {}
-            diffs = _diff(theirs, recipe.training_view())
-            shown = "; ".join(diffs[:5]) or "the recipe hash differs"
-            fix = (
-                "start a new run (without --resume) or choose another output.name"
-                if self.is_complete()
-                else f"resume it as it was with `fusionkit resume {self.path}`, or start a new run"
+        """Refuse unless ``recipe`` trains exactly what this run was created for.
+
+        When the run's own ``recipe.yaml`` no longer matches the hash in ``run.json`` (it was
+        edited after the run was created), the error says so and names the changed keys when
+        ``run.json`` records the training settings the run was created with.
+        """
+        marker = self.marker()
+        saved = marker.recipe_sha256
+        if saved == recipe.training_sha256():
+            return
+        try:
+            own: Recipe | None = self.recipe(registry)
+        except FusionkitError:
+            own = None
+        if own is None or own.training_sha256() != saved:
+            raise CheckpointError(self._edited_message(marker, own))
+        diffs = _diff(own.training_view(), recipe.training_view())
+        shown = "; ".join(diffs[:5]) or "the recipe hash differs"
+        fix = (
+            "start a new run (without --resume) or choose another output.name"
+            if self.is_complete()
+            else f"resume it as it was with `fusionkit resume {_q(self.path)}`, or start a new run"
+        )
+        raise CheckpointError(f"{self.path} was created by a different recipe ({shown}); {fix}")
+
+    def _edited_message(self, marker: RunMarker, own: Recipe | None) -> str:
+        """The run's recipe.yaml does not match run.json: which keys changed, if knowable."""
+        where = self.path / RECIPE_FILE
+        created = marker.training_view
+        if own is None:
+            what = "it can no longer be read as a recipe"
+        elif isinstance(created, dict):
+            diffs = _diff(created, own.training_view(), ("created with", "recipe.yaml has"))
+            what = "; ".join(diffs[:5]) or "the recipe hash differs"
+        else:
+            what = (
+                "the changed key cannot be named: run.json of this run does not record the "
+                "training settings it was created with"
             )
-            raise CheckpointError(f"{self.path} was created by a different recipe ({shown}); {fix}")
+        return (
+            f"{where} was edited after the run was created (its training settings no longer "
+            f"match the hash in {MARKER_FILE}: {what}); restore it as it was to resume this run, "
+            "or start a new run to train differently"
+        )
 
     def is_complete(self) -> bool:
         """Whether the run finished and every file ``run.json`` lists is still there."""
@@ -328,12 +387,19 @@ class RunDir:
             return False
         return all((self.path / name).is_file() for name in marker.files)
 
+    def missing_files(self) -> list[str]:
+        """Files ``run.json`` lists for a complete run that are no longer there."""
+        marker = self.marker()
+        if marker.status != "complete":
+            return []
+        return [name for name in marker.files if not (self.path / name).is_file()]
+
     def verify_complete(self) -> RunMarker:
         """The marker of a complete run whose listed files are unchanged; else an error."""
         marker = self.marker()
         if marker.status != "complete":
             raise CheckpointError(
-                f"{self.path} did not finish (resume it with `fusionkit resume {self.path}`)"
+                f"{self.path} did not finish (resume it with `fusionkit resume {_q(self.path)}`)"
             )
         for name, digest in marker.files.items():
             p = self.path / name
@@ -403,10 +469,19 @@ def read_metrics(run_dir: str | Path, targets: list[str] | None = None) -> dict[
     return m
 
 
-def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+def _q(path: str | Path) -> str:
+    """A path as a shell word, for a command the user is told to run."""
+    return shlex.quote(str(path))
+
+
+def _diff(
+    a: Any, b: Any, labels: tuple[str, str] = ("run has", "now"), path: str = ""
+) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            out += _diff(a.get(k), b.get(k), labels, f"{path}.{k}" if path else str(k))
         return out
-    return [] if a == b else [f"{path}: run has {short_repr(a)}, now {short_repr(b)}"]
+    if a == b:
+        return []
+    return [f"{path}: {labels[0]} {short_repr(a)}, {labels[1]} {short_repr(b)}"]

@@ -42,7 +42,13 @@ from fusionkit.core.interfaces import CausalEncoder, FrameLocal, StreamingEncode
 from fusionkit.engine.data import Normalizer
 from fusionkit.engine.model import FusionModel
 
-__all__ = ["StreamedFrame", "StreamingPredictor", "read_feature_file", "stream"]
+__all__ = [
+    "StreamedFrame",
+    "StreamingPredictor",
+    "check_features",
+    "read_feature_file",
+    "stream",
+]
 
 
 class StreamingPredictor:
@@ -192,9 +198,13 @@ class StreamedFrame:
     latency: float
 
 
-def read_feature_file(path: Path, modalities: list[str]) -> dict[str, Tensor]:
+def read_feature_file(
+    path: Path, modalities: list[str], feature_dims: dict[str, int] | None = None
+) -> dict[str, Tensor]:
     """``{modality: (N, F_m)}`` from a ``.safetensors`` file (one tensor per modality) or a
-    ``.npz`` archive (no pickle), checked for the modalities a model needs and equal lengths."""
+    ``.npz`` archive (no pickle), checked as :func:`check_features` does (the modalities a
+    model needs, equal lengths, at least one frame, the widths in ``feature_dims``, finite
+    values)."""
     from fusionkit.engine.files import load_tensors
 
     if not path.is_file():
@@ -217,13 +227,49 @@ def read_feature_file(path: Path, modalities: list[str]) -> dict[str, Tensor]:
             f"{path}: give a .safetensors or .npz file with one (frames, features) array per "
             "modality, or a media file the run's dataset can read"
         )
+    return check_features(tensors, path, modalities, feature_dims)
+
+
+def check_features(
+    tensors: dict[str, Tensor],
+    source: Path | str,
+    modalities: list[str],
+    feature_dims: dict[str, int] | None = None,
+) -> dict[str, Tensor]:
+    """``{modality: (N, F_m) float32}`` for ``modalities``, or a :class:`DataError` naming
+    ``source`` and the modality: a missing array, arrays not ``(frames, features)`` of one
+    length, zero frames, a width other than ``feature_dims[m]`` (the run's), or a value that
+    is not finite in float32 (NaN, inf, or beyond float32's range), with its first frame."""
     missing = [m for m in modalities if m not in tensors]
     if missing:
-        raise DataError(f"{path} has no {missing[0]!r} array (it has: {', '.join(tensors)})")
+        raise DataError(f"{source} has no {missing[0]!r} array (it has: {', '.join(tensors)})")
     lengths = {m: tuple(tensors[m].shape) for m in modalities}
     if any(len(s) != 2 for s in lengths.values()) or len({s[0] for s in lengths.values()}) != 1:
-        raise DataError(f"{path}: arrays must be (frames, features) of one length; got {lengths}")
-    return {m: tensors[m].float() for m in modalities}
+        raise DataError(f"{source}: arrays must be (frames, features) of one length; got {lengths}")
+    if next(iter(lengths.values()))[0] == 0:
+        raise DataError(f"{source} holds 0 frames; give at least one frame of every modality")
+    out = {}
+    for m in modalities:
+        width = lengths[m][1]
+        if feature_dims is not None and m in feature_dims and width != feature_dims[m]:
+            raise DataError(
+                f"{source}: modality {m!r} has {width} features per frame; the run's model "
+                f"expects {feature_dims[m]} (give the features the run was trained on)"
+            )
+        x = tensors[m]
+        if x.dtype == torch.bool or x.is_complex():
+            raise DataError(f"{source}: modality {m!r} is {x.dtype}; give real numbers")
+        x = x.float()
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            frame, col = (int(i) for i in bad.nonzero()[0])
+            raise DataError(
+                f"{source}: modality {m!r} has a non-finite value ({float(x[frame, col])}) at "
+                f"frame {frame} (feature {col}; NaN, inf, or beyond float32's range): fix or "
+                "drop those frames; fusionkit does not predict from non-finite features"
+            )
+        out[m] = x
+    return out
 
 
 def stream(
