@@ -82,7 +82,9 @@ def predict(
         typer.Argument(help="run directories; together they must cover every target"),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="submission file to write")],
-    split: Annotated[str, typer.Option(help="split to predict")] = "test",
+    split: Annotated[
+        str, typer.Option(help="split to predict (one the runs' dataset provides)")
+    ] = "test",
     data: Annotated[
         list[str] | None,
         typer.Option(
@@ -95,9 +97,14 @@ def predict(
         float | None,
         typer.Option(help="fill a target no run predicts with this constant (else an error)"),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N")
+    ] = "auto",
 ) -> None:
-    """Write per-frame predictions of a split as one file (image_location,valence,arousal)."""
+    """Write per-frame predictions of a split as one file (image_location,valence,arousal).
+
+    Every run must be complete and unchanged since it finished, and all of them must have
+    predicted the same data (videos and frames)."""
     from fusionkit.engine.predict import predict_run, write_submission
 
     results = [predict_run(r, split, list(data or []), device=device) for r in runs]

@@ -16,10 +16,15 @@ video's last prediction, frames the list omits are not written. For any other da
 one line per frame: ``video,frame,<target>,...``. Targets come from the runs together: one
 model per dimension is common, so a valence run and an arousal run fill one file. The columns
 follow the dataset's target order.
+
+Runs are merged only when they predicted the same data: the same videos with the same frames
+(and, where the split is labelled, the same labels); runs trained on differently generated or
+differently cut data are refused rather than paired video by video.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,10 @@ class RunPredictions:
         per_video: video -> ``(frame_ids (N,), pred (N, len(targets)))``.
         rows: video -> ``(row name, frame index)`` list of the official file, or ``None`` when
             the dataset lists no submission rows (then every frame is written).
+        labels: video -> SHA-256 of which frames are labelled and their labels (every label
+            column of the dataset; a split without labels hashes its empty mask), or ``None``
+            when unknown. With the video names and frame ids, it tells whether two runs
+            predicted the same data.
     """
 
     run_dir: Path
@@ -56,6 +65,15 @@ class RunPredictions:
     dataset_targets: tuple[str, ...]
     per_video: dict[str, tuple[Tensor, Tensor]]
     rows: dict[str, list[tuple[str, int]]] | None
+    labels: dict[str, str] | None = None
+
+
+def _label_digest(labels: Tensor, mask: Tensor) -> str:
+    mask = mask.bool()
+    h = hashlib.sha256(mask.cpu().numpy().tobytes())
+    values = torch.where(mask[:, None], labels.float(), torch.zeros((), dtype=torch.float32))
+    h.update(values.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def predict_run(
@@ -77,12 +95,13 @@ def predict_run(
     store = session.store(split)
     preds = predict_frames(session.model, store, session.recipe.evaluation.batch_size)
     videos = {v.name: v for v in dataset.videos(split)}
-    per_video = {}
+    per_video, labels = {}, {}
     for i, name in enumerate(store.names):
         sl = store.video_slice(i)
         v = videos[name]
         ids = v.frame_ids if v.frame_ids is not None else torch.arange(v.num_frames)
         per_video[name] = (ids.long(), preds.pred[sl])
+        labels[name] = _label_digest(v.labels, v.label_mask)
     rows = dataset.submission_frames(split) if isinstance(dataset, SubmissionFrames) else None
     return RunPredictions(
         run_dir=Path(run_dir),
@@ -90,7 +109,39 @@ def predict_run(
         dataset_targets=tuple(dataset.targets),
         per_video=per_video,
         rows=rows,
+        labels=labels,
     )
+
+
+def _check_same_data(first: RunPredictions, run: RunPredictions) -> None:
+    """Refuse to merge two runs that predicted different data (videos, frames or labels)."""
+
+    def refuse(what: str) -> DataError:
+        return DataError(
+            f"{first.run_dir} and {run.run_dir} predicted different data: {what}; merging "
+            "them would pair predictions of different videos. Merge only runs whose recipes "
+            "read the same data (data.params, e.g. the dataset seed or max_frames; pass the "
+            "same --data to all of them)"
+        )
+
+    names_a, names_b = set(first.per_video), set(run.per_video)
+    if names_a != names_b:
+        only_a, only_b = sorted(names_a - names_b), sorted(names_b - names_a)
+        parts = [f"only {first.run_dir} has {', '.join(only_a[:3])}"] if only_a else []
+        parts += [f"only {run.run_dir} has {', '.join(only_b[:3])}"] if only_b else []
+        raise refuse(f"the videos differ ({'; '.join(parts)})")
+    for video, (ids_a, _) in first.per_video.items():
+        ids_b = run.per_video[video][0]
+        if len(ids_a) != len(ids_b):
+            raise refuse(
+                f"video {video!r} has {len(ids_a)} frames in {first.run_dir}, {len(ids_b)} in "
+                f"{run.run_dir}"
+            )
+        if not torch.equal(ids_a, ids_b):
+            raise refuse(f"video {video!r} has other frame numbers in each")
+        if first.labels is not None and run.labels is not None:
+            if first.labels.get(video) != run.labels.get(video):
+                raise refuse(f"video {video!r} has other labels in each")
 
 
 def submission_rows(frame_ids: Tensor, pred: Tensor, frames: list[int]) -> Tensor:
@@ -112,7 +163,8 @@ def write_submission(
 
     Raises:
         DataError: when a target is predicted by two runs, none predicts a target (unless
-            ``missing_value`` fills it), or a listed video has no prediction.
+            ``missing_value`` fills it), the runs predicted different data (videos, frames or
+            labels), or a listed video has no prediction.
     """
     if not runs:
         raise DataError("no run given")
@@ -124,6 +176,8 @@ def write_submission(
                 f"{run.run_dir} predicts on a dataset with labels {run.dataset_targets}, "
                 f"{runs[0].run_dir} on {columns}"
             )
+        if run is not runs[0]:
+            _check_same_data(runs[0], run)
         for j, t in enumerate(run.targets):
             if t in source:
                 raise DataError(

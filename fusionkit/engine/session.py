@@ -9,6 +9,8 @@ directory) report every build-time error the same way.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,19 +18,20 @@ from typing import Any
 
 import torch
 
-from fusionkit.core.errors import CheckpointError, RecipeError
+from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
 from fusionkit.core.interfaces import Dataset, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import load_weights
 from fusionkit.engine.data import FrameStore, Normalizer
-from fusionkit.engine.files import load_tensors, save_tensors
+from fusionkit.engine.files import file_sha256, load_tensors, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
-from fusionkit.engine.runs import BEST_FILE, NORMALIZATION_FILE, RunDir
+from fusionkit.engine.runs import BEST_FILE, MARKER_FILE, NORMALIZATION_FILE, RunDir, RunMarker
 
 __all__ = [
+    "DEVICE_CHOICES",
     "LoadedRun",
     "Session",
     "available_cores",
@@ -72,11 +75,48 @@ def set_threads(requested: int | None, share: int = 1) -> int:
     return n
 
 
-def resolve_device(spec: str) -> torch.device:
+#: What ``--device`` and ``training.device`` accept (``cuda:N``: CUDA device ``N``).
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(
+    spec: str, what: str = "training.device", source: str = "<recipe>"
+) -> torch.device:
+    """The device ``spec`` names: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Args:
+        what: where ``spec`` comes from, named in the error: a recipe key (the error is a
+            :class:`RecipeError` of ``source``) or a command-line option such as ``--device``
+            (starts with ``-``; the error is a :class:`FusionkitError` naming the option).
+
+    Raises:
+        FusionkitError: an unknown device, or a CUDA device this machine does not have.
+    """
+    option = what.startswith("-")
+
+    def fail(problem: str, fix: str) -> FusionkitError:
+        if option:
+            return FusionkitError(f"{what} {spec}: {problem}; {fix}")
+        return RecipeError([f"{what}: {spec!r}: {problem}; {fix}"], source)
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(["training.device: 'cuda' requested but no CUDA device is available"])
+    if spec == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d{1,4}))?", spec)
+    if m is None:
+        raise fail("unknown device", f"use {DEVICE_CHOICES} (e.g. cuda:0)")
+    cpu_fix = f"use {what} cpu" if option else f"set {what} to cpu or auto"
+    if not torch.cuda.is_available():
+        raise fail("no CUDA device is available on this machine", cpu_fix)
+    if m.group(1) is not None:
+        n = torch.cuda.device_count()
+        if int(m.group(1)) >= n:
+            have = ", ".join(f"cuda:{i}" for i in range(n))
+            raise fail(
+                f"this machine has {n} CUDA device(s) ({have})",
+                f"use one of them, or {cpu_fix.removeprefix('use ')}",
+            )
     return torch.device(spec)
 
 
@@ -206,16 +246,19 @@ class Session:
             )
         self.normalizer = Normalizer.from_tensors(load_tensors(path)[0])
 
-    def store(self, split: str, dataset: Dataset | None = None) -> FrameStore:
-        """The windows of ``split`` (of ``dataset``, default: the clean one) on the device."""
+    def store(
+        self, split: str, dataset: Dataset | None = None, *, option: str = "--split"
+    ) -> FrameStore:
+        """The windows of ``split`` (of ``dataset``, default: the clean one) on the device.
+
+        The splits a recipe names are checked when the session is built, so an unknown split
+        here was asked for on the command line: the error names ``option`` (not the recipe).
+        """
         data = dataset if dataset is not None else self.dataset
         if split not in data.splits():
-            raise RecipeError(
-                [
-                    f"split {split!r} is not provided by dataset {self.recipe.data.name!r} "
-                    f"(splits: {', '.join(data.splits())})"
-                ],
-                self.recipe.source,
+            raise FusionkitError(
+                f"{option} {split}: dataset {self.recipe.data.name!r} has no split {split!r} "
+                f"(splits: {', '.join(data.splits())})"
             )
         videos = data.videos(split)
         return FrameStore(
@@ -281,7 +324,7 @@ def build_session(
     """Build dataset and model of ``recipe`` (weights seeded by ``training.seed``)."""
     registry = registry or get_registry()
     tr = recipe.training
-    device = device or resolve_device(tr.device)
+    device = device or resolve_device(tr.device, source=recipe.source)
     dataset, train_data, model, cols = _assemble(
         recipe, registry, torch.device("cpu"), dataset, seed=tr.seed
     )
@@ -314,6 +357,47 @@ def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registr
     return validate_recipe(raw, f"{recipe.source} + --data", registry)
 
 
+def _require_complete(run: RunDir) -> RunMarker:
+    """The marker of ``run`` if it finished; else an error saying how to finish it."""
+    marker = run.marker()
+    if marker.status == "complete":
+        return marker
+    try:
+        holder = run.holder()
+    except OSError:
+        holder = None
+    if holder is not None:
+        raise CheckpointError(
+            f"{run} is still training (in use by {holder}); its weights are not final: wait "
+            "for it to finish, then try again"
+        )
+    raise CheckpointError(
+        f"{run} did not finish (it was interrupted or failed: run.json says "
+        f"{marker.status!r}), so its weights are not final; finish it with "
+        f"`fusionkit resume {shlex.quote(str(run))}`, then try again"
+    )
+
+
+def _check_unchanged(run: RunDir, marker: RunMarker, name: str, required: bool) -> None:
+    """Refuse ``name`` if it differs from the SHA-256 ``run.json`` recorded at completion."""
+    path = run / name
+    digest = marker.files.get(name)
+    if digest is None:
+        if required:
+            raise CheckpointError(
+                f"{run / MARKER_FILE} records no SHA-256 of {name} although the run is "
+                "complete; run.json was edited or damaged, so the weights cannot be trusted: "
+                "train a new run"
+            )
+        return
+    if path.is_file() and file_sha256(path) != digest:
+        raise CheckpointError(
+            f"{path} changed after the run finished (its SHA-256 differs from the one in "
+            f"{MARKER_FILE}); it is not the file the run was evaluated with: restore the "
+            "original file or train a new run"
+        )
+
+
 def load_run(
     run_dir: str | Path | RunDir,
     *,
@@ -324,24 +408,37 @@ def load_run(
     """Rebuild a run's model from its ``recipe.yaml`` and load its best weights: the one way
     ``eval``, ``predict``, ``stream``, robustness sweeps and reports reload a run.
 
+    Only a complete run is loaded, and only with the files it completed with: the weights
+    (and z-scoring statistics) are checked against the SHA-256 recorded in ``run.json``.
+
     Args:
-        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        device: the ``--device`` value: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or
+            ``cuda:N``.
         data_overrides: ``key=value`` items; a key without a ``data.`` prefix is a dataset
             param (``root=/data/aw2`` is ``data.params.root=/data/aw2``).
+
+    Raises:
+        CheckpointError: the run did not finish, or a file it loads is missing or changed.
     """
     registry = registry or get_registry()
+    torch_device = resolve_device(device, what="--device")
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    marker = _require_complete(run)
     recipe = run.recipe(registry)
     if data_overrides:
         recipe = _with_data_overrides(recipe, data_overrides, registry)
     weights = run / BEST_FILE
     if not weights.exists():
         raise CheckpointError(
-            f"{run} has no {BEST_FILE}: it did not finish an epoch (resume it with "
-            f"`fusionkit resume {run}`)"
+            f"{run} has no {BEST_FILE} although run.json says it is complete; the run's files "
+            "were removed: restore them or train a new run"
         )
-    session = build_session(recipe, registry, device=resolve_device(device))
+    session = build_session(recipe, registry, device=torch_device)
     session.load_normalizer(run)
     info = load_weights(weights, session.model)
+    # after loading: a damaged file is named by what is wrong in it, a readable one that is
+    # not the run's by its hash
+    _check_unchanged(run, marker, BEST_FILE, required=True)
+    _check_unchanged(run, marker, NORMALIZATION_FILE, required=False)
     session.model.eval()
     return LoadedRun(run, session, info)

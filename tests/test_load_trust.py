@@ -1,0 +1,252 @@
+"""Reloading a trained run is trusted only when it is the run's: `load_run` (predict, stream,
+eval, robustness, throughput) refuses unfinished runs and files changed after completion,
+`predict` refuses to merge runs that predicted different data, and wrong `--device` /
+`--split` values end in one line naming the option."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import fusionkit.core.registry as fk_registry
+from fusionkit.core.errors import CheckpointError, DataError, FusionkitError, RecipeError
+from fusionkit.core.recipe import validate_recipe
+from fusionkit.engine.predict import RunPredictions, write_submission
+from fusionkit.engine.runs import BEST_FILE, NORMALIZATION_FILE, RunDir
+from fusionkit.engine.session import build_session, load_run, resolve_device
+from fusionkit.engine.train import Trainer
+from tests.conftest import TinyDataset, TinyParams, tiny_recipe
+
+
+def _train(parent, registry, name, *, epochs=1, stop_after=None, targets=None, seed=0):
+    raw = tiny_recipe(parent, epochs=epochs)
+    raw["output"]["name"] = name
+    raw["data"]["params"]["seed"] = seed
+    if targets is not None:
+        raw["model"]["targets"] = targets
+    rc = validate_recipe(raw, f"{name}.yaml", registry)
+
+    def stop(epoch, _record):
+        if epoch == stop_after:
+            raise KeyboardInterrupt  # as Ctrl-C after that epoch was saved
+
+    with RunDir.create(rc, registry) as run:
+        try:
+            Trainer(build_session(rc, registry), run, on_epoch_end=stop).fit()
+        except KeyboardInterrupt:
+            pass
+    return run.path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, registry):
+    """A complete run, one interrupted after epoch 1 of 3, and two single-target runs: one
+    on the same data as ``done`` and one on data generated with another seed."""
+    parent = tmp_path_factory.mktemp("trust")
+    paths = {
+        "done": _train(parent, registry, "done"),
+        "part": _train(parent, registry, "part", epochs=3, stop_after=1),
+        "val0": _train(parent, registry, "val0", targets=["valence"]),
+        "aro0": _train(parent, registry, "aro0", targets=["arousal"]),
+        "aro1": _train(parent, registry, "aro1", targets=["arousal"], seed=1),
+    }
+    feats = parent / "feat.safetensors"
+    video = TinyDataset(TinyParams()).videos("test")[0]
+    save_file({m: x[:30].contiguous() for m, x in video.features.items()}, str(feats))
+    paths["features"] = feats
+    return paths
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, registry):
+    """Run the `fusionkit` entry point (as a user does: errors as one line, exit 2) with the
+    tiny test dataset registered; returns (exit code, stdout, stderr)."""
+    import fusionkit.cli.root as root
+
+    fk_registry.clear_registry_cache()
+    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: registry)
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["fusionkit", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            root.main()
+        out = capsys.readouterr()
+        return info.value.code or 0, out.out, " ".join(out.err.split())  # unwrapped
+
+    yield invoke
+    fk_registry.clear_registry_cache()
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+# ----------------------------------------------------------------- 3: unfinished runs
+
+
+def test_an_interrupted_run_is_refused_by_load_run_predict_and_stream(runs, tmp_path, cli):
+    assert RunDir.open(runs["part"]).marker().status == "running"
+    assert (runs["part"] / BEST_FILE).is_file()  # best weights of epoch 1 exist
+    spaced = _copy(runs["part"], tmp_path / "sp ace" / "part")
+    with pytest.raises(CheckpointError) as info:
+        load_run(spaced)
+    msg = str(info.value)
+    assert msg.startswith(f"{spaced} did not finish")
+    assert f"finish it with `fusionkit resume {shlex.quote(str(spaced))}`" in msg
+
+    out = tmp_path / "pred.csv"
+    code, _, err = cli("predict", runs["part"], "--out", out)
+    assert code == 2 and err.startswith(f"error: {runs['part']} did not finish"), err
+    assert f"fusionkit resume {runs['part']}" in err and not out.exists()
+    code, _, err = cli("stream", runs["part"], runs["features"], "-q")
+    assert code == 2 and "did not finish" in err, err
+    code, _, err = cli("eval", runs["part"])
+    assert code == 2 and "fusionkit resume" in err, err
+
+
+def test_a_run_still_training_is_refused_naming_its_holder(runs, tmp_path, registry):
+    path = _copy(runs["part"], tmp_path / "busy")
+    with RunDir.open(path):  # another "process" holds the lock: it is training now
+        with pytest.raises(CheckpointError, match=r"is still training \(in use by pid \d+"):
+            load_run(RunDir.open(path), registry=registry)
+
+
+def test_complete_runs_still_load(runs, registry):
+    loaded = load_run(runs["done"], registry=registry)
+    assert not loaded.session.model.training
+
+
+# ----------------------------------------------------------------- 4: changed files
+
+
+def _scale_weights(path, factor=1.5):
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    key = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+    tensors[key] = tensors[key] * factor
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_weights_changed_after_completion_are_refused(runs, tmp_path, cli, registry):
+    run = _copy(runs["done"], tmp_path / "dmg")
+    load_run(run, registry=registry)  # intact: loads
+    _scale_weights(run / BEST_FILE)
+    with pytest.raises(CheckpointError) as info:
+        load_run(run, registry=registry)
+    assert str(info.value).startswith(f"{run / BEST_FILE} changed after the run finished")
+    out = tmp_path / "pred.csv"
+    code, _, err = cli("predict", run, "--out", out)
+    assert code == 2 and "model.safetensors changed after the run finished" in err, err
+    assert not out.exists()
+    code, _, err = cli("stream", run, runs["features"], "-q")
+    assert code == 2 and "model.safetensors changed" in err, err
+
+
+def test_normalization_changed_after_completion_is_refused(runs, tmp_path, registry):
+    run = _copy(runs["done"], tmp_path / "norm")
+    assert NORMALIZATION_FILE in RunDir.open(run).marker().files
+    _scale_weights(run / NORMALIZATION_FILE, 2.0)
+    with pytest.raises(CheckpointError, match=r"normalization\.safetensors changed after"):
+        load_run(run, registry=registry)
+
+
+# ----------------------------------------------------------------- 6: merging runs
+
+
+def test_predict_merges_runs_of_the_same_data(runs, tmp_path, cli):
+    out = tmp_path / "sub.csv"
+    code, stdout, err = cli("predict", runs["val0"], runs["aro0"], "--out", out)
+    assert code == 0, err
+    assert "columns valence, arousal" in stdout and out.is_file()
+
+
+def test_predict_refuses_runs_that_predicted_different_data(runs, tmp_path, cli):
+    out = tmp_path / "sub.csv"
+    code, _, err = cli("predict", runs["val0"], runs["aro1"], "--out", out)
+    assert code == 2, err
+    assert err.startswith(f"error: {runs['val0']} and {runs['aro1']} predicted different data")
+    assert "frames in" in err and not out.exists()
+
+
+def _fake(name, targets, ids, labels=None):
+    pred = torch.zeros(len(ids), len(targets))
+    run = RunPredictions(
+        name, targets, ("valence", "arousal"), {"a": (torch.as_tensor(ids), pred)}, None
+    )
+    run.labels = labels
+    return run
+
+
+def test_write_submission_compares_videos_frames_and_labels(tmp_path):
+    out = tmp_path / "s.csv"
+    v = _fake("v", ("valence",), [0, 1, 2], {"a": "x"})
+    with pytest.raises(DataError, match=r"v and a predicted different data: video 'a' has 3"):
+        write_submission([v, _fake("a", ("arousal",), [0, 1, 2, 3])], out)
+    with pytest.raises(DataError, match=r"other frame numbers"):
+        write_submission([v, _fake("a", ("arousal",), [0, 1, 5])], out)
+    with pytest.raises(DataError, match=r"video 'a' has other labels"):
+        write_submission([v, _fake("a", ("arousal",), [0, 1, 2], {"a": "y"})], out)
+    other = RunPredictions(
+        "b", ("arousal",), ("valence", "arousal"), {"b": (torch.arange(3), torch.zeros(3, 1))}, None
+    )
+    with pytest.raises(DataError, match=r"the videos differ \(only v has a; only b has b\)"):
+        write_submission([v, other], out)
+    write_submission([v, _fake("a", ("arousal",), [0, 1, 2], {"a": "x"})], out)  # same data
+    assert out.read_text().splitlines()[0] == "video,frame,valence,arousal"
+
+
+# ----------------------------------------------------------------- 9: --device
+
+
+def test_device_typos_are_one_line_naming_the_option(runs, tmp_path, cli, monkeypatch):
+    choices = "use auto, cpu, cuda or cuda:N (e.g. cuda:0)"
+    code, _, err = cli("eval", runs["done"], "--device", "gpu")
+    assert code == 2 and err == f"error: --device gpu: unknown device; {choices}", err
+    code, _, err = cli("predict", runs["done"], "--out", tmp_path / "x.csv", "--device", "mps")
+    assert code == 2 and err == f"error: --device mps: unknown device; {choices}", err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = cli("stream", runs["done"], runs["features"], "--device", "cuda:0")
+    assert code == 2, err
+    assert (
+        err
+        == "error: --device cuda:0: no CUDA device is available on this machine; use --device cpu"
+    )
+    code, _, err = cli("eval", runs["done"], "--device", "cuda")
+    assert code == 2 and err.startswith("error: --device cuda: no CUDA device"), err
+    assert "recipe" not in err
+
+
+def test_resolve_device_words_recipe_keys_and_device_indices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(FusionkitError, match=r"^--device cuda:1: this machine has 1 CUDA"):
+        resolve_device("cuda:1", what="--device")
+    assert resolve_device("cuda:0", what="--device") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError) as info:
+        resolve_device("cuda", source="r.yaml")
+    assert str(info.value) == (
+        "invalid recipe r.yaml: training.device: 'cuda': no CUDA device is available on this "
+        "machine; set training.device to cpu or auto"
+    )
+    assert resolve_device("cpu", what="--device") == torch.device("cpu")
+
+
+# ----------------------------------------------------------------- 14: --split
+
+
+def test_an_unknown_split_names_the_option_not_the_recipe(runs, tmp_path, cli):
+    want = "--split tset: dataset 'tiny' has no split 'tset' (splits: train, val, test)"
+    code, _, err = cli("predict", runs["done"], "--out", tmp_path / "x.csv", "--split", "tset")
+    assert code == 2 and err == f"error: {want}", err
+    code, _, err = cli("eval", runs["done"], "--split", "tset")
+    assert code == 2 and err == f"error: {want}", err
