@@ -241,6 +241,17 @@ def test_resolve_device_words_recipe_keys_and_device_indices(monkeypatch):
     assert resolve_device("cpu", what="--device") == torch.device("cpu")
 
 
+def test_recipe_validation_resolves_the_device(monkeypatch, tmp_path, registry):
+    """A recipe asking for CUDA on a machine without it used to validate "ok" and fail in run."""
+    from fusionkit.engine.session import check_recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raw = tiny_recipe(tmp_path)
+    raw["training"]["device"] = "cuda"
+    with pytest.raises(RecipeError, match=r"^invalid recipe gpu\.yaml: training\.device: 'cuda'"):
+        check_recipe(validate_recipe(raw, "gpu.yaml", registry), registry)
+
+
 # ----------------------------------------------------------------- 14: --split
 
 

@@ -116,7 +116,7 @@ def run(
         return
     check_recipe(rc)  # every build-time error, before any folder exists
     threads = set_threads(rc.training.num_threads)
-    dist = Dist.from_env(resolve_device(rc.training.device).type)
+    dist = Dist.from_env(resolve_device(rc.training.device, source=rc.source).type)
     target = Path(rc.output.dir) / rc.run_name
     if resume_flag:
         if not is_run_dir(target):
@@ -155,7 +155,7 @@ def resume(
     rc = run.recipe()
     check_recipe(rc)
     threads = set_threads(rc.training.num_threads)
-    dist = Dist.from_env(resolve_device(rc.training.device).type)
+    dist = Dist.from_env(resolve_device(rc.training.device, source=rc.source).type)
     try:
         if dist.is_main:
             run.lock()

@@ -308,9 +308,11 @@ def _assemble(
 
 def check_recipe(recipe: Recipe, registry: Registry | None = None) -> FusionModel:
     """Raise every error that building ``recipe`` would raise, without reading any data or
-    allocating weights: the dataset is constructed, the model is built on the meta device
-    (and returned: its structure and parameter count are known, its weights are not)."""
+    allocating weights: the device is resolved, the dataset is constructed, the model is
+    built on the meta device (and returned: its structure and parameter count are known, its
+    weights are not)."""
     registry = registry or get_registry()
+    resolve_device(recipe.training.device, source=recipe.source)
     return _assemble(recipe, registry, torch.device("meta"))[2]
 
 

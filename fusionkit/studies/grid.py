@@ -96,7 +96,7 @@ def train_and_evaluate(
     With a ``console``, what is about to run (model, device, threads, data per split) is
     printed first, then progress per epoch."""
     dist = dist or Dist()
-    device = dist.device(resolve_device(recipe.training.device))
+    device = dist.device(resolve_device(recipe.training.device, source=recipe.source))
     session = build_session(recipe, registry, device=device)
     if console is not None:
         _describe(session, console, dist)
