@@ -353,3 +353,11 @@ def test_sigterm_during_training_takes_the_ctrl_c_path(cli, tmp_path, monkeypatc
     assert "interrupted" in res.stderr and "before the first epoch finished" in res.stderr
     assert not (tmp_path / "runs" / "tiny").exists()  # a retry gets the same name
     assert signal.getsignal(signal.SIGTERM) is guarded_sigterm
+
+
+def test_name_and_out_are_taken_as_text(cli, tmp_path):
+    """--name 2024 used to be read as YAML (the number 2024) and refused as not a string."""
+    recipe = write_recipe(tmp_path)
+    res = cli("run", str(recipe), "--name", "2024", "--out", str(tmp_path / "o ut"), "-q")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "o ut" / "2024" / "metrics.json").is_file()

@@ -3,6 +3,7 @@ grid of them), continuing an interrupted run, re-evaluating a finished one."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import threading
@@ -106,10 +107,11 @@ def run(
     from fusionkit.engine.session import check_recipe, resolve_device, set_threads
 
     extra = list(overrides or [])
+    # as YAML strings (a JSON string is one): --name 2024 is a name, not a number
     if out is not None:
-        extra.append(f"output.dir={out}")
+        extra.append(f"output.dir={json.dumps(str(out))}")
     if name is not None:
-        extra.append(f"output.name={name}")
+        extra.append(f"output.name={json.dumps(name)}")
     rc = load(recipe, extra, strict)
     if rc.is_grid:
         _run_grid(rc, workers, quiet, executor, ray_address)
