@@ -230,6 +230,30 @@ def _print_report(report: ConformanceReport, *, verbose: bool) -> None:
     console.print(table)
 
 
+def _validate_params(comp: Component, given: dict[str, Any], reg: Registry) -> None:
+    """``--params`` against the component's params model first: a typo or an out-of-range value
+    is the user's mistake (a usage error, exit 2), not the component failing its contract."""
+    from pydantic import ValidationError
+
+    from fusionkit.core.params import describe_validation_error, nonfinite_fields
+
+    try:
+        resolved = comp.params.model_validate(given, context={"registry": reg})
+    except ValidationError as exc:
+        problems = describe_validation_error(exc, comp.params)
+    else:
+        bad = nonfinite_fields(resolved)
+        problems = (
+            [f"{', '.join(bad)}: must be finite numbers (not NaN or Infinity)"] if bad else []
+        )
+    if problems:
+        raise PluginError(
+            f"--params of {comp.kind} '{comp.name}': "
+            + "; ".join(problems[:5])
+            + ("; ..." if len(problems) > 5 else "")
+        )
+
+
 @app.command("check")
 def plugins_check(
     name: Annotated[
@@ -271,6 +295,7 @@ def plugins_check(
             raise PluginError(f"--params is not valid JSON ({exc.msg}): {params}") from None
         if not isinstance(given, dict):
             raise PluginError(f"--params must be a JSON object; got {params}")
+        _validate_params(comps[0], given, reg)
     skips = list(skip or [])
     valid = known_checks()
     unknown = [s for s in skips if s not in valid]

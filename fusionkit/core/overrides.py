@@ -8,6 +8,11 @@ same recipe whichever way it is written. The rule:
   ``model.gate.name=grjca model.gate.params.temperature=0.5`` works in any order;
 * setting a component's ``name`` to a *different* component drops the params of the old one
   (they belong to it); params set by the same overrides are applied on top.
+
+Values are YAML, where a ``#`` at the start or after a space starts a comment. A command-line
+value with such a ``#`` (``output.name=tagf #lr3``) is refused rather than silently cut:
+quote the value to keep the ``#`` (``'output.name="tagf #lr3"'``); a ``#`` inside a word
+(``a#b``) is plain text.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import copy
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import yaml
 
 from fusionkit.core.errors import RecipeError
 from fusionkit.core.params import short_repr
@@ -29,9 +36,29 @@ _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^\d+$")
 
 
+def _comment_at(raw: str) -> int | None:
+    """Where a YAML comment starts in ``raw`` (a ``#`` first or after whitespace, outside any
+    quoted or block scalar), or ``None``. ``raw`` is valid YAML."""
+    starts = [i for i, c in enumerate(raw) if c == "#" and (i == 0 or raw[i - 1] in " \t\r\n")]
+    if not starts:
+        return None
+    spans = [
+        (t.start_mark.index, t.end_mark.index)
+        for t in yaml.scan(raw, Loader=yaml.SafeLoader)
+        if isinstance(t, yaml.ScalarToken)
+    ]
+    for i in starts:
+        if not any(a <= i < b for a, b in spans):
+            return i
+    return None
+
+
 def parse_overrides(items: Iterable[str], source: str = "<command line>") -> dict[str, Any]:
     """Parse ``key.path=value`` strings (values are YAML: ``lr=1e-3``, ``splits=[val]``) into an
-    ordered ``{path: value}`` mapping; a path given twice keeps its last value."""
+    ordered ``{path: value}`` mapping; a path given twice keeps its last value.
+
+    A value holding a YAML comment (``#`` first or after a space, unquoted) is refused: YAML
+    would drop the rest of it silently. Quote the value to keep the ``#``."""
     out: dict[str, Any] = {}
     problems = []
     for item in items:
@@ -48,6 +75,19 @@ def parse_overrides(items: Iterable[str], source: str = "<command line>") -> dic
             value = load_yaml(raw, "<override>") if raw.strip() != "" else ""
         except RecipeError as exc:
             problems.append(f"override {shown}: value is not valid YAML ({exc.problems[0]})")
+            continue
+        at = _comment_at(raw)
+        if at is not None:
+            quoted = f'{key}="{raw.strip()}"'
+            fix = (
+                f"quote the value: {short_repr(quoted)}"
+                if isinstance(value, str | None)
+                else "quote the text that holds the '#'"
+            )
+            problems.append(
+                f"override {shown}: {short_repr(raw[at:])} would be dropped as a YAML comment "
+                f"(a '#' first or after a space starts one); to keep it, {fix}; else remove it"
+            )
             continue
         if isinstance(value, str) and _FLOAT_RE.match(value):
             value = float(value)  # YAML 1.1 reads 1e-3 as a string
@@ -88,11 +128,10 @@ def apply_overrides(
             if nxt is None:
                 nxt = node[key] = {}
             if not isinstance(nxt, dict):
+                at = ".".join(parts[: i + 1])
+                fix = f"; set the whole list instead: {at}=[...]" if isinstance(nxt, list) else ""
                 raise RecipeError(
-                    [
-                        f"{where} {path}: {'.'.join(parts[: i + 1])} is a {type(nxt).__name__}, "
-                        "not a mapping"
-                    ]
+                    [f"{where} {path}: {at} is a {type(nxt).__name__}, not a mapping{fix}"]
                 )
             node = nxt
         last, value = parts[-1], copy.deepcopy(overrides[path])

@@ -19,7 +19,7 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -83,10 +83,37 @@ def _registry(info: ValidationInfo) -> Registry:
     return ctx.get("registry") or get_registry()
 
 
+def _allows_none(annotation: Any) -> bool:
+    return annotation is Any or annotation is None or type(None) in get_args(annotation)
+
+
 class Strict(BaseModel):
-    """Recipe sections: unknown keys are errors and floats are finite."""
+    """Recipe sections: unknown keys are errors and floats are finite.
+
+    A key left empty (``training:`` with every line under it commented out, i.e. ``null``)
+    means its defaults where ``null`` is not a value of its own: an optional section or list
+    takes its default, a required section is validated as empty (so its missing keys are
+    named).
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        out = raw
+        for name, field in cls.model_fields.items():
+            if name not in raw or raw[name] is not None or _allows_none(field.annotation):
+                continue
+            if out is raw:
+                out = dict(raw)
+            if not field.is_required():
+                del out[name]
+            elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out[name] = {}
+        return out
 
 
 class ComponentSpec(Strict):
@@ -278,6 +305,18 @@ class DataSpec(ComponentSpec):
         return raw
 
     @model_validator(mode="after")
+    def _distinct_splits(self) -> DataSpec:
+        if self.val_split == self.train_split:
+            raise error_at(
+                ("val_split",),
+                f"{self.val_split!r} is also data.train_split: early stopping, the learning-rate "
+                "schedule and the best epoch would be chosen on the training data; set "
+                "data.val_split to a held-out split (e.g. val)",
+                self.val_split,
+            )
+        return self
+
+    @model_validator(mode="after")
     def _hop(self) -> DataSpec:
         if self.hop > self.window:
             raise error_at(
@@ -301,6 +340,21 @@ class ModelSpec(Strict):
         min_length=1,
         description="label columns to predict (one model per dimension: a single target)",
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, targets: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for target in targets:
+            if target in seen:
+                raise PydanticCustomError(
+                    "fusionkit_duplicate_target",
+                    "{name} listed twice; list each target once (ccc_mean is the mean over the "
+                    "targets listed)",
+                    {"name": repr(target)},
+                )
+            seen.add(target)
+        return targets
 
 
 class PlateauSpec(Strict):
@@ -524,6 +578,10 @@ class Recipe(Strict):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+#: pydantic's "... valid dictionary or instance of TrainingSpec": the class is fusionkit's own.
+_INTERNAL_CLASS = re.compile(r"(?<=valid dictionary) or instance of [A-Za-z_]\w*")
+
+
 def validate_recipe(raw: Any, source: str = "<recipe>", registry: Registry | None = None) -> Recipe:
     """Validate a raw mapping into a :class:`Recipe` with every params block resolved.
 
@@ -536,7 +594,8 @@ def validate_recipe(raw: Any, source: str = "<recipe>", registry: Registry | Non
     try:
         recipe = Recipe.model_validate(raw, context=context)
     except ValidationError as exc:
-        raise RecipeError(describe_validation_error(exc, Recipe), source) from None
+        problems = [_INTERNAL_CLASS.sub("", p) for p in describe_validation_error(exc, Recipe)]
+        raise RecipeError(problems, source) from None
     recipe._source = source
     recipe._raw = raw
     return recipe
@@ -557,9 +616,16 @@ def load_recipe(
     overrides: list[str] | dict[str, Any] | None = None,
     registry: Registry | None = None,
 ) -> Recipe:
-    """Read a recipe file (or the embedded quickstart), apply overrides, validate it once."""
+    """Read a recipe file (or the embedded quickstart), apply overrides, validate it once.
+
+    Overrides cannot reach into ``sweep`` or ``variants``: their keys are dotted recipe paths
+    themselves, so ``sweep.training.seed=...`` has no single meaning; such an override is
+    refused (edit the file, or replace the whole section: ``'sweep={training.seed: [0, 1]}'``).
+    """
     p = Path(path) if path is not None else recipes_root() / "quickstart.yaml"
     source = str(path) if path is not None else "<default quickstart>"
+    if path is not None and not p.exists():
+        _hint_shipped(str(path), source)
     raw = read_yaml(p)
     if raw is None:
         raw = {}
@@ -568,8 +634,59 @@ def load_recipe(
     raw.setdefault("name", _slug(p.stem))
     if overrides:
         items = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        raw = apply_overrides(raw, items)
+        _refuse_grid_paths(items, source)
+        try:
+            raw = apply_overrides(raw, items)
+        except RecipeError as exc:
+            raise RecipeError(exc.problems, source) from None
     return validate_recipe(raw, source, registry)
+
+
+def _refuse_grid_paths(items: dict[str, Any], source: str) -> None:
+    """Overrides under ``sweep.`` or ``variants.``: their keys are dotted paths, which an
+    override path cannot address."""
+    problems = []
+    for path in items:
+        head, dot, _ = str(path).partition(".")
+        if head in ("sweep", "variants") and dot:
+            example = (
+                "'sweep={training.seed: [0, 1]}'"
+                if head == "sweep"
+                else "'variants={tagf: {model.gate.name: tagf}}'"
+            )
+            problems.append(
+                f"override {path}: the keys of {head} are dotted recipe paths, which a "
+                f"key=value override cannot address; edit {head} in the recipe file (or "
+                f"replace the whole section: {example})"
+            )
+    if problems:
+        raise RecipeError(problems, source)
+
+
+def _hint_shipped(name: str, source: str) -> None:
+    """A missing recipe file named like a shipped recipe (``tagf``, ``affwild2/rjca.yaml``):
+    say where the shipped one is and how to copy it."""
+    key = name.removesuffix(".yaml").replace("\\", "/")
+    try:
+        shipped = recipes_root() / f"{key}.yaml"
+        parts = Path(key).parts
+        found = bool(parts) and ".." not in parts and not Path(key).is_absolute()
+        found = found and shipped.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        return
+    try:
+        shown = str(shipped.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(shipped)
+    raise RecipeError(
+        [
+            f"file not found: {name}; {key!r} is a shipped recipe: pass its path ({shown}) or "
+            f"copy it to edit it: fusionkit recipe copy {key} {Path(key).name}.yaml"
+        ],
+        source,
+    )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -356,8 +356,9 @@ class Registry:
 
         Raises:
             RecipeError: the build function rejected its inputs (a ``ValueError``, such as
-                "needs at least two modalities"), or returned something that is not a
-                component of this kind.
+                "needs at least two modalities"), failed with a ``RuntimeError`` or
+                ``MemoryError`` (torch could not allocate the weights its params ask for), or
+                returned something that is not a component of this kind.
         """
         comp = self.get(kind, name)
         where = where or kind
@@ -368,8 +369,20 @@ class Registry:
             )
         try:
             obj = comp.build(params, **kwargs)
+        except (NotImplementedError, RecursionError):
+            raise  # a bug in the component, not in its params
         except (ShapeError, ValueError) as exc:
             raise RecipeError([f"{where}: {kind} {name!r} cannot be built: {exc}"]) from None
+        except (RuntimeError, MemoryError) as exc:  # e.g. torch failing to allocate its weights
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            if len(text) > 300:
+                text = text[:300] + " ..."
+            raise RecipeError(
+                [
+                    f"{where}: {kind} {name!r} cannot be built: {text}; check the sizes in "
+                    f"{where}.params (the memory they need)"
+                ]
+            ) from None
         spec = self._kinds[kind]
         if spec.module and not isinstance(obj, nn.Module):
             raise RecipeError(

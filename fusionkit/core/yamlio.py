@@ -1,5 +1,9 @@
 """Reading YAML with bounds: file size, nesting depth, and the size of the value once YAML
-aliases are expanded.
+aliases are expanded; and without duplicate keys.
+
+A mapping that gives a key twice is refused: YAML would keep the last one and silently drop
+the first (a second ``training:`` block would replace the whole first one). Keys merged in
+with ``<<: *anchor`` may still be overridden, as YAML intends.
 
 A recipe is small. A file of megabytes, a value nested thousands of levels deep or a few
 lines of aliases that expand to billions of values ("billion laughs") are mistakes or
@@ -24,27 +28,61 @@ MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 64
 #: Most values (scalars, mappings, lists) a document may hold with every alias expanded.
 MAX_VALUES = 100_000
+#: Most duplicate keys listed in one error.
+MAX_REPORTED = 10
 
 
 class _TooDeep(Exception):
     pass
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _BoundedLoader(yaml.SafeLoader):
-    """A safe loader that refuses documents nested deeper than :data:`MAX_DEPTH`."""
+    """A safe loader that refuses documents nested deeper than :data:`MAX_DEPTH` and mappings
+    that give a key twice."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self._path: list[str] = []  # keys (and list indices) leading to the node composed
+        #: ``(line, dotted key, line of its first occurrence)`` of every repeated key.
+        self.duplicates: list[tuple[int, str, int]] = []
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
+        named = index is not None  # None: a mapping key or the document itself
+        if named:
+            self._path.append(_key_text(index))
         try:
             if self._depth > MAX_DEPTH:
                 raise _TooDeep
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+            if named:
+                self._path.pop()
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                continue
+            ident, line = (key.tag, key.value), key.start_mark.line + 1
+            if ident in first:
+                path = ".".join([*self._path, str(key.value)])
+                self.duplicates.append((line, path, first[ident]))
+            else:
+                first[ident] = line
+        return node
+
+
+def _key_text(index: Any) -> str:
+    if isinstance(index, yaml.ScalarNode):
+        return str(index.value)
+    return str(index) if isinstance(index, int) else "?"
 
 
 def _expanded_size(root: Any) -> int:
@@ -81,6 +119,15 @@ def load_yaml(text: str, source: str) -> Any:
     try:
         loader = _BoundedLoader(text)  # the reader checks the characters here already
         data = loader.get_single_data()
+        if loader.duplicates:
+            raise RecipeError(
+                [
+                    f"line {line}: duplicate key {path!r} (first at line {first}); YAML would "
+                    "keep only the last one: merge them into one"
+                    for line, path, first in sorted(loader.duplicates)[:MAX_REPORTED]
+                ],
+                source,
+            )
     except _TooDeep:
         raise RecipeError(
             [f"nested more than {MAX_DEPTH} levels deep; recipes are shallow mappings"], source

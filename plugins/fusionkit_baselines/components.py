@@ -38,7 +38,7 @@ __all__ = [
 class LinearParams(Params):
     """Parameters of the ``linear`` encoder."""
 
-    dim: int = Field(128, ge=1, description="output feature size D")
+    dim: int = Field(128, ge=1, le=4096, description="output feature size D")
     activation: Literal["none", "relu", "leaky_relu", "tanh"] = Field(
         "leaky_relu", description="non-linearity after the projection"
     )
@@ -137,7 +137,7 @@ class LastStepGate(nn.Module):
 class RegressionHeadParams(Params):
     """Parameters of the ``regression`` head."""
 
-    hidden: int = Field(256, ge=1, description="hidden size of the first Linear")
+    hidden: int = Field(256, ge=1, le=4096, description="hidden size of the first Linear")
     batchnorm: bool = Field(True, description="BatchNorm1d over channels after the first Linear")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the output Linear")
     tanh: bool = Field(True, description="squash outputs into [-1, 1]")

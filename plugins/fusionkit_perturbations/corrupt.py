@@ -95,7 +95,7 @@ class SpanDropoutParams(Params):
 
     modalities: list[str] | None = Field(None, description="modalities affected (null: all)")
     rate: float = Field(0.0, ge=0.0, le=1.0, description="fraction of frames dropped")
-    span: int = Field(30, ge=1, description="frames per dropped span")
+    span: int = Field(30, ge=1, le=100_000, description="frames per dropped span")
     same_spans: bool = Field(False, description="drop the same frames in every modality")
     fill: float = Field(0.0, description="value of the features of dropped frames")
 

@@ -8,7 +8,14 @@ from pydantic import Field, model_validator
 
 from fusionkit.plugin import Params
 
-__all__ = ["SyntheticParams"]
+__all__ = ["MAX_FEATURE_VALUES", "MAX_TOTAL_FRAMES", "SyntheticParams"]
+
+#: Most frames the three splits may hold together (counted at ``max_frames`` per video): the
+#: dataset is generated into memory, about 1.3 KB a frame at the default sizes.
+MAX_TOTAL_FRAMES = 2_000_000
+#: Most feature values (frames x (audio_dim + video_dim)) the three splits may hold together
+#: (4 GB of float32).
+MAX_FEATURE_VALUES = 1_000_000_000
 
 
 class SyntheticParams(Params):
@@ -158,6 +165,27 @@ class SyntheticParams(Params):
         if self.min_frames > self.max_frames:
             raise ValueError(
                 f"min_frames ({self.min_frames}) must not exceed max_frames ({self.max_frames})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_total_size(self) -> SyntheticParams:
+        videos = self.num_train + self.num_val + self.num_test
+        frames = videos * self.max_frames
+        if frames > MAX_TOTAL_FRAMES:
+            raise ValueError(
+                f"num_train + num_val + num_test ({videos:,} videos) x max_frames "
+                f"({self.max_frames:,}) is {frames:,} frames; the synthetic dataset holds at "
+                f"most {MAX_TOTAL_FRAMES:,} frames in all (it is generated in memory): lower "
+                "the video counts or max_frames"
+            )
+        values = frames * (self.audio_dim + self.video_dim)
+        if values > MAX_FEATURE_VALUES:
+            raise ValueError(
+                f"{frames:,} frames x (audio_dim + video_dim = "
+                f"{self.audio_dim + self.video_dim:,}) is {values:,} feature values; the "
+                f"synthetic dataset holds at most {MAX_FEATURE_VALUES:,} (it is generated in "
+                "memory): lower the video counts, max_frames or the feature sizes"
             )
         return self
 
