@@ -316,3 +316,20 @@ def test_recipe_validate_rejects_what_run_would_in_one_line(monkeypatch, capsys)
     line = err.strip()
     assert "\n" not in line and "Traceback" not in line
     assert line.startswith(f"error: invalid recipe {QUICKSTART}: data.val_split: 'val' is also")
+
+
+def test_overrides_a_grid_sets_again_at_its_points_are_refused():
+    """training.seed=7 on a grid sweeping training.seed, or a gate param where the variants
+    set the whole gate, used to validate "ok" and have no effect at any point."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(GRID, ["training.seed=7", "model.gate.params.temperature=0.5"])
+    problems = info.value.problems
+    assert any(p.startswith("override training.seed:") and "sweep.training.seed" in p
+               for p in problems)  # fmt: skip
+    assert any(p.startswith("override model.gate.params.temperature:") and "variants.tagf" in p
+               for p in problems)  # fmt: skip
+    # an override no point sets again reaches every point
+    from fusionkit.studies.grid import expand_grid
+
+    points = expand_grid(load_recipe(GRID, ["training.lr=0.0007"]))
+    assert {p.recipe.training.lr for p in points} == {0.0007}

@@ -639,7 +639,55 @@ def load_recipe(
             raw = apply_overrides(raw, items)
         except RecipeError as exc:
             raise RecipeError(exc.problems, source) from None
+        _refuse_shadowed(raw, items, source)
     return validate_recipe(raw, source, registry)
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
+def _refuse_shadowed(raw: dict[str, Any], items: dict[str, Any], source: str) -> None:
+    """Overrides that a grid's sweep axes or variants undo: they are applied to every point
+    after the command line, so ``training.seed=7`` under ``sweep: {training.seed: [...]}``, or
+    ``model.gate.params.temperature=0.5`` where a variant sets ``model.gate``, has no effect."""
+    sweep, variants = raw.get("sweep"), raw.get("variants")
+    sweep = sweep if isinstance(sweep, dict) else {}
+    variants = variants if isinstance(variants, dict) else {}
+    problems = []
+    for path, value in items.items():
+        if path.split(".")[0] in ("sweep", "variants"):
+            continue
+        undone = [
+            f"sweep.{axis}"
+            for axis in sweep
+            if path == axis or path.startswith(axis + ".") or axis.startswith(path + ".")
+        ]
+        for name, sets in variants.items():
+            if not isinstance(sets, dict):
+                continue
+            try:
+                after = apply_overrides(raw, sets)
+            except RecipeError:
+                continue  # reported when the grid is expanded
+            if _lookup(after, path) != value:
+                undone.append(f"variants.{name}")
+        if undone:
+            shown = ", ".join(undone[:4]) + (", ..." if len(undone) > 4 else "")
+            problems.append(
+                f"override {path}: the grid sets it again at its points ({shown}), after the "
+                "command line, so the override would have no effect there; change it in the "
+                "recipe file's sweep or variants instead"
+            )
+    if problems:
+        raise RecipeError(problems, source)
 
 
 def _refuse_grid_paths(items: dict[str, Any], source: str) -> None:
