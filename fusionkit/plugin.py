@@ -79,6 +79,7 @@ from fusionkit.engine.files import (
     atomic_write_json,
     atomic_write_text,
     load_tensors,
+    non_finite_tensor,
     save_tensors,
     state_dict_mismatch,
 )
@@ -168,6 +169,7 @@ __all__ = [
     "host_syncs",
     "load_tensors",
     "masked_batch_norm",
+    "non_finite_tensor",
     "register",
     "reverse_padded",
     "save_tensors",

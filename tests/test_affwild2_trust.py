@@ -22,9 +22,7 @@ import torch
 
 from fusionkit.core.errors import DataError
 from fusionkit.core.recipe import load_recipe
-from fusionkit.core.registry import get_registry
 from fusionkit.engine.session import check_recipe
-from fusionkit_affwild2.dataset import AffWild2Dataset
 from fusionkit_affwild2.layout import crop_indices, read_submission_template
 from tests.affwild2_fixture import (
     NAMINGS,
@@ -32,10 +30,10 @@ from tests.affwild2_fixture import (
     TINY_VIDEO,
     Fixture,
     shared_tree,
-    tiny_params,
     tree_from_clips,
 )
 from tests.conftest import REPO
+from tests.test_affwild2 import dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:affwild2.*belong to no split"),
@@ -50,11 +48,6 @@ GRID = Path(os.environ.get("FUSIONKIT_GRID_DIR", REPO.parent / "shared" / "data"
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Fixture:
     return shared_tree(tmp_path_factory.getbasetemp())
-
-
-def dataset(root: Path, **extra) -> AffWild2Dataset:
-    comp = get_registry().get("dataset", "affwild2")
-    return AffWild2Dataset(comp.params.model_validate(tiny_params(root, **extra)))
 
 
 def copy_tree(src: Path, dst: Path, caches: bool = False) -> Path:

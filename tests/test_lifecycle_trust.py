@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import signal
-import sys
 import time
 
 import pytest
@@ -25,7 +24,8 @@ from fusionkit.engine import runs as runs_module
 from fusionkit.engine.files import file_sha256
 from fusionkit.engine.runs import RunDir
 from fusionkit.engine.streaming import read_feature_file
-from tests.conftest import make_registry, tiny_recipe
+from tests.conftest import tiny_recipe
+from tests.test_reliability import cli_inproc, one_line_error  # noqa: F401 (fixture)
 
 SWEEP = {
     "name": "ash",
@@ -37,33 +37,11 @@ SWEEP = {
 }
 
 
-class _Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run the CLI's entry point in this process with the in-test `tiny` dataset."""
-    from fusionkit.cli import root
-
-    fk_registry.clear_registry_cache()
-    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
+def cli(cli_inproc, monkeypatch):  # noqa: F811
+    """The CLI's entry point in this process with the in-test `tiny` dataset."""
     monkeypatch.setenv("COLUMNS", "400")
-
-    def run(*args: str) -> _Result:
-        monkeypatch.setattr(sys, "argv", ["fusionkit", *args])
-        capsys.readouterr()
-        try:
-            root.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return _Result(code, out.out, out.err)
-
-    yield run
-    fk_registry.clear_registry_cache()
+    yield lambda *args: cli_inproc([str(a) for a in args])
     torch.set_num_threads(1)
 
 
@@ -89,16 +67,6 @@ def train(recipe_path):
     with RunDir.create(rc, reg) as run:
         train_and_evaluate(rc, run, resume=False, registry=reg)
     return run.path
-
-
-def one_line_error(res: _Result, *fragments: str) -> str:
-    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 def snapshot(folder) -> dict[str, str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,46 +15,20 @@ from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import train_and_evaluate
 from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput
 from tests.conftest import tiny_recipe
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
+from tests.test_reliability import _Result, cli_inproc  # noqa: F401 (fixture)
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
+def cli(cli_inproc):  # noqa: F811
     """The console entry point in this process (`error: ...`, exit 2) with the `tiny` data."""
-    import fusionkit.core.registry as fk_registry
-    from tests.conftest import make_registry
-
-    fk_registry.clear_registry_cache()
-    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
-
-    def run(*args: str) -> Result:
-        from fusionkit.cli import root
-
-        monkeypatch.setattr(sys, "argv", ["fusionkit", *args])
-        capsys.readouterr()
-        try:
-            root.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        got = capsys.readouterr()
-        return Result(code, got.out, got.err)
-
-    yield run
-    fk_registry.clear_registry_cache()
+    return lambda *args: cli_inproc([str(a) for a in args])
 
 
-def one_line_error(res: Result, *fragments: str) -> str:
-    assert res.code == 2, (res.code, res.out, res.err)
-    assert "Traceback" not in res.err
-    text = " ".join(res.err.split())  # the console wraps long lines
-    assert text.startswith("error: "), res.err
+def one_line_error(res: _Result, *fragments: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    text = " ".join(res.stderr.split())  # the console wraps long lines
+    assert text.startswith("error: "), res.stderr
     for f in fragments:
         assert f in text, (f, text)
     return text
@@ -89,7 +61,7 @@ def tree(folder: Path) -> dict[str, bytes]:
     }
 
 
-def report(cli, *args: str) -> Result:
+def report(cli, *args: str) -> _Result:
     return cli("report", *args, "--no-throughput", "--bootstrap=100")
 
 
@@ -136,13 +108,13 @@ def test_a_grid_folder_is_refused_as_out(cli, runs, tmp_path):
 
 def test_a_second_report_replaces_the_first_and_leaves_none_of_its_files(cli, runs, tmp_path):
     out = tmp_path / "rep"
-    assert report(cli, str(runs["a"]), "--out", str(out)).code == 0
+    assert report(cli, str(runs["a"]), "--out", str(out)).returncode == 0
     first = tree(out)
     assert "robustness.csv" in first and "plots/robustness_shift.png" in first
     assert "report.html" in first
 
     res = report(cli, str(runs["b"]), "--out", str(out), "--no-html")
-    assert res.code == 0, res.err
+    assert res.returncode == 0, res.stderr
     second = tree(out)
     for stale in ("robustness.csv", "plots/robustness_shift.png", "report.html"):
         assert stale not in second
@@ -167,7 +139,7 @@ def test_a_report_from_before_reports_were_marked_is_replaced(cli, runs, tmp_pat
     (out / "report.md").write_text("# Comparison report: a\n\nolder\n")
     (out / "robustness.csv").write_text("sweep\n")
     (out / "plots" / "robustness_shift.png").write_bytes(b"png")
-    assert report(cli, str(runs["b"]), "--out", str(out)).code == 0
+    assert report(cli, str(runs["b"]), "--out", str(out)).returncode == 0
     got = tree(out)
     assert "robustness.csv" not in got and "plots/robustness_shift.png" not in got
     assert set(got) == set(json.loads(got["report.json"])["files"]) | {"report.json"}
@@ -177,14 +149,14 @@ def test_an_empty_folder_gets_the_report_and_stays_the_same_folder(cli, runs, tm
     out = tmp_path / "empty"
     out.mkdir()
     inode = out.stat().st_ino
-    assert report(cli, str(runs["b"]), "--out", str(out)).code == 0
+    assert report(cli, str(runs["b"]), "--out", str(out)).returncode == 0
     assert out.stat().st_ino == inode and (out / "report.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_a_failed_write_leaves_the_earlier_report_intact(cli, runs, tmp_path, monkeypatch):
     out = tmp_path / "rep"
-    assert report(cli, str(runs["b"]), "--out", str(out)).code == 0
+    assert report(cli, str(runs["b"]), "--out", str(out)).returncode == 0
     before = tree(out)
     calls = []
 

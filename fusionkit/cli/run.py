@@ -126,14 +126,7 @@ def run(
                 f"--resume: there is no run in {target}; start it without --resume, or name "
                 "the run to continue: fusionkit resume RUN_DIR"
             )
-        run_dir = RunDir.open(target) if dist.is_main else RunDir(target)
-        try:
-            if dist.is_main:
-                run_dir.lock()
-                run_dir.check_same_training(rc)
-            _train(rc, run_dir, resume=True, quiet=quiet, dist=dist, threads=threads)
-        finally:
-            run_dir.unlock()
+        _resume(rc, RunDir.open(target) if dist.is_main else RunDir(target), quiet, dist, threads)
         return
     made = RunDir.create(rc) if dist.is_main else None
     path = dist.broadcast(str(made.path) if made else None)
@@ -158,6 +151,12 @@ def resume(
     check_recipe(rc)
     threads = set_threads(rc.training.num_threads)
     dist = Dist.from_env(resolve_device(rc.training.device, source=rc.source).type)
+    _resume(rc, run, quiet, dist, threads)
+
+
+def _resume(rc, run, quiet: bool, dist, threads: int) -> None:
+    """Continue ``run`` with ``rc`` under its lock (the main process checks that ``rc`` trains
+    what the run was created for)."""
     try:
         if dist.is_main:
             run.lock()

@@ -124,19 +124,6 @@ def _params(comp: Component, items: list[str]) -> BaseModel:
         raise RecipeError(problems, f"--param of {comp.kind} {comp.name!r}") from None
 
 
-def _non_finite_tensor(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """``"'name' (k of n values are NaN or infinite)"`` for the first floating-point tensor of
-    ``sd`` holding a NaN or an infinity, else ``None``."""
-    import torch
-
-    for key, t in sd.items():
-        if (t.is_floating_point() or t.is_complex()) and not t.is_meta:
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                return f"{key!r} ({bad} of {t.numel()} values are NaN or infinite)"
-    return None
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -242,7 +229,12 @@ def convert_weights(
     import torch
 
     from fusionkit.core.registry import get_registry
-    from fusionkit.engine.files import file_sha256, save_tensors, state_dict_mismatch
+    from fusionkit.engine.files import (
+        file_sha256,
+        non_finite_tensor,
+        save_tensors,
+        state_dict_mismatch,
+    )
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
@@ -280,7 +272,7 @@ def convert_weights(
             f"{src} does not fit {comp.kind} {comp.name!r} {how}: {problems}; check --arch "
             "and --param, or that the file holds these weights"
         )
-    bad = _non_finite_tensor(sd)
+    bad = non_finite_tensor(sd)
     if bad is not None:
         raise CheckpointError(
             f"{src}: tensor {bad}; weights with NaN or infinite values make NaN features and "

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -227,6 +227,17 @@ def clean_temp_files(folder: str | Path) -> list[Path]:
                 p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+def non_finite_tensor(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """``"'name' (k of n values are NaN or infinite)"`` for the first floating-point tensor
+    holding a NaN or an infinity, else ``None`` (weights that would make every output NaN)."""
+    for key, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not t.is_meta:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"{key!r} ({bad} of {t.numel()} values are NaN or infinite)"
+    return None
 
 
 def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:

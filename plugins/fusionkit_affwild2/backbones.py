@@ -50,7 +50,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from fusionkit.plugin import ComponentSpec, DataError, Kind, Params, register, state_dict_mismatch
+from fusionkit.plugin import (
+    ComponentSpec,
+    DataError,
+    Kind,
+    Params,
+    non_finite_tensor,
+    register,
+    state_dict_mismatch,
+)
 
 __all__ = [
     "IR50",
@@ -190,17 +198,6 @@ class _WeightsParams(Params):
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random initialisation")
 
 
-def _non_finite(tensors: dict[str, Tensor]) -> str | None:
-    """``"'name' (k of n values are NaN or infinite)"`` for the first floating-point tensor
-    holding a NaN or an infinity, else ``None``."""
-    for key, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and not t.is_meta:
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                return f"{key!r} ({bad} of {t.numel()} values are NaN or infinite)"
-    return None
-
-
 def read_weights(path: Path) -> dict[str, Tensor]:
     """The tensors of a safetensors weights file, without ``module.`` prefixes; errors name
     the file (and a tensor holding NaN or infinite values)."""
@@ -217,7 +214,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 
 
 def _refuse_non_finite(tensors: dict[str, Tensor], path: Path) -> None:
-    bad = _non_finite(tensors)
+    bad = non_finite_tensor(tensors)
     if bad is not None:
         raise DataError(
             f"backbone weights {path}: tensor {bad}; such weights turn every feature into NaN: "
