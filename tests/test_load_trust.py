@@ -261,3 +261,20 @@ def test_an_unknown_split_names_the_option_not_the_recipe(runs, tmp_path, cli):
     assert code == 2 and err == f"error: {want}", err
     code, _, err = cli("eval", runs["done"], "--split", "tset")
     assert code == 2 and err == f"error: {want}", err
+
+
+def test_predict_uses_the_threads_the_run_was_trained_with(tmp_path, registry):
+    """predict used torch's thread count (all cores), so its last digits could differ from
+    the run's own predictions; it now pins training.num_threads as run and eval do."""
+    from fusionkit.engine.predict import predict_run
+
+    raw = tiny_recipe(tmp_path, epochs=1, num_threads=1)
+    rc = validate_recipe(raw, "one_thread.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        Trainer(build_session(rc, registry), run).fit()
+    torch.set_num_threads(2)
+    try:
+        predict_run(run.path, "test", registry=registry, device="cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
