@@ -270,6 +270,19 @@ def test_cache_folder_round_trip(tmp_path):
     assert folder.status("item", {"src": src}).state == "stale"
 
 
+def test_non_finite_features_are_never_cached(tmp_path):
+    """NaN weights made extract cache NaN features with exit 0; the training run then blamed
+    the data. The cache refuses them, naming the item and the extractor."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100)
+    folder = CacheFolder(tmp_path / "cache", "demo", {"name": "demo", "p": 1})
+    bad = torch.ones(3, 2)
+    bad[1, 0] = float("nan")
+    with pytest.raises(DataError, match=r"features of 'item' from .* hold 'features' \(1 of 6"):
+        folder.write("item", {"features": bad}, {"src": src})
+    assert folder.status("item", {"src": src}).state == "missing"
+
+
 _SLOW_JOB = """
 import os, time
 from pathlib import Path

@@ -53,6 +53,7 @@ from fusionkit.plugin import (
     atomic_write_json,
     available_cores,
     die_with_parent,
+    non_finite_tensor,
     save_tensors,
 )
 
@@ -254,7 +255,15 @@ class CacheFolder:
         info: dict[str, Any] | None = None,
     ) -> Path:
         """Atomically write one item's tensors with its source fingerprints and ``info``; the
-        recorded ``content_sha256`` covers the tensors and every metadata entry."""
+        recorded ``content_sha256`` covers the tensors and every metadata entry. Tensors with
+        a NaN or an infinity are refused: nothing is cached, and the job fails naming them."""
+        bad = non_finite_tensor(tensors)
+        if bad is not None:
+            raise DataError(
+                f"{self.kind} features of {item!r} from {self.extractor!r} hold {bad}; the "
+                "backbone's weights or the media are faulty: nothing was cached for it (check "
+                "the weights file, or the media of that item)"
+            )
         meta: dict[str, Any] = {
             "format": CACHE_FORMAT,
             "item": item,
