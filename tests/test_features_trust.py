@@ -300,6 +300,16 @@ def test_backbone_weights_with_nan_are_refused_when_loading(tmp_path):
             "video.backbone.params.seed",
         ),
         ("data.params.audio.backbone.params.seed=-1", "audio.backbone.params.seed"),
+        (
+            "data.params.audio.backbone={name: wavlm, params: {size: base, pretrained: false, "
+            "seed: 99999999999999999999}}",
+            "audio.backbone.params.seed",
+        ),
+        (
+            "data.params.video.backbone={name: dinov2, params: {pretrained: false, "
+            "seed: 99999999999999999999}}",
+            "video.backbone.params.seed",
+        ),
     ],
 )
 def test_backbone_channels_and_seed_are_bounded(tmp_path, override, path):

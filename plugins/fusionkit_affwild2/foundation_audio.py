@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from fusionkit.plugin import DataError, Params, register
-from fusionkit_affwild2.backbones import load_backbone_weights, read_weights
+from fusionkit_affwild2.backbones import MAX_SEED, load_backbone_weights, read_weights
 
 __all__ = [
     "BUNDLES",
@@ -69,7 +69,7 @@ class SpeechParams(Params):
         description="safetensors file with the encoder's weights (bundle key layout); "
         "overrides pretrained",
     )
-    seed: int = Field(0, ge=0, description="seed of the random initialisation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random initialisation")
     layer: int | None = Field(
         None,
         description="use one transformer layer: 1..L, or negative from the end (-1 = last)",

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from fusionkit.plugin import DataError, Params, PluginError, register
-from fusionkit_affwild2.backbones import load_backbone_weights, read_weights
+from fusionkit_affwild2.backbones import MAX_SEED, load_backbone_weights, read_weights
 
 __all__ = [
     "ClipParams",
@@ -55,13 +55,14 @@ class _TimmCommon(Params):
         description="safetensors file with the model's weights (timm key layout); overrides "
         "pretrained",
     )
-    seed: int = Field(0, ge=0, description="seed of the random initialisation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random initialisation")
     pool: Literal["cls", "mean"] = Field(
         "cls", description="cls: the class token; mean: the mean of the patch tokens"
     )
     img_size: int | None = Field(
         None,
         ge=8,
+        le=4096,
         description="input size fed to the model (default: its pretrained configuration's); "
         "set data.params.video.resize to at least this",
     )
