@@ -86,3 +86,29 @@ def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_pat
     la = [h["train_loss"] for h in a["history"]]
     lb = [h["train_loss"] for h in b["history"]]
     assert la == pytest.approx(lb, abs=1e-4)
+    # resuming the finished data-parallel run: no process trains it again (rank 1 used to start
+    # training alone and crash once rank 0 had returned)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "fusionkit",
+            "resume",
+            str(runs / "ddp"),
+            "-q",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "complete already; nothing to do" in again.stdout
+    assert json.loads((runs / "ddp" / "metrics.json").read_text()) == a

@@ -173,8 +173,9 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
     if not dist.is_main:
         quiet = True
         console.quiet = True
-    if resume and dist.is_main and run.is_complete():
-        _finish_robustness(rc, run, quiet=quiet)
+    if resume and run.is_complete():  # every process: none of them trains a finished run
+        if dist.is_main:
+            _finish_robustness(rc, run, quiet=quiet)
         return
     verb = "resuming" if resume else "fusionkit run"
     try:
