@@ -296,7 +296,7 @@ def guarded_sigterm():
 
 
 def test_sigterm_handler_raises_keyboard_interrupt_and_is_restored(guarded_sigterm):
-    from fusionkit.cli.run import sigterm_as_interrupt
+    from fusionkit.engine.workers import sigterm_as_interrupt
 
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
@@ -329,3 +329,23 @@ def test_name_and_out_are_taken_as_text(cli, tmp_path):
     res = cli("run", str(recipe), "--name", "2024", "--out", str(tmp_path / "o ut"), "-q")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o ut" / "2024" / "metrics.json").is_file()
+
+
+def test_sigterm_during_a_grid_exits_like_ctrl_c_with_143(cli, tmp_path, monkeypatch):
+    """A grid killed by SIGTERM (a scheduler's preemption) prints the continue hint and exits
+    143; its workers are sent Ctrl-C so that they keep their last finished epoch."""
+    import fusionkit.studies.grid as grid
+    from fusionkit.engine.workers import Terminated
+
+    recipe = write_recipe(tmp_path)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["sweep"] = {"training.seed": [0, 1]}
+    recipe.write_text(yaml.safe_dump(raw))
+
+    def preempted(*args, **kwargs):
+        raise Terminated
+
+    monkeypatch.setattr(grid, "run_grid", preempted)
+    res = cli("run", str(recipe), "-q")
+    assert res.returncode == 143
+    assert "continue with the same command: fusionkit run" in " ".join(res.stderr.split())

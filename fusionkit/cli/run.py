@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import shlex
 import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -16,37 +13,9 @@ import typer
 from rich.markup import escape
 
 from fusionkit.cli._common import console, err_console, load, metrics_table
+from fusionkit.engine.workers import Terminated, sigterm_as_interrupt
 
-__all__ = ["eval_cmd", "register", "resume", "run", "sigterm_as_interrupt"]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, ``kill``, a batch scheduler) arrived: handled like Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main
-    thread, so that it takes Ctrl-C's path: the run keeps its last finished epoch (or is
-    removed when none finished) and the resume hint is printed. The previous handler is
-    restored on exit. Outside the main thread nothing changes (Python delivers signals to the
-    main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except (ValueError, OSError):  # no signal support here: leave it as it was
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+__all__ = ["eval_cmd", "register", "resume", "run"]
 
 
 def _exit_code(exc: KeyboardInterrupt) -> int:
@@ -284,21 +253,22 @@ def _run_grid(rc, workers: int, quiet: bool, executor: str, ray_address: str | N
     if executor not in ("local", "ray"):
         raise FusionkitError(f"--executor: unknown {executor!r}; use 'local' or 'ray'")
     try:
-        record = run_grid(
-            rc,
-            workers=workers,
-            console=None if quiet else console,
-            executor=executor,
-            ray_address=ray_address,
-        )
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            record = run_grid(
+                rc,
+                workers=workers,
+                console=None if quiet else console,
+                executor=executor,
+                ray_address=ray_address,
+            )
+    except KeyboardInterrupt as exc:
         # the embedded quickstart's source is "<default quickstart>", which is no argument
         source = "" if rc.source.startswith("<") else f" {_q(rc.source)}"
         err_console.print(
             "\n[yellow]interrupted[/]: finished points are kept and running ones keep their "
             f"last finished epoch; continue with the same command: fusionkit run{source}"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(_exit_code(exc)) from None
     failed = [t for t, r in record["runs"].items() if r["status"] != "done"]
     if failed:
         err_console.print(f"[red]{len(failed)} run(s) failed[/]: {escape(', '.join(failed))}")

@@ -1,4 +1,5 @@
-"""Worker processes that never outlive the process that started them.
+"""Processes and signals: workers that never outlive the process that started them, and
+SIGTERM handled like Ctrl-C.
 
 A ``kill -9`` of a parent leaves its children running: they finish their jobs and then wait
 forever, holding memory (and, on a GPU machine, GPU memory). A worker that calls
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["die_with_parent"]
+__all__ = ["Terminated", "die_with_parent", "sigterm_as_interrupt"]
 
 
 def die_with_parent(poll_seconds: float = 1.0) -> None:
@@ -32,3 +36,32 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="fusionkit-die-with-parent", daemon=True).start()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a batch scheduler) arrived: handled like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main
+    thread, so that it takes Ctrl-C's path: the run keeps its last finished epoch (or is
+    removed when none finished) and the resume hint is printed. The previous handler is
+    restored on exit. Outside the main thread nothing changes (Python delivers signals to the
+    main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # no signal support here: leave it as it was
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

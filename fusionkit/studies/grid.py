@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import os
 import re
 import signal
 import time
@@ -66,7 +67,7 @@ from fusionkit.engine.session import (
     set_threads,
 )
 from fusionkit.engine.train import RunResult, Trainer
-from fusionkit.engine.workers import die_with_parent
+from fusionkit.engine.workers import Terminated, die_with_parent
 from fusionkit.studies.robustness import robustness_complete, run_recipe_robustness
 
 __all__ = ["GridPoint", "expand_grid", "point_tag", "run_grid", "train_and_evaluate"]
@@ -576,9 +577,14 @@ def _run_in_processes(
                     w.tag = None
                     pool.remove(w)  # replaced when there is work left
                     done(tag, "failed", f"worker process died: {_signal_name(w.proc.exitcode)}")
-    except KeyboardInterrupt:
-        # Ctrl-C reaches the workers too: each keeps its last finished epoch and stops; the
-        # next `fusionkit run` of the same recipe resumes them.
+    except KeyboardInterrupt as exc:
+        # Ctrl-C reaches the workers too (one process group); SIGTERM (`kill`, a scheduler)
+        # reaches this process only, so it is passed on as Ctrl-C. Each worker keeps its last
+        # finished epoch and stops; the next `fusionkit run` of the recipe resumes them.
+        if isinstance(exc, Terminated):
+            for w in pool:
+                if w.proc.is_alive() and w.proc.pid:
+                    os.kill(w.proc.pid, signal.SIGINT)
         for w in pool:
             w.proc.join(timeout=30)
         raise
