@@ -23,6 +23,7 @@ from fusionkit.core.errors import CheckpointError, DataError
 from fusionkit.engine import runs as runs_module
 from fusionkit.engine.files import file_sha256
 from fusionkit.engine.runs import RunDir
+from fusionkit.engine.session import load_run
 from fusionkit.engine.streaming import read_feature_file
 from tests.conftest import tiny_recipe
 from tests.test_reliability import cli_inproc, one_line_error  # noqa: F401 (fixture)
@@ -272,7 +273,7 @@ def test_suggested_commands_quote_the_run_path(cli, tmp_path, monkeypatch):
     )
     assert shlex.split(res.stderr.strip().splitlines()[-1].split(": ", 1)[1])[2] == str(run)
     with pytest.raises(CheckpointError) as err:
-        RunDir(run).verify_complete()
+        load_run(run)
     assert f"`fusionkit resume {shlex.quote(str(run))}`" in str(err.value)
 
 

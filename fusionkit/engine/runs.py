@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +65,7 @@ __all__ = [
     "STATE_FILE",
     "RunDir",
     "RunMarker",
+    "check_unchanged",
     "is_run_dir",
     "read_metrics",
 ]
@@ -394,23 +396,6 @@ class RunDir:
             return []
         return [name for name in marker.files if not (self.path / name).is_file()]
 
-    def verify_complete(self) -> RunMarker:
-        """The marker of a complete run whose listed files are unchanged; else an error."""
-        marker = self.marker()
-        if marker.status != "complete":
-            raise CheckpointError(
-                f"{self.path} did not finish (resume it with `fusionkit resume {_q(self.path)}`)"
-            )
-        for name, digest in marker.files.items():
-            p = self.path / name
-            if not p.is_file():
-                raise CheckpointError(f"{p} is missing; the run's files were removed")
-            if file_sha256(p) != digest:
-                raise CheckpointError(
-                    f"{p} changed after the run finished (its SHA-256 differs from run.json)"
-                )
-        return marker
-
     def mark_complete(self, files: list[str]) -> None:
         """Record completion, with the SHA-256 of ``files``; the last write of a run."""
         self._require_lock()
@@ -447,6 +432,19 @@ class RunDir:
         self.unlock()
         self.path.rmdir()
         return True
+
+
+def check_unchanged(run_dir: Path, files: Mapping[str, str], name: str) -> None:
+    """Refuse ``run_dir/name`` when it differs from the SHA-256 that ``run.json`` recorded for
+    it at completion (``files``); a file without a recorded digest is not checked."""
+    path = Path(run_dir) / name
+    digest = files.get(name)
+    if digest is not None and path.is_file() and file_sha256(path) != digest:
+        raise CheckpointError(
+            f"{path} changed after the run finished (its SHA-256 differs from the one in "
+            f"{MARKER_FILE}); it is not the file the run was evaluated with: restore the "
+            "original file or train a new run"
+        )
 
 
 def read_metrics(run_dir: str | Path, targets: list[str] | None = None) -> dict[str, Any]:

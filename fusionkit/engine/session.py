@@ -25,10 +25,17 @@ from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import load_weights
 from fusionkit.engine.data import FrameStore, Normalizer
-from fusionkit.engine.files import file_sha256, load_tensors, save_tensors
+from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
-from fusionkit.engine.runs import BEST_FILE, MARKER_FILE, NORMALIZATION_FILE, RunDir, RunMarker
+from fusionkit.engine.runs import (
+    BEST_FILE,
+    MARKER_FILE,
+    NORMALIZATION_FILE,
+    RunDir,
+    RunMarker,
+    check_unchanged,
+)
 
 __all__ = [
     "DEVICE_CHOICES",
@@ -381,23 +388,15 @@ def _require_complete(run: RunDir) -> RunMarker:
 
 
 def _check_unchanged(run: RunDir, marker: RunMarker, name: str, required: bool) -> None:
-    """Refuse ``name`` if it differs from the SHA-256 ``run.json`` recorded at completion."""
-    path = run / name
-    digest = marker.files.get(name)
-    if digest is None:
-        if required:
-            raise CheckpointError(
-                f"{run / MARKER_FILE} records no SHA-256 of {name} although the run is "
-                "complete; run.json was edited or damaged, so the weights cannot be trusted: "
-                "train a new run"
-            )
-        return
-    if path.is_file() and file_sha256(path) != digest:
+    """Refuse ``name`` if it differs from the SHA-256 ``run.json`` recorded at completion
+    (or, when ``required``, if ``run.json`` records none)."""
+    if required and name not in marker.files:
         raise CheckpointError(
-            f"{path} changed after the run finished (its SHA-256 differs from the one in "
-            f"{MARKER_FILE}); it is not the file the run was evaluated with: restore the "
-            "original file or train a new run"
+            f"{run / MARKER_FILE} records no SHA-256 of {name} although the run is "
+            "complete; run.json was edited or damaged, so the weights cannot be trusted: "
+            "train a new run"
         )
+    check_unchanged(run.path, marker.files, name)
 
 
 def load_run(

@@ -40,7 +40,7 @@ import numpy as np
 
 from fusionkit.core.errors import CheckpointError, FusionkitError
 from fusionkit.core.yamlio import read_yaml
-from fusionkit.engine.files import file_sha256, read_json
+from fusionkit.engine.files import read_json
 from fusionkit.engine.runs import (
     HISTORY_FILE,
     MARKER_FILE,
@@ -48,6 +48,7 @@ from fusionkit.engine.runs import (
     PREDICTIONS_DIR,
     RECIPE_FILE,
     RunDir,
+    check_unchanged,
     is_run_dir,
     read_metrics,
 )
@@ -252,15 +253,6 @@ def _incomplete_reason(run_dir: Path) -> str | None:
     return f"files listed in {MARKER_FILE} are missing: {', '.join(gone)}"
 
 
-def _check_unchanged(run_dir: Path, files: dict[str, str], name: str) -> None:
-    """Refuse a file that changed after the run finished (its SHA-256 is in ``run.json``)."""
-    path = run_dir / name
-    if name in files and file_sha256(path) != files[name]:
-        raise CheckpointError(
-            f"{path} changed after the run finished (its SHA-256 differs from {MARKER_FILE})"
-        )
-
-
 def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> RunRecord:
     """A complete run's record: recipe, metrics (checked against ``run.json``), components.
 
@@ -274,7 +266,7 @@ def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> Ru
         raise CheckpointError(
             f"{run_dir / RECIPE_FILE} lacks model.targets or training.seed; the file was edited"
         ) from None
-    _check_unchanged(run_dir, marker.files, METRICS_FILE)
+    check_unchanged(run_dir, marker.files, METRICS_FILE)
     metrics = read_metrics(run_dir, targets)
     grid_name, values, index = _grid_entry(run_dir, {} if grid_cache is None else grid_cache)
     components = (marker.model_extra or {}).get("components") or []
@@ -645,7 +637,7 @@ def read_predictions(run: RunRecord, split: str) -> dict[str, Any] | str:
     goes through here."""
     rel = f"{PREDICTIONS_DIR}/{split}.safetensors"
     try:
-        _check_unchanged(run.run_dir, run.files, rel)
+        check_unchanged(run.run_dir, run.files, rel)
         preds = _load_predictions(run.run_dir, split)
     except FusionkitError as exc:
         return f"{rel} of {run.run_dir.name} cannot be used: {exc}"
