@@ -21,6 +21,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fusionkit(*args: str, env: dict, cwd, nproc: int = 1) -> subprocess.CompletedProcess:
+    """``python -m fusionkit ARGS``, under torchrun with ``nproc`` processes when > 1."""
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port())] if nproc > 1 else []  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *launcher, "-m", "fusionkit", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_path):
     env = tiny_plugin_env(tmp_path, OMP_NUM_THREADS="1")
@@ -34,47 +48,15 @@ def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_pat
     assert n_win % 2 == 0, "pick data so that both processes see disjoint halves"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fusionkit",
-            "run",
-            str(recipe),
-            "output.name=ddp",
-            "training.batch_size=4",
-            "-q",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ddp = fusionkit(
+        "run", str(recipe), "output.name=ddp", "training.batch_size=4", "-q",
+        env=env, cwd=tmp_path, nproc=2,
+    )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fusionkit",
-            "run",
-            str(recipe),
-            "output.name=single",
-            "training.batch_size=8",
-            "-q",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    single = fusionkit(
+        "run", str(recipe), "output.name=single", "training.batch_size=8", "-q",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["ddp", "single"]  # one dir, rank 0's
@@ -88,27 +70,7 @@ def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_pat
     assert la == pytest.approx(lb, abs=1e-4)
     # resuming the finished data-parallel run: no process trains it again (rank 1 used to start
     # training alone and crash once rank 0 had returned)
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fusionkit",
-            "resume",
-            str(runs / "ddp"),
-            "-q",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = fusionkit("resume", str(runs / "ddp"), "-q", env=env, cwd=tmp_path, nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "complete already; nothing to do" in again.stdout
     assert json.loads((runs / "ddp" / "metrics.json").read_text()) == a
