@@ -350,3 +350,18 @@ def test_sigterm_during_a_grid_exits_like_ctrl_c_with_143(cli, tmp_path, monkeyp
     res = cli("run", str(recipe), "-q")
     assert res.returncode == 143
     assert "continue with the same command: fusionkit run" in " ".join(res.stderr.split())
+
+
+def test_a_crash_before_the_first_epoch_leaves_no_folder(cli, tmp_path, monkeypatch):
+    """Only fusionkit's own errors used to remove an unstarted run's folder; a crash (out of
+    memory, a bug in a plugin) left it behind and the retry got the name `tiny-2`."""
+    import fusionkit.studies.grid as grid
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(grid, "train_and_evaluate", crash)
+    recipe = write_recipe(tmp_path)
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli("run", str(recipe), "-q")
+    assert not (tmp_path / "runs" / "tiny").exists()

@@ -136,7 +136,6 @@ def _resume(rc, run, quiet: bool, dist, threads: int) -> None:
 
 
 def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
-    from fusionkit.core.errors import FusionkitError
     from fusionkit.studies.grid import train_and_evaluate
 
     if not dist.is_main:
@@ -168,7 +167,7 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
                 f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
             )
         raise typer.Exit(_exit_code(exc)) from None
-    except FusionkitError:
+    except Exception:  # a FusionkitError, or a crash (out of memory, a plugin's bug)
         if dist.is_main:
             # nothing started: remove the folder, so that a retry gets the same name
             removed = not resume and run.remove_if_unstarted()
