@@ -365,3 +365,16 @@ def test_a_crash_before_the_first_epoch_leaves_no_folder(cli, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="simulated"):
         cli("run", str(recipe), "-q")
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_window_far_longer_than_every_video_gets_a_note(cli, tmp_path):
+    """data.window=100000 (within its bound) padded every video to that length with no word,
+    80 s instead of 3 s for the quickstart."""
+    raw = yaml.safe_load(write_recipe(tmp_path).read_text())
+    raw["data"].update(window=2000, hop=2000)
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    res = cli("run", str(recipe))
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    assert "note: data.window 2,000 is more than twice the longest video" in text

@@ -132,12 +132,19 @@ def _describe(session: Session, console: Console, dist: Dist) -> None:
             f"data parallel: {dist.world_size} processes, "
             f"{dist.world_size * rc.training.batch_size} windows per optimizer step"
         )
-    parts = []
+    parts, longest = [], 0
     for split in dict.fromkeys([rc.data.train_split, rc.data.val_split, *rc.evaluation.splits]):
         videos = session.dataset.videos(split)
         frames = sum(v.num_frames for v in videos)
+        longest = max([longest, *(v.num_frames for v in videos)])
         parts.append(f"{split} {len(videos)} videos / {frames:,} frames")
     console.print(f"data: {escape(rc.data.name)}: " + ", ".join(parts))
+    if rc.data.window > 2 * longest:
+        console.print(
+            f"note: data.window {rc.data.window:,} is more than twice the longest video "
+            f"({longest:,} frames); every window is padded to {rc.data.window:,} frames, "
+            f"which costs time and memory for nothing: data.window={longest} covers every video"
+        )
 
 
 # ----------------------------------------------------------------------------- expansion
