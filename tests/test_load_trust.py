@@ -278,3 +278,26 @@ def test_predict_uses_the_threads_the_run_was_trained_with(tmp_path, registry):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
+
+
+def test_a_run_is_loaded_in_the_precision_it_was_evaluated_in(tmp_path, registry, monkeypatch):
+    """`precision: auto` is bf16 on CUDA: a run trained on a CPU (fp32) used to be predicted
+    and re-evaluated in bf16 on a GPU; and `predict` ran fp32 even for a bf16 run, so its
+    numbers were not the run's own."""
+    import fusionkit.engine.session as session_mod
+    from fusionkit.engine.files import load_tensors
+    from fusionkit.engine.predict import predict_run
+
+    fp32 = _train(tmp_path / "a", registry, "fp32")
+    monkeypatch.setattr(session_mod, "use_bf16", lambda precision, device: True)  # as on CUDA
+    assert load_run(fp32, registry=registry).session.bf16 is False
+    monkeypatch.undo()
+
+    raw = tiny_recipe(tmp_path / "b", epochs=1, precision="bf16")
+    rc = validate_recipe(raw, "bf16.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        Trainer(build_session(rc, registry), run).fit()
+    got = predict_run(run.path, "test", registry=registry, device="cpu")
+    stored, _ = load_tensors(run.path / "predictions" / "test.safetensors")
+    for name, (_, pred) in got.per_video.items():
+        assert torch.equal(pred, stored[f"pred/{name}"].to(pred.dtype)), name

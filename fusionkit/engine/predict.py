@@ -96,7 +96,7 @@ def predict_run(
     set_threads(session.recipe.training.num_threads)
     dataset = session.dataset
     store = session.store(split)
-    preds = predict_frames(session.model, store, session.recipe.evaluation.batch_size)
+    preds = predict_frames(session.model, store, session.recipe.evaluation.batch_size, session.bf16)
     videos = {v.name: v for v in dataset.videos(split)}
     per_video, labels = {}, {}
     for i, name in enumerate(store.names):

@@ -25,12 +25,13 @@ from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import load_weights
 from fusionkit.engine.data import FrameStore, Normalizer
-from fusionkit.engine.files import load_tensors, save_tensors
+from fusionkit.engine.files import load_tensors, read_json, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
 from fusionkit.engine.runs import (
     BEST_FILE,
     MARKER_FILE,
+    METRICS_FILE,
     NORMALIZATION_FILE,
     RunDir,
     RunMarker,
@@ -366,6 +367,16 @@ def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registr
     return validate_recipe(raw, f"{recipe.source} + --data", registry)
 
 
+def _used_precision(run: RunDir) -> str | None:
+    """``"bf16"`` or ``"fp32"``: what ``metrics.json`` says the run's forward passes used
+    (None when it does not say)."""
+    try:
+        used = read_json(run / METRICS_FILE, "metrics").get("precision")
+    except (FusionkitError, AttributeError):
+        return None
+    return used if used in ("bf16", "fp32") else None
+
+
 def _require_complete(run: RunDir) -> RunMarker:
     """The marker of ``run`` if it finished; else an error saying how to finish it."""
     marker = run.marker()
@@ -435,6 +446,11 @@ def load_run(
             "were removed: restore them or train a new run"
         )
     session = build_session(recipe, registry, device=torch_device)
+    # the precision the run was evaluated in (`precision: auto` is bf16 on CUDA only: a run
+    # trained on a CPU is predicted in fp32 on a GPU too), so that its numbers reproduce
+    used = _used_precision(run)
+    if used is not None:
+        session.bf16 = used == "bf16"
     session.load_normalizer(run)
     info = load_weights(weights, session.model)
     # after loading: a damaged file is named by what is wrong in it, a readable one that is
