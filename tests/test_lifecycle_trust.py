@@ -118,7 +118,14 @@ def test_run_resume_with_a_new_robustness_sweep_evaluates_it(cli, tmp_path):
     rec = json.loads((run / "robustness" / "ash.json").read_text())
     assert sorted(rec["results"]["test"]) == ["0", "5"]
     after = snapshot(run)
-    assert {k: v for k, v in after.items() if not k.startswith("robustness")} == before
+    changed = {k for k in after if not k.startswith("robustness") and after[k] != before.get(k)}
+    assert changed == {"recipe.yaml"}
+    # the run's own recipe now names the sweep (it used to keep `robustness: []`), and the
+    # run is still the same training: resuming it finds nothing to do
+    own = yaml.safe_load((run / "recipe.yaml").read_text())["evaluation"]["robustness"]
+    assert [s["name"] for s in own] == ["ash"]
+    res = cli("resume", str(run), "-q")
+    assert res.returncode == 0 and "nothing to do" in res.stdout, res.stderr
 
 
 # --------------------------------------------------------------------------- 7: eval's threads

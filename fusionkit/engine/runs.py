@@ -42,7 +42,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
 from fusionkit.core.params import short_repr
-from fusionkit.core.recipe import NAME_PATTERN, Recipe, recipe_to_yaml, validate_recipe
+from fusionkit.core.recipe import (
+    NAME_PATTERN,
+    Recipe,
+    RobustnessSpec,
+    recipe_to_yaml,
+    validate_recipe,
+)
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.core.yamlio import read_yaml
 from fusionkit.engine.files import (
@@ -332,6 +338,28 @@ class RunDir:
         except RecipeError as exc:
             raise CheckpointError(f"{exc}; the run's recipe.yaml was edited or damaged") from None
         return validate_recipe(raw, str(p), registry)
+
+    def record_robustness(
+        self, specs: list[RobustnessSpec], registry: Registry | None = None
+    ) -> None:
+        """List ``specs`` in the run's ``recipe.yaml`` (a spec replaces the one of its name),
+        so that the run's own recipe names every sweep in ``robustness/``: sweeps added with
+        ``run --resume``, to a finished grid, or by ``fusionkit robustness``. Robustness sweeps
+        are not part of the training hash, so the run stays resumable."""
+        rc = self.recipe(registry)
+        have = list(rc.evaluation.robustness)
+        labels = [s.label for s in have]
+        for spec in specs:
+            if spec.label not in labels:
+                have.append(spec)
+                labels.append(spec.label)
+            elif have[labels.index(spec.label)] != spec:
+                have[labels.index(spec.label)] = spec
+        if have == list(rc.evaluation.robustness):
+            return
+        ev = rc.evaluation.model_copy(update={"robustness": have})
+        text = recipe_to_yaml(rc.model_copy(update={"evaluation": ev}))
+        atomic_write_text(self.path / RECIPE_FILE, text)
 
     def check_same_training(self, recipe: Recipe, registry: Registry | None = None) -> None:
         """Refuse unless ``recipe`` trains exactly what this run was created for.

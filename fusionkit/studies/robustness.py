@@ -164,6 +164,7 @@ def run_recipe_robustness(
             records.append(run_sweep(session, run, spec, on_value))
         else:
             records.append(read_json(results_path(run.path, spec), "robustness results"))
+    run.record_robustness(list(specs), registry or (session.registry if session else None))
     return records
 
 
