@@ -43,3 +43,11 @@ def test_training_prints_one_unwrapped_line_per_epoch_in_logs():
 
 def test_durations_read_naturally():
     assert [duration(s) for s in (4.4, 65, 7300)] == ["4s", "1m05s", "2h01m"]
+
+
+def test_a_run_with_every_epoch_trained_says_so_not_an_empty_range():
+    """Resuming a run whose epochs are all trained (it stopped before its final evaluation)
+    printed "epochs 3..2"."""
+    console, buf = log_console()
+    train_progress(console, "r").start(2, 2, 10)
+    assert buf.getvalue().strip() == "r: every epoch is trained; evaluating the best weights"

@@ -333,3 +333,16 @@ def test_overrides_a_grid_sets_again_at_its_points_are_refused():
 
     points = expand_grid(load_recipe(GRID, ["training.lr=0.0007"]))
     assert {p.recipe.training.lr for p in points} == {0.0007}
+
+
+def test_a_bad_variant_override_names_the_recipe_file(tmp_path, registry):
+    """Errors from applying a variant's overrides said `invalid recipe <recipe>`."""
+    from fusionkit.studies.grid import expand_grid
+
+    raw = tiny_recipe(tmp_path)
+    raw["variants"] = {"a": {"evaluation.splits.0": "test"}}
+    rc = validate_recipe(raw, "grid.yaml", registry)
+    with pytest.raises(RecipeError) as info:
+        expand_grid(rc, registry)
+    assert str(info.value).startswith("invalid recipe grid.yaml")
+    assert "evaluation.splits is a list" in str(info.value)

@@ -85,11 +85,12 @@ class _Lines:
 
     def start(self, epochs: int, done: int, steps: int) -> None:
         self.epochs, self.done0, self.t0 = epochs, done, time.perf_counter()
-        self.console.print(
-            f"{escape(self.label)}: epochs {done + 1}..{epochs}, {steps} steps each",
-            highlight=False,
-            soft_wrap=True,
+        todo = (
+            f"epochs {done + 1}..{epochs}, {steps} steps each"
+            if done < epochs
+            else "every epoch is trained; evaluating the best weights"
         )
+        self.console.print(f"{escape(self.label)}: {todo}", highlight=False, soft_wrap=True)
 
     def step(self) -> None:
         pass
