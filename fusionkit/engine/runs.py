@@ -372,13 +372,14 @@ class RunDir:
         saved = marker.recipe_sha256
         if saved == recipe.training_sha256():
             return
-        try:
-            own: Recipe | None = self.recipe(registry)
-        except FusionkitError:
-            own = None
-        if own is None or own.training_sha256() != saved:
+        changes = self.training_changes(recipe, registry)
+        if changes is None:
+            try:
+                own: Recipe | None = self.recipe(registry)
+            except FusionkitError:
+                own = None
             raise CheckpointError(self._edited_message(marker, own))
-        diffs = _diff(own.training_view(), recipe.training_view())
+        diffs = [f"{path}: run has {short_repr(a)}, now {short_repr(b)}" for path, a, b in changes]
         shown = "; ".join(diffs[:5]) or "the recipe hash differs"
         fix = (
             "start a new run (without --resume) or choose another output.name"
@@ -387,6 +388,20 @@ class RunDir:
         )
         raise CheckpointError(f"{self.path} was created by a different recipe ({shown}); {fix}")
 
+    def training_changes(
+        self, recipe: Recipe, registry: Registry | None = None
+    ) -> list[tuple[str, Any, Any]] | None:
+        """What ``recipe`` changes in this run's training: ``(dotted path, the run's value,
+        the recipe's value)`` per setting, from the run's own ``recipe.yaml``; None when that
+        file cannot be trusted (unreadable, or edited after the run was created)."""
+        try:
+            own = self.recipe(registry)
+        except FusionkitError:
+            return None
+        if own.training_sha256() != self.marker().recipe_sha256:
+            return None
+        return _changes(own.training_view(), recipe.training_view())
+
     def _edited_message(self, marker: RunMarker, own: Recipe | None) -> str:
         """The run's recipe.yaml does not match run.json: which keys changed, if knowable."""
         where = self.path / RECIPE_FILE
@@ -394,7 +409,10 @@ class RunDir:
         if own is None:
             what = "it can no longer be read as a recipe"
         elif isinstance(created, dict):
-            diffs = _diff(created, own.training_view(), ("created with", "recipe.yaml has"))
+            diffs = [
+                f"{path}: created with {short_repr(a)}, recipe.yaml has {short_repr(b)}"
+                for path, a, b in _changes(created, own.training_view())
+            ]
             what = "; ".join(diffs[:5]) or "the recipe hash differs"
         else:
             what = (
@@ -500,14 +518,12 @@ def _q(path: str | Path) -> str:
     return shlex.quote(str(path))
 
 
-def _diff(
-    a: Any, b: Any, labels: tuple[str, str] = ("run has", "now"), path: str = ""
-) -> list[str]:
+def _changes(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted path, value in a, value in b)`` for every leaf on which ``a`` and ``b``
+    differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), labels, f"{path}.{k}" if path else str(k))
+            out += _changes(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
         return out
-    if a == b:
-        return []
-    return [f"{path}: {labels[0]} {short_repr(a)}, {labels[1]} {short_repr(b)}"]
+    return [] if a == b else [(path, a, b)]

@@ -354,28 +354,6 @@ def _some(names: list[str], n: int, sep: str = ", ") -> str:
     return sep.join([*names[:n], *more])
 
 
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """``path <old> -> <new>`` for every leaf that differs."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new)):
-            out += _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
-        return out
-    return [] if old == new else [f"{path} {short_repr(old)} -> {short_repr(new)}"]
-
-
-def _changed_fields(run: RunDir, recipe: Recipe, registry: Registry | None) -> list[str]:
-    """What ``recipe`` changes in the training of ``run``, read from the run's recipe.yaml;
-    none when that file cannot be trusted (unreadable, or edited after the run was created)."""
-    try:
-        own = run.recipe(registry)
-        if own.training_sha256() != run.marker().recipe_sha256:
-            return []
-    except FusionkitError:
-        return []
-    return _differences(own.training_view(), recipe.training_view())
-
-
 def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | None) -> None:
     """Refuse the grid, before anything is written, when an existing run directory of one of
     its points was created by another training recipe (the grid's recipe was edited since)."""
@@ -389,7 +367,10 @@ def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | N
         try:
             run.check_same_training(p.recipe, registry)
         except CheckpointError as exc:
-            fields = _changed_fields(run, p.recipe, registry)
+            fields = [
+                f"{path} {short_repr(a)} -> {short_repr(b)}"
+                for path, a, b in run.training_changes(p.recipe, registry) or []
+            ]
             changed.append(f"{p.tag} ({_some(fields, 3) if fields else exc})")
     if changed:
         raise CheckpointError(
