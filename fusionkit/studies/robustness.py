@@ -36,7 +36,6 @@ from fusionkit.engine.session import Session, load_run, set_threads
 __all__ = [
     "measure_throughput",
     "missing_values",
-    "read_robustness",
     "robustness_complete",
     "run_recipe_robustness",
     "run_sweep",
@@ -166,14 +165,6 @@ def run_recipe_robustness(
             records.append(read_json(results_path(run.path, spec), "robustness results"))
     run.record_robustness(list(specs), registry or (session.registry if session else None))
     return records
-
-
-def read_robustness(run_dir: Path) -> list[dict[str, Any]]:
-    """Every ``robustness/*.json`` record of a run (sorted by name)."""
-    folder = Path(run_dir) / ROBUSTNESS_DIR
-    if not folder.is_dir():
-        return []
-    return [read_json(p, "robustness results") for p in sorted(folder.glob("*.json"))]
 
 
 def _cached_throughput(path: Path, split: str, cpu_threads: int | None) -> dict[str, Any] | None:
