@@ -107,9 +107,11 @@ def apply_overrides(
     raw: Mapping[str, Any],
     overrides: Mapping[str, Any] | Iterable[str],
     where: str = "override",
+    source: str = "<recipe>",
 ) -> dict[str, Any]:
     """A copy of ``raw`` with every ``{dotted.path: value}`` (or ``"key.path=value"`` string)
-    applied, missing mappings created, under the rule in the module docstring.
+    applied, missing mappings created, under the rule in the module docstring. Errors name
+    ``source``, the recipe file the overrides apply to.
 
     >>> r = {"model": {"gate": {"name": "tagf", "params": {"temperature": 0.1}}}}
     >>> apply_overrides(r, {"model.gate.name": "last"})["model"]["gate"]
@@ -121,7 +123,7 @@ def apply_overrides(
     for path in sorted(overrides, key=_order):
         parts = path.split(".")
         if not path or any(not p for p in parts):
-            raise RecipeError([f"{where} {path!r}: not a dotted recipe path"])
+            raise RecipeError([f"{where} {path!r}: not a dotted recipe path"], source)
         node: Any = data
         for i, key in enumerate(parts[:-1]):
             nxt = node.get(key)
@@ -131,7 +133,8 @@ def apply_overrides(
                 at = ".".join(parts[: i + 1])
                 fix = f"; set the whole list instead: {at}=[...]" if isinstance(nxt, list) else ""
                 raise RecipeError(
-                    [f"{where} {path}: {at} is a {type(nxt).__name__}, not a mapping{fix}"]
+                    [f"{where} {path}: {at} is a {type(nxt).__name__}, not a mapping{fix}"],
+                    source,
                 )
             node = nxt
         last, value = parts[-1], copy.deepcopy(overrides[path])

@@ -635,10 +635,7 @@ def load_recipe(
     if overrides:
         items = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         _refuse_grid_paths(items, source)
-        try:
-            raw = apply_overrides(raw, items)
-        except RecipeError as exc:
-            raise RecipeError(exc.problems, source) from None
+        raw = apply_overrides(raw, items, source=source)
         _refuse_shadowed(raw, items, source)
     return validate_recipe(raw, source, registry)
 

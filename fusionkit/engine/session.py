@@ -363,8 +363,10 @@ class LoadedRun:
 
 def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registry) -> Recipe:
     items = [o if o.startswith("data.") else f"data.params.{o}" for o in overrides]
-    raw = apply_overrides(recipe.model_dump(mode="json"), parse_overrides(items, "--data"))
-    return validate_recipe(raw, f"{recipe.source} + --data", registry)
+    source = f"{recipe.source} + --data"
+    parsed = parse_overrides(items, "--data")
+    raw = apply_overrides(recipe.model_dump(mode="json"), parsed, source=source)
+    return validate_recipe(raw, source, registry)
 
 
 def _used_precision(run: RunDir) -> str | None:

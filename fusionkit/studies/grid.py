@@ -236,10 +236,7 @@ def expand_grid(recipe: Recipe, registry: Registry | None = None) -> list[GridPo
         overrides.update({k: v for k, v in values.items() if k != VARIANT_AXIS})
         tag = point_tag(values)
         where = f"{'variants.' + str(values[VARIANT_AXIS]) if VARIANT_AXIS in values else 'sweep'}"
-        try:
-            raw = apply_overrides(base, overrides, where)
-        except RecipeError as exc:  # name the recipe file, not "<recipe>"
-            raise RecipeError(exc.problems, recipe.source) from None
+        raw = apply_overrides(base, overrides, where, recipe.source)
         if tag in tags:
             raise RecipeError([f"sweep: two points share the run name {tag!r}"], recipe.source)
         tags.add(tag)
