@@ -109,6 +109,10 @@ def _is_model(x: Any) -> bool:
     return isinstance(x, type) and issubclass(x, BaseModel)
 
 
+#: Readable rules for string patterns, shown instead of the regular expression in errors.
+PATTERN_RULES: dict[str, str] = {}
+
+
 def describe_validation_error(
     exc: ValidationError, model: type[BaseModel] | None = None, prefix: str = ""
 ) -> list[str]:
@@ -126,6 +130,8 @@ def describe_validation_error(
         msg = str(err.get("msg", "invalid"))
         for lead in ("Value error, ", "Assertion failed, "):
             msg = msg.removeprefix(lead)
+        if kind == "string_pattern_mismatch":
+            msg = PATTERN_RULES.get(str((err.get("ctx") or {}).get("pattern")), msg)
         if kind == "extra_forbidden":
             valid = list((err.get("ctx") or {}).get("valid", [])) or _fields_at(model, loc)
             hint = did_you_mean(str(loc[-1]), valid)

@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 from fusionkit.core.errors import FusionkitError, RecipeError
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.params import (
+    PATTERN_RULES,
     describe_validation_error,
     did_you_mean,
     error_at,
@@ -70,6 +71,9 @@ __all__ = [
 #: Run and variant names: they name folders, so no separators, no leading dot, no markup.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
 _NAME_RE = re.compile(NAME_PATTERN)
+PATTERN_RULES[NAME_PATTERN] = (
+    "a name is 1-100 letters, digits, '_', '.', '+' or '-', starting with a letter or digit"
+)
 MAX_SEED = 2**32 - 1
 
 #: The registry that JSON Schema generation narrows component slots to.
