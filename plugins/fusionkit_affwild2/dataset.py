@@ -52,6 +52,7 @@ from fusionkit_affwild2.layout import (
     index_media,
     label_files,
     media_name,
+    partition_labels,
     read_labels,
     read_submission_template,
     read_test_list,
@@ -161,15 +162,7 @@ class AffWild2Dataset:
     @cached_property
     def label_paths(self) -> dict[str, Path]:
         """Trial -> annotation file, over the official train and validation folders."""
-        sets = self.annotation_sets
-        train, val = label_files(sets.train), label_files(sets.val)
-        both = sorted(set(train) & set(val))
-        if both:
-            raise DataError(
-                f"trial(s) {_few(both)} appear in both {sets.train} and {sets.val}; a trial "
-                "must be in one partition only: remove its annotation file from the other"
-            )
-        return {**train, **val}
+        return partition_labels(self.annotation_sets)
 
     @cached_property
     def official(self) -> dict[str, list[str]]:

@@ -41,6 +41,7 @@ from fusionkit_affwild2.layout import (
     fold_split,
     label_files,
     media_name,
+    partition_labels,
     read_labels,
     read_test_list,
 )
@@ -242,17 +243,7 @@ class FeaturesDataset:
     @cached_property
     def label_paths(self) -> dict[str, Path]:
         """Trial -> annotation file, over the train and validation folders."""
-        sets = self.annotation_sets
-        train, val = label_files(sets.train), label_files(sets.val)
-        both = sorted(set(train) & set(val))
-        if both:
-            raise DataError(
-                f"trial(s) {', '.join(both[:5])} appear in both {sets.train} and {sets.val} "
-                f"({train[both[0]]} and {val[both[0]]}); a trial must be in one partition "
-                "only, or it is validated on the data it trained on: remove its annotation "
-                "file from the other"
-            )
-        return {**train, **val}
+        return partition_labels(self.annotation_sets)
 
     def splits(self) -> tuple[str, ...]:
         return ("train", "val", "test") if self.params.test_list is not None else ("train", "val")

@@ -257,6 +257,21 @@ def label_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def partition_labels(sets: AnnotationSets) -> dict[str, Path]:
+    """Trial name -> annotation file over the train and validation folders of ``sets``; a trial
+    labelled in both is refused (it would be validated on the data it trained on)."""
+    train, val = label_files(sets.train), label_files(sets.val)
+    both = sorted(set(train) & set(val))
+    if both:
+        raise DataError(
+            f"trial(s) {', '.join(both[:5])} appear in both {sets.train} and {sets.val} "
+            f"({train[both[0]]} and {val[both[0]]}); a trial must be in one partition "
+            "only, or it is validated on the data it trained on: remove its annotation "
+            "file from the other"
+        )
+    return {**train, **val}
+
+
 def index_media(root: Path, video_dirs: Sequence[str]) -> dict[str, Path]:
     """Media stem -> raw video file, searching ``video_dirs`` (under ``root`` or absolute)
     recursively; the first folder listed wins a name found twice (with a warning)."""
