@@ -246,3 +246,15 @@ def test_gate_plots_of_labels_with_one_file_name_do_not_overwrite(tmp_path, regi
     assert len(rep.gates) == 2 and len(set(rep.gates)) == 2
     titles = [rep.plot_titles[k] for k in rep.gates]
     assert titles[0].startswith("g+1") and titles[1].startswith("g-1")
+
+
+def test_grid_rows_come_before_a_plain_run_beside_the_grid(cond, tmp_path, registry):
+    """Under one report path the grids' declared order leads: a single run next to a grid
+    folder used to sort first (by folder name) and so become the default baseline."""
+    root = tmp_path / "runs"
+    _copy(cond, root / "cond")
+    _single(root, registry, "alone")
+    rep = build_report([root], throughput=False, n_boot=200)
+    labels = [r["variant"] for r in rep.rows]
+    assert labels[0] == "concat (lr=0.003)" and labels[-1] == "alone", labels
+    assert rep.baseline == labels[0]

@@ -132,8 +132,9 @@ class RunRecord:
     seed: int
     metrics: dict[str, Any]
     targets: list[str]
-    #: sort key: the index of the report path it was found under, its folder, grid order
-    order: tuple[int, str, int] = (0, "", 0)
+    #: sort key: the index of the report path it was found under, grid runs before single
+    #: runs, its folder, grid order
+    order: tuple[int, bool, str, int] = (0, False, "", 0)
     recipe: dict[str, Any] = field(default_factory=dict)
     components: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
@@ -277,7 +278,7 @@ def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> Ru
         seed=seed,
         metrics=metrics,
         targets=targets,
-        order=(root, str(run_dir.parent.resolve()), index),
+        order=(root, grid_name is None, str(run_dir.parent.resolve()), index),
         recipe=recipe,
         components=[c for c in components if isinstance(c, dict)],
         files=dict(marker.files),
