@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusionkit.core.recipe import validate_recipe
-from fusionkit.engine.data import Normalizer
+from fusionkit.engine.data import DataWarning, Normalizer
 from fusionkit.engine.evaluate import evaluate_splits
 from fusionkit.engine.files import load_tensors
 from fusionkit.engine.runs import NORMALIZATION_FILE, RunDir
@@ -43,6 +43,25 @@ def test_statistics_are_the_training_split_moments_over_present_frames():
     torch.testing.assert_close(
         norm.std["audio"].double(), audio.std(0, unbiased=False), atol=1e-6, rtol=0
     )
+
+
+def test_a_dimension_constant_in_training_is_centred_not_blown_up():
+    """std 0 used to be clamped to 1e-6, so a value of 0.05 in another split reached the model
+    as 50,000 (exit 0, wrong predictions)."""
+    videos = TinyDataset(TinyParams()).videos("train")
+    videos = [
+        dataclasses.replace(v, features={**v.features, "audio": v.features["audio"].clone()})
+        for v in videos
+    ]
+    for v in videos:
+        v.features["audio"][:, 1] = 3.0
+    with pytest.warns(DataWarning, match=r"1 of \d+ audio dimension\(s\) are constant.*e\.g\. 1\b"):
+        norm = Normalizer.fit(videos, ["audio"])
+    x = torch.zeros(2, videos[0].features["audio"].shape[1])
+    x[:, 1] = 3.05
+    out = norm.apply("audio", x)
+    torch.testing.assert_close(out[:, 1], torch.full((2,), 0.05), atol=1e-5, rtol=0)
+    assert float(norm.std["audio"][0]) > 1e-3  # the varying dimensions keep their own scale
 
 
 def test_a_run_stores_train_statistics_and_applies_them_to_every_split(tmp_path, registry):

@@ -47,8 +47,9 @@ class Normalizer:
     every split, to predictions and to streaming input.
 
     Attributes:
-        mean, std: modality -> ``(F_m,)``; ``std`` is at least ``eps`` (a constant feature
-            stays finite).
+        mean, std: modality -> ``(F_m,)``. A dimension that is constant on the training
+            split (std below ``eps``) gets std 1: it is only centred, so a small value in
+            another split is not multiplied by ``1/eps``.
     """
 
     mean: dict[str, Tensor]
@@ -73,8 +74,18 @@ class Normalizer:
             if n == 0 or total is None or sq is None:
                 raise DataError(f"feature normalisation: no frame of the training split has {m}")
             mu = total / n
-            var = (sq / n - mu * mu).clamp(min=0.0)
-            mean[m], std[m] = mu.float(), var.sqrt().float()
+            sd = (sq / n - mu * mu).clamp(min=0.0).sqrt()
+            constant = sd < cls.eps
+            if bool(constant.any()):
+                dims = constant.nonzero().flatten().tolist()
+                warnings.warn(
+                    f"feature normalisation: {len(dims)} of {sd.numel()} {m} dimension(s) are "
+                    f"constant on the training split (e.g. {', '.join(map(str, dims[:5]))}); "
+                    "they are centred, not scaled",
+                    DataWarning,
+                    stacklevel=2,
+                )
+            mean[m], std[m] = mu.float(), torch.where(constant, 1.0, sd).float()
         return cls(mean, std)
 
     def apply(self, modality: str, x: Tensor) -> Tensor:
