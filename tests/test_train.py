@@ -319,3 +319,28 @@ def test_history_grows_epoch_by_epoch_and_tensorboard_logs_it(tmp_path, registry
     points = events.Scalars("val_ccc_mean")
     assert [p.step for p in points] == [1, 2, 3]
     assert [p.value for p in points] == pytest.approx([h["val_ccc_mean"] for h in result.history])
+
+
+def test_history_lr_is_the_rate_each_epoch_trained_with(tmp_path, registry):
+    """The plateau scheduler steps after validation; the logged rate used to be the next
+    epoch's (an epoch trained at 1.0 was shown as 0.5)."""
+    raw = tiny_recipe(tmp_path, epochs=6, lr=2.0, early_stopping=10)
+    raw["training"]["plateau"] = {"patience": 0, "factor": 0.5}
+    rc = validate_recipe(raw, "tiny", registry)
+    run = RunDir.create(rc, registry)
+    trainer = Trainer(build_session(rc, registry), run)
+    seen: dict[int, set[float]] = {}
+    epochs = iter(range(1, 100))
+    current = [next(epochs)]
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, *_: seen.setdefault(current[0], set()).add(opt.param_groups[0]["lr"])
+    )
+    trainer.on_epoch_end = lambda *_: current.__setitem__(0, next(epochs))
+    trainer.fit()
+    run.unlock()
+    rows = (run.path / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    logged = {int(r.split(",")[0]): float(r.split(",")[header.index("lr")]) for r in rows[1:]}
+    assert all(len(rates) == 1 for rates in seen.values()), seen
+    assert logged == {e: rates.pop() for e, rates in seen.items()}
+    assert len(set(logged.values())) > 1  # the plateau step did lower the rate

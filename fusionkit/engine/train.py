@@ -382,6 +382,7 @@ class Trainer:
             while st.epochs_done < tr.epochs and not st.stopped_early:
                 epoch = st.epochs_done + 1
                 t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]  # the epoch's, before the plateau step
                 train_loss = self._train_epoch(fwd, train, epoch, steps)
                 metrics = self._validate(val, epoch)
                 score = metrics["ccc_mean"]
@@ -391,7 +392,7 @@ class Trainer:
                     "train_loss": train_loss,
                     "val_ccc_mean": score,
                     **{f"val_ccc_{t}": metrics[f"ccc_{t}"] for t in self.targets},
-                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "lr": lr,
                     "seconds": time.perf_counter() - t0,
                 }
                 improved = self._commit_epoch(epoch, record, score)
