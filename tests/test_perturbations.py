@@ -145,9 +145,43 @@ def test_noise_has_the_requested_snr(snr_db, registry):
     v = Video("long", {"audio": x, "video": x}, torch.zeros(n, 2), torch.ones(n, dtype=bool))
     out = build_perturbation("noise", {"modalities": ["audio"], "snr_db": snr_db}, 0, registry)(v)
     noise = (out.features["audio"].double() - x.double()).pow(2).mean()
-    measured = 10 * math.log10(float(x.double().pow(2).mean() / noise))
+    signal = x.double().var(0, unbiased=False).mean()  # the offset 0.5 is not signal
+    measured = 10 * math.log10(float(signal / noise))
     assert measured == pytest.approx(snr_db, abs=0.05)
     assert torch.equal(out.features["video"], x)
+
+
+def test_noise_power_and_noise_are_on_present_frames_only(registry):
+    """Absent frames (zero features, no face) used to count in the signal power, lowering the
+    noise, and got noise themselves."""
+    n = 40_000
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64).float() * 2 + 1
+    present = torch.arange(n) % 2 == 0
+    x[~present] = 0.0
+    v = Video("p", {"audio": x, "video": x}, torch.zeros(n, 2), torch.ones(n, dtype=bool),
+              present={"audio": present})  # fmt: skip
+    out = build_perturbation("noise", {"modalities": ["audio"], "snr_db": 10.0}, 0, registry)(v)
+    diff = (out.features["audio"] - x).double()
+    assert torch.equal(diff[~present], torch.zeros_like(diff[~present]))
+    signal = x[present].double().var(0, unbiased=False).mean()
+    measured = 10 * math.log10(float(signal / diff[present].pow(2).mean()))
+    assert measured == pytest.approx(10.0, abs=0.1)
+
+
+@pytest.mark.parametrize("n", [45, 73, 100, 301])
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_span_dropout_drops_the_stated_fraction_of_frames(n, rate, registry):
+    """It used to drop round(rate x blocks) whole blocks: on 73 frames (span 30) rate 0.1
+    dropped nothing and rates 0.5 and 0.75 the same two thirds."""
+    v = make_video("s", n=n)
+    for seed in range(5):
+        spans = build_perturbation("span_dropout", {"rate": rate, "span": 30}, seed, registry)(v)
+        zero = (spans.features["audio"] == 0).all(dim=1)
+        assert int(zero.sum()) == math.floor(rate * n + 0.5)
+        starts = torch.nonzero(zero[1:] & ~zero[:-1]).flatten() + 1
+        starts = starts.tolist() + ([0] if zero[0] else [])
+        assert all(s % 30 == 0 for s in starts), "every span starts at a block boundary"
 
 
 def test_modality_dropout_and_span_dropout(registry):

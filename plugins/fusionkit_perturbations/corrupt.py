@@ -40,11 +40,13 @@ class NoiseParams(Params):
     "perturbation", "noise", summary="additive Gaussian noise at snr_db per video and modality"
 )
 class Noise:
-    """Additive white Gaussian noise at a given SNR.
+    """Additive white Gaussian noise at a given SNR, on the frames where the modality is present.
 
-    Per video and modality, the signal power is the mean square of its features over all frames
-    and dimensions, ``P = mean(x**2)``, and the noise is i.i.d. ``N(0, P / 10**(snr_db/10))``.
-    A stream with ``P = 0`` is left as is.
+    Per video and modality, the signal power is the variance of each feature dimension over
+    the present frames, averaged over the dimensions, ``P = mean_d var_t(x[t, d])`` (a constant
+    offset is not signal: after z-scoring it is gone), and the noise is i.i.d.
+    ``N(0, P / 10**(snr_db/10))`` on those frames. Frames where the modality is absent keep
+    their features; a stream with ``P = 0`` is left as is.
     """
 
     def __init__(self, params: NoiseParams) -> None:
@@ -54,10 +56,14 @@ class Noise:
         updates = {}
         for m in check_modalities(video, self.params.modalities, "noise"):
             x = video.features[m]
-            power = float(x.double().pow(2).mean()) if x.numel() else 0.0
+            present = video.present.get(m)
+            seen = x if present is None else x[present.bool()]
+            power = float(seen.double().var(0, unbiased=False).mean()) if len(seen) > 1 else 0.0
             std = math.sqrt(power / 10 ** (self.params.snr_db / 10))
-            noise = torch.randn(x.shape, generator=stream_generator(generator, m))
-            updates[m] = x + (std * noise).to(x.dtype)
+            noise = std * torch.randn(x.shape, generator=stream_generator(generator, m))
+            if present is not None:
+                noise = noise * present.reshape((-1,) + (1,) * (x.dim() - 1))
+            updates[m] = x + noise.to(x.dtype)
         return with_features(video, updates)
 
 
@@ -106,9 +112,10 @@ class SpanDropoutParams(Params):
     summary="set a fraction `rate` of frames, in spans of `span` frames, to fill",
 )
 class SpanDropout:
-    """Missing spans of frames: the video is cut into consecutive blocks of ``span`` frames and
-    ``round(rate * blocks)`` blocks, chosen at random, are set to ``fill`` (independently per
-    modality unless ``same_spans``)."""
+    """Missing spans of frames: exactly ``round(rate * n)`` of the ``n`` frames (halves up) are
+    set to ``fill``. The video is cut into consecutive blocks of ``span`` frames, and blocks in
+    random order are dropped until that many frames are; the last block dropped is cut short
+    where it would overshoot. Independent per modality unless ``same_spans``."""
 
     def __init__(self, params: SpanDropoutParams) -> None:
         self.params = params
@@ -117,10 +124,14 @@ class SpanDropout:
         """``(n,)`` bool mask of the dropped frames of one stream."""
         span = self.params.span
         blocks = -(-n // span)
-        chosen = torch.randperm(blocks, generator=generator)[: round(self.params.rate * blocks)]
-        hit = torch.zeros(blocks, dtype=torch.bool)
-        hit[chosen] = True
-        return hit.repeat_interleave(span)[:n]
+        order = torch.randperm(blocks, generator=generator)
+        lengths = (n - order * span).clamp(max=span)  # the last block may be short
+        before = lengths.cumsum(0) - lengths
+        goal = math.floor(self.params.rate * n + 0.5)
+        take = torch.zeros(blocks, dtype=torch.long)
+        take[order] = (goal - before).clamp(min=0).minimum(lengths)
+        frame = torch.arange(n)
+        return frame % span < take[frame // span]
 
     def __call__(self, video: Video, generator: torch.Generator) -> Video:
         updates = {}
