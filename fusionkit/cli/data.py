@@ -101,7 +101,9 @@ def predict(
         str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N")
     ] = "auto",
 ) -> None:
-    """Write per-frame predictions of a split as one file (image_location,valence,arousal).
+    """Write per-frame predictions of a split as one CSV file: the ABAW layout
+    (image_location,valence,arousal) for datasets with official frame lists such as
+    Aff-Wild2, video,frame,<targets> otherwise.
 
     Every run must be complete and unchanged since it finished, and all of them must have
     predicted the same data (videos and frames)."""
