@@ -151,6 +151,31 @@ def test_weights_changed_after_completion_are_refused(runs, tmp_path, cli, regis
     assert code == 2 and "model.safetensors changed" in err, err
 
 
+def test_a_recipe_edited_after_completion_is_refused(runs, tmp_path, cli, registry):
+    """Swapping model.targets in a complete run's recipe.yaml used to make predict write the
+    arousal values under "valence" (exit 0)."""
+    run = _copy(runs["done"], tmp_path / "edit")
+    recipe = run / "recipe.yaml"
+    text = recipe.read_text()
+    swapped = text.replace("- valence\n  - arousal", "- arousal\n  - valence")
+    assert swapped != text
+    recipe.write_text(swapped)
+    with pytest.raises(CheckpointError) as info:
+        load_run(run, registry=registry)
+    msg = str(info.value)
+    assert msg.startswith(f"{recipe} was edited after the run was created")
+    assert "model.targets: created with ['valence', 'arousal']" in msg
+    out = tmp_path / "pred.csv"
+    code, _, err = cli("predict", run, "--out", out)
+    assert code == 2 and "recipe.yaml was edited" in err and not out.exists(), err
+    code, _, err = cli("stream", run, runs["features"], "-q")
+    assert code == 2 and "recipe.yaml was edited" in err, err
+    lines = [ln for ln in text.splitlines() if not ln.startswith("description:")]
+    recipe.write_text("\n".join(["description: notes added later", *lines]) + "\n")
+    loaded = load_run(run, registry=registry)  # not a training setting: still the same run
+    assert loaded.session.recipe.description == "notes added later"
+
+
 def test_normalization_changed_after_completion_is_refused(runs, tmp_path, registry):
     run = _copy(runs["done"], tmp_path / "norm")
     assert NORMALIZATION_FILE in RunDir.open(run).marker().files

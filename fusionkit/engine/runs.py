@@ -339,6 +339,16 @@ class RunDir:
             raise CheckpointError(f"{exc}; the run's recipe.yaml was edited or damaged") from None
         return validate_recipe(raw, str(p), registry)
 
+    def checked_recipe(self, registry: Registry | None = None) -> Recipe:
+        """:meth:`recipe`, refused when its training settings no longer match the hash in
+        ``run.json`` (the file was edited after the run was created: swapped targets, another
+        window or dataset param would silently change what the weights mean)."""
+        rc = self.recipe(registry)
+        marker = self.marker()
+        if rc.training_sha256() != marker.recipe_sha256:
+            raise CheckpointError(self._edited_message(marker, rc))
+        return rc
+
     def record_robustness(
         self, specs: list[RobustnessSpec], registry: Registry | None = None
     ) -> None:
@@ -421,8 +431,8 @@ class RunDir:
             )
         return (
             f"{where} was edited after the run was created (its training settings no longer "
-            f"match the hash in {MARKER_FILE}: {what}); restore it as it was to resume this run, "
-            "or start a new run to train differently"
+            f"match the hash in {MARKER_FILE}: {what}); restore it as it was to resume or use "
+            "this run, or start a new run to train differently"
         )
 
     def is_complete(self) -> bool:

@@ -432,13 +432,14 @@ def load_run(
             param (``root=/data/aw2`` is ``data.params.root=/data/aw2``).
 
     Raises:
-        CheckpointError: the run did not finish, or a file it loads is missing or changed.
+        CheckpointError: the run did not finish, a file it loads is missing or changed, or
+            its ``recipe.yaml`` no longer trains what ``run.json`` recorded.
     """
     registry = registry or get_registry()
     torch_device = resolve_device(device, what="--device")
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
     marker = _require_complete(run)
-    recipe = run.recipe(registry)
+    recipe = run.checked_recipe(registry)
     if data_overrides:
         recipe = _with_data_overrides(recipe, data_overrides, registry)
     weights = run / BEST_FILE
