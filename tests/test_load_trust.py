@@ -326,3 +326,22 @@ def test_a_run_is_loaded_in_the_precision_it_was_evaluated_in(tmp_path, registry
     stored, _ = load_tensors(run.path / "predictions" / "test.safetensors")
     for name, (_, pred) in got.per_video.items():
         assert torch.equal(pred, stored[f"pred/{name}"].to(pred.dtype)), name
+
+
+def test_data_of_another_width_is_blamed_on_the_data_not_the_weights(tmp_path, registry):
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["data"] = {
+        "name": "synthetic",
+        "params": {"num_train": 2, "num_val": 2, "num_test": 2, "audio_dim": 8},
+        "window": 64,
+        "hop": 48,
+    }
+    rc = validate_recipe(raw, "syn.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        Trainer(build_session(rc, registry), run).fit()
+    load_run(run.path, registry=registry, data_overrides=["audio_dim=8"])  # same width: fine
+    with pytest.raises(DataError) as info:
+        load_run(run.path, registry=registry, data_overrides=["audio_dim=7"])
+    msg = str(info.value)
+    assert msg.startswith("the data given with --data (audio_dim=7) has features of widths")
+    assert "audio 7" in msg and "give features of the widths the run was trained on" in msg

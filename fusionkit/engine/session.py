@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
+from fusionkit.core.errors import CheckpointError, DataError, FusionkitError, RecipeError
 from fusionkit.core.interfaces import Dataset, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import Recipe, validate_recipe
@@ -455,7 +455,18 @@ def load_run(
     if used is not None:
         session.bf16 = used == "bf16"
     session.load_normalizer(run)
-    info = load_weights(weights, session.model)
+    try:
+        info = load_weights(weights, session.model)
+    except CheckpointError as exc:
+        if not data_overrides or "does not fit" not in str(exc):
+            raise
+        _check_unchanged(run, marker, BEST_FILE, required=True)  # the run's own weights
+        widths = ", ".join(f"{m} {d}" for m, d in sorted(session.dataset.feature_dims.items()))
+        raise DataError(
+            f"the data given with --data ({' '.join(data_overrides)}) has features of "
+            f"widths {widths}, which the run's model does not take ({exc}); give features of "
+            "the widths the run was trained on"
+        ) from None
     # after loading: a damaged file is named by what is wrong in it, a readable one that is
     # not the run's by its hash
     _check_unchanged(run, marker, BEST_FILE, required=True)
