@@ -37,6 +37,7 @@ __all__ = [
     "read_json",
     "save_tensors",
     "state_dict_mismatch",
+    "tensor_shapes",
     "tensors_metadata",
 ]
 
@@ -150,7 +151,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     except OSError as exc:
         raise _write_failed(path, exc) from None
     try:
-        save_file(tensors, tmp, metadata=meta)
+        if _utf8_path(Path(tmp)):
+            save_file(tensors, tmp, metadata=meta)
+        else:  # the library takes UTF-8 paths only: write its bytes ourselves
+            from safetensors.torch import save
+
+            Path(tmp).write_bytes(save(tensors, metadata=meta))
         os.chmod(tmp, 0o666 & ~_umask())  # save_file recreates the file with its own mode
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -170,11 +176,53 @@ def _unreadable(path: Path, exc: BaseException | str) -> CheckpointError:
     )
 
 
+def _utf8_path(path: Path) -> bool:
+    """Whether ``path`` can be handed to the safetensors library, which takes UTF-8 strings
+    only (a name made of other bytes is read through Python's own file reading instead)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: Largest safetensors header read (the library's own limit).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read with Python's file reading."""
+    import struct
+
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise _unreadable(path, "shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER_BYTES:
+                raise _unreadable(path, f"header of {n} bytes")
+            raw = fh.read(n)
+        header = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _unreadable(path, f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "header is not a JSON object")
+    return header
+
+
 def tensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file, without reading its tensors."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p} is {'a folder' if p.is_dir() else 'missing'}")
+    if not _utf8_path(p):
+        meta = _read_header(p).get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _unreadable(p, "its metadata is not a map of strings")
+        return dict(meta)
     try:
         with safe_open(str(p), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -182,11 +230,33 @@ def tensors_metadata(path: str | Path) -> dict[str, str]:
         raise _unreadable(p, exc) from None
 
 
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header alone (no tensor
+    is read)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p} is {'a folder' if p.is_dir() else 'missing'}")
+    header = _read_header(p)
+    shapes = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise _unreadable(p, f"tensor {key!r} has no valid shape in the header")
+        shapes[key] = tuple(shape)
+    return shapes
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; problems name the file."""
     p = Path(path)
     meta = tensors_metadata(p)
     try:
+        if not _utf8_path(p):
+            from safetensors.torch import load
+
+            return load(p.read_bytes()), meta
         return load_file(str(p)), meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _unreadable(p, exc) from None
