@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["Terminated", "die_with_parent", "sigterm_as_interrupt"]
+__all__ = ["Terminated", "die_with_parent", "interrupt_exit_code", "sigterm_as_interrupt"]
 
 
 def die_with_parent(poll_seconds: float = 1.0) -> None:
@@ -40,6 +40,12 @@ def die_with_parent(poll_seconds: float = 1.0) -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``timeout``, ``kill``, a batch scheduler) arrived: handled like Ctrl-C."""
+
+
+def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by ``exc``, as a shell reports a signal: 143
+    (128 + SIGTERM) for :class:`Terminated`, 130 (128 + SIGINT) for Ctrl-C."""
+    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -29,12 +29,15 @@ from fusionkit.studies.report import (
 from fusionkit.studies.stats import BootstrapResult
 
 __all__ = [
+    "check_output_file",
+    "check_report_dir",
     "delta_table",
     "latex_table",
     "markdown_table",
     "render_html",
     "render_markdown",
     "results_table",
+    "run_or_grid_holding",
     "write_report",
 ]
 
@@ -722,14 +725,53 @@ def _report_files_in(folder: Path) -> list[str] | None:
     ]
 
 
+def run_or_grid_holding(path: Path) -> tuple[Path, str, str] | None:
+    """The nearest of ``path`` (resolved) and its parents that is a fusionkit run or grid
+    directory, as ``(folder, "run" or "grid", the file that marks it)``; ``None`` when none
+    is. Nothing fusionkit writes on a user's behalf (reports, submissions, streamed
+    predictions, converted weights, schemas) may land there."""
+    from fusionkit.engine.runs import MARKER_FILE, is_run_dir
+    from fusionkit.studies.grid import GRID_FILE
+
+    target = Path(path).resolve()
+    for p in (target, *target.parents):
+        if is_run_dir(p):
+            return p, "run", MARKER_FILE
+        if (p / GRID_FILE).is_file():
+            return p, "grid", GRID_FILE
+    return None
+
+
+def check_output_file(path: Path, force: bool = False, option: str = "--out") -> None:
+    """Refuse a file target of a command (``option`` names it in the message): one that is a
+    folder, one that is or is inside a run or grid directory (always: those files belong to
+    the run), and an existing file unless ``force`` (``--force``) is given. Cheap: call it
+    before the work that produces the file."""
+    from fusionkit.core.errors import FusionkitError
+
+    out = Path(path)
+    if out.is_dir():
+        raise FusionkitError(f"{option} {out} is a folder; give the path of a file to write")
+    held = run_or_grid_holding(out)
+    if held is not None:
+        folder, kind, marker = held
+        raise FusionkitError(
+            f"{option} {out} is inside the fusionkit {kind} directory {folder} (it has "
+            f"{marker}); fusionkit never writes other files into runs or grids: give a path "
+            "outside them"
+        )
+    if out.exists() and not force:
+        raise FusionkitError(
+            f"{option} {out} exists; pass --force to overwrite it, or give a new file"
+        )
+
+
 def check_report_dir(out_dir: Path) -> str:
     """Refuse an ``--out`` the report must not be written to, naming it and the fix; else say
     what it is: ``"new"`` (missing), ``"empty"`` or ``"report"`` (an earlier report of
     fusionkit's, which the new one replaces entirely). Cheap: call it before the report is
     computed."""
     from fusionkit.core.errors import FusionkitError
-    from fusionkit.engine.runs import MARKER_FILE, is_run_dir
-    from fusionkit.studies.grid import GRID_FILE
 
     out = Path(out_dir)
     target = out.resolve()
@@ -744,15 +786,15 @@ def check_report_dir(out_dir: Path) -> str:
             raise FusionkitError(
                 f"--out {out}: {p} is a file, not a folder; give a new or empty folder"
             )
-        found = "run" if is_run_dir(p) else "grid" if (p / GRID_FILE).is_file() else None
-        if found:
-            where = "is" if p == target else "is inside"
-            marker = MARKER_FILE if found == "run" else GRID_FILE
-            raise FusionkitError(
-                f"--out {out} {where} the fusionkit {found} directory {p} (it has {marker}); "
-                "a report is never written into runs or grids: give a new or empty folder "
-                "outside them"
-            )
+    held = run_or_grid_holding(target)
+    if held is not None:
+        p, found, marker = held
+        where = "is" if p == target else "is inside"
+        raise FusionkitError(
+            f"--out {out} {where} the fusionkit {found} directory {p} (it has {marker}); "
+            "a report is never written into runs or grids: give a new or empty folder "
+            "outside them"
+        )
     if not target.exists():
         return "new"
     try:
