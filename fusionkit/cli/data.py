@@ -30,6 +30,7 @@ def extract(
     from fusionkit.core.interfaces import Extractable
     from fusionkit.core.registry import get_registry
     from fusionkit.engine.session import build_dataset
+    from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
 
     rc = load(recipe, list(overrides or []))
     dataset = build_dataset(rc, get_registry())
@@ -38,14 +39,14 @@ def extract(
             f"dataset {rc.data.name!r} reads ready features: there is nothing to extract"
         )
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with sigterm_as_interrupt(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = dataset.extract(workers=workers, progress=not quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (timeout, kill, a batch scheduler)
         err_console.print(
             "\n[yellow]interrupted[/]: finished caches are kept; run the same command to resume"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", soft_wrap=True)
     table = Table(title=f"fusionkit extract: {rc.data.name}")
@@ -81,7 +82,12 @@ def predict(
         list[Path],
         typer.Argument(help="run directories; together they must cover every target"),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="submission file to write")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="submission file to write (a new file; never inside a run or grid)"
+        ),
+    ],
     split: Annotated[
         str, typer.Option(help="split to predict (one the runs' dataset provides)")
     ] = "test",
@@ -100,6 +106,9 @@ def predict(
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present), cpu, cuda or cuda:N")
     ] = "auto",
+    force: Annotated[
+        bool, typer.Option("--force", help="overwrite an existing --out file")
+    ] = False,
 ) -> None:
     """Write per-frame predictions of a split as one CSV file: the ABAW layout
     (image_location,valence,arousal) for datasets with official frame lists such as
@@ -107,8 +116,11 @@ def predict(
 
     Every run must be complete and unchanged since it finished, and all of them must have
     predicted the same data (videos and frames)."""
-    from fusionkit.engine.predict import predict_run, write_submission
+    from fusionkit.engine.predict import check_missing_value, predict_run, write_submission
+    from fusionkit.studies.render import check_output_file
 
+    check_output_file(out, force)  # before any run is loaded: a refused --out is told at once
+    check_missing_value(missing_value)
     results = [predict_run(r, split, list(data or []), device=device) for r in runs]
     summary = write_submission(results, out, missing_value)
     console.print(

@@ -40,7 +40,13 @@ from fusionkit.engine.evaluate import predict as predict_frames
 from fusionkit.engine.files import atomic_write_text
 from fusionkit.engine.session import load_run, set_threads
 
-__all__ = ["RunPredictions", "predict_run", "submission_rows", "write_submission"]
+__all__ = [
+    "RunPredictions",
+    "check_missing_value",
+    "predict_run",
+    "submission_rows",
+    "write_submission",
+]
 
 
 @dataclass
@@ -155,6 +161,19 @@ def submission_rows(frame_ids: Tensor, pred: Tensor, frames: list[int]) -> Tenso
     return pred[pos.clamp(0, pred.shape[0] - 1)]
 
 
+def check_missing_value(value: float | None) -> None:
+    """Refuse a ``--missing-value`` that is not a finite float32 number (the file would hold
+    NaN, inf, or a value the predictions' float32 cannot represent)."""
+    if value is None:
+        return
+    limit = float(torch.finfo(torch.float32).max)
+    if not (math.isfinite(value) and abs(value) <= limit):
+        raise DataError(
+            f"--missing-value {value}: give a finite value in float32 range (|x| <= "
+            f"{limit:.4g}), e.g. 0"
+        )
+
+
 def write_submission(
     runs: list[RunPredictions],
     out: Path,
@@ -169,6 +188,7 @@ def write_submission(
             ``missing_value`` fills it), the runs predicted different data (videos, frames or
             labels), or a listed video has no prediction.
     """
+    check_missing_value(missing_value)
     if not runs:
         raise DataError("no run given")
     columns = runs[0].dataset_targets
