@@ -149,7 +149,11 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
         return load_tensors(path)[0]
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's reader warns about the pickle protocol before refusing or reading: the
+            # one-line outcome below is all the user needs
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = re.search(r"Unsupported global: GLOBAL [\w.]+", text) or re.search(
@@ -220,8 +224,14 @@ def convert_weights(
     kind: str | None = None,
     params: list[str] | None = None,
     registry: Registry | None = None,
+    force: bool = False,
 ) -> ConvertResult:
-    """Convert ``src`` into a safetensors file ``out`` for the component ``arch``.
+    """Convert ``src`` into a safetensors file ``out`` for the component ``arch``. Each
+    floating-point tensor is stored in the dtype the module holds it in (the file holds what
+    the module will hold, so a float64 value beyond float32's range is refused here).
+
+    Args:
+        force: overwrite an existing ``out`` (never one inside a run or grid directory).
 
     Raises:
         FusionkitError: one line naming the file or the component and the fix.
@@ -235,10 +245,12 @@ def convert_weights(
         save_tensors,
         state_dict_mismatch,
     )
+    from fusionkit.studies.render import check_output_file
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise CheckpointError(f"OUT {out} is the source file; write the weights to a new file")
+    check_output_file(out, force, "OUT")
     registry = registry or get_registry()
     comp = find_component(registry, arch, kind)
     spec = registry.kind(comp.kind)
@@ -279,6 +291,19 @@ def convert_weights(
             "predictions: convert a checkpoint of a healthy model (one saved before training "
             "diverged)"
         )
+    # stored as the module holds them (a float64 checkpoint as the module's float32), so the
+    # file holds exactly what the module will: a value beyond that dtype's range is refused
+    for k, v in list(sd.items()):
+        if v.is_floating_point() and own[k].is_floating_point() and v.dtype != own[k].dtype:
+            sd[k] = v.to(own[k].dtype)
+            if not bool(sd[k].isfinite().all()):
+                dtype = str(own[k].dtype).removeprefix("torch.")
+                raise CheckpointError(
+                    f"{src}: tensor {k!r} holds {str(v.dtype).removeprefix('torch.')} values "
+                    f"beyond {dtype}'s range (largest |x| {float(v.abs().max()):.3g}), which "
+                    f"become infinite in the module's {dtype}: convert a checkpoint of a "
+                    "healthy model"
+                )
     try:  # the final check: the tensors load into the architecture, strictly
         module.load_state_dict(sd, strict=True, assign=_on_meta(module))
     except RuntimeError as exc:
@@ -359,7 +384,12 @@ def convert(
             "file is read as it is (to map its keys)"
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="safetensors file to write (atomically)")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="safetensors file to write (atomically; a new file, never inside a run or grid)"
+        ),
+    ],
     arch: Annotated[
         str,
         typer.Option(
@@ -379,10 +409,11 @@ def convert(
             "not weights: SRC is the weights)",
         ),
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing OUT file")] = False,
 ) -> None:
     """Convert a released PyTorch checkpoint into a safetensors weights file for a registered
     component, checking every tensor against its architecture."""
-    result = convert_weights(src, out, arch, kind=kind, params=list(param or []))
+    result = convert_weights(src, out, arch, kind=kind, params=list(param or []), force=force)
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     console.print(
