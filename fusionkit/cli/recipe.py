@@ -55,15 +55,25 @@ def recipe_show(
 
 @app.command("schema")
 def recipe_schema(
-    out: Annotated[Path | None, typer.Option(help="write the schema to this file")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write the schema to this file (a new file; never inside a run or grid)"),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="overwrite an existing --out file")
+    ] = False,
 ) -> None:
     """JSON Schema of recipes with every installed component's params (for editors)."""
     from fusionkit.core.schema import recipe_json_schema
     from fusionkit.engine.files import atomic_write_text
+    from fusionkit.studies.render import check_output_file
 
+    if out is not None:
+        check_output_file(out, force)
     text = json.dumps(recipe_json_schema(), indent=2)
     if out is not None:
         atomic_write_text(out, text + "\n")
+        console.print(f"wrote {escape(str(out))}")
     else:
         typer.echo(text)
 
