@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from fusionkit.cli._common import console
+from fusionkit.cli._common import console, err_console
 
 
 def register(app: typer.Typer) -> None:
@@ -146,6 +146,7 @@ def robustness(
     from fusionkit.core.recipe import RobustnessSpec
     from fusionkit.core.registry import get_registry
     from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
     from fusionkit.studies.report import collect_runs
     from fusionkit.studies.robustness import run_recipe_robustness
 
@@ -167,22 +168,66 @@ def robustness(
         try:
             spec = RobustnessSpec.model_validate(raw, context={"registry": get_registry()})
         except ValidationError as exc:
-            raise RecipeError(describe_validation_error(exc), "<command line>") from None
+            problems = _param_problems(raw) or describe_validation_error(exc)
+            raise RecipeError(problems, "<command line>") from None
         specs = [spec]
     elif any(x is not None for x in (axis, values, param, split, name)):
         raise FusionkitError("--axis/--values/--param/--split/--name need --perturb")
     runs = collect_runs(paths)
-    for run in runs:
-        console.print(f"[bold]{escape(str(run.run_dir))}[/]")
+    finished: list[str] = []
+    try:
+        with sigterm_as_interrupt():
+            for run in runs:
+                console.print(f"[bold]{escape(str(run.run_dir))}[/]")
 
-        def show(split_: str, value: Any, m: dict[str, Any]) -> None:
-            console.print(
-                f"  {escape(split_)} {escape(str(value)):>8}  CCC mean {m['ccc_mean']:.4f}"
+                def show(split_: str, value: Any, m: dict[str, Any]) -> None:
+                    console.print(
+                        f"  {escape(split_)} {escape(str(value)):>8}  CCC mean {m['ccc_mean']:.4f}"
+                    )
+
+                with RunDir.open(run.run_dir) as rdir:
+                    records = run_recipe_robustness(rdir, specs, on_value=show)
+                if not records:
+                    console.print("  (its recipe declares no evaluation.robustness; use --perturb)")
+                for rec in records:
+                    console.print(f"  robustness/{escape(str(rec['name']))}.json: complete")
+                finished.append(str(run.run_dir))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (timeout, kill, a batch scheduler)
+        done = f" ({len(finished)} of {len(runs)} runs finished)" if len(runs) > 1 else ""
+        err_console.print(
+            f"\n[yellow]interrupted[/]{done}: the values computed so far are kept in each run's "
+            "robustness/ folder; run the same command again to compute only the missing ones"
+        )
+        raise typer.Exit(interrupt_exit_code(exc)) from None
+
+
+def _param_problems(raw: dict[str, Any]) -> list[str]:
+    """The problems of the fixed ``--param`` items alone (an unknown key, a bad value), named
+    as ``--param KEY``; ``[]`` when they are fine or cannot be checked apart from the sweep
+    (the perturbation or axis is wrong: the sweep's own message says so)."""
+    from pydantic import ValidationError
+
+    from fusionkit.core.params import describe_validation_error
+    from fusionkit.core.recipe import PerturbationSpec
+    from fusionkit.core.registry import get_registry
+
+    registry = get_registry()
+    params, axis = raw["params"], raw["axis"]
+    if not params or ("perturbation", raw["perturbation"]) not in registry or axis in params:
+        return []
+    first = raw["values"][0]
+    try:
+        PerturbationSpec.model_validate(
+            {"name": raw["perturbation"], "seed": raw["seed"], "params": {**params, axis: first}},
+            context={"registry": registry},
+        )
+    except ValidationError as exc:
+        lines = describe_validation_error(exc)
+        return [
+            "--param " + line.removeprefix("params.")
+            for line in lines
+            if any(
+                line.startswith(f"params.{k}:") or line.startswith(f"params.{k}.") for k in params
             )
-
-        with RunDir.open(run.run_dir) as rdir:
-            records = run_recipe_robustness(rdir, specs, on_value=show)
-        if not records:
-            console.print("  (its recipe declares no evaluation.robustness; use --perturb)")
-        for rec in records:
-            console.print(f"  robustness/{escape(str(rec['name']))}.json: complete")
+        ]
+    return []
