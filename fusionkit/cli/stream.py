@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fusionkit.cli._common import console
+from fusionkit.cli._common import console, err_console
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect run directories.")
 
@@ -26,14 +26,23 @@ def stream(
     source: Annotated[
         Path,
         typer.Argument(
-            help="features file (.safetensors or .npz, one (frames, features) array per "
-            "modality) or a media file the run's dataset can read"
+            help="features file: .safetensors or .npz with one (frames, features) array per "
+            "modality, the features the run was trained on (at most 2,000,000 frames); a "
+            "media file only for a dataset plugin that reads media (none shipped does)"
         ),
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="write frame,seconds,<targets>,latency_ms as CSV"),
+        typer.Option(
+            "--out",
+            "-o",
+            help="write frame,seconds,<targets>,latency_ms as CSV (a new file; never inside "
+            "a run or grid)",
+        ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="overwrite an existing --out file")
+    ] = False,
     fps: Annotated[
         float | None, typer.Option(min=0.1, help="frames per second of a features file")
     ] = None,
@@ -43,19 +52,28 @@ def stream(
     context: Annotated[
         int | None, typer.Option(min=1, max=100_000, help="frames kept (default: data.window)")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA when present)")
+    ] = "cpu",
     threads: Annotated[int, typer.Option(min=1, max=1024, help="CPU threads")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only the summary")] = False,
 ) -> None:
     """Predict valence/arousal frame by frame, as from a live source (no future frame is
     used), printing or writing each frame's prediction and its compute latency."""
+    import torch
+
     from fusionkit.core.errors import DataError
     from fusionkit.core.interfaces import MediaFeatures
     from fusionkit.engine.files import atomic_write_text
+    from fusionkit.engine.progress import TaskProgress
     from fusionkit.engine.session import load_run, set_threads
     from fusionkit.engine.streaming import StreamingPredictor, check_features, read_feature_file
     from fusionkit.engine.streaming import stream as run_stream
+    from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
+    from fusionkit.studies.render import check_output_file
 
+    if out is not None:
+        check_output_file(out, force)  # before the model is loaded: a refused --out is told at once
     set_threads(threads)
     session = load_run(run_dir, device=device).session
     rc = session.recipe
@@ -70,22 +88,55 @@ def stream(
         rate = fps or media_fps
     else:
         raise DataError(
-            f"dataset {rc.data.name!r} cannot read media files; give a .safetensors or .npz "
-            "features file"
+            f"{source}: dataset {rc.data.name!r} cannot read media files; give a .safetensors "
+            "or .npz features file with one (frames, features) array per modality (for "
+            "Aff-Wild2: the rows of the run's extract caches, see docs/recipes.md, Streaming)"
         )
     dims = {m: int(x.shape[1]) for m, x in features.items()}
     predictor = StreamingPredictor(
         session.model, dims, context or rc.data.window, session.normalizer
     )
     targets = list(rc.model.targets)
+    total = next(iter(features.values())).shape[0]
     lines = ["frame,seconds," + ",".join(targets) + ",latency_ms"]
-    latencies = []
-    for f in run_stream(predictor, features, rate, realtime):
-        values = ",".join(f"{v:.6f}" for v in f.prediction.tolist())
-        lines.append(f"{f.index},{f.seconds:.3f},{values},{f.latency * 1e3:.3f}")
-        latencies.append(f.latency)
-        if out is None and not quiet:
-            console.print(lines[-1], highlight=False)
+    latencies: list[float] = []
+    shown = console if out is not None and not quiet else None
+    try:
+        with sigterm_as_interrupt(), TaskProgress("stream", total, shown) as progress:
+            for f in run_stream(predictor, features, rate, realtime):
+                if not bool(torch.isfinite(f.prediction).all()):
+                    got = ", ".join(
+                        f"{t}={v}" for t, v in zip(targets, f.prediction.tolist(), strict=True)
+                    )
+                    raise DataError(
+                        f"{source}: the model predicts a non-finite value at frame {f.index} "
+                        f"({got}): the features there are far beyond the training range after "
+                        "the run's z-scoring (or are not the features the run was trained on); "
+                        "fix those frames"
+                        + (f"; nothing was written to {out}" if out is not None else "")
+                    )
+                values = ",".join(f"{v:.6f}" for v in f.prediction.tolist())
+                lines.append(f"{f.index},{f.seconds:.3f},{values},{f.latency * 1e3:.3f}")
+                latencies.append(f.latency)
+                if out is None and not quiet:
+                    console.print(lines[-1], highlight=False)
+                progress.advance(f"latency {f.latency * 1e3:.2f} ms")
+    except KeyboardInterrupt as exc:
+        done = len(latencies)
+        if out is not None:
+            kept = (
+                f"{escape(str(out))} was not written (it is written once every frame is "
+                "streamed; an earlier file there is intact)"
+            )
+        elif quiet:
+            kept = "nothing was written (-q prints the summary only)"
+        else:
+            kept = f"the predictions of frames 0 to {done - 1} are printed above"
+        err_console.print(
+            f"\n[yellow]interrupted[/] after {done} of {total} frames: {kept}; run the same "
+            "command again to stream the file from its start"
+        )
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     if out is not None:
         atomic_write_text(out, "\n".join(lines) + "\n")
     ms = sorted(x * 1e3 for x in latencies)

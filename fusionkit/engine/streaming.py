@@ -7,7 +7,11 @@ frame; the compute latency is one forward pass over ``context`` frames.
 
 - For a **causal** model (causal encoders such as ``tcn``, per-frame fusion and gate, a
   per-frame head) whose receptive field fits in ``context``, the streamed prediction for frame
-  ``t`` equals the offline prediction for frame ``t`` exactly.
+  ``t`` equals the model applied to the whole video, read at frame ``t``. That is not always
+  what ``fusionkit predict``/``eval`` give: they average overlapping windows, and a window
+  that starts at frame ``s`` gives the frames ``s .. s + receptive_field - 2`` a truncated
+  context, so those frames can differ from the streamed ones (a model whose encoders look at
+  one frame at a time, e.g. ``linear``, gives the same numbers either way).
 - For a model that attends across its window (``rjca`` correlates over all frames of the
   window), the streamed prediction is the *trailing-window* prediction: the model applied to
   frames ``t - context + 1 .. t``, read at the last frame. It differs from the offline
@@ -29,6 +33,7 @@ frame; the compute latency is one forward pass over ``context`` frames.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,12 +48,21 @@ from fusionkit.engine.data import Normalizer
 from fusionkit.engine.model import FusionModel
 
 __all__ = [
+    "MAX_STREAM_FLOATS",
+    "MAX_STREAM_FRAMES",
     "StreamedFrame",
     "StreamingPredictor",
     "check_features",
     "read_feature_file",
     "stream",
 ]
+
+
+#: Most frames a features file given to ``fusionkit stream`` may hold (over 18 hours at 30 fps).
+MAX_STREAM_FRAMES = 2_000_000
+#: Most values (frames x features, over the modalities read) such a file may hold: 2 GiB as
+#: float32. Both are checked from the arrays' headers, before anything is loaded.
+MAX_STREAM_FLOATS = 512 << 20
 
 
 class StreamingPredictor:
@@ -204,30 +218,103 @@ def read_feature_file(
     """``{modality: (N, F_m)}`` from a ``.safetensors`` file (one tensor per modality) or a
     ``.npz`` archive (no pickle), checked as :func:`check_features` does (the modalities a
     model needs, equal lengths, at least one frame, the widths in ``feature_dims``, finite
-    values)."""
-    from fusionkit.engine.files import load_tensors
+    values). The arrays' shapes are read from their headers first, and a file holding more
+    than :data:`MAX_STREAM_FRAMES` frames or :data:`MAX_STREAM_FLOATS` values is refused
+    before any array is loaded (a compressed archive of zeros is tiny on disk)."""
+    from fusionkit.engine.files import load_tensors, tensor_shapes
 
     if not path.is_file():
         raise DataError(f"features file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
+            shapes = tensor_shapes(path)
+            _check_size(path, {m: shapes[m] for m in modalities if m in shapes})
             tensors = load_tensors(path)[0]
         except FusionkitError as exc:
             raise DataError(str(exc)) from None
     elif path.suffix == ".npz":
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                tensors = {k: torch.from_numpy(npz[k]) for k in npz.files}
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path} is not a readable .npz archive ({exc})") from None
+        tensors = _read_npz(path, modalities)
     else:
         raise DataError(
             f"{path}: give a .safetensors or .npz file with one (frames, features) array per "
-            "modality, or a media file the run's dataset can read"
+            "modality"
         )
     return check_features(tensors, path, modalities, feature_dims)
+
+
+def _check_size(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse arrays (by their header shapes) beyond the bounds of a stream input."""
+    for m, shape in shapes.items():
+        frames = int(shape[0]) if shape else 1
+        if frames > MAX_STREAM_FRAMES:
+            raise DataError(
+                f"{path}: modality {m!r} holds {frames:,} frames; fusionkit stream reads at most "
+                f"{MAX_STREAM_FRAMES:,} frames per file: split the video into parts"
+            )
+    values = sum(math.prod(int(d) for d in shape) for shape in shapes.values())
+    if values > MAX_STREAM_FLOATS:
+        raise DataError(
+            f"{path}: the arrays hold {values:,} values ({values * 4 / 2**30:.1f} GiB as "
+            f"float32); fusionkit stream reads at most {MAX_STREAM_FLOATS:,} "
+            f"({MAX_STREAM_FLOATS * 4 / 2**30:.0f} GiB) per file: split the video into parts"
+        )
+
+
+def _read_npz(path: Path, modalities: list[str]) -> dict[str, Tensor]:
+    """The arrays of ``modalities`` in a ``.npz`` archive; their ``.npy`` headers (shape,
+    dtype) and uncompressed sizes are checked before any of them is loaded."""
+    import zipfile
+
+    import numpy as np
+
+    def unreadable(why: object) -> DataError:
+        return DataError(
+            f"{path} is not a readable .npz archive ({why}); give one written by numpy.savez "
+            "or numpy.savez_compressed"
+        )
+
+    try:
+        if not zipfile.is_zipfile(path):
+            raise unreadable("not a zip archive of .npy arrays")
+        with zipfile.ZipFile(path) as zf:
+            members = {i.filename.removesuffix(".npy"): i for i in zf.infolist()}
+            missing = [m for m in modalities if m not in members]
+            if missing:
+                raise DataError(
+                    f"{path} has no {missing[0]!r} array (it has: {', '.join(members)})"
+                )
+            shapes, dtypes = {}, {}
+            for m in modalities:
+                info = members[m]
+                if info.file_size > 4 * MAX_STREAM_FLOATS + (1 << 20):
+                    raise DataError(
+                        f"{path}: array {m!r} is {info.file_size / 2**30:.1f} GiB uncompressed; "
+                        f"fusionkit stream reads at most {MAX_STREAM_FLOATS * 4 / 2**30:.0f} "
+                        "GiB per file: split the video into parts"
+                    )
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                shapes[m], dtypes[m] = shape, dtype
+            _check_size(path, shapes)
+            for m, dtype in dtypes.items():
+                if dtype.hasobject or dtype.kind not in "biuf":
+                    raise DataError(
+                        f"{path}: array {m!r} holds {dtype} values; give real numbers "
+                        "(float32, float16 or integers)"
+                    )
+            tensors = {}
+            for m in modalities:
+                with zf.open(members[m]) as fh:
+                    tensors[m] = torch.from_numpy(np.lib.format.read_array(fh, allow_pickle=False))
+            return tensors
+    except FusionkitError:
+        raise
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise unreadable(exc) from None
 
 
 def check_features(
