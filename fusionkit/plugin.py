@@ -91,6 +91,7 @@ from fusionkit.engine.perturb import (
     with_features,
 )
 from fusionkit.engine.progress import TaskProgress
+from fusionkit.engine.runs import run_or_grid_holding
 from fusionkit.engine.session import available_cores
 from fusionkit.engine.workers import die_with_parent
 from fusionkit.layers import (
@@ -172,6 +173,7 @@ __all__ = [
     "non_finite_tensor",
     "register",
     "reverse_padded",
+    "run_or_grid_holding",
     "save_tensors",
     "shift_index",
     "shifted_bilstm",

@@ -513,3 +513,16 @@ def test_random_weights_are_named_in_one_line_of_the_extract_summary(tree_copy, 
     assert res.exit_code == 0, res.output
     assert "the video backbone 'face_cnn' has random weights" in flat(res.output)
     assert "audio backbone" not in flat(res.output)
+
+
+@pytest.mark.parametrize("marker", ["run.json", "grid.json"])
+def test_a_cache_dir_inside_a_run_or_grid_is_refused(tree_copy, tmp_path, marker):
+    """Feature caches used to be written into a run folder given as cache_dir."""
+    owner = tmp_path / "runs" / "quickstart"
+    owner.mkdir(parents=True)
+    (owner / marker).write_text("{}")
+    with pytest.raises(
+        DataError, match=r"data\.params\.cache_dir: .* is or is inside the fusionkit"
+    ):
+        dataset(tree_copy, cache_dir=str(owner / "cache"))
+    assert not (owner / "cache").exists()

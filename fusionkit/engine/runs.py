@@ -62,6 +62,7 @@ from fusionkit.engine.files import (
 
 __all__ = [
     "BEST_FILE",
+    "GRID_FILE",
     "HISTORY_FILE",
     "MARKER_FILE",
     "METRICS_FILE",
@@ -74,9 +75,12 @@ __all__ = [
     "check_unchanged",
     "is_run_dir",
     "read_metrics",
+    "run_or_grid_holding",
 ]
 
 MARKER_FILE = "run.json"
+#: the file that marks a grid folder (written by ``fusionkit run`` on a recipe with a sweep)
+GRID_FILE = "grid.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".lock"
 STATE_FILE = "state.safetensors"
@@ -152,6 +156,20 @@ def _provenance(recipe: Recipe, registry: Registry) -> dict[str, Any]:
 def is_run_dir(path: str | Path) -> bool:
     """Whether ``path`` is a folder fusionkit created for a run (it has ``run.json``)."""
     return (Path(path) / MARKER_FILE).is_file()
+
+
+def run_or_grid_holding(path: str | Path) -> tuple[Path, str, str] | None:
+    """The nearest of ``path`` (resolved) and its parents that is a fusionkit run or grid
+    directory, as ``(folder, "run" or "grid", the file that marks it)``; ``None`` when none
+    is. Nothing written on a user's behalf (reports, submissions, streamed predictions,
+    converted weights, schemas, feature caches) may land there."""
+    target = Path(path).resolve()
+    for p in (target, *target.parents):
+        if is_run_dir(p):
+            return p, "run", MARKER_FILE
+        if (p / GRID_FILE).is_file():
+            return p, "grid", GRID_FILE
+    return None
 
 
 class RunDir:

@@ -56,7 +56,7 @@ from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
 from fusionkit.engine.files import atomic_write_json, read_json
 from fusionkit.engine.progress import duration, train_progress
-from fusionkit.engine.runs import RunDir, is_run_dir
+from fusionkit.engine.runs import GRID_FILE, RunDir, is_run_dir
 from fusionkit.engine.session import (
     Session,
     available_cores,
@@ -72,7 +72,6 @@ from fusionkit.studies.robustness import robustness_complete, run_recipe_robustn
 
 __all__ = ["GridPoint", "expand_grid", "point_tag", "run_grid", "train_and_evaluate"]
 
-GRID_FILE = "grid.json"
 VARIANT_AXIS = "variant"
 MAX_POINTS = 10_000
 _VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")

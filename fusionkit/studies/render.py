@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fusionkit.engine.runs import run_or_grid_holding
 from fusionkit.studies.report import (
     ALPHA,
     Report,
@@ -37,7 +38,6 @@ __all__ = [
     "render_html",
     "render_markdown",
     "results_table",
-    "run_or_grid_holding",
     "write_report",
 ]
 
@@ -723,23 +723,6 @@ def _report_files_in(folder: Path) -> list[str] | None:
     return [n for n in names if n != "plots"] + [
         f"plots/{p.name}" for p in (plots.iterdir() if plots.is_dir() else [])
     ]
-
-
-def run_or_grid_holding(path: Path) -> tuple[Path, str, str] | None:
-    """The nearest of ``path`` (resolved) and its parents that is a fusionkit run or grid
-    directory, as ``(folder, "run" or "grid", the file that marks it)``; ``None`` when none
-    is. Nothing fusionkit writes on a user's behalf (reports, submissions, streamed
-    predictions, converted weights, schemas) may land there."""
-    from fusionkit.engine.runs import MARKER_FILE, is_run_dir
-    from fusionkit.studies.grid import GRID_FILE
-
-    target = Path(path).resolve()
-    for p in (target, *target.parents):
-        if is_run_dir(p):
-            return p, "run", MARKER_FILE
-        if (p / GRID_FILE).is_file():
-            return p, "grid", GRID_FILE
-    return None
 
 
 def check_output_file(path: Path, force: bool = False, option: str = "--out") -> None:

@@ -42,6 +42,7 @@ from fusionkit.core.errors import CheckpointError, FusionkitError
 from fusionkit.core.yamlio import read_yaml
 from fusionkit.engine.files import read_json
 from fusionkit.engine.runs import (
+    GRID_FILE,
     HISTORY_FILE,
     MARKER_FILE,
     METRICS_FILE,
@@ -85,7 +86,6 @@ __all__ = [
 
 SEED_AXIS = "training.seed"
 VARIANT_AXIS = "variant"
-GRID_FILE = "grid.json"
 #: significance level of the marks (†) after the Holm correction
 ALPHA = 0.05
 #: why a paired test is refused when the compared runs saw different evaluation data

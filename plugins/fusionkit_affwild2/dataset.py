@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusionkit.plugin import DataError, ExtractReport, Video
+from fusionkit.plugin import DataError, ExtractReport, Video, run_or_grid_holding
 from fusionkit_affwild2.cache import CacheFolder, Job, library_versions, plan, run_jobs
 from fusionkit_affwild2.extraction import (
     AudioJob,
@@ -107,6 +107,14 @@ class AffWild2Dataset:
         self.params = params
         self.root = params.root.expanduser()
         self.cache_root = (params.cache_dir or self.root / "fusionkit_cache").expanduser()
+        held = run_or_grid_holding(self.cache_root)
+        if held is not None:
+            folder, kind, _ = held
+            raise DataError(
+                f"data.params.cache_dir: {self.cache_root} is or is inside the fusionkit {kind} "
+                f"directory {folder}; feature caches are never written into runs or grids: "
+                "choose a folder outside them"
+            )
         a_dim, _ = backbone_dims(params.audio.backbone)
         v_dim, v_size = backbone_dims(params.video.backbone)
         if v_size is not None and v_size > params.video.resize:
