@@ -345,3 +345,12 @@ def test_data_of_another_width_is_blamed_on_the_data_not_the_weights(tmp_path, r
     msg = str(info.value)
     assert msg.startswith("the data given with --data (audio_dim=7) has features of widths")
     assert "audio 7" in msg and "give features of the widths the run was trained on" in msg
+
+
+def test_eval_of_a_complete_run_without_metrics_says_the_file_was_removed(runs, tmp_path, cli):
+    run = _copy(runs["done"], tmp_path / "nometrics")
+    (run / "metrics.json").unlink()
+    code, _, err = cli("eval", run)
+    assert code == 2, err
+    assert "has no metrics.json: run.json says complete, so the file was removed" in err, err
+    assert "did not finish" not in err

@@ -525,7 +525,13 @@ def read_metrics(run_dir: str | Path, targets: list[str] | None = None) -> dict[
     """A run's ``metrics.json``, checked for the keys fusionkit reads from it."""
     p = Path(run_dir) / METRICS_FILE
     if not p.exists():
-        raise CheckpointError(f"{run_dir} has no {METRICS_FILE}: the run did not finish")
+        complete = is_run_dir(run_dir) and RunDir(Path(run_dir)).marker().status == "complete"
+        why = (
+            f"{MARKER_FILE} says complete, so the file was removed: restore it or train a new run"
+            if complete
+            else "the run did not finish"
+        )
+        raise CheckpointError(f"{run_dir} has no {METRICS_FILE}: {why}")
     m = read_json(p, "metrics file")
     splits = m.get("splits") if isinstance(m, dict) else None
     if not isinstance(splits, dict):
