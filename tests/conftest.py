@@ -113,3 +113,27 @@ def tiny_plugin_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     site.mkdir(exist_ok=True)
     make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
     return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", **extra)
+
+
+def user_cli(monkeypatch, capsys, registry: Registry):
+    """Generator for a fixture that runs the `fusionkit` entry point in this process as a user
+    does (errors as one line, exit 2) with ``registry`` installed; each call returns (exit
+    code, stdout, stderr with whitespace collapsed). Use as ``yield from user_cli(...)``."""
+    import sys
+
+    import fusionkit.cli.root as root
+    import fusionkit.core.registry as fk_registry
+
+    fk_registry.clear_registry_cache()
+    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: registry)
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["fusionkit", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            root.main()
+        out = capsys.readouterr()
+        return info.value.code or 0, out.out, " ".join(out.err.split())
+
+    yield invoke
+    fk_registry.clear_registry_cache()

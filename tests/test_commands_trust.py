@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from fusionkit.engine.predict import write_submission
 from fusionkit.engine.runs import RunDir
 from fusionkit.engine.session import build_session, load_run
 from fusionkit.engine.train import Trainer
-from tests.conftest import REPO, TinyDataset, TinyParams, make_registry, tiny_recipe
+from tests.conftest import REPO, TinyDataset, TinyParams, make_registry, tiny_recipe, user_cli
 
 
 class ExtractableTiny(TinyDataset):
@@ -79,23 +78,8 @@ def trained(tmp_path_factory, reg):
 
 @pytest.fixture
 def cli(monkeypatch, capsys, reg):
-    """Run the `fusionkit` entry point as a user does (errors as one line, exit 2); returns
-    (exit code, stdout, stderr with whitespace collapsed)."""
-    import fusionkit.cli.root as root
-
-    fk_registry.clear_registry_cache()
-    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: reg)
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["fusionkit", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            root.main()
-        out = capsys.readouterr()
-        return info.value.code or 0, out.out, " ".join(out.err.split())
-
-    yield invoke
-    fk_registry.clear_registry_cache()
+    """The `fusionkit` entry point run as a user does; see :func:`tests.conftest.user_cli`."""
+    yield from user_cli(monkeypatch, capsys, reg)
 
 
 def _sha(path: Path) -> str:

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import fusionkit.core.registry as fk_registry
 from fusionkit.core.errors import CheckpointError, DataError, FusionkitError, RecipeError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.predict import RunPredictions, write_submission
 from fusionkit.engine.runs import BEST_FILE, NORMALIZATION_FILE, RunDir
 from fusionkit.engine.session import build_session, load_run, resolve_device
 from fusionkit.engine.train import Trainer
-from tests.conftest import TinyDataset, TinyParams, tiny_recipe
+from tests.conftest import TinyDataset, TinyParams, tiny_recipe, user_cli
 
 
 def _train(parent, registry, name, *, epochs=1, stop_after=None, targets=None, seed=0):
@@ -65,23 +63,8 @@ def runs(tmp_path_factory, registry):
 
 @pytest.fixture
 def cli(monkeypatch, capsys, registry):
-    """Run the `fusionkit` entry point (as a user does: errors as one line, exit 2) with the
-    tiny test dataset registered; returns (exit code, stdout, stderr)."""
-    import fusionkit.cli.root as root
-
-    fk_registry.clear_registry_cache()
-    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: registry)
-
-    def invoke(*args):
-        monkeypatch.setattr(sys, "argv", ["fusionkit", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            root.main()
-        out = capsys.readouterr()
-        return info.value.code or 0, out.out, " ".join(out.err.split())  # unwrapped
-
-    yield invoke
-    fk_registry.clear_registry_cache()
+    """The `fusionkit` entry point run as a user does; see :func:`tests.conftest.user_cli`."""
+    yield from user_cli(monkeypatch, capsys, registry)
 
 
 def _copy(src, dst):
