@@ -137,3 +137,26 @@ def user_cli(monkeypatch, capsys, registry: Registry):
 
     yield invoke
     fk_registry.clear_registry_cache()
+
+
+def tiny_stream_run(parent: Path, registry: Registry, **training):
+    """A complete 1-epoch tiny run under ``parent/runs`` with a causal ``tcn`` audio encoder
+    and z-scored features, and 60 frames of its first test video saved as
+    ``parent/video.safetensors``: ``(run path, features file, the whole video)``."""
+    from safetensors.torch import save_file
+
+    from fusionkit.core.recipe import validate_recipe
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.session import build_session
+    from fusionkit.engine.train import Trainer
+
+    raw = tiny_recipe(parent / "runs", epochs=1, **training)
+    raw["model"]["encoders"]["audio"] = {"name": "tcn", "params": {"channels": [4, 4]}}
+    raw["data"]["normalize"] = "zscore"
+    rc = validate_recipe(raw, "r.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        Trainer(build_session(rc, registry), run).fit()
+    video = TinyDataset(TinyParams()).videos("test")[0]
+    feats = parent / "video.safetensors"
+    save_file({m: x[:60].contiguous() for m, x in video.features.items()}, str(feats))
+    return run.path, feats, video

@@ -19,18 +19,22 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 import fusionkit.core.registry as fk_registry
 from fusionkit.core.errors import DataError
-from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine import streaming
 from fusionkit.engine.files import load_tensors, tensors_metadata
 from fusionkit.engine.predict import write_submission
-from fusionkit.engine.runs import RunDir
-from fusionkit.engine.session import build_session, load_run
-from fusionkit.engine.train import Trainer
-from tests.conftest import REPO, TinyDataset, TinyParams, make_registry, tiny_recipe, user_cli
+from fusionkit.engine.session import load_run
+from tests.conftest import (
+    REPO,
+    TinyDataset,
+    TinyParams,
+    make_registry,
+    tiny_recipe,
+    tiny_stream_run,
+    user_cli,
+)
 
 
 class ExtractableTiny(TinyDataset):
@@ -62,18 +66,7 @@ def reg():
 def trained(tmp_path_factory, reg):
     """A complete tiny run (causal tcn audio encoder, z-scored features) and 60 frames of one
     of its test videos as a features file."""
-    parent = tmp_path_factory.mktemp("commands")
-    raw = tiny_recipe(parent / "runs", epochs=1)
-    raw["model"]["encoders"]["audio"] = {"name": "tcn", "params": {"channels": [4, 4]}}
-    raw["data"]["normalize"] = "zscore"
-    raw["training"]["num_threads"] = 1
-    rc = validate_recipe(raw, "r.yaml", reg)
-    with RunDir.create(rc, reg) as run:
-        Trainer(build_session(rc, reg), run).fit()
-    video = TinyDataset(TinyParams()).videos("test")[0]
-    feats = parent / "video.safetensors"
-    save_file({m: x[:60].contiguous() for m, x in video.features.items()}, str(feats))
-    return run.path, feats, video
+    return tiny_stream_run(tmp_path_factory.mktemp("commands"), reg, num_threads=1)
 
 
 @pytest.fixture

@@ -15,27 +15,16 @@ import fusionkit.core.registry as fk_registry
 from fusionkit.cli import app
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.runs import RunDir
-from fusionkit.engine.session import build_session, load_run
+from fusionkit.engine.session import load_run
 from fusionkit.engine.streaming import StreamingPredictor
-from fusionkit.engine.train import Trainer
-from tests.conftest import TinyDataset, TinyParams, make_registry, tiny_recipe
+from tests.conftest import make_registry, tiny_recipe, tiny_stream_run
 
 
 @pytest.fixture
 def trained(tmp_path, monkeypatch):
     fk_registry.clear_registry_cache()
     monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
-    reg = fk_registry.get_registry()
-    raw = tiny_recipe(tmp_path, epochs=1)
-    raw["model"]["encoders"]["audio"] = {"name": "tcn", "params": {"channels": [4, 4]}}
-    raw["data"]["normalize"] = "zscore"
-    rc = validate_recipe(raw, "r.yaml", reg)
-    with RunDir.create(rc, reg) as run:
-        Trainer(build_session(rc, reg), run).fit()
-    video = TinyDataset(TinyParams()).videos("test")[0]
-    feats = tmp_path / "video.safetensors"
-    save_file({m: x[:60].contiguous() for m, x in video.features.items()}, str(feats))
-    yield run.path, feats, video
+    yield tiny_stream_run(tmp_path, fk_registry.get_registry())
     fk_registry.clear_registry_cache()
 
 
