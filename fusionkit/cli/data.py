@@ -117,7 +117,7 @@ def predict(
     Every run must be complete and unchanged since it finished, and all of them must have
     predicted the same data (videos and frames)."""
     from fusionkit.engine.predict import check_missing_value, predict_run, write_submission
-    from fusionkit.studies.render import check_output_file
+    from fusionkit.engine.runs import check_output_file
 
     check_output_file(out, force)  # before any run is loaded: a refused --out is told at once
     check_missing_value(missing_value)

@@ -66,7 +66,7 @@ def recipe_schema(
     """JSON Schema of recipes with every installed component's params (for editors)."""
     from fusionkit.core.schema import recipe_json_schema
     from fusionkit.engine.files import atomic_write_text
-    from fusionkit.studies.render import check_output_file
+    from fusionkit.engine.runs import check_output_file
 
     if out is not None:
         check_output_file(out, force)

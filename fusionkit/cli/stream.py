@@ -66,11 +66,11 @@ def stream(
     from fusionkit.core.interfaces import MediaFeatures
     from fusionkit.engine.files import atomic_write_text
     from fusionkit.engine.progress import TaskProgress
+    from fusionkit.engine.runs import check_output_file
     from fusionkit.engine.session import load_run, set_threads
     from fusionkit.engine.streaming import StreamingPredictor, check_features, read_feature_file
     from fusionkit.engine.streaming import stream as run_stream
     from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
-    from fusionkit.studies.render import check_output_file
 
     if out is not None:
         check_output_file(out, force)  # before the model is loaded: a refused --out is told at once

@@ -245,7 +245,7 @@ def convert_weights(
         save_tensors,
         state_dict_mismatch,
     )
-    from fusionkit.studies.render import check_output_file
+    from fusionkit.engine.runs import check_output_file
 
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():

@@ -72,6 +72,7 @@ __all__ = [
     "STATE_FILE",
     "RunDir",
     "RunMarker",
+    "check_output_file",
     "check_unchanged",
     "is_run_dir",
     "read_metrics",
@@ -170,6 +171,28 @@ def run_or_grid_holding(path: str | Path) -> tuple[Path, str, str] | None:
         if (p / GRID_FILE).is_file():
             return p, "grid", GRID_FILE
     return None
+
+
+def check_output_file(path: Path, force: bool = False, option: str = "--out") -> None:
+    """Refuse a file target of a command (``option`` names it in the message): one that is a
+    folder, one that is or is inside a run or grid directory (always: those files belong to
+    the run), and an existing file unless ``force`` (``--force``) is given. Cheap: call it
+    before the work that produces the file."""
+    out = Path(path)
+    if out.is_dir():
+        raise FusionkitError(f"{option} {out} is a folder; give the path of a file to write")
+    held = run_or_grid_holding(out)
+    if held is not None:
+        folder, kind, marker = held
+        raise FusionkitError(
+            f"{option} {out} is inside the fusionkit {kind} directory {folder} (it has "
+            f"{marker}); fusionkit never writes other files into runs or grids: give a path "
+            "outside them"
+        )
+    if out.exists() and not force:
+        raise FusionkitError(
+            f"{option} {out} exists; pass --force to overwrite it, or give a new file"
+        )
 
 
 class RunDir:

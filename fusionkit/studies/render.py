@@ -30,7 +30,6 @@ from fusionkit.studies.report import (
 from fusionkit.studies.stats import BootstrapResult
 
 __all__ = [
-    "check_output_file",
     "check_report_dir",
     "delta_table",
     "latex_table",
@@ -723,30 +722,6 @@ def _report_files_in(folder: Path) -> list[str] | None:
     return [n for n in names if n != "plots"] + [
         f"plots/{p.name}" for p in (plots.iterdir() if plots.is_dir() else [])
     ]
-
-
-def check_output_file(path: Path, force: bool = False, option: str = "--out") -> None:
-    """Refuse a file target of a command (``option`` names it in the message): one that is a
-    folder, one that is or is inside a run or grid directory (always: those files belong to
-    the run), and an existing file unless ``force`` (``--force``) is given. Cheap: call it
-    before the work that produces the file."""
-    from fusionkit.core.errors import FusionkitError
-
-    out = Path(path)
-    if out.is_dir():
-        raise FusionkitError(f"{option} {out} is a folder; give the path of a file to write")
-    held = run_or_grid_holding(out)
-    if held is not None:
-        folder, kind, marker = held
-        raise FusionkitError(
-            f"{option} {out} is inside the fusionkit {kind} directory {folder} (it has "
-            f"{marker}); fusionkit never writes other files into runs or grids: give a path "
-            "outside them"
-        )
-    if out.exists() and not force:
-        raise FusionkitError(
-            f"{option} {out} exists; pass --force to overwrite it, or give a new file"
-        )
 
 
 def check_report_dir(out_dir: Path) -> str:
