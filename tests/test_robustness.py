@@ -175,3 +175,29 @@ def test_cli_robustness_and_report(tmp_path, cli_registry):
     assert res.exit_code == 0, res.output
     assert (out / "plots" / "robustness_video_shift.png").is_file()
     assert "Robustness: video_shift" in (out / "report.md").read_text()
+
+
+def test_results_of_an_earlier_perturbation_revision_are_recomputed_and_not_reported(
+    tmp_path, registry
+):
+    """noise and span_dropout changed definition (revision 2): a file computed before has
+    other numbers for the same params, so a sweep recomputes it and a report leaves it out."""
+    from fusionkit.studies.report import build_report
+
+    spec = sweep_spec(registry, perturbation="noise", axis="snr_db", values=[10, 0])
+    run_dir = train(tmp_path, registry)
+    path = run_dir / "robustness" / "noise_snr_db.json"
+    rec = robustness(run_dir, [spec], registry)[0]
+    assert rec["revision"] == 2 and not missing_values(run_dir, spec, registry)
+    old = {k: v for k, v in rec.items() if k != "revision"}  # as written before revision 2
+    path.write_text(json.dumps(old))
+    assert missing_values(run_dir, spec, registry) == [("test", 10), ("test", 0)]
+    rep = build_report([run_dir], throughput=False, n_boot=50)
+    assert not rep.sweeps
+    assert any("revision 1 of perturbation 'noise'" in n and "fusionkit robustness" in n
+               for n in rep.notes), rep.notes  # fmt: skip
+    calls = []
+    robustness(run_dir, [spec], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", 10), ("test", 0)]
+    assert json.loads(path.read_text())["revision"] == 2
+    assert len(build_report([run_dir], throughput=False, n_boot=50).sweeps) == 1

@@ -262,6 +262,10 @@ class Perturbation(Protocol):
     come from ``generator``, a ``torch.Generator`` that fusionkit seeds per video from
     ``(seed, perturbation name, video name)`` (see :func:`fusionkit.plugin.video_generator`),
     so a result does not depend on the order or the subset of videos perturbed.
+
+    A perturbation class may set ``revision: ClassVar[int]`` (default 1) and raise it when a
+    change makes the same params give other numbers: robustness results computed with
+    another revision are recomputed, and reports leave them out.
     """
 
     def __call__(self, video: Video, generator: torch.Generator) -> Video: ...

@@ -34,6 +34,7 @@ __all__ = [
     "PerturbedDataset",
     "build_perturbation",
     "check_modalities",
+    "perturbation_revision",
     "shift_index",
     "stream_generator",
     "video_generator",
@@ -119,6 +120,13 @@ class AppliedPerturbation:
     def record(self) -> dict[str, Any]:
         """What results files store about this perturbation."""
         return {"name": self.name, "params": self.params.model_dump(mode="json"), "seed": self.seed}
+
+
+def perturbation_revision(name: str, registry: Registry | None = None) -> int:
+    """The ``revision`` a registered perturbation declares (1 when it declares none)."""
+    build = (registry or get_registry()).get("perturbation", name).build
+    revision = getattr(build, "revision", 1)
+    return revision if isinstance(revision, int) and not isinstance(revision, bool) else 1
 
 
 def build_perturbation(

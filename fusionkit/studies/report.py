@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -893,10 +894,31 @@ def _run_robustness(run: RunRecord, notes: list[str]) -> list[dict[str, Any]]:
         except FusionkitError as exc:
             problem = str(exc)
         if problem is None:
+            problem = _revision_problem(rec, run.run_dir)
+        if problem is None:
             out.append(rec)
         else:
             notes.append(f"{path} is left out of the robustness curves: {problem}.")
     return out
+
+
+def _revision_problem(rec: dict[str, Any], run_dir: Path) -> str | None:
+    """Why a robustness record computed with another revision of its perturbation than the
+    installed one is not comparable (None when it is, or the perturbation is not installed)."""
+    from fusionkit.engine.perturb import perturbation_revision
+
+    try:
+        installed = perturbation_revision(rec["perturbation"])
+    except FusionkitError:
+        return None
+    stored = rec.get("revision", 1)
+    if stored == installed:
+        return None
+    return (
+        f"it was computed with revision {stored} of perturbation {rec['perturbation']!r}, "
+        f"which gives other numbers than the installed revision {installed}; recompute it "
+        f"with `fusionkit robustness {shlex.quote(str(run_dir))}`"
+    )
 
 
 def robustness_sweeps(

@@ -29,7 +29,7 @@ from fusionkit.core.recipe import Recipe, RobustnessSpec
 from fusionkit.core.registry import Registry
 from fusionkit.engine.evaluate import evaluate, predict
 from fusionkit.engine.files import atomic_write_json, file_sha256, read_json
-from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
+from fusionkit.engine.perturb import PerturbedDataset, build_perturbation, perturbation_revision
 from fusionkit.engine.runs import BEST_FILE, RunDir
 from fusionkit.engine.session import Session, load_run, set_threads
 
@@ -54,8 +54,10 @@ def results_path(run_dir: Path, spec: RobustnessSpec) -> Path:
     return Path(run_dir) / ROBUSTNESS_DIR / f"{spec.label}.json"
 
 
-def _header(spec: RobustnessSpec, checkpoint_sha: str) -> dict[str, Any]:
-    return {
+def _header(
+    spec: RobustnessSpec, checkpoint_sha: str, registry: Registry | None = None
+) -> dict[str, Any]:
+    header = {
         "name": spec.label,
         "perturbation": spec.perturbation,
         "params": spec.params,
@@ -63,6 +65,10 @@ def _header(spec: RobustnessSpec, checkpoint_sha: str) -> dict[str, Any]:
         "seed": spec.seed,
         "checkpoint_sha256": checkpoint_sha,
     }
+    revision = perturbation_revision(spec.perturbation, registry)
+    if revision != 1:  # files of perturbations never revised keep their header
+        header["revision"] = revision
+    return header
 
 
 def _load(path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -80,12 +86,15 @@ def _load(path: Path, header: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
-def missing_values(run_dir: Path, spec: RobustnessSpec) -> list[tuple[str, Any]]:
-    """``(split, value)`` pairs of ``spec`` not yet computed for the run's checkpoint."""
+def missing_values(
+    run_dir: Path, spec: RobustnessSpec, registry: Registry | None = None
+) -> list[tuple[str, Any]]:
+    """``(split, value)`` pairs of ``spec`` not yet computed for the run's checkpoint (with
+    the installed revision of the perturbation)."""
     ckpt = Path(run_dir) / BEST_FILE
     if not ckpt.is_file():
         return [(s, v) for s in spec.splits for v in spec.values]
-    stored = _load(results_path(run_dir, spec), _header(spec, file_sha256(ckpt)))
+    stored = _load(results_path(run_dir, spec), _header(spec, file_sha256(ckpt), registry))
     return [
         (s, v)
         for s in spec.splits
@@ -111,7 +120,7 @@ def run_sweep(
     same checkpoint and spec are skipped.
     """
     path = results_path(run.path, spec)
-    record = _load(path, _header(spec, file_sha256(run / BEST_FILE)))
+    record = _load(path, _header(spec, file_sha256(run / BEST_FILE), session.registry))
     rc = session.recipe
     for split in spec.splits:
         done = record["results"].setdefault(split, {})
@@ -153,7 +162,7 @@ def run_recipe_robustness(
     if specs is None:
         recipe = session.recipe if session else run.recipe(registry)
         specs = recipe.evaluation.robustness
-    todo = [s for s in specs if missing_values(run.path, s)]
+    todo = [s for s in specs if missing_values(run.path, s, registry)]
     if todo and session is None:
         session = load_run(run, registry=registry).session
     records = []

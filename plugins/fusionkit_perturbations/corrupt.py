@@ -4,6 +4,7 @@ spans of frames."""
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -48,6 +49,10 @@ class Noise:
     ``N(0, P / 10**(snr_db/10))`` on those frames. Frames where the modality is absent keep
     their features; a stream with ``P = 0`` is left as is.
     """
+
+    #: 2: the power is the variance over present frames (1: the mean square over all frames,
+    #: with noise on absent frames too)
+    revision: ClassVar[int] = 2
 
     def __init__(self, params: NoiseParams) -> None:
         self.params = params
@@ -116,6 +121,9 @@ class SpanDropout:
     set to ``fill``. The video is cut into consecutive blocks of ``span`` frames, and blocks in
     random order are dropped until that many frames are; the last block dropped is cut short
     where it would overshoot. Independent per modality unless ``same_spans``."""
+
+    #: 2: exactly round(rate * frames) frames (1: round(rate * blocks) whole blocks)
+    revision: ClassVar[int] = 2
 
     def __init__(self, params: SpanDropoutParams) -> None:
         self.params = params
