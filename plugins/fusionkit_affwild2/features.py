@@ -363,7 +363,10 @@ class FeaturesDataset:
                 warnings.warn(
                     f"features: {len(mismatches)} array(s) differ in length from their labels "
                     f"by at most {ROW_TOLERANCE} rows (padded with the last row or cut): "
-                    f"{'; '.join(mismatches[:8])}{hint}",
+                    f"{'; '.join(mismatches[:8])}{hint}. Rows are matched to frames by index, "
+                    "so an array must be at its video's frame rate: at another rate (e.g. 30 "
+                    "against 29.97 fps) its rows drift from the labels, here by up to the "
+                    "difference at the end; resample such arrays to the video's frames first",
                     stacklevel=2,
                 )
         return list(self._videos[split])
