@@ -526,3 +526,35 @@ def test_a_cache_dir_inside_a_run_or_grid_is_refused(tree_copy, tmp_path, marker
     ):
         dataset(tree_copy, cache_dir=str(owner / "cache"))
     assert not (owner / "cache").exists()
+
+
+def test_logmel_patches_before_a_late_audio_start_are_absent(tree_copy, tmp_path, monkeypatch):
+    """Silence put before an audio stream that starts 1.5 s late is not audio: a patch that
+    ends before the recording starts is absent (it used to be marked present)."""
+    import fusionkit_affwild2.extraction as extraction
+    from fusionkit_affwild2.media import probe
+
+    late = 1.5
+    real = extraction.load_audio_lead
+
+    def delayed(path, rate, sync):
+        wave, lead = real(path, rate, sync)
+        pad = round(late * rate)
+        return torch.cat([torch.zeros(pad), wave]), lead + pad
+
+    monkeypatch.setattr(extraction, "load_audio_lead", delayed)
+    ds = dataset(tree_copy, cache_dir=str(tmp_path / "cache"))
+    path = tree_copy / "raw_videos" / "vid_a.mp4"
+    job = ds._audio_job("vid_a", path, "cpu")
+    job.run()
+    tensors, _ = CacheFolder(tmp_path / "cache", "audio", job.extractor).load("vid_a")
+    present = tensors["present"]
+    a = ds.params.audio
+    lm, rate = a.logmel, a.logmel.sample_rate
+    hop, win = round(rate * lm.hop_ms / 1000), round(rate * lm.window_ms / 1000)
+    fps = probe(path).fps
+    for k in range(present.shape[0]):  # patch k ends at sample (start + P - 1) * hop + win
+        start = round(k / fps * rate / hop) - (lm.patch_frames // 2 if a.anchor == "center" else 0)
+        end = (start + lm.patch_frames - 1) * hop + win
+        assert bool(present[k]) == (end > late * rate), k
+    assert not present.all() and present.any()

@@ -345,6 +345,10 @@ class AffWild2Dataset:
         else:  # unchanged since format 1, so existing log-mel caches stay valid
             identity["logmel"] = a.logmel.model_dump(mode="json")
         identity |= {"anchor": a.anchor, "sync": a.sync, "frame_count": self.params.frame_count}
+        if a.sync == "container":
+            # frames before a late audio start are absent (caches made before counted the
+            # silence put there as audio: they are recomputed into a new folder)
+            identity["lead"] = "absent"
         return CacheFolder(self.cache_root, "audio", identity, self._versions)
 
     @cached_property

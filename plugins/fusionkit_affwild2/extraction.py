@@ -25,7 +25,7 @@ from fusionkit_affwild2.cache import CacheFolder, file_sha256
 from fusionkit_affwild2.faces import read_faces
 from fusionkit_affwild2.layout import crop_indices
 from fusionkit_affwild2.logmel import LogMel, frame_patches, patch_starts
-from fusionkit_affwild2.media import MediaInfo, load_audio, probe
+from fusionkit_affwild2.media import MediaInfo, load_audio_lead, probe
 from fusionkit_affwild2.params import LogMelParams, WaveformParams
 from fusionkit_affwild2.waveform import encode_chunked, encoder_frames, frame_windows, pool_frames
 
@@ -173,7 +173,7 @@ class AudioJob:
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         wp = WaveformParams.model_validate(self.waveform or {})
         rate, hop, win = int(model.sample_rate), int(model.frame_hop), int(model.frame_window)
-        wave = load_audio(path, rate, self.sync)  # type: ignore[arg-type]
+        wave, lead = load_audio_lead(path, rate, self.sync)  # type: ignore[arg-type]
         n = wave.numel()
         real = encoder_frames(n, hop, win)
         if n < win:  # too short for one encoder frame: pad with silence, present stays False
@@ -196,11 +196,13 @@ class AudioJob:
             n,
             self.anchor,  # type: ignore[arg-type]
             width,
+            lead,
         )
         present = windows.present & (real > 0)
         feats = pool_frames(frames, windows)
         return {"features": feats.contiguous(), "present": present}, {
             "audio_seconds": n / rate,
+            "audio_lead_seconds": lead / rate,
             "encoder_frames": real,
         }
 
@@ -209,8 +211,11 @@ class AudioJob:
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         lm_params = LogMelParams.model_validate(self.logmel)
         front = LogMel(lm_params)
-        wave = load_audio(path, lm_params.sample_rate, self.sync)  # type: ignore[arg-type]
+        wave, lead = load_audio_lead(path, lm_params.sample_rate, self.sync)  # type: ignore[arg-type]
         real = 0 if wave.numel() < front.win else 1 + (wave.numel() - front.win) // front.hop
+        # the first log-mel frame whose window reaches the recording (after the silence put
+        # before an audio stream that starts late)
+        first = 0 if lead < front.win else (lead - front.win) // front.hop + 1
         logmel = front(wave)
         starts = patch_starts(
             info.num_frames,
@@ -219,7 +224,7 @@ class AudioJob:
             lm_params.patch_frames,
             self.anchor,  # type: ignore[arg-type]
         )
-        present = (starts < real) & (starts + lm_params.patch_frames > 0)
+        present = (starts < real) & (starts + lm_params.patch_frames > first)
         feats = torch.cat(
             [
                 _run_batched(
@@ -230,6 +235,7 @@ class AudioJob:
         )
         return {"features": feats.contiguous(), "present": present}, {
             "audio_seconds": wave.numel() / lm_params.sample_rate,
+            "audio_lead_seconds": lead / lm_params.sample_rate,
             "logmel_frames": real,
         }
 

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from fusionkit.plugin import DataError
 
-__all__ = ["MediaInfo", "decode_audio", "load_audio", "probe"]
+__all__ = [
+    "MediaInfo",
+    "decode_audio",
+    "decode_audio_lead",
+    "load_audio",
+    "load_audio_lead",
+    "probe",
+]
 
 
 @dataclass(frozen=True)
@@ -128,9 +135,19 @@ def decode_audio(path: Path, sync: Literal["container", "none"] = "none") -> tup
     that sample 0 is the moment of the first video frame. A file without audio gives an
     empty waveform.
     """
+    wave, rate, _ = decode_audio_lead(path, sync)
+    return wave, rate
+
+
+def decode_audio_lead(
+    path: Path, sync: Literal["container", "none"] = "none"
+) -> tuple[Tensor, int, int]:
+    """:func:`decode_audio`, and the number of silent samples it put before the recording
+    (an audio stream that starts after the first video frame, ``sync="container"``): those
+    samples are not audio the recording has."""
     with _open(path) as container:
         if not container.streams.audio:
-            return torch.zeros(0), 0
+            return torch.zeros(0), 0, 0
         stream = container.streams.audio[0]
         rate = int(stream.rate or 0)
         chunks: list[np.ndarray] = []
@@ -152,8 +169,9 @@ def decode_audio(path: Path, sync: Literal["container", "none"] = "none") -> tup
         except av.FFmpegError as exc:
             raise DataError(f"{path}: audio stream cannot be decoded: {exc}") from None
         if not chunks or rate <= 0:
-            return torch.zeros(0), max(rate, 0)
+            return torch.zeros(0), max(rate, 0), 0
         wave = torch.from_numpy(np.concatenate(chunks, axis=1)).float().mean(dim=0)
+        lead = 0
         if sync == "container" and container.streams.video:
             video = container.streams.video[0]
             v_start = _seconds(video.start_time, video.time_base) or 0.0
@@ -161,16 +179,26 @@ def decode_audio(path: Path, sync: Literal["container", "none"] = "none") -> tup
             shift = round((a_start - v_start) * rate)
             if shift > 0:
                 wave = torch.cat([torch.zeros(shift), wave])
+                lead = shift
             elif shift < 0:
                 wave = wave[-shift:]
-        return wave.contiguous(), rate
+        return wave.contiguous(), rate, lead
 
 
 def load_audio(
     path: Path, sample_rate: int = 16000, sync: Literal["container", "none"] = "none"
 ) -> Tensor:
     """:func:`decode_audio` resampled to ``sample_rate`` with torchaudio (band-limited sinc)."""
-    wave, rate = decode_audio(path, sync)
+    return load_audio_lead(path, sample_rate, sync)[0]
+
+
+def load_audio_lead(
+    path: Path, sample_rate: int = 16000, sync: Literal["container", "none"] = "none"
+) -> tuple[Tensor, int]:
+    """:func:`load_audio`, and the silent samples (at ``sample_rate``) put before the
+    recording (see :func:`decode_audio_lead`)."""
+    wave, rate, lead = decode_audio_lead(path, sync)
     if wave.numel() == 0 or rate == sample_rate:
-        return wave
-    return torchaudio.functional.resample(wave, orig_freq=rate, new_freq=sample_rate)
+        return wave, lead
+    wave = torchaudio.functional.resample(wave, orig_freq=rate, new_freq=sample_rate)
+    return wave, round(lead * sample_rate / rate)

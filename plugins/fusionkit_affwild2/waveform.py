@@ -63,11 +63,14 @@ def frame_windows(
     samples: int,
     anchor: Literal["start", "center"],
     window_seconds: Fraction | None = None,
+    lead: int = 0,
 ) -> FrameWindows:
     """The encoder frames overlapping each video frame's window (see the module docstring).
 
     Times are kept as integers over one common denominator ``den``: frame ``k``'s window is
-    ``[s_k, s_k + w) / den`` seconds.
+    ``[s_k, s_k + w) / den`` seconds. The recording spans samples ``lead .. samples``: the
+    first ``lead`` are silence put before an audio stream that starts late, so a window that
+    ends before them is not present.
     """
     if fps <= 0:
         raise DataError(f"video frame rate must be positive, got {fps}")
@@ -84,7 +87,7 @@ def frame_windows(
         # frame j overlaps [s, e) when j * hop < e and j * hop + window > s
         hi.append((e - 1) // unit)
         lo.append((s - window * den) // unit + 1)
-        present.append(s < samples * den and e > 0)
+        present.append(s < samples * den and e > lead * den)
     return FrameWindows(
         torch.tensor(lo, dtype=torch.long),
         torch.tensor(hi, dtype=torch.long),
