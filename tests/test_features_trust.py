@@ -34,6 +34,15 @@ FRAMES = 20
 WIDTHS = {"audio": 4, "video": 6}
 
 
+def data_error_line(call) -> str:
+    """The message of the :class:`DataError` that ``call()`` raises, checked to be one line."""
+    with pytest.raises(DataError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
 def _labels(path: Path, frames: int = FRAMES, unlabelled: tuple[int, int] = (0, 0)) -> Path:
     """An annotation file of ``frames`` rows, ``-5`` on rows ``[lo, hi)``."""
     lo, hi = unlabelled
@@ -99,10 +108,7 @@ def write_recipe(root: Path, feats: Path, labels: Path) -> Path:
 
 def test_a_trial_in_train_and_val_is_refused_naming_both_files(tmp_path):
     feats, labels = make_features(tmp_path, train=("a", "b"), val=("a", "c"))
-    with pytest.raises(DataError) as err:
-        dataset(feats, labels).videos("val")
-    message = str(err.value)
-    assert "\n" not in message
+    message = data_error_line(lambda: dataset(feats, labels).videos("val"))
     assert "trial(s) a appear in both" in message
     assert str(labels / "Train_Set" / "a.txt") in message
     assert str(labels / "Validation_Set" / "a.txt") in message
@@ -133,10 +139,7 @@ def test_a_test_list_naming_an_annotated_trial_is_refused(tmp_path):
 def test_shared_media_falls_back_for_audio_only(tmp_path):
     # c_right (train) has no array of its own; c (val) has both
     feats, labels = make_features(tmp_path, train=("a", "c_right"), val=("c",), arrays=("a", "c"))
-    with pytest.raises(DataError) as err:
-        dataset(feats, labels).videos("train")
-    message = str(err.value)
-    assert "\n" not in message
+    message = data_error_line(lambda: dataset(feats, labels).videos("train"))
     assert message.startswith(
         f"no 'video' features for trial 'c_right': expected {feats / 'video' / 'c_right.npy'}"
     )
@@ -177,10 +180,7 @@ def test_all_frames_rows_are_bounded_and_a_compacted_array_is_named(tmp_path):
     # 7 -5 rows and an array 7 rows short: beyond the tolerance, compacted
     _labels(labels / "Train_Set" / "a.txt", unlabelled=(5, 12))
     _array(feats / "video" / "a.npy", FRAMES - 7, WIDTHS["video"])
-    with pytest.raises(DataError) as err:
-        dataset(feats, labels).videos("train")
-    message = str(err.value)
-    assert "\n" not in message
+    message = data_error_line(lambda: dataset(feats, labels).videos("train"))
     assert message.startswith(
         f"'video' feature file {feats / 'video' / 'a.npy'} has {FRAMES - 7} rows but "
         f"{labels / 'Train_Set' / 'a.txt'} has {FRAMES} label rows: more than "
@@ -202,10 +202,7 @@ def test_an_array_of_another_width_is_named_when_loading(tmp_path):
     _array(feats / "audio" / "b.npy", FRAMES, 16)
     ds = dataset(feats, labels)
     assert ds.feature_dims == WIDTHS  # the width most files have
-    with pytest.raises(DataError) as err:
-        ds.videos("train")
-    message = str(err.value)
-    assert "\n" not in message
+    message = data_error_line(lambda: ds.videos("train"))
     assert message.startswith(
         f"feature file {feats / 'audio' / 'b.npy'} has 16 columns; the other 2 'audio' "
         f"file(s) have {WIDTHS['audio']} (e.g. {feats / 'audio' / 'a.npy'})"
@@ -274,10 +271,7 @@ def test_backbone_weights_with_nan_are_refused_when_loading(tmp_path):
     params = TINY_VIDEO["params"]
     path = tmp_path / "face_nan.safetensors"
     save_file(_nan_state(**params), str(path))
-    with pytest.raises(DataError) as err:
-        read_weights(path)
-    message = str(err.value)
-    assert "\n" not in message
+    message = data_error_line(lambda: read_weights(path))
     assert message.startswith(f"backbone weights {path}: tensor 'blocks.0.weight' (1 of 108")
     with pytest.raises(FusionkitError, match=r"tensor 'blocks\.0\.weight' \(1 of 108"):
         plugin_backbone("visual_backbone", "face_cnn", weights=str(path), **params)
