@@ -24,7 +24,18 @@ from fusionkit.engine.files import (
     state_dict_mismatch,
 )
 
-__all__ = ["TrainState", "load_state", "load_weights", "save_state", "save_weights"]
+__all__ = [
+    "TrainState",
+    "WeightsMismatch",
+    "load_state",
+    "load_weights",
+    "save_state",
+    "save_weights",
+]
+
+
+class WeightsMismatch(CheckpointError):
+    """A readable weights file whose keys or shapes do not fit the model built for it."""
 
 
 class TrainState(BaseModel):
@@ -77,7 +88,7 @@ def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     problems = state_dict_mismatch(model.state_dict(), tensors)
     if problems:
-        raise CheckpointError(
+        raise WeightsMismatch(
             f"{path} does not fit the model built from the run's recipe: {problems}"
         )
     model.load_state_dict(tensors, strict=True)

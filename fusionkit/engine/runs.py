@@ -446,10 +446,8 @@ class RunDir:
         the recipe's value)`` per setting, from the run's own ``recipe.yaml``; None when that
         file cannot be trusted (unreadable, or edited after the run was created)."""
         try:
-            own = self.recipe(registry)
+            own = self.checked_recipe(registry)
         except FusionkitError:
-            return None
-        if own.training_sha256() != self.marker().recipe_sha256:
             return None
         return _changes(own.training_view(), recipe.training_view())
 

@@ -23,7 +23,7 @@ from fusionkit.core.interfaces import Dataset, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
-from fusionkit.engine.checkpoint import load_weights
+from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
 from fusionkit.engine.data import FrameStore, Normalizer
 from fusionkit.engine.files import load_tensors, read_json, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
@@ -457,8 +457,8 @@ def load_run(
     session.load_normalizer(run)
     try:
         info = load_weights(weights, session.model)
-    except CheckpointError as exc:
-        if not data_overrides or "does not fit" not in str(exc):
+    except WeightsMismatch as exc:
+        if not data_overrides:
             raise
         _check_unchanged(run, marker, BEST_FILE, required=True)  # the run's own weights
         widths = ", ".join(f"{m} {d}" for m, d in sorted(session.dataset.feature_dims.items()))
