@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -13,14 +12,9 @@ import typer
 from rich.markup import escape
 
 from fusionkit.cli._common import console, err_console, load, metrics_table
-from fusionkit.engine.workers import Terminated, sigterm_as_interrupt
+from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
 
 __all__ = ["eval_cmd", "register", "resume", "run"]
-
-
-def _exit_code(exc: KeyboardInterrupt) -> int:
-    """128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
 
 
 def _q(path: object) -> str:
@@ -166,7 +160,7 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
                 f"\n[yellow]interrupted[/]: the last finished epoch is saved in "
                 f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
             )
-        raise typer.Exit(_exit_code(exc)) from None
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     except Exception:  # a FusionkitError, or a crash (out of memory, a plugin's bug)
         if dist.is_main:
             # nothing started: remove the folder, so that a retry gets the same name
@@ -192,25 +186,20 @@ def _finish_robustness(rc, run, *, quiet: bool) -> None:
     sweeps that its ``robustness/`` folder lacks (a sweep interrupted after training, or one
     added with ``run --resume``), on the run's best weights; nothing to do when none is."""
     from fusionkit.engine.session import load_run
-    from fusionkit.studies.robustness import (
-        missing_values,
-        results_path,
-        robustness_complete,
-        run_recipe_robustness,
-    )
+    from fusionkit.studies.robustness import missing_values, results_path, run_recipe_robustness
 
     specs = list(rc.evaluation.robustness)
-    if robustness_complete(run.path, rc):
-        console.print(
-            f"{escape(str(run.path))} is complete already; nothing to do (its results are in "
-            f"{escape(str(run.path / 'metrics.json'))})"
-        )
-        return
     todo = []
     for spec in specs:
         missing = len(missing_values(run.path, spec))
         if missing:
             todo.append(f"{spec.label} ({missing} of {len(spec.values) * len(spec.splits)})")
+    if not todo:
+        console.print(
+            f"{escape(str(run.path))} is complete already; nothing to do (its results are in "
+            f"{escape(str(run.path / 'metrics.json'))})"
+        )
+        return
     console.print(
         f"{escape(str(run.path))} is complete; evaluating the robustness values it misses on "
         f"its best weights (no training): {escape(', '.join(todo))}"
@@ -231,7 +220,7 @@ def _finish_robustness(rc, run, *, quiet: bool) -> None:
             f"\n[yellow]interrupted[/]: the robustness values computed so far are kept in "
             f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
         )
-        raise typer.Exit(_exit_code(exc)) from None
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     for spec in specs:
         where = results_path(run.path, spec)
         console.print(f"robustness {escape(spec.label)}: {escape(str(where))}")
@@ -267,7 +256,7 @@ def _run_grid(rc, workers: int, quiet: bool, executor: str, ray_address: str | N
             "\n[yellow]interrupted[/]: finished points are kept and running ones keep their "
             f"last finished epoch; continue with the same command: fusionkit run{source}"
         )
-        raise typer.Exit(_exit_code(exc)) from None
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     failed = [t for t, r in record["runs"].items() if r["status"] != "done"]
     if failed:
         err_console.print(f"[red]{len(failed)} run(s) failed[/]: {escape(', '.join(failed))}")
