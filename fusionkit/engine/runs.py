@@ -70,6 +70,7 @@ __all__ = [
     "PREDICTIONS_DIR",
     "RECIPE_FILE",
     "STATE_FILE",
+    "RecipeChanged",
     "RunDir",
     "RunMarker",
     "check_output_file",
@@ -93,6 +94,18 @@ NORMALIZATION_FILE = "normalization.safetensors"
 PREDICTIONS_DIR = "predictions"
 MARKER_FORMAT = 1
 _MAX_SUFFIX = 10_000
+
+
+class RecipeChanged(CheckpointError):
+    """A run was created by a training recipe other than the one given.
+
+    Attributes:
+        changes: ``(dotted path, the run's value, the given recipe's value)`` per setting.
+    """
+
+    def __init__(self, message: str, changes: list[tuple[str, Any, Any]]) -> None:
+        super().__init__(message)
+        self.changes = changes
 
 
 class RunMarker(BaseModel):
@@ -417,7 +430,8 @@ class RunDir:
 
         When the run's own ``recipe.yaml`` no longer matches the hash in ``run.json`` (it was
         edited after the run was created), the error says so and names the changed keys when
-        ``run.json`` records the training settings the run was created with.
+        ``run.json`` records the training settings the run was created with. A readable run of
+        another recipe raises :class:`RecipeChanged`, which lists the changed settings.
         """
         marker = self.marker()
         saved = marker.recipe_sha256
@@ -437,7 +451,9 @@ class RunDir:
             if self.is_complete()
             else f"resume it as it was with `fusionkit resume {_q(self.path)}`, or start a new run"
         )
-        raise CheckpointError(f"{self.path} was created by a different recipe ({shown}); {fix}")
+        raise RecipeChanged(
+            f"{self.path} was created by a different recipe ({shown}); {fix}", changes
+        )
 
     def training_changes(
         self, recipe: Recipe, registry: Registry | None = None

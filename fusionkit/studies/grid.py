@@ -56,7 +56,7 @@ from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
 from fusionkit.engine.files import atomic_write_json, read_json
 from fusionkit.engine.progress import duration, train_progress
-from fusionkit.engine.runs import GRID_FILE, RunDir, is_run_dir
+from fusionkit.engine.runs import GRID_FILE, RecipeChanged, RunDir, is_run_dir
 from fusionkit.engine.session import (
     Session,
     available_cores,
@@ -362,12 +362,11 @@ def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | N
             continue  # no run yet, or a damaged run.json: that point fails on its own
         try:
             run.check_same_training(p.recipe, registry)
-        except CheckpointError as exc:
-            fields = [
-                f"{path} {short_repr(a)} -> {short_repr(b)}"
-                for path, a, b in run.training_changes(p.recipe, registry) or []
-            ]
+        except RecipeChanged as exc:
+            fields = [f"{path} {short_repr(a)} -> {short_repr(b)}" for path, a, b in exc.changes]
             changed.append(f"{p.tag} ({_some(fields, 3) if fields else exc})")
+        except CheckpointError as exc:
+            changed.append(f"{p.tag} ({exc})")
     if changed:
         raise CheckpointError(
             f"{gdir} holds {len(changed)} run(s) of this grid trained with another recipe (run "
