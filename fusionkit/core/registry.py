@@ -22,7 +22,7 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from types import ModuleType
@@ -416,13 +416,6 @@ class Registry:
         finally:
             self._origin = ("<direct>", "", "")
 
-    def register_module(
-        self, module: ModuleType | object, *, plugin: str, distribution: str, version: str
-    ) -> None:
-        """Run one plugin module's hooks (kinds, then components) against this registry."""
-        self._run_hook("fusionkit_register_kinds", module, plugin, distribution, version)
-        self._run_hook("fusionkit_register_components", module, plugin, distribution, version)
-
     def _merge(self, other: Registry) -> None:
         for (kind, name), entries in other._items.items():
             mine = self._items.setdefault((kind, name), [])
@@ -564,8 +557,3 @@ def get_registry(*, strict: bool | None = None) -> Registry:
 
 def clear_registry_cache() -> None:
     _cached_registry.cache_clear()
-
-
-def registered_names(registry: Registry, kinds: Iterable[str]) -> dict[str, list[str]]:
-    """Kind -> registered names, for listings and schema generation."""
-    return {k: registry.names(k) for k in kinds}

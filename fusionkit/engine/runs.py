@@ -348,10 +348,6 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    @property
-    def locked(self) -> bool:
-        return self._lock_fd is not None
-
     def holder(self) -> str | None:
         """Who holds this run's lock right now (another process), or ``None``."""
         path = self.path / LOCK_FILE
