@@ -130,6 +130,7 @@ def _resume(rc, run, quiet: bool, dist, threads: int) -> None:
 
 
 def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
+    from fusionkit.engine.train import Diverged
     from fusionkit.studies.grid import train_and_evaluate
 
     if not dist.is_main:
@@ -161,11 +162,19 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
                 f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
             )
         raise typer.Exit(interrupt_exit_code(exc)) from None
-    except Exception:  # a FusionkitError, or a crash (out of memory, a plugin's bug)
+    except Exception as exc:  # a FusionkitError, or a crash (out of memory, a plugin's bug)
         if dist.is_main:
             # nothing started: remove the folder, so that a retry gets the same name
             removed = not resume and run.remove_if_unstarted()
-            if not removed and (run / "state.safetensors").is_file():
+            if removed or not (run / "state.safetensors").is_file():
+                pass
+            elif isinstance(exc, Diverged):  # resume is exact: it would diverge again
+                err_console.print(
+                    f"the finished epochs are kept in {escape(str(run.path))}, but resuming it "
+                    "repeats the same steps: start a new run with the fix (another "
+                    "training.lr, a training.grad_clip, or other data)"
+                )
+            else:
                 err_console.print(
                     f"the last finished epoch is saved in {escape(str(run.path))}; after fixing "
                     f"the cause, resume with: fusionkit resume {_q(run.path)}"
@@ -277,9 +286,12 @@ def eval_cmd(
     from fusionkit.engine.session import load_run, set_threads
 
     run = RunDir.open(run_dir)
-    # the threads the run was trained with (as `fusionkit run` sets them): a different count
-    # changes the order of float sums, so the last digits of the metrics
-    threads = set_threads(run.recipe().training.num_threads)
+    # the threads the run was evaluated with (recorded since metrics.json has cpu_threads;
+    # before, as `fusionkit run` sets them): a different count changes the order of float
+    # sums, so the last digits of the metrics
+    asked = run.recipe().training.num_threads
+    recorded = None if asked else _evaluated_threads(run)
+    threads = set_threads(asked or recorded)
     loaded = load_run(run, device=device)
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
@@ -292,9 +304,12 @@ def eval_cmd(
         for k, v in m.items()
         if s in stored["splits"] and stored["splits"][s].get(k) != v
     ]
-    asked = rc.training.num_threads
     how = f"{loaded.session.device}, {threads} thread{'s' if threads != 1 else ''} " + (
-        f"(training.num_threads={asked})" if asked else "(the available cores)"
+        f"(training.num_threads={asked})"
+        if asked
+        else "(as the run was evaluated)"
+        if recorded
+        else "(the available cores)"
     )
     if mismatches:
         err_console.print(
@@ -308,3 +323,17 @@ def eval_cmd(
             f"[green]reproduces metrics.json exactly[/] ({', '.join(compared)}; "
             f"re-evaluated on {escape(how)})"
         )
+
+
+def _evaluated_threads(run) -> int | None:
+    """The CPU threads ``metrics.json`` says the run was evaluated with (None when it does
+    not say, or cannot be read: :func:`load_run` then names the problem)."""
+    from fusionkit.core.errors import CheckpointError
+    from fusionkit.engine.files import read_json
+
+    try:
+        metrics = read_json(run / "metrics.json", "metrics")
+    except CheckpointError:
+        return None
+    n = metrics.get("cpu_threads") if isinstance(metrics, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

@@ -259,7 +259,12 @@ class DataSpec(ComponentSpec):
     root: str | None = Field(
         None, description="shorthand for data.params.root, for datasets that read a folder"
     )
-    window: int = Field(300, ge=1, le=100_000, description="window length in frames")
+    window: int = Field(
+        300,
+        ge=2,
+        le=100_000,
+        description="window length in frames (at least 2: the loss is a CCC over each window)",
+    )
     hop: int = Field(200, ge=1, le=100_000, description="hop between window starts in frames")
     train_split: str = "train"
     val_split: str = "val"
@@ -490,6 +495,18 @@ class TrainingSpec(Strict):
         max_length=64,
         description="applied in order to the training split only (drawn once per video)",
     )
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> TrainingSpec:
+        if self.plateau.min_lr >= self.lr:
+            raise error_at(
+                ("plateau", "min_lr"),
+                f"{self.plateau.min_lr} is not below training.lr={self.lr}: the learning rate "
+                "could never decay; lower training.plateau.min_lr (to keep the rate fixed, "
+                "raise training.plateau.patience instead)",
+                self.plateau.min_lr,
+            )
+        return self
 
 
 class EvaluationSpec(Strict):

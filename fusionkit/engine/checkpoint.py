@@ -51,6 +51,10 @@ class TrainState(BaseModel):
         stopped_early: early stopping ended training.
         train_seconds: wall time of the finished epochs.
         history: one record per finished epoch (also in ``history.csv``).
+        data_sha256: split role (``train``, ``val``) -> ``FrameStore.content_sha256`` of the
+            data the first epoch trained on (``None`` in states of older versions).
+        cpu_threads: torch CPU threads the first epoch trained with (``None`` on a GPU, and in
+            states of older versions).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -64,6 +68,8 @@ class TrainState(BaseModel):
     stopped_early: bool = False
     train_seconds: float = Field(0.0, ge=0.0)
     history: list[dict[str, Any]] = Field(default_factory=list)
+    data_sha256: dict[str, str] | None = None
+    cpu_threads: int | None = Field(None, ge=1)
 
 
 def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

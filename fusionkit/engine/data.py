@@ -24,6 +24,9 @@ from fusionkit.core.interfaces import Video
 
 __all__ = ["Batch", "DataWarning", "FrameStore", "Normalizer", "window_starts"]
 
+#: how many bytes of features one hashing slice copies at most (bounded memory on GPUs)
+_HASH_SLICE_BYTES = 64 * 2**20
+
 
 class DataWarning(UserWarning):
     """Data that trains but probably not as intended (e.g. a modality absent from a video)."""
@@ -216,8 +219,11 @@ class FrameStore:
         if normalizer is not None:
             self.features = {m: normalizer.apply(m, x) for m, x in self.features.items()}
         cols = list(target_columns)
-        self.targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
         self.target_mask = torch.cat([v.label_mask.bool() for v in videos]).to(device)
+        # unlabelled rows may hold anything (NaN for "no annotation"): stored as 0, so that no
+        # masked product (NaN * 0 = NaN) reaches a loss, a metric or a predictions file
+        targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
+        self.targets = torch.where(self.target_mask[:, None], targets, 0.0)
         names = sorted({f for v in videos for f in v.flags})
         #: flag name -> (total frames,) bool on the CPU (False on videos without the flag)
         self.flags = {
@@ -251,7 +257,19 @@ class FrameStore:
         for name, n in zip(self.names, self.lengths.tolist(), strict=True):
             h.update(f"{name}\t{n}\n".encode())
         h.update(self.target_mask.cpu().numpy().tobytes())
-        h.update(torch.where(self.target_mask[:, None], self.targets, 0.0).cpu().numpy().tobytes())
+        h.update(self.targets.cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def content_sha256(self) -> str:
+        """SHA-256 of everything training reads from this split: :meth:`fingerprint` plus every
+        (normalised) feature value, hashed in slices of bounded size. A resumed run compares it
+        with the one its first epochs were trained on."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        for m, x in sorted(self.features.items()):
+            h.update(f"{m}\t{tuple(x.shape)}\t{x.dtype}\n".encode())
+            rows = max(1, _HASH_SLICE_BYTES // max(1, x[:1].numel() * x.element_size()))
+            for i in range(0, x.shape[0], rows):
+                h.update(x[i : i + rows].cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     @property

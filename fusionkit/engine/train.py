@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from fusionkit.engine.checkpoint import (
     TrainState,
     load_state,
     load_weights,
+    read_train_state,
     save_state,
     save_weights,
 )
@@ -57,9 +59,14 @@ from fusionkit.engine.runs import (
     STATE_FILE,
     RunDir,
 )
-from fusionkit.engine.session import Session
+from fusionkit.engine.session import Session, available_cores
 
-__all__ = ["RunResult", "Trainer", "recover_best_weights"]
+__all__ = ["Diverged", "RunResult", "Trainer", "recover_best_weights", "restore_threads"]
+
+
+class Diverged(TrainingError):
+    """The loss or the validation predictions stopped being finite. Resuming repeats the same
+    steps (resume is exact), so the way on is a new run with another recipe or other data."""
 
 
 @dataclass
@@ -69,6 +76,22 @@ class RunResult:
     best_epoch: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, SplitPredictions] = field(default_factory=dict)
+
+
+def restore_threads(run: RunDir) -> None:
+    """Before resuming ``run`` on the CPU without ``training.num_threads``: use the CPU threads
+    its first epoch trained with (capped at the cores available now), so that the resumed
+    epochs compute what an uninterrupted run would. A state that cannot be read is left to
+    :meth:`Trainer.restore` to report."""
+    path = run / STATE_FILE
+    if not path.is_file():
+        return
+    try:
+        threads = read_train_state(path).cpu_threads
+    except CheckpointError:
+        return
+    if threads is not None:
+        torch.set_num_threads(min(threads, available_cores()))
 
 
 def recover_best_weights(run: RunDir, state: TrainState | None) -> None:
@@ -248,9 +271,13 @@ class Trainer:
             else "the inputs were finite, so the model diverged or produced NaN (lower "
             "training.lr, set training.grad_clip, or check the component)"
         )
-        raise TrainingError(
+        done = self.state.epochs_done
+        kept = (
+            f"the run keeps its last finished epoch ({done})" if done else "no epoch had finished"
+        )
+        raise Diverged(
             f"training stopped: the loss is not finite at epoch {epoch}, step {step} of {steps}; "
-            f"{why}. Nothing of this epoch was saved; the run keeps its last finished epoch"
+            f"{why}. Nothing of this epoch was saved; {kept}"
         )
 
     def _check_labels(self, train: FrameStore, val: FrameStore) -> None:
@@ -282,6 +309,43 @@ class Trainer:
                     f"without labels: fusionkit predict RUN --split {split})",
                 )
 
+    def _check_same_data(self, train: FrameStore, val: FrameStore) -> None:
+        """Record what the first epoch trains and selects on; refuse to resume onto other data
+        (features re-extracted, labels edited, videos added), which would give numbers that
+        belong to neither."""
+        st = self.state
+        digests = {"train": train.content_sha256(), "val": val.content_sha256()}
+        if st.epochs_done == 0:
+            st.data_sha256 = digests
+            return
+        saved = st.data_sha256 or {}  # states of older versions recorded nothing
+        changed = [role for role, d in digests.items() if saved.get(role, d) != d]
+        if changed:
+            rc = self.recipe
+            split = {"train": rc.data.train_split, "val": rc.data.val_split}
+            which = " and the ".join(f"{r} split {split[r]!r}" for r in changed)
+            raise CheckpointError(
+                f"{self.run}: the {which} differ from the data its {st.epochs_done} finished "
+                "epoch(s) trained on (features, labels or videos changed since); resuming would "
+                "mix the two: restore the data as it was, or start a new run"
+            )
+
+    def _check_threads(self) -> None:
+        """Record the CPU threads of the first epoch; say so when a resumed run continues with
+        another number, since its sums then round differently from an uninterrupted run's."""
+        if self.device.type != "cpu":
+            return
+        st, now = self.state, torch.get_num_threads()
+        if st.epochs_done == 0:
+            st.cpu_threads = now
+        elif st.cpu_threads is not None and st.cpu_threads != now:
+            warnings.warn(
+                f"{self.run}: its first {st.epochs_done} epoch(s) trained with {st.cpu_threads} "
+                f"CPU thread(s) and it continues with {now}, so its numbers will differ slightly "
+                "from an uninterrupted run's",
+                stacklevel=3,
+            )
+
     def _validate(self, val: FrameStore, epoch: int) -> dict[str, Any]:
         metrics, preds = evaluate(
             self.model,
@@ -292,7 +356,7 @@ class Trainer:
             self.recipe.data.val_split,
         )
         if not bool(torch.isfinite(preds.pred).all()):
-            raise TrainingError(
+            raise Diverged(
                 f"training stopped: the model's validation predictions are not finite after "
                 f"epoch {epoch}; lower training.lr or set training.grad_clip"
             )
@@ -371,6 +435,8 @@ class Trainer:
         train = self.session.store(rc.data.train_split, self.session.train_dataset)
         val = self.session.store(rc.data.val_split)
         self._check_labels(train, val)
+        self._check_same_data(train, val)
+        self._check_threads()
         bs = tr.batch_size
         steps = math.ceil(self.dist.windows_per_rank(train.num_windows) / bs)
         fwd = self.dist.wrap(self.model, self.device)
@@ -443,6 +509,7 @@ class Trainer:
             "device": str(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
             "compile": self.recipe.training.compile,
+            "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "recipe_sha256": st.recipe_sha256,
             "splits": results,
             "history": st.history,

@@ -66,7 +66,7 @@ from fusionkit.engine.session import (
     resolve_device,
     set_threads,
 )
-from fusionkit.engine.train import RunResult, Trainer
+from fusionkit.engine.train import RunResult, Trainer, restore_threads
 from fusionkit.engine.workers import Terminated, die_with_parent
 from fusionkit.studies.robustness import robustness_complete, run_recipe_robustness
 
@@ -98,6 +98,8 @@ def train_and_evaluate(
     dist = dist or Dist()
     device = dist.device(resolve_device(recipe.training.device, source=recipe.source))
     session = build_session(recipe, registry, device=device)
+    if resume and device.type == "cpu" and recipe.training.num_threads is None:
+        restore_threads(run)  # before saying how many threads train
     if console is not None:
         _describe(session, console, dist)
     if resume and dist.is_main:
@@ -436,10 +438,14 @@ def run_grid(
     if workers > 1 or executor == "ray":
         todo = _largest_first(todo, registry)
     threads = max(1, available_cores() // max(1, workers))
+    counts = sorted(
+        {min(p.recipe.training.num_threads or threads, available_cores()) for p in todo or points}
+    )
+    each = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     say = console.print if console else (lambda *a, **k: None)
     say(
         f"grid {escape(recipe.run_name)}: {len(points)} runs, {len(points) - len(todo)} already "
-        f"done, {len(todo)} to run with {workers} worker(s), {threads} thread(s) each -> "
+        f"done, {len(todo)} to run with {workers} worker(s), {each} thread(s) each -> "
         f"{escape(str(gdir))}",
         highlight=False,
         soft_wrap=True,
