@@ -44,6 +44,12 @@ def check_shape(who: str, what: str, x: Tensor, pattern: str, **known: int) -> d
     ...
     fusionkit.core.errors.ShapeError: fusion 'mine' expected video (B, T, D=8); got (2, 5, 4)
     """
+    unknown = [k for k in known if k not in pattern.split()]
+    if unknown:
+        raise ShapeError(
+            f"{who}: the size of axis {unknown[0]!r} is given for {what}, but the pattern "
+            f"{pattern!r} has no such axis"
+        )
     want = _axes_text(pattern, known)
     try:
         dims = parse_shape(x, pattern)
@@ -70,6 +76,12 @@ def check_shapes(
     >>> check_shapes("gate 'g'", x, "b t s d", sizes)
     {'b': 2, 't': 5}
     """
+    missing = [name for name in sizes if name not in tensors]
+    if missing:
+        raise ShapeError(
+            f"{who} expected tensors {sorted(sizes)}; got {sorted(tensors)} "
+            f"(missing {missing[0]!r})"
+        )
     found: dict[str, int] = {}
     try:
         for name in sizes:

@@ -29,7 +29,8 @@ This module re-exports, from the rest of fusionkit (which is private to fusionki
 * files and processes: atomic writes and safetensors helpers for datasets that cache
   features, :func:`die_with_parent` and :func:`available_cores` for worker processes,
   :class:`TaskProgress` for long work (bars on a terminal, plain lines in logs);
-* the conformance kit: :func:`check_component`, :func:`check_fusion`, ... (also
+* the conformance kit: :func:`check_component`, :func:`check_fusion`, ...,
+  :func:`host_syncs` and :func:`simulated_host_syncs` (also
   :mod:`fusionkit.testing`).
 
 See docs/plugins.md.
@@ -112,6 +113,7 @@ from fusionkit.testing import (
     check_head,
     check_perturbation,
     host_syncs,
+    simulated_host_syncs,
 )
 
 __all__ = [
@@ -177,6 +179,7 @@ __all__ = [
     "save_tensors",
     "shift_index",
     "shifted_bilstm",
+    "simulated_host_syncs",
     "state_dict_mismatch",
     "stream_generator",
     "video_generator",

@@ -351,8 +351,21 @@ def test_raise_for_failures_names_each_skipped_plugin(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- CLI
 
 BAD_GATE_PLUGIN = """
-from fusionkit.plugin import hookimpl
-from tests.test_conformance import SigmoidGate
+import torch
+from torch import nn
+
+from fusionkit.plugin import GateOutput, hookimpl
+
+class SigmoidGate(nn.Module):  # weights in (0, 1) that do not sum to 1
+    def __init__(self, in_dims, num_steps):
+        super().__init__()
+        self.score = nn.ModuleDict({s: nn.Linear(d, 1) for s, d in in_dims.items()})
+        self.out_dim = sum(in_dims.values())
+
+    def forward(self, stacks, mask):
+        weights = {s: torch.sigmoid(self.score[s](x)).squeeze(-1) for s, x in stacks.items()}
+        feats = [(weights[s].unsqueeze(-1) * x).sum(2) for s, x in sorted(stacks.items())]
+        return GateOutput(torch.cat(feats, dim=-1), weights)
 
 @hookimpl
 def fusionkit_register_components(registry):

@@ -185,9 +185,7 @@ def _select(reg: Registry, name: str | None, kind: str | None, check_all: bool) 
         return comps
     if name is None:
         raise PluginError("name a component or a distribution to check, or pass --all")
-    by_name = [c for c in comps if c.name == name]
-    if len({(c.kind, c.name) for c in by_name}) < len(by_name):
-        raise PluginError(reg.clash_message(by_name[0].kind, name))
+    by_name = [c for c in comps if c.name == name]  # every registration of a clashing name
     if by_name:
         return by_name
     by_dist = [c for c in comps if _normalize(c.distribution) == _normalize(name)]
@@ -228,6 +226,13 @@ def _print_report(report: ConformanceReport, *, verbose: bool) -> None:
     for r in shown:
         table.add_row(f"    [{_STYLE[r.status]}]{r.status.upper()}[/]", r.check, escape(r.message))
     console.print(table)
+
+
+def _label(report: ConformanceReport, reports: list[ConformanceReport]) -> str:
+    """``gate 'last'``, with the distribution when several reports share the name."""
+    same = sum((r.kind, r.name) == (report.kind, report.name) for r in reports)
+    text = f"{report.kind} '{report.name}'"
+    return text + (f" ({report.distribution})" if same > 1 else "")
 
 
 def _validate_params(comp: Component, given: dict[str, Any], reg: Registry) -> None:
@@ -279,8 +284,11 @@ def plugins_check(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,
 ) -> None:
-    """Run the conformance kit (fusionkit.testing) on components; exit 1 if any check fails."""
-    from fusionkit.testing import check_component, known_checks
+    """Run the conformance kit (fusionkit.testing) on components; exit 1 if any check fails.
+
+    Each registration of a name that several distributions register is checked on its own and
+    reported as failed (check ``clash``); the other components are checked as usual."""
+    from fusionkit.testing import check_registered, known_checks
 
     reg = _load(strict)
     comps = _select(reg, name, kind, check_all)
@@ -308,7 +316,7 @@ def plugins_check(
         )
     reports = []
     for c in comps:
-        report = check_component(c.kind, c.name, given, registry=reg, skip=skips)
+        report = check_registered(c, given, registry=reg, skip=skips)
         reports.append(report)
         if not as_json:
             _print_report(report, verbose=verbose or len(comps) == 1)
@@ -319,7 +327,7 @@ def plugins_check(
         style = "bold red" if failed else "green"
         console.print(
             f"[{style}]{len(reports) - len(failed)} of {len(reports)} components conform[/]"
-            + (": failed " + ", ".join(f"{r.kind} '{r.name}'" for r in failed) if failed else ""),
+            + (": failed " + ", ".join(_label(r, reports) for r in failed) if failed else ""),
             highlight=False,
         )
     if failed:

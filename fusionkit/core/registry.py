@@ -16,11 +16,13 @@ everywhere in strict mode).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata as md
 import inspect
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from fusionkit.core import hookspecs, interfaces
-from fusionkit.core.errors import PluginError, RecipeError, ShapeError
+from fusionkit.core.errors import FusionkitError, PluginError, RecipeError, ShapeError
 from fusionkit.core.params import EmptyParams, did_you_mean
 
 __all__ = [
@@ -164,15 +166,21 @@ def registered_name(build: Callable[..., Any]) -> str | None:
     return mark.name if isinstance(mark, _Mark) else None
 
 
-def _params_of(build: Callable[..., Any]) -> type[BaseModel]:
+def _params_of(build: Callable[..., Any]) -> type[BaseModel] | type:
+    """The params model a build function's first argument is annotated with; ``EmptyParams``
+    when it has no class annotation. A class that is not a pydantic model is returned as is
+    (and rejected by :meth:`Registry.add`)."""
     target = build.__init__ if inspect.isclass(build) else build
     try:
         hints = get_type_hints(target)
     except Exception:
         hints = {}
-    names = [p for p in inspect.signature(build).parameters]
+    try:
+        names = list(inspect.signature(build).parameters)
+    except (TypeError, ValueError):
+        names = []
     ann = hints.get(names[0]) if names else None
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else EmptyParams
+    return ann if isinstance(ann, type) and ann is not object else EmptyParams
 
 
 def _summary_of(build: Callable[..., Any]) -> str:
@@ -262,8 +270,15 @@ class Registry:
                 f"{where} registers {kind} {name!r}: names are lowercase letters, digits and "
                 "underscores, starting with a letter"
             )
-        params = params or _params_of(build)
         summary = summary or _summary_of(build)
+        if params is None:
+            params = _params_of(build)
+            if not issubclass(params, BaseModel):
+                raise PluginError(
+                    f"{where}: {kind} {name!r}: the first argument of build is annotated "
+                    f"{params.__name__}, which is not a pydantic model; derive it from "
+                    "plugin.Params"
+                )
         if not (isinstance(params, type) and issubclass(params, BaseModel)):
             raise PluginError(f"{where}: {kind} {name!r} params must be a pydantic BaseModel class")
         if not callable(build):
@@ -357,8 +372,9 @@ class Registry:
         Raises:
             RecipeError: the build function rejected its inputs (a ``ValueError``, such as
                 "needs at least two modalities"), failed with a ``RuntimeError`` or
-                ``MemoryError`` (torch could not allocate the weights its params ask for), or
-                returned something that is not a component of this kind.
+                ``MemoryError`` (torch could not allocate the weights its params ask for),
+                raised any other exception (a bug in the plugin, named with its
+                distribution), or returned something that is not a component of this kind.
         """
         comp = self.get(kind, name)
         where = where or kind
@@ -369,8 +385,8 @@ class Registry:
             )
         try:
             obj = comp.build(params, **kwargs)
-        except (NotImplementedError, RecursionError):
-            raise  # a bug in the component, not in its params
+        except (NotImplementedError, RecursionError) as exc:  # a bug, not its params
+            raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
         except (ShapeError, ValueError) as exc:
             raise RecipeError([f"{where}: {kind} {name!r} cannot be built: {exc}"]) from None
         except (RuntimeError, MemoryError) as exc:  # e.g. torch failing to allocate its weights
@@ -383,6 +399,10 @@ class Registry:
                     f"{where}.params (the memory they need)"
                 ]
             ) from None
+        except FusionkitError:
+            raise  # already explained (e.g. a nested component spec that cannot be built)
+        except Exception as exc:  # AttributeError, TypeError, KeyError, ...: the plugin's bug
+            raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
         spec = self._kinds[kind]
         if spec.module and not isinstance(obj, nn.Module):
             raise RecipeError(
@@ -420,6 +440,22 @@ class Registry:
         for (kind, name), entries in other._items.items():
             mine = self._items.setdefault((kind, name), [])
             mine.extend(c for c in entries if c not in mine)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _plugin_bug(where: str, kind: str, name: str, comp: Component, exc: BaseException) -> str:
+    """One line for an unexpected exception from a plugin's build function."""
+    detail = _one_line(str(exc))
+    return (
+        f"{where}: {kind} {name!r} from '{comp.distribution}' raised {type(exc).__name__}"
+        + (f": {detail}" if detail else "")
+        + " while building (a bug in the plugin; report it to the authors of "
+        + f"'{comp.distribution}')"
+    )
 
 
 def _protocol_members(proto: type) -> list[str]:
@@ -463,72 +499,166 @@ def _strict_from_env() -> bool:
     return os.environ.get("FUSIONKIT_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes"}
 
 
+def _one_line_error(exc: BaseException) -> str:
+    """``Type: message`` on one line (pluggy's messages span several)."""
+    if isinstance(exc, PluginError):
+        text = str(exc)
+    elif isinstance(exc, SystemExit):
+        text = f"SystemExit: {exc.code}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _check_implements_hooks(module: object, ep: Any) -> None:
+    """Raise :class:`PluginError` unless ``module`` implements a fusionkit hook."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(module, name=ep.name)
+    if not pm.get_hookcallers(module):
+        raise PluginError(
+            "the entry point implements no fusionkit hook: decorate "
+            "fusionkit_register_components with @plugin.hookimpl, and name the module that "
+            "defines it in the entry point, not the function"
+        )
+
+
+def _entry_point_hint(ep: Any) -> str:
+    return f'entry point {ep.name} = "{ep.value}" in [project.entry-points.fusionkit]'
+
+
+@dataclass
+class _Loaded:
+    """A plugin whose module imported: what it declared, and its scratch registry."""
+
+    ep: Any
+    module: Any
+    dist: str
+    version: str
+    kinds: list[Kind]
+    scratch: Registry | None = None
+
+
 def load_registry(*, strict: bool | None = None) -> Registry:
     """Build a registry from every entry point in the ``fusionkit`` group.
 
-    A plugin that fails to import or registers an invalid component is reported in one warning
-    naming its distribution and the error, and every other plugin still loads. A name
-    registered by two plugins is kept for both and is an error only where it is used. With
-    ``strict=True`` (or ``FUSIONKIT_STRICT_PLUGINS=1``) any of these raises instead.
+    A plugin that fails to import (including ``SystemExit``), implements no hook or registers
+    an invalid component is reported in one warning naming its distribution, entry point and
+    the error, and every other plugin still loads; nothing it declared (kinds included) stays
+    registered. A name registered by two plugins is kept for both and is an error only where
+    it is used. With ``strict=True`` (or ``FUSIONKIT_STRICT_PLUGINS=1``) all these problems
+    are collected and raised together in one :class:`PluginError`.
+
+    Whatever plugins print while loading goes to stderr, so that stdout stays clean for
+    machine-readable output.
     """
     strict = _strict_from_env() if strict is None else strict
+    problems: list[str] = []
+    with contextlib.redirect_stdout(sys.stderr):
+        registry = _load_all(strict, problems)
+    problems += [registry.clash_message(*kn) for kn in registry.clashes()] if strict else []
+    if problems:
+        raise PluginError("; ".join(problems))
+    return registry
+
+
+def _load_all(strict: bool, problems: list[str]) -> Registry:
+    """Load every plugin; with ``strict``, append one line per failed plugin to ``problems``
+    instead of warning."""
     registry = Registry()
     eps = sorted(
         md.entry_points(group=ENTRY_POINT_GROUP),
         key=lambda e: (e.dist.name if e.dist else "", e.name),
     )
-    loaded: list[tuple[Any, str, str, str]] = []
 
-    def fail(plugin: str, dist: str, version: str, exc: Exception) -> None:
-        msg = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PluginError) else str(exc)
-        if strict:
-            raise PluginError(
-                f"plugin '{plugin}' from distribution '{dist}' {version} failed to load: {msg}"
-            ) from None
-        registry.failures.append(PluginLoadFailure(plugin, dist, msg, version))
+    def fail(ep: Any, dist: str, version: str, exc: BaseException | str, hint: bool = True) -> None:
+        msg = exc if isinstance(exc, str) else _one_line_error(exc)
+        if hint:
+            msg = f"{msg} ({_entry_point_hint(ep)}; fix it and reinstall)"
+        registry.failures.append(PluginLoadFailure(ep.name, dist, msg, version))
+        if strict:  # raised all together at the end
+            how = " " if not hint else " failed to load: "
+            problems.append(f"plugin '{ep.name}' from distribution '{dist}' {version}{how}{msg}")
+            return
         warnings.warn(
-            f"fusionkit: skipped plugin '{plugin}' from distribution '{dist}' {version}: "
+            f"fusionkit: skipped plugin '{ep.name}' from distribution '{dist}' {version}: "
             f"{msg} (use --strict or FUSIONKIT_STRICT_PLUGINS=1 to make this an error)",
             PluginLoadWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
+    loaded: list[_Loaded] = []
     for ep in eps:  # import every plugin and collect the kinds first
         dist = ep.dist.name if ep.dist is not None else "<unknown>"
         version = ep.dist.version if ep.dist is not None else ""
         mismatch = _version_problem(ep.dist) if ep.dist is not None else None
         if mismatch and strict:
-            raise PluginError(f"plugin '{ep.name}' from distribution '{dist}' {version} {mismatch}")
+            fail(ep, dist, version, mismatch, hint=False)
+            continue
         if mismatch:  # loaded all the same: it may still work
             warnings.warn(
                 f"fusionkit: plugin '{ep.name}' from distribution '{dist}' {version} {mismatch}",
                 PluginLoadWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         try:
             module = ep.load()
+            _check_implements_hooks(module, ep)
             scratch = Registry(_kinds=dict(registry._kinds))
             scratch._run_hook("fusionkit_register_kinds", module, ep.name, dist, version)
-            for kind in scratch.kinds():
-                if kind.name not in registry._kinds:
-                    registry._kinds[kind.name] = kind
-        except Exception as exc:  # a broken plugin must not take the others down
-            fail(ep.name, dist, version, exc)
+            kinds = [k for k in scratch.kinds() if k.name not in registry._kinds]
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take the others down
+            fail(ep, dist, version, exc)
             continue
-        loaded.append((module, ep.name, dist, version))
-    for module, plugin, dist, version in loaded:
+        for kind in kinds:  # tentatively: dropped again if the plugin fails below
+            registry._kinds[kind.name] = kind
+        loaded.append(_Loaded(ep, module, dist, version, kinds))
+    for item in loaded:
         # Register into a scratch registry first, so that a plugin failing half-way leaves
         # nothing behind.
         scratch = Registry(_kinds=dict(registry._kinds))
         try:
-            scratch._run_hook("fusionkit_register_components", module, plugin, dist, version)
-        except Exception as exc:
-            fail(plugin, dist, version, exc)
+            scratch._run_hook(
+                "fusionkit_register_components", item.module, item.ep.name, item.dist, item.version
+            )
+        except (Exception, SystemExit) as exc:
+            fail(item.ep, item.dist, item.version, exc)
             continue
-        registry._merge(scratch)
-    if strict and registry.clashes():
-        raise PluginError("; ".join(registry.clash_message(*kn) for kn in registry.clashes()))
+        item.scratch = scratch
+    _drop_failed_kinds(registry, loaded, fail)
+    for item in loaded:
+        if item.scratch is not None:
+            registry._merge(item.scratch)
     return registry
+
+
+def _drop_failed_kinds(
+    registry: Registry, loaded: list[_Loaded], fail: Callable[..., None]
+) -> None:
+    """Remove the kinds of plugins that failed, and fail the plugins that registered
+    components of those kinds (until nothing changes)."""
+    while True:
+        gone = {k.name for item in loaded if item.scratch is None for k in item.kinds}
+        gone &= set(registry._kinds)
+        for name in gone:
+            del registry._kinds[name]
+        newly = False
+        for item in loaded:
+            if item.scratch is None:
+                continue
+            orphans = sorted({k for k, _ in item.scratch._items if k not in registry._kinds})
+            if orphans:
+                fail(
+                    item.ep,
+                    item.dist,
+                    item.version,
+                    f"registers components of kind(s) {orphans}, declared by a plugin that "
+                    "failed to load",
+                )
+                item.scratch = None
+                newly = True
+        if not newly:
+            return
 
 
 def raise_for_failures(registry: Registry) -> None:

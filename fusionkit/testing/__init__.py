@@ -29,17 +29,20 @@ has the full contract):
 ``masking``               eval mode: changing only padded frames leaves valid outputs unchanged
 ``masking-train``         the same in train mode (dropout seeded identically)
 ``batch-independence``    eval mode: an item's output does not depend on the other batch items
-``frame-local``           components declaring ``frame_local = True``: in eval mode, output
-                          frame k does not change when every other input frame changes
-``causal``                encoders declaring ``receptive_field = R``: changing input frame u
-                          changes no output before u nor R or more frames after it
+``frame-local``           components declaring ``frame_local = True``: in eval mode, changing
+                          any one input frame u (each in turn) changes no output frame but u
+``causal``                encoders declaring ``receptive_field = R``: changing any one input
+                          frame u (each in turn) changes no output before u nor R or more
+                          frames after it
 ``streaming``             encoders with ``init_stream``/``step``: stepping frame by frame
                           equals ``forward`` on the whole window (eval mode)
 ``gradients``             train mode: every parameter gets a finite, non-zero gradient, and the
                           gradient reaches every input tensor (fusion, gate, head)
 ``host-sync``             train-mode forward + backward dispatches no op that makes the host
                           wait for a GPU (``.item()``, ``nonzero``, boolean indexing,
-                          ``pack_padded_sequence``, copies to the CPU); a warning, not a failure
+                          ``pack_padded_sequence``); on CUDA when available, else on the CPU
+                          plus a forward on fake CPU/CUDA tensors that also sees ``.tolist()``,
+                          ``.numpy()`` and ``.cpu()``; a warning, not a failure
 ``determinism``           built twice under one torch seed: same weights and outputs (eval and
                           train mode)
 ``safetensors``           the state dict saved with safetensors and loaded into a fresh
@@ -72,10 +75,10 @@ from fusionkit.testing._report import (
     Runner,
     known_checks,
 )
-from fusionkit.testing._sync import SYNC_OPS, host_syncs
+from fusionkit.testing._sync import SYNC_OPS, host_syncs, simulated_host_syncs
 
 if TYPE_CHECKING:
-    from fusionkit.core.registry import Registry
+    from fusionkit.core.registry import Component, Registry
 
 __all__ = [
     "CHECKS",
@@ -89,9 +92,11 @@ __all__ = [
     "check_gate",
     "check_head",
     "check_perturbation",
+    "check_registered",
     "check_registry",
     "host_syncs",
     "known_checks",
+    "simulated_host_syncs",
 ]
 
 _KIND_CHECKS: dict[str, Callable[..., ConformanceReport]] = {
@@ -139,22 +144,46 @@ def check_component(
 
     registry = registry or get_registry()
     comp = registry.get(kind, name)  # an unknown or clashing name raises, naming both plugins
+    return check_registered(comp, params, skip=skip, seed=seed, **dims)
+
+
+def check_registered(
+    comp: Component,
+    params: Mapping[str, Any] | BaseModel | None = None,
+    *,
+    registry: Registry | None = None,
+    skip: Iterable[str] = (),
+    seed: int = 0,
+    **dims: Any,
+) -> ConformanceReport:
+    """Run the conformance checks on one registration (a :class:`Component` of
+    ``registry.components()``), also when its name is registered by more than one
+    distribution: the report names its distribution, and a clash is one more failed check
+    (``clash``) naming every distribution that registers the name.
+
+    Args:
+        comp: the registration to check.
+        registry: where to look for clashes (default: none are looked for).
+        Others as in :func:`check_component`.
+    """
+    kind, name = comp.kind, comp.name
     report = ConformanceReport(kind, name, comp.distribution, comp.version)
     resolved, problem = resolve_params(comp.params, params)
     fn = _KIND_CHECKS.get(kind)
     if resolved is None:
         report.results.append(CheckResult("params", "skip" if not params else "fail", problem))
-        return report
-    if fn is None:
+    elif fn is None:
         runner = Runner(report, skip, f"{kind} '{name}'")
         runner.run("params", lambda: params_checks(resolved))
         report.results.append(
             CheckResult("behaviour", "skip", f"no behavioural contract for kind '{kind}' yet")
         )
-        return report
-    out = fn(comp.build, resolved, name=name, skip=skip, seed=seed, **dims)
-    out.distribution, out.version = comp.distribution, comp.version
-    return out
+    else:
+        report = fn(comp.build, resolved, name=name, skip=skip, seed=seed, **dims)
+        report.distribution, report.version = comp.distribution, comp.version
+    if registry is not None and (kind, name) in registry.clashes():
+        report.results.append(CheckResult("clash", "fail", registry.clash_message(kind, name)))
+    return report
 
 
 def check_registry(
@@ -164,13 +193,14 @@ def check_registry(
     distribution: str | None = None,
     skip: Iterable[str] = (),
 ) -> list[ConformanceReport]:
-    """Check every registered component (optionally of some kinds or one distribution)."""
+    """Check every registered component (optionally of some kinds or one distribution); each
+    registration of a clashing name is checked on its own and fails the ``clash`` check."""
     from fusionkit.core.registry import get_registry
 
     registry = registry or get_registry()
     wanted = set(kinds) if kinds is not None else None
     return [
-        check_component(c.kind, c.name, registry=registry, skip=skip)
+        check_registered(c, registry=registry, skip=skip)
         for c in registry.components()
         if (wanted is None or c.kind in wanted)
         and (distribution is None or c.distribution == distribution)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import reduce
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -19,11 +20,13 @@ from fusionkit.testing._adapters import (
     GateAdapter,
     HeadAdapter,
 )
-from fusionkit.testing._params import params_checks
+from fusionkit.testing._params import not_pydantic, params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, NotApplicable, Runner, Violation
-from fusionkit.testing._sync import host_syncs
+from fusionkit.testing._sync import host_syncs, simulated_host_syncs
 from fusionkit.testing._util import (
+    ATOL,
     BATCH_SIZES,
+    RTOL,
     close,
     default_name,
     max_diff,
@@ -33,6 +36,18 @@ from fusionkit.testing._util import (
     shape_of,
     spread_lengths,
 )
+
+
+def _frames_text(frames: list[int]) -> str:
+    """``frame 3`` / ``frames 0-15, 20`` (consecutive runs joined)."""
+    runs: list[list[int]] = []
+    for f in frames:
+        if runs and f == runs[-1][-1] + 1:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return ("frame " if len(frames) == 1 else "frames ") + text
 
 
 def moved_to(inputs: dict[str, Tensor], device: torch.device | str) -> dict[str, Tensor]:
@@ -160,8 +175,9 @@ class ModuleChecks:
                     f"output {k!r} on valid frames changed by up to {max_diff(a, b):.3g} when "
                     f"only padded frames changed (B=3, T={t}, valid lengths {lengths}, "
                     f"{'train' if train else 'eval'} mode); padded frames (mask False, at the "
-                    "end) must not reach valid ones: mask them, pack the sequence, or keep the "
-                    "receptive field causal"
+                    "end) must not reach valid ones: mask them, pack the sequence, keep the "
+                    "receptive field causal, or normalise over valid frames only "
+                    "(plugin.masked_batch_norm instead of a BatchNorm over all frames)"
                 )
 
     def batch_independence(self) -> None:
@@ -187,7 +203,50 @@ class ModuleChecks:
                             f"(T={t}, eval mode); items must not influence each other in eval"
                         )
 
+    def _probe_each_frame(self, t: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Eval-mode outputs for a base item (``(1, T, ...)``) and for ``T`` probes, probe
+        ``u`` being the base item with only input frame ``u`` changed (``(T, T, ...)``); one
+        forward over ``T + 1`` full-length items."""
+        module = self.module
+        assert module is not None
+        base = self.a.inputs(1, t, self.gen)
+        noise = self.a.inputs(t, t, self.gen)
+        eye = torch.eye(t, dtype=torch.bool)  # eye[u, f]: probe u changes input frame f
+        batch = {}
+        for k, v in base.items():
+            changed = eye.reshape(t, t, *([1] * (v.dim() - 2)))
+            probes = torch.where(changed, 10.0 * noise[k] + 3.0, v.expand_as(noise[k]))
+            batch[k] = torch.cat([v, probes])
+        mask = padding_mask([t] * (t + 1), t)
+        module.eval()
+        with torch.no_grad():
+            out = self._call(module, batch, mask, what=f"(B={t + 1}, T={t}, one frame changed)")
+        return {k: v[:1] for k, v in out.items()}, {k: v[1:] for k, v in out.items()}
+
+    @staticmethod
+    def _changed_frames(base: Tensor, probes: Tensor) -> Tensor:
+        """``(U, T)`` bool: output frame ``t`` of probe ``u`` differs from the base item's."""
+        a = base.detach().float().expand_as(probes)
+        b = probes.detach().float()
+        bad = ~((a - b).abs() <= ATOL + RTOL * a.abs())  # NaN counts as changed
+        return reduce(bad, "u t ... -> u t", "max")
+
+    def _out_of_window(self, t: int, allowed: Tensor) -> tuple[str, int, list[int], float] | None:
+        """The first output and probe frame ``u`` whose outputs change outside ``allowed``
+        (``(U, T)`` bool), with those frames and the largest change; ``None`` if none."""
+        base, probes = self._probe_each_frame(t)
+        for name in base:
+            bad = self._changed_frames(base[name], probes[name]) & ~allowed
+            if bool(bad.any()):
+                u = int(bad.any(dim=1).nonzero()[0, 0])
+                frames = bad[u].nonzero()[:, 0].tolist()
+                diff = max_diff(base[name][0, frames], probes[name][u, frames])
+                return name, u, frames, diff
+        return None
+
     def frame_local(self) -> None:
+        """Components declaring ``frame_local = True``: changing any one input frame ``u``
+        changes no output frame but ``u`` (eval mode; every frame is probed)."""
         module = self.module
         assert module is not None
         if getattr(module, "frame_local", False) is not True:
@@ -195,51 +254,41 @@ class ModuleChecks:
         t = max(self._lengths())
         if t < 2:
             raise NotApplicable(f"the only window length is T={t}: no other frames to change")
-        k = t // 2
-        mask = padding_mask([t] * 3, t)
-        x, y = self._changed_pair(3, t, (torch.arange(t) != k)[None])
-        module.eval()
-        with torch.no_grad():
-            a = self._call(module, x, mask, what=f"(B=3, T={t})")
-            b = self._call(module, y, mask, what=f"(B=3, T={t}, other frames changed)")
-        for name in a:
-            if not close(a[name][:, k], b[name][:, k]):
-                raise Violation(
-                    f"declares frame_local = True, but output {name!r} at frame {k} changed by "
-                    f"up to {max_diff(a[name][:, k], b[name][:, k]):.3g} when only the other "
-                    f"frames changed (B=3, T={t}, eval mode); remove the attribute or make "
-                    "the component per-frame"
-                )
+        found = self._out_of_window(t, torch.eye(t, dtype=torch.bool))
+        if found:
+            name, u, frames, diff = found
+            raise Violation(
+                f"declares frame_local = True, but output {name!r} at {_frames_text(frames)} "
+                f"changed by up to {diff:.3g} when only input frame {u} changed (T={t}, eval "
+                "mode); remove the attribute or make the component per-frame"
+            )
 
     def causal(self) -> None:
         """An encoder declaring ``receptive_field = R``: output frame ``t`` depends on input
-        frames ``t - R + 1 .. t`` only (what streaming prediction relies on)."""
+        frames ``t - R + 1 .. t`` only (what streaming prediction relies on). Every input
+        frame ``u`` is changed in turn; only output frames ``u .. u + R - 1`` may change."""
         module = self.module
         assert module is not None
         rf = getattr(module, "receptive_field", None)
-        if self.a.kind != "encoder" or not isinstance(rf, int):
+        if not isinstance(rf, int) or isinstance(rf, bool):
             raise NotApplicable("does not declare an integer receptive_field")
+        if self.a.kind != "encoder":
+            raise NotApplicable("only encoders' receptive_field is checked")
         t = max(self._lengths())
         if t < 3:
             raise NotApplicable(f"the only window length is T={t}")
-        u = t // 2  # change input frame u only
-        mask = padding_mask([t] * 3, t)
-        x, y = self._changed_pair(3, t, (torch.arange(t) == u)[None])
-        module.eval()
-        with torch.no_grad():
-            a = self._call(module, x, mask, what=f"(B=3, T={t})")
-            b = self._call(module, y, mask, what=f"(B=3, T={t}, frame {u} changed)")
-        for name in a:
-            before = slice(0, u)
-            after = slice(min(t, u + max(rf, 1)), t)
-            for part, frames in (("before", before), (f"{rf} or more after", after)):
-                if not close(a[name][:, frames], b[name][:, frames]):
-                    raise Violation(
-                        f"declares receptive_field = {rf}, but output {name!r} at frames {part} "
-                        f"the changed input frame {u} changed by up to "
-                        f"{max_diff(a[name][:, frames], b[name][:, frames]):.3g} (T={t}, eval "
-                        "mode); fix the attribute or the component"
-                    )
+        pos = torch.arange(t)
+        offset = pos[None, :] - pos[:, None]  # [u, f]: output frame f minus changed frame u
+        found = self._out_of_window(t, (offset >= 0) & (offset < max(rf, 1)))
+        if found:
+            name, u, frames, diff = found
+            window = f"frame {u}" if rf <= 1 else f"frames {u}-{min(t - 1, u + rf - 1)}"
+            raise Violation(
+                f"declares receptive_field = {rf}, but output {name!r} at "
+                f"{_frames_text(frames)} changed by up to {diff:.3g} when only input frame {u} "
+                f"changed (only output {window} may change; T={t}, eval mode); fix the "
+                "attribute or the component"
+            )
 
     def streaming(self) -> None:
         """An encoder with ``init_stream``/``step``: stepping frame by frame from the start
@@ -346,15 +395,48 @@ class ModuleChecks:
             )
 
     def host_sync(self) -> str | None:
+        """Train-mode forward + backward on CUDA when available; else on the CPU, plus a
+        forward on fake CPU and CUDA tensors for the reads the CPU does not show."""
         module = self.module
         assert module is not None
+        found: list[str] = []
+        if torch.cuda.is_available():
+            gpu = self.fresh(self.seed).cuda()
+            try:
+                found = host_syncs(lambda: self._backward(gpu, "cuda"))
+            except Exception:
+                found = []  # fails on CUDA (the `cuda` check says why): look on the CPU
+            else:
+                return self._sync_warning(found)
+            finally:
+                del gpu
+                torch.cuda.empty_cache()
         found = host_syncs(lambda: self._backward(module, "cpu"))
-        if found:
-            return (
-                "train-mode forward + backward forces device-to-host syncs, which leave a GPU "
-                "idle while the host waits: " + "; ".join(found)
-            )
-        return None
+        found += [f for f in self._simulated_syncs() if f not in found]
+        return self._sync_warning(found)
+
+    @staticmethod
+    def _sync_warning(found: list[str]) -> str | None:
+        if not found:
+            return None
+        return (
+            "train-mode forward + backward forces device-to-host syncs, which leave a GPU "
+            "idle while the host waits: " + "; ".join(found)
+        )
+
+    def _simulated_syncs(self) -> list[str]:
+        """Syncs of a train-mode forward on fake CPU and CUDA tensors (no GPU needed)."""
+        t = self._t_main()
+        mask = padding_mask(spread_lengths(3, t), t)
+        inputs = self.a.inputs(3, t, self.gen)
+        copies = {d: self.fresh(self.seed) for d in ("cpu", "cuda")}
+
+        def forward(device: str) -> None:
+            module = copies[device].to(device).train()
+            with seeded(self.seed + 11):
+                self.a.forward(module, moved_to(inputs, device), mask.to(device))
+
+        return simulated_host_syncs(forward)
 
     def determinism(self) -> None:
         t = self._t_main()
@@ -536,6 +618,9 @@ def run_module_kind(
     extra: Iterable[tuple[str, Callable[[], str | None]]] = (),
 ) -> ConformanceReport:
     name = default_name(build, name, kind)
+    bad = not_pydantic(kind, name, params)
+    if bad is not None:
+        return bad
     report = ConformanceReport(kind, name, params=params.model_dump(mode="json"))
     adapter = cls(kind, name, build, params, build_kwargs)
     with seeded(seed):

@@ -9,7 +9,28 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from fusionkit.testing._report import Violation
+from fusionkit.testing._report import CHECKS, CheckResult, ConformanceReport, Violation
+
+
+def not_pydantic(kind: str, name: str, params: Any) -> ConformanceReport | None:
+    """A report with a failed ``params`` check (the other checks skipped) when ``params`` is
+    not an instance of a pydantic model; ``None`` when it is one."""
+    if isinstance(params, BaseModel):
+        return None
+    label = f"{kind} '{name}'"
+    report = ConformanceReport(kind, name)
+    message = (
+        f"{label}: params must be an instance of a pydantic model (derive it from "
+        f"plugin.Params); got {type(params).__name__}"
+    )
+    for check in CHECKS.get(kind, CHECKS["module"]):
+        if check == "shapes-single-stream" and kind != "gate":
+            continue
+        if check == "params":
+            report.results.append(CheckResult("params", "fail", message))
+        else:
+            report.results.append(CheckResult(check, "skip", "skipped: the params are invalid"))
+    return report
 
 
 def params_checks(params: BaseModel) -> str | None:

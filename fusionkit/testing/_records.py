@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
-from fusionkit.testing._params import params_checks
+from fusionkit.testing._params import not_pydantic, params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, Runner, Violation
 from fusionkit.testing._util import axes, default_name, seeded, shape_of
 
@@ -159,6 +159,9 @@ def check_dataset(
         Others as in :func:`check_encoder`.
     """
     name = default_name(build, name, "dataset")
+    bad = not_pydantic("dataset", name, params)
+    if bad is not None:
+        return bad
     report = ConformanceReport("dataset", name, params=params.model_dump(mode="json"))
     label = f"dataset '{name}'"
     runner = Runner(report, skip, label)
@@ -265,6 +268,9 @@ def check_perturbation(
     from ``generator``. It is applied to a small audio (6) + video (5) record.
     """
     name = default_name(build, name, "perturbation")
+    bad = not_pydantic("perturbation", name, params)
+    if bad is not None:
+        return bad
     report = ConformanceReport("perturbation", name, params=params.model_dump(mode="json"))
     runner = Runner(report, skip, f"perturbation '{name}'")
     checks = PerturbationChecks(build, params, seed)
