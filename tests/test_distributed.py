@@ -74,3 +74,55 @@ def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_pat
     assert again.returncode == 0, again.stderr[-3000:]
     assert "complete already; nothing to do" in again.stdout
     assert json.loads((runs / "ddp" / "metrics.json").read_text()) == a
+
+
+def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    """One rank of a data-parallel tiny run (spawned): writes its per-epoch validation
+    CCC-means and learning rates to ``out/rank<N>.json``."""
+    import os
+    from pathlib import Path
+
+    from fusionkit.core.recipe import validate_recipe
+    from fusionkit.engine.distributed import Dist
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.session import build_session
+    from fusionkit.engine.train import Trainer
+    from tests.conftest import make_registry
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    registry = make_registry()
+    rc = validate_recipe(raw, "r.yaml", registry)
+    dist = Dist.from_env("cpu")
+    made = RunDir.create(rc, registry) if dist.is_main else None
+    run = made or RunDir(dist.broadcast(None))
+    if made:
+        dist.broadcast(str(made.path))
+    seen: list[dict] = []
+    trainer = Trainer(build_session(rc, registry), run, dist=dist)
+    trainer.on_epoch_end = lambda epoch, record: seen.append(
+        {"val": record["val_ccc_mean"], "lr": trainer.optimizer.param_groups[0]["lr"]}
+    )
+    trainer.fit()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_every_rank_validates_the_same_model_with_batchnorm(tmp_path):
+    """Each rank updates BatchNorm statistics on its own shard; validation must still see one
+    model everywhere, or the ranks disagree on the LR schedule and early stopping (a hang, or
+    replicas trained at different rates)."""
+    import torch.multiprocessing as mp
+
+    raw = tiny_recipe(tmp_path / "runs", epochs=4, num_threads=1, batch_size=2, early_stopping=50)
+    raw["model"]["head"]["params"] = {"hidden": 8, "dropout": 0.2, "batchnorm": True}
+    raw["training"]["plateau"] = {"patience": 0, "factor": 0.5}
+    mp.spawn(_train_rank, args=(2, free_port(), raw, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == 4
+    assert ranks[0] == ranks[1]  # the same scores, so the same schedule, on every rank

@@ -354,9 +354,11 @@ def test_sigterm_during_a_grid_exits_like_ctrl_c_with_143(cli, tmp_path, monkeyp
         raise Terminated
 
     monkeypatch.setattr(grid, "run_grid", preempted)
-    res = cli("run", str(recipe), "-q")
+    res = cli("run", str(recipe), "training.lr=0.01", "-j", "2", "-q")
     assert res.returncode == 143
-    assert "continue with the same command: fusionkit run" in " ".join(res.stderr.split())
+    # the command as given: without its overrides and -j it would continue another grid
+    again = f"continue with the same command: fusionkit run {recipe} training.lr=0.01 -j 2 -q"
+    assert again in " ".join(res.stderr.split())
 
 
 def test_a_crash_before_the_first_epoch_leaves_no_folder(cli, tmp_path, monkeypatch):

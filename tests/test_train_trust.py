@@ -207,3 +207,35 @@ def test_settings_under_which_nothing_trains_are_refused(tmp_path, registry, cha
         raw[section].update(values)
     with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
         validate_recipe(raw, "tiny", registry)
+
+
+def test_a_run_resumed_on_another_number_of_processes_is_refused(tmp_path, registry):
+    from fusionkit.engine.distributed import Dist
+    from fusionkit.engine.train import resume_command
+
+    rc, run = interrupted(tmp_path, registry)  # one process
+    before = files(run.path)
+    two = Dist(rank=0, world_size=2)  # as torchrun --nproc_per_node 2 would resume it
+    with pytest.raises(CheckpointError, match="trains on 1 process") as err:
+        Trainer(build_session(rc, registry), run, dist=two).fit(resume=True)
+    assert f"Resume it as it was: fusionkit resume {run.path}" in str(err.value)
+    assert files(run.path) == before
+    run.unlock()
+    assert (
+        resume_command(run.path, 2) == f"torchrun --nproc_per_node 2 -m fusionkit resume {run.path}"
+    )
+
+
+def test_threads_are_shared_among_the_processes_of_a_torchrun_job(
+    tmp_path, monkeypatch, cli, one_thread
+):
+    import fusionkit.engine.session as session_mod
+
+    monkeypatch.setattr(session_mod, "available_cores", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine
+    raw = tiny_recipe(tmp_path / "runs", epochs=1)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, out, err = cli("run", recipe)
+    assert code == 0, err
+    assert "2 CPU thread(s)" in out and torch.get_num_threads() == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -80,7 +81,7 @@ def run(
         _run_grid(rc, workers, quiet, executor, ray_address)
         return
     check_recipe(rc)  # every build-time error, before any folder exists
-    threads = set_threads(rc.training.num_threads)
+    threads = set_threads(rc.training.num_threads, share=Dist.local_processes())
     dist = Dist.from_env(resolve_device(rc.training.device, source=rc.source).type)
     target = Path(rc.output.dir) / rc.run_name
     if resume_flag:
@@ -112,7 +113,7 @@ def resume(
     run = RunDir.open(run_dir)
     rc = run.recipe()
     check_recipe(rc)
-    threads = set_threads(rc.training.num_threads)
+    threads = set_threads(rc.training.num_threads, share=Dist.local_processes())
     dist = Dist.from_env(resolve_device(rc.training.device, source=rc.source).type)
     _resume(rc, run, quiet, dist, threads)
 
@@ -130,7 +131,7 @@ def _resume(rc, run, quiet: bool, dist, threads: int) -> None:
 
 
 def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
-    from fusionkit.engine.train import Diverged
+    from fusionkit.engine.train import Diverged, resume_command
     from fusionkit.studies.grid import train_and_evaluate
 
     if not dist.is_main:
@@ -148,18 +149,21 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
                 rc, run, resume=resume, console=None if quiet else console, dist=dist
             )
     except KeyboardInterrupt as exc:
-        if dist.is_main and not resume and run.remove_if_unstarted():
+        if not dist.is_main:  # rank 0 says what was kept, once
+            raise typer.Exit(interrupt_exit_code(exc)) from None
+        again = escape(resume_command(run.path, dist.world_size))
+        if not resume and run.remove_if_unstarted():
             err_console.print("\n[yellow]interrupted[/] before the first epoch finished")
-        elif dist.is_main and run.is_complete():
+        elif run.is_complete():
             err_console.print(
                 f"\n[yellow]interrupted[/] during the robustness sweeps: the run is complete and "
                 f"the values computed so far are kept in {escape(str(run.path))}\n"
-                f"resume with: fusionkit resume {_q(run.path)}"
+                f"resume with: {again}"
             )
         else:
             err_console.print(
                 f"\n[yellow]interrupted[/]: the last finished epoch is saved in "
-                f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
+                f"{escape(str(run.path))}\nresume with: {again}"
             )
         raise typer.Exit(interrupt_exit_code(exc)) from None
     except Exception as exc:  # a FusionkitError, or a crash (out of memory, a plugin's bug)
@@ -177,7 +181,7 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
             else:
                 err_console.print(
                     f"the last finished epoch is saved in {escape(str(run.path))}; after fixing "
-                    f"the cause, resume with: fusionkit resume {_q(run.path)}"
+                    f"the cause, resume with: {escape(resume_command(run.path, dist.world_size))}"
                 )
         raise
     console.print(
@@ -259,11 +263,10 @@ def _run_grid(rc, workers: int, quiet: bool, executor: str, ray_address: str | N
                 ray_address=ray_address,
             )
     except KeyboardInterrupt as exc:
-        # the embedded quickstart's source is "<default quickstart>", which is no argument
-        source = "" if rc.source.startswith("<") else f" {_q(rc.source)}"
+        again = escape(shlex.join(["fusionkit", *sys.argv[1:]]))  # overrides and -j included
         err_console.print(
             "\n[yellow]interrupted[/]: finished points are kept and running ones keep their "
-            f"last finished epoch; continue with the same command: fusionkit run{source}"
+            f"last finished epoch; continue with the same command: {again}"
         )
         raise typer.Exit(interrupt_exit_code(exc)) from None
     failed = [t for t, r in record["runs"].items() if r["status"] != "done"]

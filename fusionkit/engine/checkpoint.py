@@ -55,6 +55,8 @@ class TrainState(BaseModel):
             data the first epoch trained on (``None`` in states of older versions).
         cpu_threads: torch CPU threads the first epoch trained with (``None`` on a GPU, and in
             states of older versions).
+        world_size: processes the run trains on (``torchrun``; ``None`` in states of older
+            versions): a resume under another number would change every step's batch.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +72,7 @@ class TrainState(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list)
     data_sha256: dict[str, str] | None = None
     cpu_threads: int | None = Field(None, ge=1)
+    world_size: int | None = Field(None, ge=1)
 
 
 def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

@@ -3,9 +3,10 @@
 ``torchrun --nproc_per_node N -m fusionkit run RECIPE`` starts N processes; each trains a
 replica of the model on its shard of every epoch's windows inside
 ``DistributedDataParallel`` (gradients are averaged across processes), so one optimizer step
-sees ``N x training.batch_size`` windows. Every process evaluates the full validation split
-(the same numbers everywhere, so the LR schedule and early stopping agree without
-communication); only rank 0 writes files. Backend: NCCL on CUDA, gloo on CPU.
+sees ``N x training.batch_size`` windows. Before each validation every process takes rank 0's
+buffers (BatchNorm running statistics, updated by each process on its own shard), so all of
+them evaluate the same model, get the same numbers, and agree on the LR schedule and early
+stopping; only rank 0 writes files. Backend: NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class Dist:
                 torch.cuda.set_device(local)
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         return cls(rank=rank, world_size=world, local_rank=local)
+
+    @staticmethod
+    def local_processes() -> int:
+        """How many processes of the job share this machine (``LOCAL_WORLD_SIZE`` under
+        torchrun, else 1): they split its CPU cores."""
+        try:
+            return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            return 1
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +96,12 @@ class Dist:
             value = value / self.world_size
         return value
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (collective: every rank calls it)."""
+        if self.enabled:
+            for b in model.buffers():
+                dist.broadcast(b, src=0)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -112,7 +128,3 @@ class Dist:
         if not any(k.endswith(suffix) for k in rng) or not self.enabled:
             return rng
         return {k[: -len(suffix)]: v for k, v in rng.items() if k.endswith(suffix)}
-
-    def shutdown(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()

@@ -61,7 +61,14 @@ from fusionkit.engine.runs import (
 )
 from fusionkit.engine.session import Session, available_cores
 
-__all__ = ["Diverged", "RunResult", "Trainer", "recover_best_weights", "restore_threads"]
+__all__ = [
+    "Diverged",
+    "RunResult",
+    "Trainer",
+    "recover_best_weights",
+    "restore_threads",
+    "resume_command",
+]
 
 
 class Diverged(TrainingError):
@@ -76,6 +83,14 @@ class RunResult:
     best_epoch: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, SplitPredictions] = field(default_factory=dict)
+
+
+def resume_command(run_dir: Path, world_size: int = 1) -> str:
+    """The command that continues ``run_dir`` (under torchrun for a data-parallel run)."""
+    import shlex
+
+    head = f"torchrun --nproc_per_node {world_size} -m " if world_size > 1 else ""
+    return f"{head}fusionkit resume {shlex.quote(str(run_dir))}"
 
 
 def restore_threads(run: RunDir) -> None:
@@ -172,7 +187,9 @@ class Trainer:
             patience=tr.plateau.patience,
             min_lr=tr.plateau.min_lr,
         )
-        self.state = TrainState(recipe_sha256=self.recipe.training_sha256())
+        self.state = TrainState(
+            recipe_sha256=self.recipe.training_sha256(), world_size=self.dist.world_size
+        )
         self._tb: Any = None  # TensorBoard writer, when training.loggers asks for it
         if self.dist.rank > 0:  # same initial weights everywhere, own dropout stream per rank
             torch.manual_seed(tr.seed + 7919 * self.dist.rank)
@@ -205,6 +222,13 @@ class Trainer:
             raise CheckpointError(
                 f"{path} was written by a different recipe than {self.run}/recipe.yaml; the "
                 "run's files do not belong together: start a new run"
+            )
+        have = state.world_size or 1
+        if have != self.dist.world_size:
+            raise CheckpointError(
+                f"{self.run} trains on {have} process(es) and this is "
+                f"{self.dist.world_size}: every step would see another batch of windows. "
+                f"Resume it as it was: {resume_command(self.run.path, have)}"
             )
         recover_best_weights(self.run, state)
         self.state = state
@@ -347,6 +371,9 @@ class Trainer:
             )
 
     def _validate(self, val: FrameStore, epoch: int) -> dict[str, Any]:
+        # each rank updated BatchNorm statistics on its own shard: evaluate rank 0's model
+        # everywhere, so that all ranks agree on the schedule and early stopping
+        self.dist.sync_buffers(self.model)
         metrics, preds = evaluate(
             self.model,
             val,
@@ -510,6 +537,7 @@ class Trainer:
             "precision": "bf16" if self.bf16 else "fp32",
             "compile": self.recipe.training.compile,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "world_size": self.dist.world_size,
             "recipe_sha256": st.recipe_sha256,
             "splits": results,
             "history": st.history,
