@@ -47,7 +47,8 @@ def _check_finite(v: Video, what: str, x: Tensor, where: str) -> None:
 class Normalizer:
     """Per-modality z-scoring: ``(x - mean) / std`` per feature dimension, with statistics of
     the training split only (frames where a modality is present), applied identically to
-    every split, to predictions and to streaming input.
+    every split, to predictions and to streaming input; rows of zeros (absent frames) stay
+    zero (:meth:`apply`).
 
     Attributes:
         mean, std: modality -> ``(F_m,)``. A dimension that is constant on the training
@@ -92,9 +93,15 @@ class Normalizer:
         return cls(mean, std)
 
     def apply(self, modality: str, x: Tensor) -> Tensor:
+        """``(x - mean) / std`` over the last axis, except on rows that are zero in every
+        dimension: a dataset's absent frame (no face, a missing row; the statistics leave
+        those out) stays zero, the neutral value after z-scoring, instead of becoming a large
+        ``-mean / std`` row. Absent frames a dataset fills otherwise (with the previous
+        face) are normalised like any other."""
         mean = self.mean[modality].to(x.device)
         std = self.std[modality].to(x.device).clamp(min=self.eps)
-        return (x - mean) / std
+        z = (x - mean) / std
+        return torch.where((x == 0).all(dim=-1, keepdim=True), torch.zeros_like(z), z)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {f"mean/{m}": t for m, t in self.mean.items()}
