@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -58,3 +60,48 @@ def test_ray_executor_runs_the_grid_like_the_local_one(tmp_path):
         a = json.loads((tmp_path / "runs" / "viaray" / tag / "metrics.json").read_text())
         b = json.loads((tmp_path / "runs" / "local" / tag / "metrics.json").read_text())
         assert a["splits"] == b["splits"]
+
+
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_ctrl_c_and_sigterm_stop_a_ray_grid_like_a_local_one(tmp_path, sig, code):
+    """The running point keeps its last finished epoch, the others stay pending, the usual
+    interrupt line is printed, and the exit status is the signal's (not a Ray crash dump)."""
+    env = tiny_plugin_env(tmp_path, RAY_ADDRESS="", OMP_NUM_THREADS="1")
+    raw = tiny_recipe(tmp_path / "runs", epochs=10_000, early_stopping=10_000)
+    raw["data"]["params"]["videos"] = 1
+    raw["training"]["num_threads"] = 1
+    raw["sweep"] = {"training.seed": [0, 1]}
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    gdir = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusionkit", "run", str(recipe), "-q", "--executor", "ray"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(gdir.glob("*/history.csv")):  # a point finished an epoch
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no epoch finished in 60 s"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err[-3000:]
+    assert "interrupted: finished points are kept" in err
+    assert "received" not in err and "Traceback" not in err  # no Ray C++ dump
+    grid = json.loads((gdir / "grid.json").read_text())
+    assert {r["status"] for r in grid["runs"].values()} == {"pending"}
+    started = [d for d in gdir.iterdir() if (d / "history.csv").is_file()]
+    for run in started:
+        assert json.loads((run / "run.json").read_text())["status"] == "running"
+        assert (run / "state.safetensors").is_file()  # resumable

@@ -56,7 +56,7 @@ from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
 from fusionkit.engine.files import atomic_write_json, read_json
 from fusionkit.engine.progress import duration, train_progress
-from fusionkit.engine.runs import GRID_FILE, RecipeChanged, RunDir, is_run_dir
+from fusionkit.engine.runs import GRID_FILE, LOCK_FILE, RecipeChanged, RunDir, is_run_dir
 from fusionkit.engine.session import (
     Session,
     available_cores,
@@ -67,7 +67,7 @@ from fusionkit.engine.session import (
     set_threads,
 )
 from fusionkit.engine.train import RunResult, Trainer, restore_threads
-from fusionkit.engine.workers import Terminated, die_with_parent
+from fusionkit.engine.workers import Terminated, die_with_parent, sigterm_as_interrupt
 from fusionkit.studies.robustness import robustness_complete, run_recipe_robustness
 
 __all__ = ["GridPoint", "expand_grid", "point_tag", "run_grid", "train_and_evaluate"]
@@ -301,6 +301,15 @@ def _serve(conn: Any, threads: int) -> None:
     """Body of a worker process: run the points it is sent, one at a time, until told to stop
     (``None``); each outcome goes back through ``conn``."""
     die_with_parent()
+    try:
+        _serve_points(conn, threads)
+    finally:
+        # Its work is over (reported, or told to stop): a Ctrl-C that reaches it now, while the
+        # interpreter shuts down, would only print "Exception ignored in atexit callback".
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _serve_points(conn: Any, threads: int) -> None:
     while True:
         try:
             recipe = conn.recv()
@@ -311,6 +320,7 @@ def _serve(conn: Any, threads: int) -> None:
         try:
             outcome: tuple[str, Any] = ("done", _run_point(recipe, threads))
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: report all the same
             conn.send(("interrupted", "interrupted"))
             return
         except FusionkitError as exc:
@@ -387,7 +397,8 @@ def _stale_runs(points: list[GridPoint], gdir: Path) -> list[str]:
 def _prepare_grid_dir(recipe: Recipe) -> Path:
     gdir = grid_dir(recipe)
     record = gdir / GRID_FILE
-    if gdir.exists() and not record.is_file() and any(gdir.iterdir()):
+    # the grid's lock file alone is what a grid stopped before its first grid.json leaves
+    if gdir.exists() and not record.is_file() and any(p.name != LOCK_FILE for p in gdir.iterdir()):
         raise CheckpointError(
             f"{gdir} exists and was not made by a fusionkit grid (no {GRID_FILE}); move it "
             "away or use another output.dir / name"
@@ -419,8 +430,29 @@ def run_grid(
     (default: ``RAY_ADDRESS`` or a new local instance).
     """
     points = expand_grid(recipe, registry)
+    ray = _import_ray() if executor == "ray" else None  # before anything is written
     gdir = _prepare_grid_dir(recipe)
-    _check_unchanged(points, gdir, registry)
+    _check_unchanged(points, gdir, registry)  # refused before anything, the lock too, is written
+    lock = RunDir(gdir).lock()  # one process per grid: a second one is refused, naming this one
+    try:
+        return _run_locked(recipe, points, gdir, workers, console, registry, ray, ray_address)
+    finally:
+        lock.unlock()
+
+
+def _run_locked(
+    recipe: Recipe,
+    points: list[GridPoint],
+    gdir: Path,
+    workers: int,
+    console: Console | None,
+    registry: Registry | None,
+    ray: Any,
+    ray_address: str | None,
+) -> dict[str, Any]:
+    """:func:`run_grid` once it holds the grid folder's lock (``ray``: the module, for the
+    Ray executor)."""
+    _check_unchanged(points, gdir, registry)  # again: runs made while another process held it
     stale = _stale_runs(points, gdir)
     record = _grid_record(recipe, points, stale)
     todo = []
@@ -435,7 +467,7 @@ def run_grid(
         else:
             todo.append(p)
     atomic_write_json(gdir / GRID_FILE, record)
-    if workers > 1 or executor == "ray":
+    if workers > 1 or ray is not None:
         todo = _largest_first(todo, registry)
     threads = max(1, available_cores() // max(1, workers))
     counts = sorted(
@@ -485,12 +517,15 @@ def run_grid(
             )
         atomic_write_json(gdir / GRID_FILE, record)
 
-    if executor == "ray":
-        _run_on_ray(todo, threads, done, ray_address)
+    if ray is not None:
+        _run_on_ray(ray, todo, threads, done, ray_address)
     elif workers <= 1 or len(todo) <= 1:
+        # a last point left of a -j N grid trains here, with the threads a worker would use:
+        # the same command gives the same numbers however many points were left
+        share = threads if workers > 1 else None
         for p in todo:
             try:
-                done(p.tag, "done", _run_point(p.recipe, None, registry))
+                done(p.tag, "done", _run_point(p.recipe, share, registry))
             except FusionkitError as exc:
                 done(p.tag, "failed", str(exc))
             except Exception:
@@ -593,14 +628,7 @@ def _run_in_processes(
             w.conn.close()
 
 
-def _run_on_ray(
-    todo: list[GridPoint], threads: int, done: Callable[[str, str, Any], None], address: str | None
-) -> None:
-    """Dispatch grid points to a Ray cluster (optional dependency ``fusionkit[ray]``).
-
-    Every node needs fusionkit and the plugins the recipe uses installed, and ``output.dir``
-    must be on a filesystem all nodes share (each task writes its own run directory).
-    """
+def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
@@ -608,21 +636,107 @@ def _run_on_ray(
             "--executor ray needs Ray: pip install 'fusionkit[ray]' (or use the default local "
             "executor, -j N for parallel processes)"
         ) from None
+    return ray
+
+
+#: how long an interrupted Ray grid waits for its running points to stop at an epoch boundary
+#: before it kills them (their last finished epoch is kept either way)
+RAY_STOP_SECONDS = 15.0
+
+
+def _run_on_ray(
+    ray: Any,
+    todo: list[GridPoint],
+    threads: int,
+    done: Callable[[str, str, Any], None],
+    address: str | None,
+) -> None:
+    """Dispatch grid points to a Ray cluster (optional dependency ``fusionkit[ray]``).
+
+    Every node needs fusionkit and the plugins the recipe uses installed, and ``output.dir``
+    must be on a filesystem all nodes share (each task writes its own run directory).
+
+    Ctrl-C and SIGTERM stop the grid as they stop a local one: running points are cancelled
+    (each keeps its last finished epoch), points not started stay pending, and the
+    ``KeyboardInterrupt`` is raised again.
+    """
     if not ray.is_initialized():
+        sigint = signal.getsignal(signal.SIGINT)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(num_cpus=threads, max_retries=0)(_run_point)
+        _set_sigint(sigint)  # in case Ray replaced it: Ctrl-C stops the grid as before
+    task = ray.remote(num_cpus=threads, max_retries=0)(_ray_point)
     refs = {task.remote(p.recipe, threads): p.tag for p in todo}
     pending = list(refs)
+
+    def record(ready: list[Any]) -> None:
+        for ref in ready:
+            try:
+                outcome = ray.get(ref)
+            except Exception as exc:  # RayTaskError wraps the worker's exception
+                cause = getattr(exc, "cause", None) or exc
+                if isinstance(cause, KeyboardInterrupt | ray.exceptions.TaskCancelledError):
+                    continue  # stopped by an interrupt: stays pending, resumed next time
+                done(refs[ref], "failed", f"{type(cause).__name__}: {cause}")
+            else:
+                done(refs[ref], "done", outcome)
+
+    # Ray replaces the handler of SIGTERM (a C++ stack dump and exit 134): SIGTERM is an
+    # interrupt again while the grid waits, in short steps so that Python's handlers run.
+    with sigterm_as_interrupt():
+        terminated = _note_sigterm()
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                record(ready)
+        except KeyboardInterrupt as exc:
+            for ref in pending:
+                ray.cancel(ref)  # KeyboardInterrupt in the task: it keeps its last epoch
+            left = pending
+            try:
+                if pending:
+                    ready, left = ray.wait(
+                        pending, num_returns=len(pending), timeout=RAY_STOP_SECONDS
+                    )
+                    record(ready)
+            finally:
+                for ref in left:  # only tasks still running: Ray fails on ended ones
+                    ray.cancel(ref, force=True)
+            if terminated and not isinstance(exc, Terminated):
+                raise Terminated from None  # Ray's wait turns it into a plain KeyboardInterrupt
+            raise
+
+
+def _note_sigterm() -> list[int]:
+    """Chain the SIGTERM handler in place with one that also notes the signal in the list
+    returned (empty until SIGTERM arrives)."""
+    seen: list[int] = []
+    handler = signal.getsignal(signal.SIGTERM)
+    if not callable(handler):
+        return seen
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        handler(signum, frame)
+
     try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                try:
-                    done(refs[ref], "done", ray.get(ref))
-                except Exception as exc:  # RayTaskError wraps the worker's exception
-                    cause = getattr(exc, "cause", None) or exc
-                    done(refs[ref], "failed", f"{type(cause).__name__}: {cause}")
-    except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
+        signal.signal(signal.SIGTERM, note)
+    except ValueError:  # not the main thread
+        pass
+    return seen
+
+
+def _ray_point(recipe: Recipe, threads: int) -> dict[str, Any]:
+    """A grid point as a Ray task. Ray stops a cancelled task with a Ctrl-C of its worker,
+    which a worker started from a shell's background job would ignore."""
+    _set_sigint(signal.default_int_handler)
+    return _run_point(recipe, threads)
+
+
+def _set_sigint(handler: Any) -> None:
+    """Install ``handler`` for SIGINT (in the main thread; elsewhere nothing changes)."""
+    if handler is None:  # not installed from Python: nothing to put back
+        return
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
