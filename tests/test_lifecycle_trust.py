@@ -168,13 +168,13 @@ def test_a_read_only_run_folder_is_one_clear_line(cli, tmp_path, monkeypatch):
         return real(path, *args, **kw)
 
     monkeypatch.setattr(runs_module.os, "open", fake)
-    with pytest.raises(CheckpointError, match="the run folder must be writable to resume it"):
+    with pytest.raises(CheckpointError, match="the folder must be writable to train, resume"):
         RunDir(run).lock()
     for args in (["resume", str(run)], ["run", str(recipe), "--resume"]):
         one_line_error(
             cli(*args),
             f"cannot lock {run} (.lock: Read-only file system)",
-            "the run folder must be writable to resume it",
+            "the folder must be writable to train, resume",
         )
     assert snapshot(run) == before
 

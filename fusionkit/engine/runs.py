@@ -338,8 +338,8 @@ class RunDir:
 
     def _lock_error(self, exc: OSError) -> CheckpointError:
         return CheckpointError(
-            f"cannot lock {self.path} ({LOCK_FILE}: {exc.strerror or exc}); the run folder must "
-            "be writable to resume it or add results to it"
+            f"cannot lock {self.path} ({LOCK_FILE}: {exc.strerror or exc}); the folder must be "
+            "writable to train, resume or add results to what it holds"
         )
 
     def unlock(self) -> None:
