@@ -239,3 +239,76 @@ def test_threads_are_shared_among_the_processes_of_a_torchrun_job(
     code, out, err = cli("run", recipe)
     assert code == 0, err
     assert "2 CPU thread(s)" in out and torch.get_num_threads() == 2
+
+
+def test_a_state_that_predates_the_process_count_resumes_and_records_it(tmp_path, registry):
+    """Older states do not say how many processes trained them: not assumed to be one."""
+    from safetensors.torch import save_file
+
+    from fusionkit.engine.distributed import Dist
+    from fusionkit.engine.files import load_tensors
+
+    rc, run = interrupted(tmp_path, registry)
+    tensors, meta = load_tensors(run / STATE_FILE)
+    trainer_meta = json.loads(meta["trainer"])
+    del trainer_meta["world_size"]
+    save_file(tensors, str(run / STATE_FILE), {**meta, "trainer": json.dumps(trainer_meta)})
+    trainer = Trainer(build_session(rc, registry), run, dist=Dist(rank=0, world_size=2))
+    trainer.restore()
+    assert trainer.state.world_size == 2 and trainer.state.epochs_done == 1
+    run.unlock()
+
+
+def test_a_refused_resume_prints_only_its_own_advice(tmp_path, registry, monkeypatch, cli):
+    from fusionkit.engine.distributed import Dist
+
+    raw = tiny_recipe(tmp_path / "runs", epochs=3, num_threads=1)
+    rc = validate_recipe(raw, "tiny", registry)
+    run = RunDir.create(rc, registry)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(build_session(rc, registry), run, on_epoch_end=stop_after_first).fit()
+    run.unlock()
+    monkeypatch.setattr(Dist, "from_env", classmethod(lambda cls, device: cls(0, 2)))
+    code, _, err = cli("resume", run.path)
+    assert code == 2 and "trains on 1 process(es) and this is 2" in err
+    assert f"Resume it as it was: fusionkit resume {run.path}" in err
+    assert "resume with" not in err  # no second, contradicting command
+
+
+def test_grid_points_resumed_say_and_use_the_threads_of_their_first_epochs(
+    tmp_path, registry, monkeypatch, one_thread
+):
+    from types import SimpleNamespace
+
+    import fusionkit.engine.session as session_mod
+    import fusionkit.engine.train as train_module
+    from fusionkit.engine.train import resumed_threads
+    from fusionkit.studies.grid import _point_threads
+
+    monkeypatch.setattr(session_mod, "available_cores", lambda: 4)
+    monkeypatch.setattr(train_module, "available_cores", lambda: 4)
+    import fusionkit.studies.grid as grid_mod
+
+    monkeypatch.setattr(grid_mod, "available_cores", lambda: 4)
+    rc, run = interrupted(tmp_path, registry)  # its first epoch on 1 thread
+    run.unlock()
+    assert resumed_threads(run) == 1
+    point = SimpleNamespace(tag=run.path.name, recipe=rc)
+    assert _point_threads(point, run.path.parent, share=4) == 1  # what the header says
+    fresh = SimpleNamespace(tag="not-started", recipe=rc)
+    assert _point_threads(fresh, run.path.parent, share=4) == 4
+
+
+def test_eval_of_a_run_evaluated_on_more_threads_than_here_says_so(tmp_path, registry, cli):
+    raw = tiny_recipe(tmp_path / "runs", epochs=1)
+    rc = validate_recipe(raw, "tiny", registry)
+    with RunDir.create(rc, registry) as run:
+        Trainer(build_session(rc, registry), run).fit()
+    metrics = json.loads((run / METRICS_FILE).read_text())
+    metrics["cpu_threads"] = 4096  # evaluated on a large machine
+    (run / METRICS_FILE).write_text(json.dumps(metrics))
+    code, out, err = cli("eval", run.path, "--split", "val")
+    assert code in (0, 1)  # compared either way (fewer threads may change the last digits)
+    assert "was evaluated with 4096 CPU threads" in err
+    assert "(4096 recorded, capped at" in " ".join(out.split() + err.split())
+    assert "training.num_threads" not in err

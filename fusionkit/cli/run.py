@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -131,7 +132,7 @@ def _resume(rc, run, quiet: bool, dist, threads: int) -> None:
 
 
 def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
-    from fusionkit.engine.train import Diverged, resume_command
+    from fusionkit.engine.train import Diverged, ResumeRefused, resume_command
     from fusionkit.studies.grid import train_and_evaluate
 
     if not dist.is_main:
@@ -171,6 +172,8 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
             # nothing started: remove the folder, so that a retry gets the same name
             removed = not resume and run.remove_if_unstarted()
             if removed or not (run / "state.safetensors").is_file():
+                pass
+            elif isinstance(exc, ResumeRefused):  # its message says how to go on
                 pass
             elif isinstance(exc, Diverged):  # resume is exact: it would diverge again
                 err_console.print(
@@ -286,7 +289,7 @@ def eval_cmd(
     (exactly: every stored number must come out bit for bit the same)."""
     from fusionkit.engine.evaluate import evaluate_splits
     from fusionkit.engine.runs import RunDir, read_metrics
-    from fusionkit.engine.session import load_run, set_threads
+    from fusionkit.engine.session import available_cores, load_run, set_threads
 
     run = RunDir.open(run_dir)
     # the threads the run was evaluated with (recorded since metrics.json has cpu_threads;
@@ -294,7 +297,17 @@ def eval_cmd(
     # sums, so the last digits of the metrics
     asked = run.recipe().training.num_threads
     recorded = None if asked else _evaluated_threads(run)
-    threads = set_threads(asked or recorded)
+    if recorded and recorded > available_cores():
+        warnings.warn(
+            f"{run.path} was evaluated with {recorded} CPU threads and this process has "
+            f"{available_cores()} cores: the last digits of its metrics may differ",
+            stacklevel=1,
+        )
+        threads = set_threads(None)
+        recorded_how = f"({recorded} recorded, capped at {threads})"
+    else:
+        threads = set_threads(asked or recorded)
+        recorded_how = "(as the run was evaluated)"
     loaded = load_run(run, device=device)
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
@@ -310,7 +323,7 @@ def eval_cmd(
     how = f"{loaded.session.device}, {threads} thread{'s' if threads != 1 else ''} " + (
         f"(training.num_threads={asked})"
         if asked
-        else "(as the run was evaluated)"
+        else recorded_how
         if recorded
         else "(the available cores)"
     )

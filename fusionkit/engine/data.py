@@ -26,6 +26,8 @@ __all__ = ["Batch", "DataWarning", "FrameStore", "Normalizer", "window_starts"]
 
 #: how many bytes of features one hashing slice copies at most (bounded memory on GPUs)
 _HASH_SLICE_BYTES = 64 * 2**20
+#: metadata key of normalization.safetensors that records how absent frames are normalised
+ABSENT_KEY = "absent_rows"
 
 
 class DataWarning(UserWarning):
@@ -47,8 +49,8 @@ def _check_finite(v: Video, what: str, x: Tensor, where: str) -> None:
 class Normalizer:
     """Per-modality z-scoring: ``(x - mean) / std`` per feature dimension, with statistics of
     the training split only (frames where a modality is present), applied identically to
-    every split, to predictions and to streaming input; rows of zeros (absent frames) stay
-    zero (:meth:`apply`).
+    every split, to predictions and to streaming input. In a split (:class:`FrameStore`),
+    absent frames filled with zeros (no face, a missing row) stay zero.
 
     Attributes:
         mean, std: modality -> ``(F_m,)``. A dimension that is constant on the training
@@ -59,6 +61,9 @@ class Normalizer:
     mean: dict[str, Tensor]
     std: dict[str, Tensor]
     eps: float = 1e-6
+    #: absent zero-filled frames stay zero (False: they are z-scored like any frame, as runs
+    #: of versions before this rule do, whose statistics files lack :data:`ABSENT_KEY`)
+    absent_stay_zero: bool = True
 
     @classmethod
     def fit(cls, videos: Sequence[Video], modalities: Sequence[str]) -> Normalizer:
@@ -92,16 +97,19 @@ class Normalizer:
             mean[m], std[m] = mu.float(), torch.where(constant, 1.0, sd).float()
         return cls(mean, std)
 
-    def apply(self, modality: str, x: Tensor) -> Tensor:
-        """``(x - mean) / std`` over the last axis, except on rows that are zero in every
-        dimension: a dataset's absent frame (no face, a missing row; the statistics leave
-        those out) stays zero, the neutral value after z-scoring, instead of becoming a large
-        ``-mean / std`` row. Absent frames a dataset fills otherwise (with the previous
-        face) are normalised like any other."""
+    def apply(self, modality: str, x: Tensor, present: Tensor | None = None) -> Tensor:
+        """``(x - mean) / std`` over the last axis. With ``present`` (``x.shape[:-1]`` bool),
+        absent frames whose features are all zero (how datasets fill a missing face or row;
+        the statistics leave them out) stay zero, the neutral value after z-scoring, instead
+        of becoming a large ``-mean / std`` row. Absent frames filled otherwise (the previous
+        face) and present frames, zeros included, are z-scored like any other."""
         mean = self.mean[modality].to(x.device)
         std = self.std[modality].to(x.device).clamp(min=self.eps)
         z = (x - mean) / std
-        return torch.where((x == 0).all(dim=-1, keepdim=True), torch.zeros_like(z), z)
+        if present is None or not self.absent_stay_zero:
+            return z
+        keep = ~present.to(x.device).bool() & (x == 0).all(dim=-1)
+        return torch.where(keep[..., None], torch.zeros_like(z), z)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {f"mean/{m}": t for m, t in self.mean.items()}
@@ -109,12 +117,16 @@ class Normalizer:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> Normalizer:
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict[str, str]) -> Normalizer:
+        """Statistics saved by :meth:`tensors` and :meth:`metadata`."""
         mean = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("mean/")}
         std = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("std/")}
         if not mean or set(mean) != set(std):
             raise DataError("feature normalisation statistics are incomplete")
-        return cls(mean, std)
+        return cls(mean, std, absent_stay_zero=meta.get(ABSENT_KEY) == "zero")
+
+    def metadata(self) -> dict[str, str]:
+        return {ABSENT_KEY: "zero" if self.absent_stay_zero else "normalised"}
 
 
 def window_starts(num_frames: int, window: int, hop: int) -> list[int]:
@@ -176,6 +188,7 @@ class FrameStore:
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
         self.window = window
         feats: dict[str, list[Tensor]] = {m: [] for m in modalities}
+        shown: dict[str, list[Tensor]] = {m: [] for m in modalities}  # present frames
         absent: dict[str, list[str]] = {}
         for v in videos:
             for m in modalities:
@@ -202,6 +215,9 @@ class FrameStore:
                 if present is not None and not bool(present.any()):
                     absent.setdefault(m, []).append(v.name)
                 feats[m].append(x.float())
+                shown[m].append(
+                    torch.ones(v.num_frames, dtype=torch.bool) if present is None else present
+                )
             labels = v.labels[:, list(target_columns)]
             _check_finite(v, "labels", labels[v.label_mask.bool()], where)
             for flag, on in v.flags.items():
@@ -224,7 +240,9 @@ class FrameStore:
             )
         self.features = {m: torch.cat(xs).to(device) for m, xs in feats.items()}
         if normalizer is not None:
-            self.features = {m: normalizer.apply(m, x) for m, x in self.features.items()}
+            self.features = {
+                m: normalizer.apply(m, x, torch.cat(shown[m])) for m, x in self.features.items()
+            }
         cols = list(target_columns)
         self.target_mask = torch.cat([v.label_mask.bool() for v in videos]).to(device)
         # unlabelled rows may hold anything (NaN for "no annotation"): stored as 0, so that no

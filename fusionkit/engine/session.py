@@ -239,7 +239,9 @@ class Session:
 
     def save_normalizer(self, run: RunDir) -> None:
         if self.normalizer is not None:
-            save_tensors(run / NORMALIZATION_FILE, self.normalizer.tensors(), {})
+            save_tensors(
+                run / NORMALIZATION_FILE, self.normalizer.tensors(), self.normalizer.metadata()
+            )
 
     def load_normalizer(self, run: RunDir) -> None:
         """The statistics a run was trained with; an error when the run should have them."""
@@ -252,7 +254,7 @@ class Session:
                 f"{run} z-scores its features but has no {NORMALIZATION_FILE}; the run's files "
                 "are incomplete: start a new run"
             )
-        self.normalizer = Normalizer.from_tensors(load_tensors(path)[0])
+        self.normalizer = Normalizer.from_tensors(*load_tensors(path))
 
     def store(
         self, split: str, dataset: Dataset | None = None, *, option: str = "--split"

@@ -63,12 +63,20 @@ from fusionkit.engine.session import Session, available_cores
 
 __all__ = [
     "Diverged",
+    "ResumeRefused",
     "RunResult",
     "Trainer",
     "recover_best_weights",
     "restore_threads",
     "resume_command",
+    "resumed_threads",
 ]
+
+
+class ResumeRefused(CheckpointError):
+    """Resuming would continue a run under other conditions than its finished epochs had
+    (other data, another number of processes); the message says how to resume it as it was
+    or to start a new run."""
 
 
 class Diverged(TrainingError):
@@ -93,20 +101,28 @@ def resume_command(run_dir: Path, world_size: int = 1) -> str:
     return f"{head}fusionkit resume {shlex.quote(str(run_dir))}"
 
 
-def restore_threads(run: RunDir) -> None:
-    """Before resuming ``run`` on the CPU without ``training.num_threads``: use the CPU threads
-    its first epoch trained with (capped at the cores available now), so that the resumed
-    epochs compute what an uninterrupted run would. A state that cannot be read is left to
-    :meth:`Trainer.restore` to report."""
+def resumed_threads(run: RunDir | Path) -> int | None:
+    """The CPU threads a resume of ``run`` without ``training.num_threads`` trains with: those
+    of its first epoch, capped at the cores available now; ``None`` when it has no readable
+    state that records them (a state that cannot be read is left to :meth:`Trainer.restore`
+    to report)."""
     path = run / STATE_FILE
     if not path.is_file():
-        return
+        return None
     try:
         threads = read_train_state(path).cpu_threads
     except CheckpointError:
-        return
+        return None
+    return None if threads is None else min(threads, available_cores())
+
+
+def restore_threads(run: RunDir) -> None:
+    """Before resuming ``run`` on the CPU without ``training.num_threads``: use
+    :func:`resumed_threads`, so that the resumed epochs compute what an uninterrupted run
+    would."""
+    threads = resumed_threads(run)
     if threads is not None:
-        torch.set_num_threads(min(threads, available_cores()))
+        torch.set_num_threads(threads)
 
 
 def recover_best_weights(run: RunDir, state: TrainState | None) -> None:
@@ -223,13 +239,15 @@ class Trainer:
                 f"{path} was written by a different recipe than {self.run}/recipe.yaml; the "
                 "run's files do not belong together: start a new run"
             )
-        have = state.world_size or 1
-        if have != self.dist.world_size:
-            raise CheckpointError(
+        have = state.world_size
+        if have is not None and have != self.dist.world_size:
+            raise ResumeRefused(
                 f"{self.run} trains on {have} process(es) and this is "
                 f"{self.dist.world_size}: every step would see another batch of windows. "
                 f"Resume it as it was: {resume_command(self.run.path, have)}"
             )
+        # a state of an older version does not say: recorded from now on
+        state.world_size = self.dist.world_size
         recover_best_weights(self.run, state)
         self.state = state
         self._set_rng_state(rng)
@@ -348,7 +366,7 @@ class Trainer:
             rc = self.recipe
             split = {"train": rc.data.train_split, "val": rc.data.val_split}
             which = " and the ".join(f"{r} split {split[r]!r}" for r in changed)
-            raise CheckpointError(
+            raise ResumeRefused(
                 f"{self.run}: the {which} differ from the data its {st.epochs_done} finished "
                 "epoch(s) trained on (features, labels or videos changed since); resuming would "
                 "mix the two: restore the data as it was, or start a new run"

@@ -66,7 +66,7 @@ from fusionkit.engine.session import (
     resolve_device,
     set_threads,
 )
-from fusionkit.engine.train import RunResult, Trainer, restore_threads
+from fusionkit.engine.train import RunResult, Trainer, restore_threads, resumed_threads
 from fusionkit.engine.workers import Terminated, die_with_parent, sigterm_as_interrupt
 from fusionkit.studies.robustness import robustness_complete, run_recipe_robustness
 
@@ -388,6 +388,14 @@ def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | N
         )
 
 
+def _point_threads(p: GridPoint, gdir: Path, share: int) -> int:
+    """The CPU threads point ``p`` trains with: ``training.num_threads``, else those its
+    finished epochs used (a resumed point), else the worker's ``share`` of the cores."""
+    asked = p.recipe.training.num_threads
+    resumed = None if asked else resumed_threads(gdir / p.tag)
+    return min(asked or resumed or share, available_cores())
+
+
 def _stale_runs(points: list[GridPoint], gdir: Path) -> list[str]:
     """Run directories in the grid folder that are not points of the grid (any more)."""
     tags = {p.tag for p in points}
@@ -470,9 +478,7 @@ def _run_locked(
     if workers > 1 or ray is not None:
         todo = _largest_first(todo, registry)
     threads = max(1, available_cores() // max(1, workers))
-    counts = sorted(
-        {min(p.recipe.training.num_threads or threads, available_cores()) for p in todo or points}
-    )
+    counts = sorted({_point_threads(p, gdir, threads) for p in todo or points})
     each = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     say = console.print if console else (lambda *a, **k: None)
     say(

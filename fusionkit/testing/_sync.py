@@ -9,7 +9,7 @@ dispatcher on any device, so :func:`host_syncs` finds them on the CPU too.
 Three reads are invisible on real CPU tensors, because no op is dispatched for them:
 ``.tolist()`` and ``.numpy()`` read the memory directly and ``.cpu()`` returns the tensor
 itself. :func:`simulated_host_syncs` finds them by running a function on fake tensors (shapes
-and devices only, no data), on a fake CPU and a fake CUDA device: there ``.tolist()`` reads
+and devices only, no data), on a fake CUDA device (or a fake CPU): there ``.tolist()`` reads
 values through an op, ``.numpy()`` raises and ``.cpu()`` is a copy from the device.
 """
 
@@ -131,29 +131,35 @@ def _quiet() -> Iterator[None]:
 
 
 def simulated_host_syncs(
-    fn: Callable[[str], Any], devices: tuple[str, ...] = ("cpu", "cuda")
+    fn: Callable[[str], Any], devices: tuple[str, ...] = ("cuda", "cpu")
 ) -> list[str]:
-    """Run ``fn(device)`` on fake tensors for each device and list the syncs it forces, as
-    :func:`host_syncs` does, plus the reads no op shows on real CPU tensors (``.tolist()``,
-    ``.numpy()``, and ``.cpu()`` of a CUDA tensor).
+    """Run ``fn(device)`` on fake tensors and list the syncs it forces, as :func:`host_syncs`
+    does, plus the reads no op shows on real CPU tensors (``.tolist()``, ``.numpy()``, and
+    ``.cpu()`` of a CUDA tensor).
 
     ``fn`` runs inside :class:`torch._subclasses.fake_tensor.FakeTensorMode`: tensors it
-    creates or moves (``.to(device)``) are fake, and value reads return 1. An op without a
-    fake implementation ends that run early, silently: what was found until then is kept. No
-    GPU is needed for ``"cuda"``. Backward passes do not run on fake CUDA tensors without a
-    GPU, so ``fn`` should stick to the forward pass.
+    creates or moves (``.to(device)``) are fake, and value reads return 1. The devices are
+    tried in order until one run gets to its end (a fake CUDA device needs no GPU, but not
+    every op has a fake CUDA implementation); an op without a fake implementation ends that
+    run early, keeping what was found until then. Backward passes do not run on fake CUDA
+    tensors without a GPU, so ``fn`` should stick to the forward pass.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     found: list[tuple[str, str]] = []
     for device in devices:
         rec = HostSyncRecorder(stand_in_scalars=True)
+        finished = False
         with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
             try:
                 with rec:
                     fn(device)
+                finished = True
             except Exception as exc:
                 if ".numpy()" in str(exc):  # raised before any op is dispatched
                     rec.found.append(("numpy", NUMPY_REASON))
+                    finished = True  # a finding, not a failure of the fake run
         found.extend(rec.found)
+        if finished:
+            break
     return list(dict.fromkeys(f"{op}: {why}" for op, why in found))
