@@ -19,11 +19,6 @@ from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
 __all__ = ["eval_cmd", "register", "resume", "run"]
 
 
-def _q(path: object) -> str:
-    """A path as a shell word, escaped for rich markup: for a command the user is told to run."""
-    return escape(shlex.quote(str(path)))
-
-
 def register(app: typer.Typer) -> None:
     app.command()(run)
     app.command()(resume)
@@ -143,6 +138,7 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
             _finish_robustness(rc, run, quiet=quiet)
         return
     verb = "resuming" if resume else "fusionkit run"
+    again = escape(resume_command(run.path, dist.world_size))
     try:
         with sigterm_as_interrupt():
             console.print(f"[bold]{verb}[/] {escape(rc.run_name)} -> {escape(str(run.path))}")
@@ -152,7 +148,6 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
     except KeyboardInterrupt as exc:
         if not dist.is_main:  # rank 0 says what was kept, once
             raise typer.Exit(interrupt_exit_code(exc)) from None
-        again = escape(resume_command(run.path, dist.world_size))
         if not resume and run.remove_if_unstarted():
             err_console.print("\n[yellow]interrupted[/] before the first epoch finished")
         elif run.is_complete():
@@ -171,20 +166,17 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
         if dist.is_main:
             # nothing started: remove the folder, so that a retry gets the same name
             removed = not resume and run.remove_if_unstarted()
-            if removed or not (run / "state.safetensors").is_file():
-                pass
-            elif isinstance(exc, ResumeRefused):  # its message says how to go on
-                pass
-            elif isinstance(exc, Diverged):  # resume is exact: it would diverge again
+            kept = not removed and (run / "state.safetensors").is_file()
+            if kept and isinstance(exc, Diverged):  # resume is exact: it would diverge again
                 err_console.print(
                     f"the finished epochs are kept in {escape(str(run.path))}, but resuming it "
                     "repeats the same steps: start a new run with the fix (another "
                     "training.lr, a training.grad_clip, or other data)"
                 )
-            else:
+            elif kept and not isinstance(exc, ResumeRefused):  # that one says how to go on
                 err_console.print(
                     f"the last finished epoch is saved in {escape(str(run.path))}; after fixing "
-                    f"the cause, resume with: {escape(resume_command(run.path, dist.world_size))}"
+                    f"the cause, resume with: {again}"
                 )
         raise
     console.print(
@@ -202,6 +194,7 @@ def _finish_robustness(rc, run, *, quiet: bool) -> None:
     sweeps that its ``robustness/`` folder lacks (a sweep interrupted after training, or one
     added with ``run --resume``), on the run's best weights; nothing to do when none is."""
     from fusionkit.engine.session import load_run
+    from fusionkit.engine.train import resume_command
     from fusionkit.studies.robustness import missing_values, results_path, run_recipe_robustness
 
     specs = list(rc.evaluation.robustness)
@@ -234,7 +227,7 @@ def _finish_robustness(rc, run, *, quiet: bool) -> None:
     except KeyboardInterrupt as exc:
         err_console.print(
             f"\n[yellow]interrupted[/]: the robustness values computed so far are kept in "
-            f"{escape(str(run.path))}\nresume with: fusionkit resume {_q(run.path)}"
+            f"{escape(str(run.path))}\nresume with: {escape(resume_command(run.path))}"
         )
         raise typer.Exit(interrupt_exit_code(exc)) from None
     for spec in specs:
@@ -297,17 +290,23 @@ def eval_cmd(
     # sums, so the last digits of the metrics
     asked = run.recipe().training.num_threads
     recorded = None if asked else _evaluated_threads(run)
-    if recorded and recorded > available_cores():
+    if asked:
+        threads = set_threads(asked)
+        origin = f"(training.num_threads={asked})"
+    elif recorded and recorded > available_cores():
         warnings.warn(
             f"{run.path} was evaluated with {recorded} CPU threads and this process has "
             f"{available_cores()} cores: the last digits of its metrics may differ",
             stacklevel=1,
         )
         threads = set_threads(None)
-        recorded_how = f"({recorded} recorded, capped at {threads})"
+        origin = f"({recorded} recorded, capped at {threads})"
+    elif recorded:
+        threads = set_threads(recorded)
+        origin = "(as the run was evaluated)"
     else:
-        threads = set_threads(asked or recorded)
-        recorded_how = "(as the run was evaluated)"
+        threads = set_threads(None)
+        origin = "(the available cores)"
     loaded = load_run(run, device=device)
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
@@ -320,13 +319,7 @@ def eval_cmd(
         for k, v in m.items()
         if s in stored["splits"] and stored["splits"][s].get(k) != v
     ]
-    how = f"{loaded.session.device}, {threads} thread{'s' if threads != 1 else ''} " + (
-        f"(training.num_threads={asked})"
-        if asked
-        else recorded_how
-        if recorded
-        else "(the available cores)"
-    )
+    how = f"{loaded.session.device}, {threads} thread{'s' if threads != 1 else ''} {origin}"
     if mismatches:
         err_console.print(
             f"[red]differs from metrics.json[/] (compared exactly; re-evaluated on {escape(how)}):"

@@ -356,11 +356,13 @@ class Trainer:
         (features re-extracted, labels edited, videos added), which would give numbers that
         belong to neither."""
         st = self.state
+        if st.epochs_done > 0 and not st.data_sha256:
+            return  # a state of an older version recorded nothing to compare with
         digests = {"train": train.content_sha256(), "val": val.content_sha256()}
         if st.epochs_done == 0:
             st.data_sha256 = digests
             return
-        saved = st.data_sha256 or {}  # states of older versions recorded nothing
+        saved = st.data_sha256 or {}
         changed = [role for role, d in digests.items() if saved.get(role, d) != d]
         if changed:
             rc = self.recipe

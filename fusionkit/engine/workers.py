@@ -48,26 +48,31 @@ def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
     return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[list[int]]:
     """While inside, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main
     thread, so that it takes Ctrl-C's path: the run keeps its last finished epoch (or is
     removed when none finished) and the resume hint is printed. The previous handler is
     restored on exit. Outside the main thread nothing changes (Python delivers signals to the
-    main thread only)."""
+    main thread only).
+
+    Yields the list of the SIGTERMs received inside, for code whose libraries turn the
+    :class:`Terminated` into a plain ``KeyboardInterrupt`` (Ray's wait does)."""
+    seen: list[int] = []
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise Terminated
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield seen
         return
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     except (ValueError, OSError):  # no signal support here: leave it as it was
-        yield
+        yield seen
         return
     try:
-        yield
+        yield seen
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

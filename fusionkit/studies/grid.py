@@ -688,8 +688,7 @@ def _run_on_ray(
 
     # Ray replaces the handler of SIGTERM (a C++ stack dump and exit 134): SIGTERM is an
     # interrupt again while the grid waits, in short steps so that Python's handlers run.
-    with sigterm_as_interrupt():
-        terminated = _note_sigterm()
+    with sigterm_as_interrupt() as terminated:
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
@@ -710,25 +709,6 @@ def _run_on_ray(
             if terminated and not isinstance(exc, Terminated):
                 raise Terminated from None  # Ray's wait turns it into a plain KeyboardInterrupt
             raise
-
-
-def _note_sigterm() -> list[int]:
-    """Chain the SIGTERM handler in place with one that also notes the signal in the list
-    returned (empty until SIGTERM arrives)."""
-    seen: list[int] = []
-    handler = signal.getsignal(signal.SIGTERM)
-    if not callable(handler):
-        return seen
-
-    def note(signum: int, frame: Any) -> None:
-        seen.append(signum)
-        handler(signum, frame)
-
-    try:
-        signal.signal(signal.SIGTERM, note)
-    except ValueError:  # not the main thread
-        pass
-    return seen
 
 
 def _ray_point(recipe: Recipe, threads: int) -> dict[str, Any]:
