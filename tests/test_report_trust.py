@@ -159,6 +159,29 @@ def test_per_condition_baseline_within_each_folder_when_rows_split(cond, tmp_pat
     assert rep.baseline_of["a/cond/rjca (lr=0.003)"] == "a/cond/concat (lr=0.003)"
 
 
+def test_per_condition_baseline_when_a_variant_is_in_one_folder_only(cond, tmp_path):
+    """The rows of a variant found in one folder only used to carry no folder name, so their
+    baseline was looked up without one and the report failed with 'no complete runs'."""
+    a, b = _copy(cond, tmp_path / "a" / "cond"), _copy(cond, tmp_path / "b" / "cond")
+    gone = [t for t in json.loads((b / "grid.json").read_text())["runs"] if "rjca" in t]
+    for tag in gone:
+        shutil.rmtree(b / tag)
+
+    def drop(rec):
+        for t in gone:
+            del rec["runs"][t]
+        rec["order"] = [t for t in rec["order"] if t not in gone]
+
+    _edit_grid(b, drop)
+    rep = build_report([a, b], baseline="concat", throughput=False, n_boot=200)
+    assert [r["variant"] for r in rep.rows if "rjca" in r["variant"]] == [
+        "a/cond/rjca (lr=0.003)",
+        "a/cond/rjca (lr=0.001)",
+    ]
+    assert rep.baseline_of["a/cond/rjca (lr=0.001)"] == "a/cond/concat (lr=0.001)"
+    assert rep.baseline_of["b/cond/concat (lr=0.003)"] == "b/cond/concat (lr=0.003)"
+
+
 def test_rows_follow_the_order_of_the_report_paths(cond, tmp_path):
     a, b = _copy(cond, tmp_path / "a" / "cond"), _copy(cond, tmp_path / "b" / "cond")
     rep = build_report([b, a], throughput=False, n_boot=200)

@@ -17,6 +17,7 @@ import contextvars
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -584,19 +585,34 @@ class Recipe(Strict):
         return bool(self.sweep or self.variants)
 
     def training_view(self) -> dict[str, Any]:
-        """The recipe as JSON without what does not change a run's training and evaluation:
-        robustness sweeps, the output location, grid axes, description, plugin strictness."""
-        d = self.model_dump(mode="json")
-        d["evaluation"].pop("robustness", None)
-        for key in ("output", "sweep", "variants", "description", "strict_plugins"):
-            d.pop(key, None)
-        return d
+        """The recipe as JSON without what does not change a run's training and evaluation
+        (:func:`training_view_of`)."""
+        return training_view_of(self.model_dump(mode="json"))
 
     def training_sha256(self) -> str:
         """Hash of :meth:`training_view`: equal hashes mean a run directory made by one recipe
         can be resumed with the other."""
-        text = json.dumps(self.training_view(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return training_sha256_of(self.training_view())
+
+
+#: top-level recipe keys that do not change what a run trains and how it is scored
+NOT_TRAINING = ("output", "sweep", "variants", "description", "strict_plugins")
+
+
+def training_view_of(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe mapping (resolved, as JSON) without what does not change a run's training and
+    evaluation: robustness sweeps, the output location, grid axes, description, plugin
+    strictness. Works on a run's ``recipe.yaml`` as read, without building any component."""
+    view = {k: v for k, v in recipe.items() if k not in NOT_TRAINING}
+    if isinstance(view.get("evaluation"), Mapping):
+        view["evaluation"] = {k: v for k, v in view["evaluation"].items() if k != "robustness"}
+    return view
+
+
+def training_sha256_of(view: Mapping[str, Any]) -> str:
+    """SHA-256 of a training view (:func:`training_view_of`), as ``run.json`` records it."""
+    text = json.dumps(view, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 #: pydantic's "... valid dictionary or instance of TrainingSpec": the class is fusionkit's own.

@@ -47,6 +47,8 @@ from fusionkit.core.recipe import (
     Recipe,
     RobustnessSpec,
     recipe_to_yaml,
+    training_sha256_of,
+    training_view_of,
     validate_recipe,
 )
 from fusionkit.core.registry import Registry, get_registry
@@ -396,8 +398,23 @@ class RunDir:
         rc = self.recipe(registry)
         marker = self.marker()
         if rc.training_sha256() != marker.recipe_sha256:
-            raise CheckpointError(self._edited_message(marker, rc))
+            raise CheckpointError(self._edited_message(marker, rc.training_view()))
         return rc
+
+    def check_recipe_file(self, raw: Mapping[str, Any], registry: Registry | None = None) -> None:
+        """Refuse ``raw``, this run's ``recipe.yaml`` as read, when it was edited after the run
+        was created (:meth:`checked_recipe`). A file as fusionkit wrote it matches the hash in
+        ``run.json`` as it is, so no component is built (readers such as the report work
+        without the run's plugins); only a file that does not is validated, to name the
+        changed keys."""
+        view = training_view_of(raw)
+        marker = self.marker()
+        if training_sha256_of(view) == marker.recipe_sha256:
+            return
+        created = marker.training_view
+        if isinstance(created, dict) and _changes(created, view):
+            raise CheckpointError(self._edited_message(marker, view))
+        self.checked_recipe(registry)  # only written another way, or an older run.json
 
     def record_robustness(
         self, specs: list[RobustnessSpec], registry: Registry | None = None
@@ -439,7 +456,8 @@ class RunDir:
                 own: Recipe | None = self.recipe(registry)
             except FusionkitError:
                 own = None
-            raise CheckpointError(self._edited_message(marker, own))
+            view = None if own is None else own.training_view()
+            raise CheckpointError(self._edited_message(marker, view))
         diffs = [f"{path}: run has {short_repr(a)}, now {short_repr(b)}" for path, a, b in changes]
         shown = "; ".join(diffs[:5]) or "the recipe hash differs"
         fix = (
@@ -463,8 +481,9 @@ class RunDir:
             return None
         return _changes(own.training_view(), recipe.training_view())
 
-    def _edited_message(self, marker: RunMarker, own: Recipe | None) -> str:
-        """The run's recipe.yaml does not match run.json: which keys changed, if knowable."""
+    def _edited_message(self, marker: RunMarker, own: dict[str, Any] | None) -> str:
+        """The run's recipe.yaml (``own``: its training view, None when it cannot be read)
+        does not match run.json: which keys changed, if knowable."""
         where = self.path / RECIPE_FILE
         created = marker.training_view
         if own is None:
@@ -472,7 +491,7 @@ class RunDir:
         elif isinstance(created, dict):
             diffs = [
                 f"{path}: created with {short_repr(a)}, recipe.yaml has {short_repr(b)}"
-                for path, a, b in _changes(created, own.training_view())
+                for path, a, b in _changes(created, own)
             ]
             what = "; ".join(diffs[:5]) or "the recipe hash differs"
         else:

@@ -67,10 +67,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _md(head: list[str], body: list[list[str]]) -> str:
     def esc(c: str) -> str:
-        """Keep a cell one cell: escape pipes (also in code spans, as GFM tables need), no
-        line breaks, and outside code spans no HTML tags."""
+        """Keep a cell one cell and its text as written: escape pipes (also in code spans,
+        as GFM tables need), no line breaks, and outside code spans no HTML tags, emphasis
+        stars or stray backticks."""
         c = c.replace("|", "\\|").replace("\n", " ")
-        return c if c.startswith("`") else re.sub(r"<(?=[A-Za-z/!?])", r"\\<", c)
+        if c.startswith("`"):
+            return c
+        c = re.sub(r"([*`])", r"\\\1", c)
+        return re.sub(r"<(?=[A-Za-z/!?])", r"\\<", c)
 
     lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
@@ -439,6 +443,10 @@ _LATEX_SPECIAL = {
     "}": r"\}",
     "~": r"\textasciitilde{}",
     "^": r"\textasciicircum{}",
+    # with LaTeX's default font encoding these print as other glyphs (an em dash, ¡ and ¿)
+    "|": r"\textbar{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
 }
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shlex
 import statistics
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from fusionkit.core.errors import CheckpointError, FusionkitError
+from fusionkit.core.recipe import NOT_TRAINING
 from fusionkit.core.yamlio import read_yaml
 from fusionkit.engine.files import read_json
 from fusionkit.engine.runs import (
@@ -259,8 +261,12 @@ def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> Ru
     """A complete run's record: recipe, metrics (checked against ``run.json``), components.
 
     Raises :class:`FusionkitError` when a file is missing, damaged or was changed."""
-    marker = RunDir(run_dir).marker()
+    rd = RunDir(run_dir)
+    marker = rd.marker()
     recipe = read_yaml(run_dir / RECIPE_FILE, "run recipe")
+    if not isinstance(recipe, dict):
+        raise CheckpointError(f"{run_dir / RECIPE_FILE} is not a mapping; the file was edited")
+    rd.check_recipe_file(recipe)  # its seed, targets and setup are what the run was made with
     try:
         targets = [str(t) for t in recipe["model"]["targets"]]
         seed = int(recipe["training"]["seed"])
@@ -274,7 +280,7 @@ def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> Ru
     components = (marker.model_extra or {}).get("components") or []
     return RunRecord(
         run_dir=run_dir,
-        name=grid_name or recipe.get("name") or run_dir.name,
+        name=grid_name or str(recipe.get("name") or run_dir.name),
         values=values,
         seed=seed,
         metrics=metrics,
@@ -286,6 +292,18 @@ def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> Ru
     )
 
 
+def _recipe_name(run_dir: Path) -> str:
+    """A single run's row label as :func:`read_run` gives it: its recipe's name, or the
+    folder name when the recipe has none or cannot be read (a run left out still counts
+    against its row: ``3 of 4`` seeds)."""
+    try:
+        recipe = read_yaml(run_dir / RECIPE_FILE, "run recipe")
+    except FusionkitError:
+        return run_dir.name
+    name = recipe.get("name") if isinstance(recipe, dict) else None
+    return str(name) if name else run_dir.name
+
+
 def _find(paths: list[Path]) -> tuple[dict[Path, tuple[Path, int]], dict[Path, Path]]:
     """Run directories (a ``run.json`` or a ``metrics.json``) with the index of the first of
     ``paths`` they are under, and grid directories, keyed by resolved path."""
@@ -294,12 +312,29 @@ def _find(paths: list[Path]) -> tuple[dict[Path, tuple[Path, int]], dict[Path, P
     for i, root in enumerate(paths):
         if not root.exists():
             raise CheckpointError(f"not found: {root}")
-        for name in (MARKER_FILE, METRICS_FILE):
-            for f in sorted(root.rglob(name)):
-                run_dirs.setdefault(f.parent.resolve(), (f.parent, i))
-        for f in sorted(root.rglob(GRID_FILE)):
-            grid_dirs.setdefault(f.parent.resolve(), f.parent)
+        for folder, files in _folders(root):
+            if MARKER_FILE in files or METRICS_FILE in files:
+                run_dirs.setdefault(folder.resolve(), (folder, i))
+            if GRID_FILE in files:
+                grid_dirs.setdefault(folder.resolve(), folder)
     return run_dirs, grid_dirs
+
+
+def _folders(root: Path) -> list[tuple[Path, set[str]]]:
+    """Every folder under ``root`` (itself included) with the names of its files, in sorted
+    order, following links to folders (runs gathered with ``ln -s``) but each real folder
+    once, so a link cycle ends."""
+    out: list[tuple[Path, set[str]]] = []
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        out.append((Path(top), set(files)))
+    return sorted(out, key=lambda item: item[0])
 
 
 def _grid_point_issue(
@@ -335,7 +370,7 @@ def scan_runs(paths: list[Path]) -> RunScan:
     left_out: dict[Path, Excluded] = {}
     for key, (run_dir, root) in run_dirs.items():
         grid_name, values, _ = _grid_entry(run_dir, cache)
-        label = variant_label(grid_name or run_dir.name, values)
+        label = variant_label(grid_name or _recipe_name(run_dir), values)
         stale = _stale_reason(run_dir, cache)
         if stale is not None:
             left_out[key] = Excluded(str(run_dir), run_dir.name, "stale", stale)
@@ -406,15 +441,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 #: recipe keys that do not change what a run trains and how it is scored (as
 #: :meth:`fusionkit.core.recipe.Recipe.training_view` leaves them out, and the seed)
-_NOT_SETUP = (
-    "training.seed",
-    "output",
-    "evaluation.robustness",
-    "description",
-    "strict_plugins",
-    "sweep",
-    "variants",
-)
+_NOT_SETUP = ("training.seed", "evaluation.robustness", *NOT_TRAINING)
 
 
 def run_setup(run: RunRecord) -> dict[str, str]:
@@ -433,13 +460,6 @@ def run_setup(run: RunRecord) -> dict[str, str]:
     return setup
 
 
-def _setup_difference(members: list[RunRecord]) -> list[str]:
-    """The setup keys (:func:`run_setup`) on which ``members`` disagree, sorted."""
-    setups = [run_setup(m) for m in members]
-    keys = set().union(*setups)
-    return sorted(k for k in keys if len({st.get(k) for st in setups}) > 1)
-
-
 def _distinct_names(folders: list[Path]) -> dict[Path, str]:
     """Each folder's shortest trailing path that no other of ``folders`` shares
     (``a/fusion_gate`` and ``b/fusion_gate`` for two grids of one name)."""
@@ -451,76 +471,139 @@ def _distinct_names(folders: list[Path]) -> dict[Path, str]:
 
 
 def _home(run: RunRecord) -> Path:
-    """Where a run belongs: a grid point's grid folder, a single run's own folder."""
-    return run.run_dir.parent if run.values else run.run_dir
+    """The folder a run is in: a grid point's grid folder, a single run's parent folder."""
+    return run.run_dir.parent
 
 
-def row_label(label: str, prefix: str, suffix: str, grid_point: bool) -> str:
+def row_label(label: str, prefix: str, suffix: str) -> str:
     """A row's label from the variant label, the folder prefix that tells two homes of one
-    label apart and the setup suffix that tells two setups in one home apart.
+    label apart and the setup suffix that tells two setups of one label apart.
 
-    >>> row_label("tagf", "a/fusion_gate", "", True)
+    >>> row_label("tagf", "a/fusion_gate", "")
     'a/fusion_gate/tagf'
-    >>> row_label("tagf", "", "lr=0.1", True)
+    >>> row_label("tagf", "", "lr=0.1")
     'tagf [lr=0.1]'
     """
-    head = (f"{prefix}/{label}" if grid_point else prefix) if prefix else label
+    head = f"{prefix}/{label}" if prefix else label
     return f"{head} [{suffix}]" if suffix else head
 
 
-def _setup_suffix(runs: list[RunRecord], keys: list[str]) -> str:
-    """``lr=0.1, precision used=bf16``: the values of ``keys`` in ``runs``' setup."""
-    setup = run_setup(runs[0])
-    names = _axis_names(keys)
-    values = {k: setup.get(k, "unset").strip('"') for k in keys[:3]}
-    shown = [f"{names[k]}={v if len(v) <= 24 else v[:23] + '…'}" for k, v in values.items()]
-    return ", ".join(shown) + (", ..." if len(keys) > 3 else "")
+def _data_key(split: str) -> str:
+    """The pseudo setup key under which a run's ``split`` data fingerprint is compared."""
+    return f"{split} data"
+
+
+def _row_setup(run: RunRecord, split: str) -> dict[str, str]:
+    """:func:`run_setup` plus the data the run was evaluated on (its ``split`` fingerprint):
+    seeds evaluated on other data never share a row's mean ± std."""
+    fp = run.fingerprint(split)
+    return {**run_setup(run), _data_key(split): fp[:12] if fp else "unrecorded"}
+
+
+def _differing(setups: list[dict[str, str]]) -> list[str]:
+    """The keys on which ``setups`` disagree, sorted."""
+    keys = set().union(*setups)
+    return sorted(k for k in keys if len({st.get(k) for st in setups}) > 1)
+
+
+def _suffixes(setups: list[dict[str, str]]) -> list[str]:
+    """One suffix per setup (``lr=0.1, precision used=bf16``), all distinct: the fewest of
+    the differing keys that tell the setups apart, in key order, with short values where
+    they stay distinct (``...`` marks keys that differ too but are not needed)."""
+    differ = _differing(setups)
+    if not differ:
+        return [""] * len(setups)
+    chosen: list[str] = []
+    for k in differ:
+        before = len({tuple(st.get(c) for c in chosen) for st in setups})
+        if len({tuple(st.get(c) for c in (*chosen, k)) for st in setups}) > before:
+            chosen.append(k)
+    names = _axis_names(chosen)
+    more = ", ..." if len(chosen) < len(differ) else ""
+
+    def show(st: dict[str, str], cut: bool) -> str:
+        values = [(names[k], st.get(k, "unset").strip('"')) for k in chosen]
+        return (
+            ", ".join(f"{n}={v[:23] + '…' if cut and len(v) > 24 else v}" for n, v in values) + more
+        )
+
+    short = [show(st, True) for st in setups]
+    return short if len(set(short)) == len(short) else [show(st, False) for st in setups]
+
+
+def _dedupe_seeds(label: str, runs: list[RunRecord], excluded: list[Excluded]) -> list[RunRecord]:
+    """``runs`` with each seed once (the first in report order); the repeats are left out."""
+    kept: dict[int, RunRecord] = {}
+    for m in sorted(runs, key=lambda r: r.order):
+        if m.seed not in kept:
+            kept[m.seed] = m
+            continue
+        excluded.append(
+            Excluded(
+                str(m.run_dir),
+                label,
+                "duplicate",
+                f"repeats seed {m.seed} of {kept[m.seed].run_dir} with the same recipe; "
+                "counted once",
+            )
+        )
+    return list(kept.values())
 
 
 def _split_label(
-    label: str, members: list[RunRecord], excluded: list[Excluded]
+    label: str, members: list[RunRecord], split: str, excluded: list[Excluded]
 ) -> list[dict[str, Any]]:
     """The rows of one label: one, unless its runs repeat a seed or differ in more than the
-    seed; then one per home (grid folder or run folder) and setup (:func:`run_setup`). A seed
-    repeated with the same setup in the same home is counted once; the repeat is left out."""
+    seed (:func:`_row_setup`); then one per folder (:func:`_home`) and setup, the setups of
+    one folder told apart by a suffix. A seed repeated with the same setup in one folder
+    counts once (the repeat is left out). Each row has ``home``: its one folder, or None
+    when its seeds come from several."""
+    setups = [_row_setup(m, split) for m in members]
     seeds = [m.seed for m in members]
-    if len(set(seeds)) == len(seeds) and not _setup_difference(members):
-        return [{"variant": label, "label": label, "prefix": "", "suffix": "", "runs": members}]
+    if len(set(seeds)) == len(seeds) and not _differing(setups):
+        homes = {_home(m) for m in members}
+        home = next(iter(homes)) if len(homes) == 1 else None
+        return [{"label": label, "suffix": "", "home": home, "split_by_home": False,
+                 "runs": members}]  # fmt: skip
     parts: dict[tuple[Path, str], list[RunRecord]] = {}
-    for m in members:
-        parts.setdefault((_home(m), json.dumps(run_setup(m), sort_keys=True)), []).append(m)
+    kinds: dict[tuple[Path, str], dict[str, str]] = {}
+    for m, st in zip(members, setups, strict=True):
+        key = (_home(m), json.dumps(st, sort_keys=True))
+        parts.setdefault(key, []).append(m)
+        kinds[key] = st
     homes = {home for home, _ in parts}
-    prefixes = _distinct_names(list(homes)) if len(homes) > 1 else {}
-    out = []
-    for (home, _), runs in parts.items():
-        in_home = [m for (h, _), rs in parts.items() if h == home for m in rs]
-        differ = _setup_difference(in_home)
-        prefix, suffix = prefixes.get(home, ""), _setup_suffix(runs, differ) if differ else ""
-        kept: dict[int, RunRecord] = {}
-        for m in sorted(runs, key=lambda r: r.order):
-            if m.seed in kept:
-                excluded.append(
-                    Excluded(
-                        str(m.run_dir),
-                        label,
-                        "duplicate",
-                        f"repeats seed {m.seed} of {kept[m.seed].run_dir} with the same "
-                        "recipe; counted once",
-                    )
-                )
-            else:
-                kept[m.seed] = m
-        grid_point = bool(runs[0].values)
-        out.append(
-            {
-                "variant": row_label(label, prefix, suffix, grid_point),
-                "label": label,
-                "prefix": prefix,
-                "suffix": suffix,
-                "runs": list(kept.values()),
-            }
-        )
-    return out
+    suffix: dict[tuple[Path, str], str] = {}
+    for home in homes:
+        keys = [k for k in parts if k[0] == home]
+        suffix |= dict(zip(keys, _suffixes([kinds[k] for k in keys]), strict=True))
+    return [
+        {
+            "label": label,
+            "suffix": suffix[key],
+            "home": key[0],
+            "split_by_home": len(homes) > 1,
+            "runs": _dedupe_seeds(label, runs, excluded),
+        }
+        for key, runs in parts.items()
+    ]
+
+
+def _name_rows(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``prefix`` and ``variant`` (its label in every table). When a label's
+    rows had to be told apart by folder, every row that comes from one folder is prefixed
+    with that folder's distinct name, so that rows of one grid folder keep one prefix (what
+    a per-condition baseline looks up). Labels that still coincide get ``#2``, ``#3``."""
+    if any(r["split_by_home"] for r in rows):
+        homes = [r["home"] for r in rows if r["home"] is not None]
+        names = _distinct_names(homes) if len(set(homes)) > 1 else {}
+    else:
+        names = {}
+    seen: dict[str, int] = {}
+    for r in rows:
+        r["prefix"] = names.get(r["home"], "") if r["home"] is not None else ""
+        variant = row_label(r["label"], r["prefix"], r["suffix"])
+        seen[variant] = seen.get(variant, 0) + 1
+        r["variant"] = variant if seen[variant] == 1 else f"{variant} #{seen[variant]}"
 
 
 def summarize(
@@ -533,14 +616,14 @@ def summarize(
     "ccc_<t>": (mean, std), ..., "params", "train_seconds"}`` (``train_seconds`` is the mean
     over seeds).
 
-    A label whose runs repeat a seed (the same variant name in two grids, or two runs of one
-    recipe), or whose runs differ in more than the seed (:func:`run_setup`: e.g. two grids
-    with one variant name trained in other precisions, or a grid folder holding runs of an
-    edited recipe), is split into one row per grid folder or run folder (``<folder>/<variant>``)
-    and per setup (``<variant> [lr=0.1]``); the second case is said in ``notes``, so that a
-    row's mean ± std never pools different experiments. A seed repeated with the same setup
-    in one folder counts once. Runs without metrics for ``split``, and the repeats, are added
-    to ``excluded``."""
+    The runs of one label that differ in more than the seed (:func:`run_setup`: e.g. two
+    grids with one variant name trained in other precisions, a grid folder holding runs of
+    an edited recipe, or seeds evaluated on other data) are split into one row per setup
+    (``<variant> [lr=0.1]``), said in ``notes``, so that a row's mean ± std never pools
+    different experiments. Runs of one setup that repeat a seed (the same variant name in
+    two grids, or one recipe run twice into two folders) get one row per folder
+    (``<folder>/<variant>``); a seed repeated in one folder counts once. Runs without
+    metrics for ``split``, and the repeats, are added to ``excluded``."""
     excluded = [] if excluded is None else excluded
     groups: dict[str, list[RunRecord]] = {}
     for r in runs:
@@ -559,9 +642,8 @@ def summarize(
     split_up: dict[tuple[str, ...], list[str]] = {}  # differing keys -> labels
     found: list[dict[str, Any]] = []
     for label, members in groups.items():
-        parts = _split_label(label, members, excluded)
-        found += parts
-        differ = _setup_difference(members)
+        found += _split_label(label, members, split, excluded)
+        differ = _differing([_row_setup(m, split) for m in members])
         if differ:
             split_up.setdefault(tuple(differ), []).append(label)
     for differ, labels in split_up.items() if notes is not None else ():
@@ -570,8 +652,9 @@ def summarize(
             f"{', '.join(labels)}: the runs of each differ in more than the seed ({keys}), "
             "so they are shown in separate rows, not pooled."
         )
-    rows = []
-    for row in sorted(found, key=lambda r: min(m.order for m in r["runs"])):
+    rows = sorted(found, key=lambda r: min(m.order for m in r["runs"]))
+    _name_rows(rows)
+    for row in rows:
         members = sorted(row["runs"], key=lambda m: m.seed)
         row.update(seeds=[m.seed for m in members], runs=members)
         for k in metric_keys(members[0].targets):
@@ -581,7 +664,6 @@ def summarize(
             m.metrics.get("train_seconds", 0.0) for m in members
         )
         row["epochs"] = statistics.fmean(m.metrics.get("epochs_run", 0) for m in members)
-        rows.append(row)
     return rows
 
 
@@ -1063,7 +1145,7 @@ def _choose_baseline(
         run = row["runs"][0]
         if VARIANT_AXIS in run.values:
             base = variant_label(run.name, {**run.values, VARIANT_AXIS: baseline})
-            per_condition[row["variant"]] = row_label(base, row["prefix"], row["suffix"], True)
+            per_condition[row["variant"]] = row_label(base, row["prefix"], row["suffix"])
     conditional = any(b in labels and b != baseline for b in per_condition.values())
     if baseline in labels:
         if conditional:
@@ -1105,12 +1187,6 @@ def _add_comparisons(rep: Report, cache: dict) -> None:
     by_label = {r["variant"]: r for r in rep.rows}
     for row in rep.rows:
         base = by_label[rep.baseline_of[row["variant"]]]
-        own = data_mismatch(row["runs"], rep.split)
-        if own == DIFFERENT_DATA:
-            rep.notes.append(
-                f"{row['variant']}: its runs were {DIFFERENT_DATA} ({rep.split} data fingerprints "
-                "differ between seeds), so its mean ± std mixes evaluation sets."
-            )
         row["same_data"] = data_mismatch([*row["runs"], *base["runs"]], rep.split) is None
         if row is base:
             row["delta"] = None
@@ -1177,7 +1253,7 @@ def _add_left_out(rep: Report) -> None:
             for e in rep.excluded
             if e.variant == row["label"]
             and e.status != "duplicate"
-            and (not row["prefix"] or str(Path(e.where).parent) in homes or e.where in homes)
+            and (not row["prefix"] or str(Path(e.where).parent) in homes)
         ]
 
 
