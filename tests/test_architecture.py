@@ -210,6 +210,33 @@ def test_validation_builds_the_model_and_names_the_file(tmp_path, registry):
     assert not (tmp_path / "tiny").exists()
 
 
+@pytest.mark.parametrize("where", ["training", "robustness"])
+def test_validation_tries_every_perturbation_on_the_datasets_modalities(tmp_path, registry, where):
+    """A perturbation of a modality the dataset lacks passed validation; a robustness sweep
+    then failed after the whole training, and its resume hint repeated the failure."""
+    raw = tiny_recipe(tmp_path)
+    if where == "training":
+        raw["training"]["perturbations"] = [{"name": "shift", "params": {"modality": "text"}}]
+        key = "training.perturbations.0"
+    else:
+        raw["evaluation"]["robustness"] = [
+            {"name": "s", "perturbation": "shift", "params": {"modality": "audio"},
+             "axis": "k", "values": [0, 2]},
+            {"name": "t", "perturbation": "shift", "params": {"modality": "text"},
+             "axis": "k", "values": [0, 2]},
+        ]  # fmt: skip
+        key = "evaluation.robustness.1 (t, k=0)"
+    rc = validate_recipe(raw, "my_recipe.yaml", registry)
+    with pytest.raises(RecipeError) as info:
+        check_recipe(rc, registry)
+    text = str(info.value)
+    assert text.startswith(f"invalid recipe my_recipe.yaml: {key}: perturbation shift: video")
+    assert "has no modality 'text' (it has: audio, video)" in text
+    raw["training"].pop("perturbations", None)
+    raw["evaluation"]["robustness"] = raw["evaluation"].get("robustness", [])[:1]
+    check_recipe(validate_recipe(raw, "my_recipe.yaml", registry), registry)  # the rest is fine
+
+
 def test_cli_validate_reports_build_errors_and_run_creates_nothing(tmp_path):
     raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     raw["model"]["encoders"].pop("audio")

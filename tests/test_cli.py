@@ -71,6 +71,28 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(cli_env, tmp_path):
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
 
+def test_a_closed_stdout_does_not_stop_the_run(cli_env, tmp_path):
+    """`fusionkit run ... | head -1`: rich's default ended the run with status 1 and no word
+    once the reader was gone, leaving an interrupted run folder."""
+    env, recipe = cli_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusionkit", "run", str(recipe), "training.epochs=2"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("fusionkit run tiny")
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=300) == 0, err
+    assert "warning: standard output was closed" in err and "Traceback" not in err
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+    assert (run_dir / "metrics.json").is_file()
+
+
 def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     env, recipe = cli_env
     run = fk(["run", str(recipe), "training.epochs=2", "-q"], env, tmp_path)

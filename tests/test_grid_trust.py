@@ -116,6 +116,20 @@ def test_the_lock_file_does_not_make_the_grid_folder_look_foreign(tmp_path, regi
         run_grid(rc, registry=registry)
 
 
+def test_resume_on_a_grid_folder_names_a_run_and_the_way_to_continue(tmp_path, registry, cli):
+    """It said the folder was not made by fusionkit, which it was."""
+    rc = validate_recipe(tiny_grid(tmp_path), "grid.yaml", registry)
+    run_grid(rc, registry=registry)
+    gdir = tmp_path / "runs" / "tiny"
+    code, _, err = cli("resume", gdir)
+    assert code == 2
+    assert err.strip() == (
+        f"error: {gdir} is a grid folder (grid.json), not a run: name one of its runs, e.g. "
+        f"{gdir / 'seed-0'}; a grid goes on with the `fusionkit run` command that made it "
+        "(finished points are kept)"
+    )
+
+
 # ----------------------------------------------------------------------------- threads
 
 

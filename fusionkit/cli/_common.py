@@ -10,10 +10,30 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+
+class _Console(Console):
+    """A console that outlives its reader: when the stream is closed (output piped into
+    ``head``, a pager that quit), the command goes on without printing to it and says so on
+    standard error, instead of rich's default of exiting with status 1 in mid-run, without a
+    word, leaving an interrupted run behind."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.file.fileno())  # later writes, and the flush at exit, succeed
+        os.close(devnull)
+        if self is not err_console:
+            err_console.print(
+                "[yellow]warning:[/] standard output was closed by the command reading it; "
+                "fusionkit goes on without printing there (pass -q, or redirect the output "
+                "to a file, to keep what it prints)"
+            )
+
+
 #: Standard output; long lines are never hard-wrapped (paths and hints stay copyable in logs).
-console = Console(soft_wrap=True, highlight=False)
+console = _Console(soft_wrap=True, highlight=False)
 #: Standard error.
-err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+err_console = _Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def split_recipe_args(

@@ -291,6 +291,14 @@ class RunDir:
         p = Path(path)
         if not p.is_dir():
             raise CheckpointError(f"run directory not found: {p}")
+        if (p / GRID_FILE).is_file() and not (p / MARKER_FILE).is_file():
+            points = sorted(q.name for q in p.iterdir() if (q / MARKER_FILE).is_file())
+            example = f", e.g. {_q(p / points[0])}" if points else ""
+            raise CheckpointError(
+                f"{p} is a grid folder ({GRID_FILE}), not a run: name one of its runs"
+                f"{example}; a grid goes on with the `fusionkit run` command that made it "
+                "(finished points are kept)"
+            )
         if not (p / MARKER_FILE).is_file():
             raise CheckpointError(
                 f"{p} is not a fusionkit run directory (no {MARKER_FILE}); fusionkit only "

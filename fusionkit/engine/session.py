@@ -19,15 +19,15 @@ from typing import Any
 import torch
 
 from fusionkit.core.errors import CheckpointError, DataError, FusionkitError, RecipeError
-from fusionkit.core.interfaces import Dataset, ZScoreDefault
+from fusionkit.core.interfaces import Dataset, Video, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
-from fusionkit.core.recipe import Recipe, validate_recipe
+from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
 from fusionkit.engine.data import FrameStore, Normalizer
 from fusionkit.engine.files import load_tensors, read_json, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
-from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
+from fusionkit.engine.perturb import AppliedPerturbation, PerturbedDataset, build_perturbation
 from fusionkit.engine.runs import (
     BEST_FILE,
     MARKER_FILE,
@@ -283,6 +283,41 @@ class Session:
         )
 
 
+#: frames of the zero video every perturbation of a recipe is tried on before a run starts
+PROBE_FRAMES = 300
+
+
+def _probe_video(recipe: Recipe, dataset: Dataset) -> Video:
+    """A video of zeros with the dataset's modalities and feature sizes (no data is read)."""
+    n, targets = PROBE_FRAMES, len(tuple(dataset.targets))
+    return Video(
+        name=f"any video of {recipe.data.name}",
+        features={m: torch.zeros(n, d) for m, d in dataset.feature_dims.items()},
+        labels=torch.zeros(n, targets),
+        label_mask=torch.ones(n, dtype=torch.bool),
+    )
+
+
+def _checked_perturbation(
+    spec: PerturbationSpec, registry: Registry, where: str, recipe: Recipe, probe: Video
+) -> AppliedPerturbation:
+    """Build a perturbation and try it on ``probe``, so that what it refuses for every video
+    of the dataset (a modality the dataset lacks, a wrong feature size) is a recipe error
+    naming the file and key, before any data is read or run folder is made. Only fusionkit
+    errors count: other exceptions on a zero video are left to the real data."""
+    try:
+        fn = build_perturbation(spec, registry, where=where)
+    except RecipeError as exc:
+        raise RecipeError(exc.problems, recipe.source) from None
+    try:
+        fn(probe)
+    except FusionkitError as exc:
+        raise RecipeError([f"{where}: {exc}"], recipe.source) from None
+    except Exception:  # a probe of zeros: the real videos decide
+        pass
+    return fn
+
+
 def _assemble(
     recipe: Recipe,
     registry: Registry,
@@ -294,21 +329,17 @@ def _assemble(
     _check_splits(recipe, dataset)
     cols = _target_columns(recipe, dataset)
     train_data: Dataset = dataset
+    probe = _probe_video(recipe, dataset)
     if recipe.training.perturbations:  # training-time perturbations: the train split only
-        try:
-            perts = [
-                build_perturbation(p, registry, where=f"training.perturbations.{i}")
-                for i, p in enumerate(recipe.training.perturbations)
-            ]
-        except RecipeError as exc:
-            raise RecipeError(exc.problems, recipe.source) from None
+        perts = [
+            _checked_perturbation(p, registry, f"training.perturbations.{i}", recipe, probe)
+            for i, p in enumerate(recipe.training.perturbations)
+        ]
         train_data = PerturbedDataset(dataset, perts, [recipe.data.train_split])
     for i, r in enumerate(recipe.evaluation.robustness):
-        for j in range(len(r.values)):
-            try:
-                build_perturbation(r.point(j), registry, where=f"evaluation.robustness.{i}")
-            except RecipeError as exc:
-                raise RecipeError(exc.problems, recipe.source) from None
+        for j, value in enumerate(r.values):
+            where = f"evaluation.robustness.{i} ({r.label}, {r.axis}={value})"
+            _checked_perturbation(r.point(j), registry, where, recipe, probe)
     if seed is not None:
         torch.manual_seed(seed)  # the initial weights depend on the training seed only
     with torch.device(device):
