@@ -100,6 +100,12 @@ def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     ok = fk(["eval", str(run_dir)], env, tmp_path)
     assert ok.returncode == 0 and "reproduces metrics.json exactly" in ok.stdout
+    # a split the run never evaluated is shown and said to be so, not silently skipped
+    extra = fk(["eval", str(run_dir), "--split", "train", "--split", "test"], env, tmp_path)
+    assert extra.returncode == 0, extra.stderr
+    lines = extra.stdout.splitlines()
+    assert "train: not in metrics.json (the run evaluated test, val); shown, not compared" in lines
+    assert "reproduces metrics.json exactly (test;" in extra.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["splits"]["val"]["ccc_mean"] += 0.01
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -174,3 +180,18 @@ def test_error_message_keeps_bracketed_text(monkeypatch, capsys):
         cli.main()
     assert info.value.code == 2
     assert "column [arousal] is missing" in capsys.readouterr().err
+
+
+def test_help_texts_wrap_to_the_terminal_not_at_the_docstrings_line_breaks():
+    from typer.testing import CliRunner
+
+    from fusionkit.cli import app
+
+    wide = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    res = CliRunner().invoke(app, ["--help"], env=wide)
+    assert res.exit_code == 0
+    sentence = "compares with metrics.json (exactly: every stored number"
+    assert any(sentence in line for line in res.output.splitlines()), res.output
+    res = CliRunner().invoke(app, ["robustness", "--help"], env=wide)
+    example = "skipped. Example: fusionkit robustness runs/misalignment --perturb shift"
+    assert any(example in line for line in res.output.splitlines()), res.output

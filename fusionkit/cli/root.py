@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from typing import Annotated, Any
@@ -52,6 +53,27 @@ def _register() -> None:
 
 
 _register()
+
+
+def _flow(text: str) -> str:
+    """A help text with the line breaks inside each paragraph joined, so the terminal wraps
+    it (typer keeps a docstring's line breaks, which split sentences and commands)."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def _flow_help(typer_app: typer.Typer) -> None:
+    """:func:`_flow` every command's and group's help, from their docstrings."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = _flow(info.callback.__doc__)
+    for group in typer_app.registered_groups:
+        sub = group.typer_instance
+        if sub is not None:
+            _flow_help(sub)
+
+
+_flow_help(app)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -327,6 +327,12 @@ def eval_cmd(
         )
         raise typer.Exit(1)
     compared = [s for s in splits if s in stored["splits"]]
+    shown = [s for s in splits if s not in stored["splits"]]
+    if shown:
+        console.print(
+            f"{escape(', '.join(shown))}: not in metrics.json (the run evaluated "
+            f"{escape(', '.join(sorted(stored['splits'])) or 'no split')}); shown, not compared"
+        )
     if compared:
         console.print(
             f"[green]reproduces metrics.json exactly[/] ({', '.join(compared)}; "
