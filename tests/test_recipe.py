@@ -162,3 +162,35 @@ def test_empty_params_blocks_read_as_defaults(tmp_path, registry):
     raw["data"]["params"] = None
     rc = validate_recipe(raw, "r.yaml", registry)
     assert rc.model.head.params.hidden == 256 and rc.data.params.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        (
+            "evaluation.splits=val,test",
+            "evaluation.splits: Input should be a valid list (got 'val,test'); write a list in "
+            "brackets: 'evaluation.splits=[val, test]'",
+        ),
+        ("lr=1e-3", "lr: unknown key (did you mean 'training.lr'?); valid keys: name,"),
+        ("seed=1", "seed: unknown key (did you mean 'training.seed'?)"),
+        ("trainig.lr=1", "trainig: unknown key (did you mean 'training'?)"),
+        ("training.lrr=1", "training.lrr: unknown key (did you mean 'lr'?)"),
+    ],
+)
+def test_override_mistakes_say_how_to_fix_them(override, problem):
+    path = REPO / "recipes" / "quickstart.yaml"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, [override])
+    assert info.value.problems[0].startswith(problem), info.value.problems
+
+
+def test_a_recipe_file_after_an_override_is_said_to_come_first():
+    from fusionkit.core.overrides import parse_overrides
+
+    with pytest.raises(RecipeError) as info:
+        parse_overrides(["recipes/quickstart.yaml"])
+    assert info.value.problems == [
+        "override 'recipes/quickstart.yaml': a recipe file comes first, then its overrides: "
+        "RECIPE key.path=value ..."
+    ]

@@ -69,7 +69,13 @@ def parse_overrides(items: Iterable[str], source: str = "<command line>") -> dic
         key, sep, raw = item.partition("=")
         parts = key.split(".")
         if not sep or not key or not all(_KEY_RE.match(p) for p in parts):
-            problems.append(f"override {shown}: expected key.path=value, e.g. training.lr=1e-3")
+            looks_like_file = not sep and item.endswith((".yaml", ".yml"))
+            fix = (
+                "a recipe file comes first, then its overrides: RECIPE key.path=value ..."
+                if looks_like_file
+                else "expected key.path=value, e.g. training.lr=1e-3"
+            )
+            problems.append(f"override {shown}: {fix}")
             continue
         try:
             value = load_yaml(raw, "<override>") if raw.strip() != "" else ""

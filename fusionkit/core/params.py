@@ -105,6 +105,23 @@ def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]
     return list(cur.model_fields) if _is_model(cur) else []
 
 
+def _deeper(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """``" (did you mean 'training.lr'?)"`` when an unknown key is a field one level down
+    (``lr=1e-3`` given for the recipe), else ``""``."""
+    inner = model
+    for part in loc[:-1]:  # the model the unknown key was given in
+        field = inner.model_fields.get(str(part)) if _is_model(inner) else None
+        inner = field.annotation if field is not None else None
+    if not _is_model(inner):
+        return ""
+    found = [
+        f"{name}.{loc[-1]}"
+        for name, field in inner.model_fields.items()
+        if _is_model(field.annotation) and str(loc[-1]) in field.annotation.model_fields
+    ]
+    return f" (did you mean {' or '.join(repr(f) for f in found)}?)" if found else ""
+
+
 def _is_model(x: Any) -> bool:
     return isinstance(x, type) and issubclass(x, BaseModel)
 
@@ -134,7 +151,7 @@ def describe_validation_error(
             msg = PATTERN_RULES.get(str((err.get("ctx") or {}).get("pattern")), msg)
         if kind == "extra_forbidden":
             valid = list((err.get("ctx") or {}).get("valid", [])) or _fields_at(model, loc)
-            hint = did_you_mean(str(loc[-1]), valid)
+            hint = _deeper(model, loc) or did_you_mean(str(loc[-1]), valid)
             listing = f"; valid keys: {', '.join(valid)}" if valid else ""
             problems.append(f"{path}: unknown key{hint}{listing}")
         elif kind == "missing":
@@ -143,6 +160,12 @@ def describe_validation_error(
             problems.append(f"{path}: {msg}")
         elif isinstance(err.get("input"), dict | list):
             problems.append(f"{path}: {msg}")
+        elif kind == "list_type" and isinstance(err.get("input"), str):
+            items = ", ".join(x.strip() for x in err["input"].split(","))
+            problems.append(
+                f"{path}: {msg} (got {short_repr(err['input'])}); write a list in brackets: "
+                f"{short_repr(f'{path}=[{items}]')}"
+            )
         else:
             problems.append(f"{path}: {msg} (got {short_repr(err.get('input'))})")
     return problems
