@@ -93,6 +93,38 @@ def test_a_closed_stdout_does_not_stop_the_run(cli_env, tmp_path):
     assert (run_dir / "metrics.json").is_file()
 
 
+def test_a_closed_stdout_ends_a_stream_and_not_a_report(cli_env, tmp_path, registry):
+    """`stream` prints its product: a closed reader ends it (it used to go on through every
+    frame, at the frame rate with --realtime). `report` has written its files by then: it
+    goes on, where it used to end with status 1 and no word."""
+    from tests.conftest import tiny_stream_run
+
+    env, _ = cli_env
+    run, feats, _ = tiny_stream_run(tmp_path, registry)
+    cmd = [sys.executable, "-m", "fusionkit", "stream", str(run), str(feats), "--realtime"]
+    proc = subprocess.Popen(
+        [*cmd, "--fps", "5"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().startswith("0,0.000,")
+    proc.stdout.close()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=60) == 141, err  # 128 + SIGPIPE, as a killed pipe writer
+    assert "streamed" not in err and "Traceback" not in err and "warning" not in err
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusionkit", "report", str(run.parent), "--no-throughput",
+         "--bootstrap", "100", "--out", str(tmp_path / "rep")],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # closed before anything is printed
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=120) == 0, err
+    assert "warning: standard output was closed" in err
+    assert (tmp_path / "rep" / "report.md").is_file()
+
+
 def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     env, recipe = cli_env
     run = fk(["run", str(recipe), "training.epochs=2", "-q"], env, tmp_path)

@@ -125,8 +125,8 @@ def test_resume_on_a_grid_folder_names_a_run_and_the_way_to_continue(tmp_path, r
     assert code == 2
     assert err.strip() == (
         f"error: {gdir} is a grid folder (grid.json), not a run: name one of its runs, e.g. "
-        f"{gdir / 'seed-0'}; a grid goes on with the `fusionkit run` command that made it "
-        "(finished points are kept)"
+        f"{gdir / 'seed-0'} (to continue the grid itself, run again the `fusionkit run` "
+        "command that made it: finished points are kept)"
     )
 
 

@@ -12,10 +12,11 @@ import statistics
 
 import pytest
 
+from fusionkit.core.errors import FusionkitError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.files import file_sha256
 from fusionkit.engine.runs import RunDir
-from fusionkit.studies.grid import train_and_evaluate
+from fusionkit.studies.grid import run_grid, train_and_evaluate
 from fusionkit.studies.render import _md, latex_escape
 from fusionkit.studies.report import _suffixes, build_report
 from tests.conftest import tiny_recipe
@@ -131,10 +132,39 @@ def test_runs_gathered_with_links_are_used(made, tmp_path):
     _, runs = made
     folder = _gather(tmp_path / "f", runs[("a", 0)])
     (folder / "linked").symlink_to(runs[("a", 1)], target_is_directory=True)
-    (folder / "loop").symlink_to(folder, target_is_directory=True)  # a cycle ends
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # not followed: it holds it
+    (folder / "up").symlink_to("..", target_is_directory=True)
+    (tmp_path / "beside").mkdir()  # reachable only through `up`
+    shutil.copytree(runs[("a", 2)], tmp_path / "beside" / "s2")
     rep = build_report([folder], throughput=False, n_boot=100)
     (row,) = rep.rows
-    assert row["seeds"] == [0, 1]
+    assert row["seeds"] == [0, 1]  # not seed 2 from beside the folder
+
+
+def test_a_link_to_a_grid_point_leaves_the_point_in_its_grid(tmp_path, registry):
+    """A shortcut to a point of a grid that is also reported used to be taken for a single
+    run (when its name sorted first), taking its seed out of the grid's row."""
+    raw = tiny_recipe(tmp_path / "proj", epochs=1)
+    raw["name"] = "g"
+    raw["sweep"] = {"training.lr": [3e-3], "training.seed": [0, 1]}
+    record = run_grid(validate_recipe(raw, "g.yaml", registry), registry=registry)
+    first = record["order"][0]
+    (tmp_path / "proj" / "a_best").symlink_to(f"g/{first}", target_is_directory=True)
+    rep = build_report([tmp_path / "proj"], throughput=False, n_boot=100)
+    (row,) = rep.rows
+    assert row["variant"] == "g (lr=0.003)" and row["seeds"] == [0, 1] and rep.excluded == []
+
+
+def test_a_baseline_named_by_its_label_finds_its_prefixed_row(made, tmp_path, registry):
+    """Once rows carry folder prefixes, `--baseline other` used to be refused."""
+    _, runs = made
+    one = _gather(tmp_path / "one", runs[("a", 0)], runs[("b", 0)])
+    two = _gather(tmp_path / "two", runs[("a", 0)])
+    _run(one, registry, 0, name="other")
+    rep = build_report([one, two], baseline="other", throughput=False, n_boot=100)
+    assert rep.baseline == "one/other"
+    with pytest.raises(FusionkitError, match=r"--baseline 'tiny' is shown in 3 rows \(one/tiny \["):
+        build_report([one, two], baseline="tiny", throughput=False, n_boot=100)
 
 
 def test_an_interrupted_single_run_counts_against_its_recipes_row(made, tmp_path):

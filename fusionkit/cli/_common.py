@@ -10,23 +10,31 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+#: exit status of a command whose output was its product and was closed (128 + SIGPIPE)
+CLOSED_OUTPUT_EXIT = 141
+
 
 class _Console(Console):
     """A console that outlives its reader: when the stream is closed (output piped into
     ``head``, a pager that quit), the command goes on without printing to it and says so on
     standard error, instead of rich's default of exiting with status 1 in mid-run, without a
-    word, leaving an interrupted run behind."""
+    word, leaving an interrupted run behind. A command whose printed lines are its product
+    (``stream`` without ``--out``) sets :attr:`stop_on_closed` and ends quietly instead."""
+
+    stop_on_closed = False
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self.file.fileno())  # later writes, and the flush at exit, succeed
         os.close(devnull)
+        if self.stop_on_closed:
+            raise SystemExit(CLOSED_OUTPUT_EXIT)
         if self is not err_console:
             err_console.print(
                 "[yellow]warning:[/] standard output was closed by the command reading it; "
-                "fusionkit goes on without printing there (pass -q, or redirect the output "
-                "to a file, to keep what it prints)"
+                "fusionkit goes on without printing there (redirect the output to a file to "
+                "keep it)"
             )
 
 

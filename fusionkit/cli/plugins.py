@@ -127,7 +127,7 @@ def plugins_list(
                 {"kind": k, "name": n, "message": reg.clash_message(k, n)} for k, n in reg.clashes()
             ],
         }
-        typer.echo(json.dumps(data, indent=2))
+        console.out(json.dumps(data, indent=2))
         return
     for d in dists:
         head = f"[bold]{escape(d.name)}[/] {escape(d.version)}"
@@ -322,7 +322,7 @@ def plugins_check(
             _print_report(report, verbose=verbose or len(comps) == 1)
     failed = [r for r in reports if not r.ok]
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        console.out(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
         style = "bold red" if failed else "green"
         console.print(

@@ -50,7 +50,7 @@ def recipe_show(
     """Print the resolved recipe (defaults filled in) as YAML."""
     from fusionkit.core.recipe import recipe_to_yaml
 
-    typer.echo(recipe_to_yaml(load(recipe, overrides)))
+    console.out(recipe_to_yaml(load(recipe, overrides)))
 
 
 @app.command("schema")
@@ -75,7 +75,7 @@ def recipe_schema(
         atomic_write_text(out, text + "\n")
         console.print(f"wrote {escape(str(out))}")
     else:
-        typer.echo(text)
+        console.out(text)
 
 
 def _shipped() -> list[tuple[str, Path]]:

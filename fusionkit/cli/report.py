@@ -85,13 +85,13 @@ def report(
     )
     rep.command = "fusionkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if out is None:
-        typer.echo(render_markdown(rep))
+        console.out(render_markdown(rep))
         return
     written = write_report(rep, out, html_page=html_page)
-    typer.echo(results_table(rep))
+    console.out(results_table(rep))
     if any(r["delta"] is not None for r in rep.rows):
-        typer.echo(f"Differences from the baseline {rep.baseline}:\n")
-        typer.echo(delta_table(rep))
+        console.out(f"Differences from the baseline {rep.baseline}:\n")
+        console.out(delta_table(rep))
     for e in rep.excluded:
         console.print(
             f"[yellow]left out[/] {escape(e.where)} ({escape(e.variant)}): "

@@ -101,6 +101,7 @@ def stream(
     lines = ["frame,seconds," + ",".join(targets) + ",latency_ms"]
     latencies: list[float] = []
     shown = console if out is not None and not quiet else None
+    console.stop_on_closed = out is None and not quiet  # the printed lines are the product
     try:
         with sigterm_as_interrupt(), TaskProgress("stream", total, shown) as progress:
             for f in run_stream(predictor, features, rate, realtime):
@@ -137,6 +138,8 @@ def stream(
             "command again to stream the file from its start"
         )
         raise typer.Exit(interrupt_exit_code(exc)) from None
+    finally:
+        console.stop_on_closed = False
     if out is not None:
         atomic_write_text(out, "\n".join(lines) + "\n")
     ms = sorted(x * 1e3 for x in latencies)

@@ -71,7 +71,8 @@ def parse_overrides(items: Iterable[str], source: str = "<command line>") -> dic
         if not sep or not key or not all(_KEY_RE.match(p) for p in parts):
             looks_like_file = not sep and item.endswith((".yaml", ".yml"))
             fix = (
-                "a recipe file comes first, then its overrides: RECIPE key.path=value ..."
+                "a recipe file must be the first argument, and only one is taken; "
+                "overrides are key.path=value"
                 if looks_like_file
                 else "expected key.path=value, e.g. training.lr=1e-3"
             )

@@ -160,11 +160,11 @@ def describe_validation_error(
             problems.append(f"{path}: {msg}")
         elif isinstance(err.get("input"), dict | list):
             problems.append(f"{path}: {msg}")
-        elif kind == "list_type" and isinstance(err.get("input"), str):
-            items = ", ".join(x.strip() for x in err["input"].split(","))
+        elif kind == "list_type" and "," in str(err.get("input")):  # a list written a, b
+            items = ", ".join(x.strip() for x in str(err["input"]).split(","))
             problems.append(
                 f"{path}: {msg} (got {short_repr(err['input'])}); write a list in brackets: "
-                f"{short_repr(f'{path}=[{items}]')}"
+                f"[{items}]"
             )
         else:
             problems.append(f"{path}: {msg} (got {short_repr(err.get('input'))})")

@@ -296,8 +296,8 @@ class RunDir:
             example = f", e.g. {_q(p / points[0])}" if points else ""
             raise CheckpointError(
                 f"{p} is a grid folder ({GRID_FILE}), not a run: name one of its runs"
-                f"{example}; a grid goes on with the `fusionkit run` command that made it "
-                "(finished points are kept)"
+                f"{example} (to continue the grid itself, run again the `fusionkit run` "
+                "command that made it: finished points are kept)"
             )
         if not (p / MARKER_FILE).is_file():
             raise CheckpointError(

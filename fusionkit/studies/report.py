@@ -321,20 +321,35 @@ def _find(paths: list[Path]) -> tuple[dict[Path, tuple[Path, int]], dict[Path, P
 
 
 def _folders(root: Path) -> list[tuple[Path, set[str]]]:
-    """Every folder under ``root`` (itself included) with the names of its files, in sorted
-    order, following links to folders (runs gathered with ``ln -s``) but each real folder
-    once, so a link cycle ends."""
-    out: list[tuple[Path, set[str]]] = []
-    seen: set[str] = set()
-    for top, dirs, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
-        out.append((Path(top), set(files)))
-    return sorted(out, key=lambda item: item[0])
+    """Every folder under ``root`` (itself included) with the names of its files, sorted.
+
+    Links to folders are followed (runs gathered with ``ln -s``) after everything reached
+    without one, and a folder reached through a link is listed under its real path: a grid
+    point linked elsewhere stays a point of its grid, and a folder also reached directly is
+    listed once. A link to a folder that holds the link (``..``, ``/``) is not followed."""
+    out: dict[str, tuple[Path, set[str]]] = {}
+    links: list[Path] = []
+    tops = [root]
+    while tops:
+        for top, dirs, files in os.walk(tops.pop(0)):
+            real = os.path.realpath(top)
+            if real in out:
+                dirs[:] = []
+                continue
+            out[real] = (Path(top), set(files))
+            links += sorted(Path(top, d) for d in dirs if os.path.islink(os.path.join(top, d)))
+        while links and not tops:
+            link = links.pop(0)
+            target = os.path.realpath(link)
+            holder = os.path.realpath(link.parent)
+            if target not in out and not _is_within(holder, target):
+                tops.append(Path(target))
+    return sorted(out.values(), key=lambda item: item[0])
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (both real paths)."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _grid_point_issue(
@@ -1171,6 +1186,15 @@ def _choose_baseline(
                 "grid with named variants; name one row label as the baseline instead"
             )
         return f"{baseline} (same sweep values)", per_condition
+    named = [r["variant"] for r in rows if r["label"] == baseline]
+    if len(named) == 1:  # a label that the report showed with a folder prefix or a suffix
+        return named[0], {label: named[0] for label in labels}
+    if named:
+        raise FusionkitError(
+            f"--baseline {baseline!r} is shown in {len(named)} rows ({', '.join(named[:6])}"
+            + (", ...)" if len(named) > 6 else ")")
+            + "; pass one of these labels"
+        )
     if any(e.variant == baseline for e in excluded):
         raise FusionkitError(
             f"--baseline {baseline!r} has no complete run (all its runs are left out: failed, "
