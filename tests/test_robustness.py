@@ -201,3 +201,74 @@ def test_results_of_an_earlier_perturbation_revision_are_recomputed_and_not_repo
     assert calls == [("test", 10), ("test", 0)]
     assert json.loads(path.read_text())["revision"] == 2
     assert len(build_report([run_dir], throughput=False, n_boot=50).sweeps) == 1
+
+
+def _features_changed_on_disk(monkeypatch, split="test"):
+    """The tiny dataset delivering other ``split`` features (as after a new extraction)."""
+    import dataclasses
+
+    from tests.conftest import TinyDataset
+
+    original = TinyDataset.videos
+
+    def videos(self, name):
+        out = original(self, name)
+        if name != split:
+            return out
+        return [
+            dataclasses.replace(v, features={**v.features, "audio": v.features["audio"] + 0.5})
+            for v in out
+        ]
+
+    monkeypatch.setattr(TinyDataset, "videos", videos)
+
+
+def _drop_from_metrics(run_dir, key):
+    """``metrics.json`` as a run of an earlier version wrote it (without ``key``)."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop(key)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    marker = json.loads((run_dir / "run.json").read_text())
+    marker["files"]["metrics.json"] = sha(run_dir / "metrics.json")
+    (run_dir / "run.json").write_text(json.dumps(marker))
+
+
+def test_a_sweep_on_features_changed_since_the_run_is_refused(tmp_path, registry, monkeypatch):
+    """A value added after the features were extracted anew used to be computed on the new
+    features beside values of the old ones: one curve from two data sets, exit 0."""
+    from fusionkit.core.errors import DataError
+
+    run_dir = train(tmp_path, registry, [{**SHIFT, "values": [0, 6]}])
+    recorded = json.loads((run_dir / "metrics.json").read_text())["features_sha256"]
+    assert set(recorded) == {"val", "test"}
+    result = run_dir / "robustness" / "shift.json"
+    assert json.loads(result.read_text())["features_sha256"] == {"test": recorded["test"]}
+    before = result.read_bytes()
+    _features_changed_on_disk(monkeypatch)
+    bigger = sweep_spec(registry, **SHIFT, values=[0, 6, 12])
+    with pytest.raises(DataError, match="the test features are not those the run was evalu"):
+        robustness(run_dir, [bigger], registry)
+    assert result.read_bytes() == before
+    # the val split is unchanged: a sweep there is fine
+    robustness(run_dir, [sweep_spec(registry, **SHIFT, values=[1], splits=["val"])], registry)
+
+    # a run of an earlier version records no features: the sweep's own record tells that its
+    # values were computed on other features, so all of them are computed again, not mixed
+    _drop_from_metrics(run_dir, "features_sha256")
+    calls = []
+    robustness(run_dir, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", 0), ("test", 6), ("test", 12)]
+
+
+def test_eval_names_features_changed_since_the_run(tmp_path, registry, monkeypatch, capsys):
+    from tests.conftest import user_cli
+
+    run_dir = train(tmp_path, registry)
+    _features_changed_on_disk(monkeypatch)
+    cli = user_cli(monkeypatch, capsys, registry)
+    invoke = next(cli)
+    code, _, err = invoke("eval", run_dir)
+    assert code == 2
+    assert "the test features are not those the run was evaluated on" in err
+    code, out, _ = invoke("eval", run_dir, "--split", "val")  # unchanged: reproduced
+    assert code == 0 and "reproduces metrics.json exactly (val;" in out

@@ -282,7 +282,12 @@ def eval_cmd(
     (exactly: every stored number must come out bit for bit the same)."""
     from fusionkit.engine.evaluate import evaluate_splits
     from fusionkit.engine.runs import RunDir, read_metrics
-    from fusionkit.engine.session import available_cores, load_run, set_threads
+    from fusionkit.engine.session import (
+        available_cores,
+        features_as_evaluated,
+        load_run,
+        set_threads,
+    )
 
     run = RunDir.open(run_dir)
     # the threads the run was evaluated with (recorded since metrics.json has cpu_threads;
@@ -311,6 +316,9 @@ def eval_cmd(
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
     splits = list(split or rc.evaluation.splits)
+    for s in splits:  # other features than the run's cannot reproduce its numbers: say why
+        if s in stored["splits"]:
+            features_as_evaluated(run, loaded.session, s)
     results, _, _ = evaluate_splits(loaded.session, splits)
     console.print(metrics_table(f"{rc.run_name} (re-evaluated)", results, list(rc.model.targets)))
     mismatches = [

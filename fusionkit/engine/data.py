@@ -15,6 +15,7 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,12 +23,44 @@ from torch import Tensor
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
 
-__all__ = ["Batch", "DataWarning", "FrameStore", "Normalizer", "window_starts"]
+__all__ = [
+    "Batch",
+    "DataWarning",
+    "FrameStore",
+    "Normalizer",
+    "features_sha256",
+    "window_starts",
+]
 
 #: how many bytes of features one hashing slice copies at most (bounded memory on GPUs)
 _HASH_SLICE_BYTES = 64 * 2**20
 #: metadata key of normalization.safetensors that records how absent frames are normalised
 ABSENT_KEY = "absent_rows"
+
+
+def _hash_rows(h: Any, x: Tensor) -> None:
+    """Feed ``x``'s values to ``h`` in slices of bounded size (bounded copies off a GPU)."""
+    rows = max(1, _HASH_SLICE_BYTES // max(1, x[:1].numel() * x.element_size()))
+    for i in range(0, x.shape[0], rows):
+        h.update(x[i : i + rows].cpu().contiguous().numpy().tobytes())
+
+
+def features_sha256(videos: Sequence[Video], modalities: Sequence[str]) -> str:
+    """SHA-256 of a split's model inputs as the dataset delivers them: each video's name and,
+    per modality, its features (as float32) and presence mask. Taken before z-scoring, so it
+    is the same on every device; features extracted anew change it, labels do not (the data
+    fingerprint of :meth:`FrameStore.fingerprint` holds those)."""
+    h = hashlib.sha256()
+    for v in videos:
+        h.update(f"{v.name}\t{v.num_frames}\n".encode())
+        for m in sorted(modalities):
+            x = v.features[m].float()
+            h.update(f"{m}\t{tuple(x.shape)}\n".encode())
+            _hash_rows(h, x)
+            present = v.present.get(m)
+            if present is not None:
+                h.update(present.bool().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class DataWarning(UserWarning):
@@ -292,9 +325,7 @@ class FrameStore:
         h = hashlib.sha256(self.fingerprint().encode())
         for m, x in sorted(self.features.items()):
             h.update(f"{m}\t{tuple(x.shape)}\t{x.dtype}\n".encode())
-            rows = max(1, _HASH_SLICE_BYTES // max(1, x[:1].numel() * x.element_size()))
-            for i in range(0, x.shape[0], rows):
-                h.update(x[i : i + rows].cpu().contiguous().numpy().tobytes())
+            _hash_rows(h, x)
         return h.hexdigest()
 
     @property

@@ -24,7 +24,7 @@ from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
-from fusionkit.engine.data import FrameStore, Normalizer
+from fusionkit.engine.data import FrameStore, Normalizer, features_sha256
 from fusionkit.engine.files import load_tensors, read_json, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import AppliedPerturbation, PerturbedDataset, build_perturbation
@@ -256,6 +256,15 @@ class Session:
             )
         self.normalizer = Normalizer.from_tensors(*load_tensors(path))
 
+    def check_split(self, split: str, data: Dataset, option: str = "--split") -> None:
+        """Refuse a split ``data`` does not have (asked for on the command line: the error
+        names ``option``, not the recipe)."""
+        if split not in data.splits():
+            raise FusionkitError(
+                f"{option} {split}: dataset {self.recipe.data.name!r} has no split {split!r} "
+                f"(splits: {', '.join(data.splits())})"
+            )
+
     def store(
         self, split: str, dataset: Dataset | None = None, *, option: str = "--split"
     ) -> FrameStore:
@@ -265,11 +274,7 @@ class Session:
         here was asked for on the command line: the error names ``option`` (not the recipe).
         """
         data = dataset if dataset is not None else self.dataset
-        if split not in data.splits():
-            raise FusionkitError(
-                f"{option} {split}: dataset {self.recipe.data.name!r} has no split {split!r} "
-                f"(splits: {', '.join(data.splits())})"
-            )
+        self.check_split(split, data, option)
         videos = data.videos(split)
         return FrameStore(
             videos,
@@ -443,6 +448,32 @@ def _check_unchanged(run: RunDir, marker: RunMarker, name: str, required: bool) 
             "train a new run"
         )
     check_unchanged(run.path, marker.files, name)
+
+
+def features_as_evaluated(run: RunDir, session: Session, split: str) -> str:
+    """The ``features_sha256`` of ``split`` as the session's dataset delivers it now.
+
+    Raises:
+        DataError: ``metrics.json`` records other features for ``split`` (extracted anew or
+            changed on disk since the run was evaluated): numbers computed from them would
+            not belong with the run's metrics. Runs that record none are not checked.
+    """
+    session.check_split(split, session.dataset)
+    now = features_sha256(session.dataset.videos(split), sorted(session.recipe.model.encoders))
+    try:
+        recorded = read_json(run / METRICS_FILE, "metrics").get("features_sha256")
+    except (FusionkitError, AttributeError):
+        recorded = None
+    was = recorded.get(split) if isinstance(recorded, dict) else None
+    if isinstance(was, str) and was != now:
+        raise DataError(
+            f"{run}: the {split} features are not those the run was evaluated on "
+            f"({METRICS_FILE} records features_sha256 {was[:12]}..., they give {now[:12]}... "
+            "now: extracted anew or changed on disk), so numbers computed from them would not "
+            "belong with the run's metrics; restore the features it was evaluated on, or "
+            "train a new run on these"
+        )
+    return now
 
 
 def load_run(

@@ -31,7 +31,7 @@ from fusionkit.engine.evaluate import evaluate, predict
 from fusionkit.engine.files import atomic_write_json, file_sha256, read_json
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation, perturbation_revision
 from fusionkit.engine.runs import BEST_FILE, RunDir
-from fusionkit.engine.session import Session, load_run, set_threads
+from fusionkit.engine.session import Session, features_as_evaluated, load_run, set_threads
 
 __all__ = [
     "measure_throughput",
@@ -124,6 +124,13 @@ def run_sweep(
     rc = session.recipe
     for split in spec.splits:
         done = record["results"].setdefault(split, {})
+        if all(value_key(v) in done for v in spec.values):
+            continue
+        features = features_as_evaluated(run, session, split)
+        made_on = record.setdefault("features_sha256", {})
+        if made_on.get(split, features) != features:
+            done.clear()  # values of other features: a curve holds values of one set only
+        made_on[split] = features
         for j, value in enumerate(spec.values):
             key = value_key(value)
             if key in done:
