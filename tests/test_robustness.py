@@ -272,3 +272,39 @@ def test_eval_names_features_changed_since_the_run(tmp_path, registry, monkeypat
     assert "the test features are not those the run was evaluated on" in err
     code, out, _ = invoke("eval", run_dir, "--split", "val")  # unchanged: reproduced
     assert code == 0 and "reproduces metrics.json exactly (val;" in out
+
+
+def test_values_of_a_sweep_file_that_names_no_features_are_computed_again(tmp_path, registry):
+    """A run and a sweep file from before features were recorded: the stored values may come
+    from other features, so adding a value computes them all again, once."""
+    run_dir = train(tmp_path, registry, [{**SHIFT, "values": [0, 6]}])
+    _drop_from_metrics(run_dir, "features_sha256")
+    result = run_dir / "robustness" / "shift.json"
+    rec = json.loads(result.read_text())
+    rec.pop("features_sha256")
+    result.write_text(json.dumps(rec))
+    calls = []
+    bigger = sweep_spec(registry, **SHIFT, values=[0, 6, 12])
+    robustness(run_dir, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", 0), ("test", 6), ("test", 12)]
+    assert set(json.loads(result.read_text())["features_sha256"]) == {"test"}
+    calls.clear()
+    biggest = sweep_spec(registry, **SHIFT, values=[0, 6, 12, 18])
+    robustness(run_dir, [biggest], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", 18)]
+
+
+def test_a_split_is_hashed_once_per_session(tmp_path, registry, monkeypatch):
+    import fusionkit.engine.session as session_mod
+
+    run_dir = train(tmp_path, registry)
+    calls = []
+    real = session_mod.features_sha256
+    monkeypatch.setattr(session_mod, "features_sha256", lambda *a: calls.append(1) or real(*a))
+    session = load_run(run_dir, registry=registry).session
+    first = session.features_sha256("test")
+    assert session.features_sha256("test") == first and len(calls) == 1
+    recorded = json.loads((run_dir / "metrics.json").read_text())["features_sha256"]["test"]
+    assert first == recorded  # training's end hashed the same inputs
+    assert load_run(run_dir, registry=registry).session.features_sha256("test") == first
+    assert len(calls) == 2  # another session (another process's data) is hashed anew

@@ -215,6 +215,17 @@ class Session:
     registry: Registry
     target_columns: list[int] = field(default_factory=list)
     normalizer: Normalizer | None = None
+    #: split -> :func:`features_sha256` of the split's model inputs, computed once per session
+    _features: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def features_sha256(self, split: str) -> str:
+        """:func:`~fusionkit.engine.data.features_sha256` of ``split`` of the clean dataset,
+        hashed once per session (the end of training and each robustness sweep ask)."""
+        if split not in self._features:
+            self.check_split(split, self.dataset)
+            modalities = sorted(self.recipe.model.encoders)
+            self._features[split] = features_sha256(self.dataset.videos(split), modalities)
+        return self._features[split]
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -458,8 +469,7 @@ def features_as_evaluated(run: RunDir, session: Session, split: str) -> str:
             changed on disk since the run was evaluated): numbers computed from them would
             not belong with the run's metrics. Runs that record none are not checked.
     """
-    session.check_split(split, session.dataset)
-    now = features_sha256(session.dataset.videos(split), sorted(session.recipe.model.encoders))
+    now = session.features_sha256(split)
     try:
         recorded = read_json(run / METRICS_FILE, "metrics").get("features_sha256")
     except (FusionkitError, AttributeError):

@@ -33,7 +33,7 @@ from fusionkit.engine.checkpoint import (
     save_state,
     save_weights,
 )
-from fusionkit.engine.data import FrameStore, features_sha256
+from fusionkit.engine.data import FrameStore
 from fusionkit.engine.distributed import Dist
 from fusionkit.engine.evaluate import (
     SplitPredictions,
@@ -545,7 +545,6 @@ class Trainer:
         if self.recipe.evaluation.save_predictions:
             written += self.save_predictions(preds, stores)
         self._write_history()
-        encoders = self.recipe.model.encoders
         payload = {
             "run": self.recipe.run_name,
             "best_epoch": st.best_epoch,
@@ -564,10 +563,7 @@ class Trainer:
             "history": st.history,
             "data_fingerprints": {split: store.fingerprint() for split, store in stores.items()},
             # what `fusionkit robustness` and `eval` check the features they read against
-            "features_sha256": {
-                split: features_sha256(self.session.dataset.videos(split), list(encoders))
-                for split in stores
-            },
+            "features_sha256": {split: self.session.features_sha256(split) for split in stores},
         }
         atomic_write_json(self.run / METRICS_FILE, payload)
         if self.session.normalizer is not None:

@@ -128,8 +128,10 @@ def run_sweep(
             continue
         features = features_as_evaluated(run, session, split)
         made_on = record.setdefault("features_sha256", {})
-        if made_on.get(split, features) != features:
-            done.clear()  # values of other features: a curve holds values of one set only
+        if made_on.get(split) != features:
+            # values of other features, or of features a file from before this record cannot
+            # name: computed again, since a curve holds values of one feature set only
+            done.clear()
         made_on[split] = features
         for j, value in enumerate(spec.values):
             key = value_key(value)
