@@ -384,20 +384,20 @@ def scan_runs(paths: list[Path]) -> RunScan:
     runs: dict[Path, RunRecord] = {}
     left_out: dict[Path, Excluded] = {}
     for key, (run_dir, root) in run_dirs.items():
-        grid_name, values, _ = _grid_entry(run_dir, cache)
-        label = variant_label(grid_name or _recipe_name(run_dir), values)
         stale = _stale_reason(run_dir, cache)
         if stale is not None:
             left_out[key] = Excluded(str(run_dir), run_dir.name, "stale", stale)
             continue
-        reason = _incomplete_reason(run_dir)
-        if reason is not None:
-            left_out[key] = Excluded(str(run_dir), label, "incomplete", reason)
-            continue
-        try:
-            runs[key] = read_run(run_dir, cache, root)
-        except FusionkitError as exc:
-            left_out[key] = Excluded(str(run_dir), label, "unreadable", str(exc))
+        status, reason = "incomplete", _incomplete_reason(run_dir)
+        if reason is None:
+            try:
+                runs[key] = read_run(run_dir, cache, root)
+                continue
+            except FusionkitError as exc:
+                status, reason = "unreadable", str(exc)
+        grid_name, values, _ = _grid_entry(run_dir, cache)  # the row it would have been in
+        label = variant_label(grid_name or _recipe_name(run_dir), values)
+        left_out[key] = Excluded(str(run_dir), label, status, reason)
     excluded: list[Excluded] = []
     notes: list[str] = []
     for gkey, gdir in grid_dirs.items():
@@ -503,16 +503,12 @@ def row_label(label: str, prefix: str, suffix: str) -> str:
     return f"{head} [{suffix}]" if suffix else head
 
 
-def _data_key(split: str) -> str:
-    """The pseudo setup key under which a run's ``split`` data fingerprint is compared."""
-    return f"{split} data"
-
-
 def _row_setup(run: RunRecord, split: str) -> dict[str, str]:
-    """:func:`run_setup` plus the data the run was evaluated on (its ``split`` fingerprint):
-    seeds evaluated on other data never share a row's mean ± std."""
+    """:func:`run_setup` plus the data the run was evaluated on (its ``split`` fingerprint,
+    under the key ``<split> data``): seeds evaluated on other data never share a row's
+    mean ± std."""
     fp = run.fingerprint(split)
-    return {**run_setup(run), _data_key(split): fp[:12] if fp else "unrecorded"}
+    return {**run_setup(run), f"{split} data": fp[:12] if fp else "unrecorded"}
 
 
 def _differing(setups: list[dict[str, str]]) -> list[str]:
@@ -566,14 +562,16 @@ def _dedupe_seeds(label: str, runs: list[RunRecord], excluded: list[Excluded]) -
 
 
 def _split_label(
-    label: str, members: list[RunRecord], split: str, excluded: list[Excluded]
+    label: str,
+    members: list[RunRecord],
+    setups: list[dict[str, str]],
+    excluded: list[Excluded],
 ) -> list[dict[str, Any]]:
     """The rows of one label: one, unless its runs repeat a seed or differ in more than the
-    seed (:func:`_row_setup`); then one per folder (:func:`_home`) and setup, the setups of
-    one folder told apart by a suffix. A seed repeated with the same setup in one folder
-    counts once (the repeat is left out). Each row has ``home``: its one folder, or None
-    when its seeds come from several."""
-    setups = [_row_setup(m, split) for m in members]
+    seed (``setups``: each member's :func:`_row_setup`); then one per folder (:func:`_home`)
+    and setup, the setups of one folder told apart by a suffix. A seed repeated with the
+    same setup in one folder counts once (the repeat is left out). Each row has ``home``:
+    its one folder, or None when its seeds come from several."""
     seeds = [m.seed for m in members]
     if len(set(seeds)) == len(seeds) and not _differing(setups):
         homes = {_home(m) for m in members}
@@ -657,8 +655,9 @@ def summarize(
     split_up: dict[tuple[str, ...], list[str]] = {}  # differing keys -> labels
     found: list[dict[str, Any]] = []
     for label, members in groups.items():
-        found += _split_label(label, members, split, excluded)
-        differ = _differing([_row_setup(m, split) for m in members])
+        setups = [_row_setup(m, split) for m in members]
+        found += _split_label(label, members, setups, excluded)
+        differ = _differing(setups)
         if differ:
             split_up.setdefault(tuple(differ), []).append(label)
     for differ, labels in split_up.items() if notes is not None else ():
