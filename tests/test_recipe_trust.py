@@ -346,3 +346,19 @@ def test_a_bad_variant_override_names_the_recipe_file(tmp_path, registry):
         expand_grid(rc, registry)
     assert str(info.value).startswith("invalid recipe grid.yaml")
     assert "evaluation.splits is a list" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "prefix"),
+    [({}, "error: "), ({"WORLD_SIZE": "2", "RANK": "1"}, "error (rank 1): ")],
+)
+def test_error_line_names_the_rank_of_a_multi_process_launch(monkeypatch, capsys, env, prefix):
+    """Under torchrun each process prints its own error: the line says which process."""
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, out, err = run_cli(monkeypatch, capsys, "recipe", "validate", "no/such/recipe.yaml")
+    assert code == 2, out + err
+    assert err.startswith(prefix), err
+    assert "no/such/recipe.yaml" in err

@@ -105,5 +105,16 @@ def main() -> None:
     try:
         app()
     except FusionkitError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"[bold red]error{_rank_tag()}:[/] {escape(str(exc))}")
         sys.exit(2)
+
+
+def _rank_tag() -> str:
+    """`` (rank N)`` in a process of a multi-process launch (torchrun sets ``RANK`` and
+    ``WORLD_SIZE``), so that the same error of N processes reads as N processes' errors."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1:
+        return f" (rank {os.environ.get('RANK', '?')})"
+    return ""
