@@ -223,6 +223,21 @@ def _features_changed_on_disk(monkeypatch, split="test"):
     monkeypatch.setattr(TinyDataset, "videos", videos)
 
 
+def _labels_changed_on_disk(monkeypatch, split="test"):
+    """The tiny dataset delivering other ``split`` labels, features untouched (re-annotated)."""
+    import dataclasses
+
+    from tests.conftest import TinyDataset
+
+    original = TinyDataset.videos
+
+    def videos(self, name):
+        out = original(self, name)
+        return out if name != split else [dataclasses.replace(v, labels=-v.labels) for v in out]
+
+    monkeypatch.setattr(TinyDataset, "videos", videos)
+
+
 def _drop_from_metrics(run_dir, key):
     """``metrics.json`` as a run of an earlier version wrote it (without ``key``)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -255,6 +270,35 @@ def test_a_sweep_on_features_changed_since_the_run_is_refused(tmp_path, registry
     # a run of an earlier version records no features: the sweep's own record tells that its
     # values were computed on other features, so all of them are computed again, not mixed
     _drop_from_metrics(run_dir, "features_sha256")
+    calls = []
+    robustness(run_dir, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
+    assert calls == [("test", 0), ("test", 6), ("test", 12)]
+
+
+def test_a_sweep_on_labels_changed_since_the_run_is_refused(tmp_path, registry, monkeypatch):
+    """Re-annotated test labels with the same features: a value added to a sweep used to be
+    scored against the new labels beside values scored against the old ones, exit 0."""
+    from fusionkit.core.errors import DataError
+
+    run_dir = train(tmp_path, registry, [{**SHIFT, "values": [0, 6]}])
+    result = run_dir / "robustness" / "shift.json"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stored = json.loads(result.read_text())
+    assert stored["data_fingerprints"] == {"test": metrics["data_fingerprints"]["test"]}
+    before = result.read_bytes()
+    _labels_changed_on_disk(monkeypatch)
+    bigger = sweep_spec(registry, **SHIFT, values=[0, 6, 12])
+    with pytest.raises(DataError, match="the test labels are not those the run was evaluated"):
+        robustness(run_dir, [bigger], registry)
+    assert result.read_bytes() == before
+    with pytest.raises(DataError, match="test labels"):  # a new sweep too
+        robustness(run_dir, [sweep_spec(registry, **{**SHIFT, "name": "s2"}, values=[3])], registry)
+
+    # a sweep file whose values no record ties to labels: computed again, not mixed
+    monkeypatch.undo()
+    rec = json.loads(result.read_text())
+    rec.pop("data_fingerprints")
+    result.write_text(json.dumps(rec))
     calls = []
     robustness(run_dir, [bigger], registry, on_value=lambda *a: calls.append(a[:2]))
     assert calls == [("test", 0), ("test", 6), ("test", 12)]
@@ -302,9 +346,10 @@ def test_a_split_is_hashed_once_per_session(tmp_path, registry, monkeypatch):
     real = session_mod.features_sha256
     monkeypatch.setattr(session_mod, "features_sha256", lambda *a: calls.append(1) or real(*a))
     session = load_run(run_dir, registry=registry).session
-    first = session.features_sha256("test")
-    assert session.features_sha256("test") == first and len(calls) == 1
-    recorded = json.loads((run_dir / "metrics.json").read_text())["features_sha256"]["test"]
-    assert first == recorded  # training's end hashed the same inputs
-    assert load_run(run_dir, registry=registry).session.features_sha256("test") == first
+    first = session.data_hashes("test")
+    assert session.data_hashes("test") == first and len(calls) == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # training's end hashed the same inputs and labels
+    assert first == (metrics["features_sha256"]["test"], metrics["data_fingerprints"]["test"])
+    assert load_run(run_dir, registry=registry).session.data_hashes("test") == first
     assert len(calls) == 2  # another session (another process's data) is hashed anew

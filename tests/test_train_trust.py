@@ -102,6 +102,32 @@ def test_content_hash_covers_features_beyond_the_fingerprint():
     )
 
 
+def test_labels_fingerprint_is_the_hash_of_the_concatenated_split():
+    """The fingerprint recorded in metrics.json, hashed video by video (no store needed), is
+    the digest of the split's names, then its whole label mask, then its whole float32 target
+    matrix (0 where unlabelled), as earlier versions computed it from the concatenated store."""
+    import hashlib
+
+    from fusionkit.core.interfaces import Video
+    from fusionkit.engine.data import labels_fingerprint
+
+    videos = TinyDataset(TinyParams(videos=3)).videos("val")
+    labels = videos[1].labels.double()
+    labels[10:15] = float("nan")  # unlabelled rows may hold anything
+    videos[1] = Video(videos[1].name, videos[1].features, labels, videos[1].label_mask)
+    for cols in ([0, 1], [1]):
+        h = hashlib.sha256()
+        h.update("".join(f"{v.name}\t{v.num_frames}\n" for v in videos).encode())
+        mask = torch.cat([v.label_mask for v in videos])
+        h.update(mask.numpy().tobytes())
+        y = torch.cat([v.labels[:, cols] for v in videos]).float()
+        h.update(torch.where(mask[:, None], y, torch.zeros(())).numpy().tobytes())
+        assert labels_fingerprint(videos, cols) == h.hexdigest()
+        assert FrameStore(videos, ["audio"], cols, 64, 48).fingerprint() == h.hexdigest()
+    relabelled = [dataclasses.replace(v, labels=v.labels * 0.5) for v in videos]
+    assert labels_fingerprint(relabelled, [0, 1]) != labels_fingerprint(videos, [0, 1])
+
+
 @pytest.fixture
 def one_thread():
     saved = torch.get_num_threads()

@@ -284,7 +284,7 @@ def eval_cmd(
     from fusionkit.engine.runs import RunDir, read_metrics
     from fusionkit.engine.session import (
         available_cores,
-        features_as_evaluated,
+        data_as_evaluated,
         load_run,
         set_threads,
     )
@@ -316,9 +316,9 @@ def eval_cmd(
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
     splits = list(split or rc.evaluation.splits)
-    for s in splits:  # other features than the run's cannot reproduce its numbers: say why
+    for s in splits:  # other data than the run's cannot reproduce its numbers: say why
         if s in stored["splits"]:
-            features_as_evaluated(run, loaded.session, s)
+            data_as_evaluated(run, loaded.session, s, stored)
     results, _, _ = evaluate_splits(loaded.session, splits)
     console.print(metrics_table(f"{rc.run_name} (re-evaluated)", results, list(rc.model.targets)))
     mismatches = [

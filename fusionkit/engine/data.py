@@ -48,8 +48,8 @@ def _hash_rows(h: Any, x: Tensor) -> None:
 def features_sha256(videos: Sequence[Video], modalities: Sequence[str]) -> str:
     """SHA-256 of a split's model inputs as the dataset delivers them: each video's name and,
     per modality, its features (as float32) and presence mask. Taken before z-scoring, so it
-    is the same on every device; features extracted anew change it, labels do not (the data
-    fingerprint of :meth:`FrameStore.fingerprint` holds those)."""
+    is the same on every device; features extracted anew change it, labels do not
+    (:func:`labels_fingerprint` holds those)."""
     h = hashlib.sha256()
     for v in videos:
         h.update(f"{v.name}\t{v.num_frames}\n".encode())
@@ -60,6 +60,23 @@ def features_sha256(videos: Sequence[Video], modalities: Sequence[str]) -> str:
             present = v.present.get(m)
             if present is not None:
                 h.update(present.bool().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def labels_fingerprint(videos: Sequence[Video], target_columns: Sequence[int]) -> str:
+    """SHA-256 of what evaluation on a split compares against: video names and lengths, which
+    frames are labelled and their targets (the ``target_columns`` of the labels, as float32;
+    unlabelled frames count as 0). Features do not enter (:func:`features_sha256` holds them),
+    so runs of other encoders or extractors on the same annotations compare."""
+    h = hashlib.sha256()
+    for v in videos:
+        h.update(f"{v.name}\t{v.num_frames}\n".encode())
+    for v in videos:
+        h.update(v.label_mask.bool().cpu().numpy().tobytes())
+    cols = list(target_columns)
+    for v in videos:
+        y = torch.where(v.label_mask.bool()[:, None], v.labels[:, cols].float(), 0.0)
+        h.update(y.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -282,6 +299,7 @@ class FrameStore:
         # masked product (NaN * 0 = NaN) reaches a loss, a metric or a predictions file
         targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
         self.targets = torch.where(self.target_mask[:, None], targets, 0.0)
+        self._fingerprint = labels_fingerprint(videos, cols)
         names = sorted({f for v in videos for f in v.flags})
         #: flag name -> (total frames,) bool on the CPU (False on videos without the flag)
         self.flags = {
@@ -308,15 +326,9 @@ class FrameStore:
         }
 
     def fingerprint(self) -> str:
-        """SHA-256 of what evaluation on this split compares against: video names and lengths,
-        the targets and which frames are labelled. Two runs evaluated on stores with equal
+        """:func:`labels_fingerprint` of the split: two runs evaluated on stores with equal
         fingerprints can be compared video by video."""
-        h = hashlib.sha256()
-        for name, n in zip(self.names, self.lengths.tolist(), strict=True):
-            h.update(f"{name}\t{n}\n".encode())
-        h.update(self.target_mask.cpu().numpy().tobytes())
-        h.update(self.targets.cpu().numpy().tobytes())
-        return h.hexdigest()
+        return self._fingerprint
 
     def content_sha256(self) -> str:
         """SHA-256 of everything training reads from this split: :meth:`fingerprint` plus every

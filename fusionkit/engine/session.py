@@ -24,7 +24,7 @@ from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
-from fusionkit.engine.data import FrameStore, Normalizer, features_sha256
+from fusionkit.engine.data import FrameStore, Normalizer, features_sha256, labels_fingerprint
 from fusionkit.engine.files import load_tensors, read_json, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import AppliedPerturbation, PerturbedDataset, build_perturbation
@@ -215,17 +215,22 @@ class Session:
     registry: Registry
     target_columns: list[int] = field(default_factory=list)
     normalizer: Normalizer | None = None
-    #: split -> :func:`features_sha256` of the split's model inputs, computed once per session
-    _features: dict[str, str] = field(default_factory=dict, repr=False)
+    #: split -> (features_sha256, labels_fingerprint) of the split, computed once per session
+    _hashes: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
 
-    def features_sha256(self, split: str) -> str:
-        """:func:`~fusionkit.engine.data.features_sha256` of ``split`` of the clean dataset,
-        hashed once per session (the end of training and each robustness sweep ask)."""
-        if split not in self._features:
+    def data_hashes(self, split: str) -> tuple[str, str]:
+        """``(features_sha256, labels_fingerprint)`` of ``split`` of the clean dataset
+        (:mod:`fusionkit.engine.data`), hashed once per session: the end of training records
+        them, eval and each robustness sweep compare them with the record."""
+        if split not in self._hashes:
             self.check_split(split, self.dataset)
+            videos = self.dataset.videos(split)
             modalities = sorted(self.recipe.model.encoders)
-            self._features[split] = features_sha256(self.dataset.videos(split), modalities)
-        return self._features[split]
+            self._hashes[split] = (
+                features_sha256(videos, modalities),
+                labels_fingerprint(videos, self.target_columns),
+            )
+        return self._hashes[split]
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -461,28 +466,38 @@ def _check_unchanged(run: RunDir, marker: RunMarker, name: str, required: bool) 
     check_unchanged(run.path, marker.files, name)
 
 
-def features_as_evaluated(run: RunDir, session: Session, split: str) -> str:
-    """The ``features_sha256`` of ``split`` as the session's dataset delivers it now.
+def data_as_evaluated(
+    run: RunDir, session: Session, split: str, metrics: dict[str, Any] | None = None
+) -> tuple[str, str]:
+    """``(features_sha256, labels_fingerprint)`` of ``split`` as the session's dataset
+    delivers it now, checked against the run's ``metrics`` (default: read from the run).
 
     Raises:
-        DataError: ``metrics.json`` records other features for ``split`` (extracted anew or
-            changed on disk since the run was evaluated): numbers computed from them would
-            not belong with the run's metrics. Runs that record none are not checked.
+        DataError: ``metrics.json`` records other features (extracted anew or changed on
+            disk) or other labels (annotations changed, videos added or cut) for ``split``
+            than the run was evaluated on: numbers computed from them would not belong with
+            the run's metrics. What a run does not record is not checked.
     """
-    now = session.features_sha256(split)
-    try:
-        recorded = read_json(run / METRICS_FILE, "metrics").get("features_sha256")
-    except (FusionkitError, AttributeError):
-        recorded = None
-    was = recorded.get(split) if isinstance(recorded, dict) else None
-    if isinstance(was, str) and was != now:
-        raise DataError(
-            f"{run}: the {split} features are not those the run was evaluated on "
-            f"({METRICS_FILE} records features_sha256 {was[:12]}..., they give {now[:12]}... "
-            "now: extracted anew or changed on disk), so numbers computed from them would not "
-            "belong with the run's metrics; restore the features it was evaluated on, or "
-            "train a new run on these"
-        )
+    now = session.data_hashes(split)
+    if metrics is None:
+        try:
+            metrics = read_json(run / METRICS_FILE, "metrics")
+        except FusionkitError:
+            metrics = None
+    checks = (
+        ("features", "features_sha256", "extracted anew or changed on disk"),
+        ("labels", "data_fingerprints", "annotations changed, or videos added or cut"),
+    )
+    for (what, key, how), digest in zip(checks, now, strict=True):
+        recorded = metrics.get(key) if isinstance(metrics, dict) else None
+        was = recorded.get(split) if isinstance(recorded, dict) else None
+        if isinstance(was, str) and was != digest:
+            raise DataError(
+                f"{run}: the {split} {what} are not those the run was evaluated on "
+                f"({METRICS_FILE} records {key} {was[:12]}..., they give {digest[:12]}... now: "
+                f"{how}), so numbers computed from them would not belong with the run's "
+                f"metrics; restore the {what} it was evaluated on, or train a new run on these"
+            )
     return now
 
 

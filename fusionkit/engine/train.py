@@ -563,7 +563,7 @@ class Trainer:
             "history": st.history,
             "data_fingerprints": {split: store.fingerprint() for split, store in stores.items()},
             # what `fusionkit robustness` and `eval` check the features they read against
-            "features_sha256": {split: self.session.features_sha256(split) for split in stores},
+            "features_sha256": {split: self.session.data_hashes(split)[0] for split in stores},
         }
         atomic_write_json(self.run / METRICS_FILE, payload)
         if self.session.normalizer is not None:

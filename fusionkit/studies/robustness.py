@@ -31,7 +31,7 @@ from fusionkit.engine.evaluate import evaluate, predict
 from fusionkit.engine.files import atomic_write_json, file_sha256, read_json
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation, perturbation_revision
 from fusionkit.engine.runs import BEST_FILE, RunDir
-from fusionkit.engine.session import Session, features_as_evaluated, load_run, set_threads
+from fusionkit.engine.session import Session, data_as_evaluated, load_run, set_threads
 
 __all__ = [
     "measure_throughput",
@@ -126,13 +126,14 @@ def run_sweep(
         done = record["results"].setdefault(split, {})
         if all(value_key(v) in done for v in spec.values):
             continue
-        features = features_as_evaluated(run, session, split)
-        made_on = record.setdefault("features_sha256", {})
-        if made_on.get(split) != features:
-            # values of other features, or of features a file from before this record cannot
-            # name: computed again, since a curve holds values of one feature set only
+        hashes = data_as_evaluated(run, session, split)
+        made_on = [record.setdefault(key, {}) for key in ("features_sha256", "data_fingerprints")]
+        if any(m.get(split) != h for m, h in zip(made_on, hashes, strict=True)):
+            # values of other data, or of data a file from before these records cannot name:
+            # computed again, since a curve holds values of one feature and label set only
             done.clear()
-        made_on[split] = features
+        for m, h in zip(made_on, hashes, strict=True):
+            m[split] = h
         for j, value in enumerate(spec.values):
             key = value_key(value)
             if key in done:
