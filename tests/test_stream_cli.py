@@ -74,3 +74,14 @@ def test_runs_list_shows_each_run_status(trained, tmp_path):
     assert res.exit_code == 0, res.output
     lines = {ln.split()[0]: ln for ln in res.output.splitlines()[1:] if ln.strip()}
     assert "complete" in lines[str(run)] and "interrupted" in lines[str(tmp_path / "unfinished")]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"runs": {"a": "x"}}', "{not json", '{"runs": {}}'])
+def test_runs_list_names_a_damaged_grid_record(tmp_path, text):
+    """A grid.json of another shape used to end `runs list` in a traceback."""
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "grid.json").write_text(text)
+    res = CliRunner().invoke(app, ["runs", "list", str(tmp_path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = {ln.split()[0]: ln for ln in res.output.splitlines()[1:] if ln.strip()}
+    assert "unreadable (damaged" in lines[str(tmp_path / "g" / "grid.json")]

@@ -41,7 +41,7 @@ def _root(
 
 def _register() -> None:
     # Each area keeps its commands in its own module of this package.
-    from fusionkit.cli import data, plugins, recipe, report, run, stream, weights
+    from fusionkit.cli import data, plugins, recipe, report, run, runs, stream, weights
 
     run.register(app)
     app.add_typer(recipe.app, name="recipe")
@@ -50,6 +50,7 @@ def _register() -> None:
     data.register(app)
     weights.register(app)
     stream.register(app)
+    runs.register(app)
 
 
 _register()

@@ -78,6 +78,7 @@ __all__ = [
     "check_output_file",
     "check_unchanged",
     "is_run_dir",
+    "read_grid_record",
     "read_metrics",
     "run_or_grid_holding",
 ]
@@ -579,6 +580,26 @@ def check_unchanged(run_dir: Path, files: Mapping[str, str], name: str) -> None:
             f"{MARKER_FILE}); it is not the file the run was evaluated with: restore the "
             "original file or train a new run"
         )
+
+
+def read_grid_record(grid_dir: str | Path) -> dict[str, Any] | None:
+    """The ``grid.json`` of ``grid_dir`` as ``fusionkit run`` writes it: ``runs`` maps point
+    names to entries with a ``values`` mapping, ``order`` lists them. None when there is none,
+    or it cannot be read or has another shape (damaged, or not written by fusionkit)."""
+    path = Path(grid_dir) / GRID_FILE
+    if not path.is_file():
+        return None
+    try:
+        rec = read_json(path, "grid record")
+    except CheckpointError:
+        return None
+    if not isinstance(rec, dict) or rec.get("created_by") != "fusionkit":
+        return None
+    runs, order = rec.get("runs"), rec.get("order", [])
+    if not isinstance(runs, dict) or not isinstance(order, list):
+        return None
+    fine = all(isinstance(e, dict) and isinstance(e.get("values", {}), dict) for e in runs.values())
+    return rec if fine else None
 
 
 def read_metrics(run_dir: str | Path, targets: list[str] | None = None) -> dict[str, Any]:

@@ -56,7 +56,14 @@ from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
 from fusionkit.engine.files import atomic_write_json, read_json
 from fusionkit.engine.progress import duration, train_progress
-from fusionkit.engine.runs import GRID_FILE, LOCK_FILE, RecipeChanged, RunDir, is_run_dir
+from fusionkit.engine.runs import (
+    GRID_FILE,
+    LOCK_FILE,
+    RecipeChanged,
+    RunDir,
+    is_run_dir,
+    read_grid_record,
+)
 from fusionkit.engine.session import (
     Session,
     available_cores,
@@ -411,10 +418,11 @@ def _prepare_grid_dir(recipe: Recipe) -> Path:
             f"{gdir} exists and was not made by a fusionkit grid (no {GRID_FILE}); move it "
             "away or use another output.dir / name"
         )
-    if record.is_file():
-        old = read_json(record, "grid record")
-        if not isinstance(old, dict) or old.get("created_by") != "fusionkit":
-            raise CheckpointError(f"{record} was not written by fusionkit")
+    if record.is_file() and read_grid_record(gdir) is None:
+        raise CheckpointError(
+            f"{record} was not written by fusionkit or is damaged; move {gdir} away or use "
+            "another output.dir / name"
+        )
     try:
         gdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -54,6 +54,7 @@ from fusionkit.engine.runs import (
     RunDir,
     check_unchanged,
     is_run_dir,
+    read_grid_record,
     read_metrics,
 )
 from fusionkit.studies.stats import (
@@ -186,29 +187,11 @@ def _last_line(text: Any) -> str:
 
 
 def _read_grid(grid_dir: Path, cache: dict[Path, dict[str, Any] | None]) -> dict[str, Any] | None:
-    """The grid record of ``grid_dir`` (None when there is none or it cannot be read)."""
+    """:func:`read_grid_record` of ``grid_dir``, read once per report."""
     key = grid_dir.resolve()
     if key not in cache:
-        rec = None
-        if (grid_dir / GRID_FILE).is_file():
-            try:
-                rec = read_json(grid_dir / GRID_FILE, "grid record")
-            except CheckpointError:
-                rec = None
-        cache[key] = rec if _valid_grid_record(rec) else None
+        cache[key] = read_grid_record(grid_dir)
     return cache[key]
-
-
-def _valid_grid_record(rec: Any) -> bool:
-    """Whether ``rec`` has the shape ``fusionkit run`` writes: ``runs`` maps run names to
-    entries with a ``values`` mapping (a damaged file is reported as unreadable instead)."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("runs"), dict):
-        return False
-    if not isinstance(rec.get("order", []), list):
-        return False
-    return all(
-        isinstance(e, dict) and isinstance(e.get("values", {}), dict) for e in rec["runs"].values()
-    )
 
 
 def _grid_order(rec: dict[str, Any]) -> list[str]:

@@ -1,0 +1,95 @@
+"""``fusionkit runs list``: the status of runs and grid points under a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from fusionkit.cli._common import console
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect run directories.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(
+    folder: Annotated[Path, typer.Argument(help="a run or grid directory, or a parent of some")],
+) -> None:
+    """Every run under FOLDER with its status (complete, running or interrupted, incomplete
+    when files of a complete run are missing, failed grid points) and its test CCC-mean."""
+    from fusionkit.core.errors import CheckpointError, FusionkitError
+    from fusionkit.engine.checkpoint import read_train_state
+    from fusionkit.engine.files import read_json
+    from fusionkit.engine.runs import GRID_FILE, MARKER_FILE, STATE_FILE, RunDir, read_grid_record
+
+    if not folder.exists():
+        raise CheckpointError(f"not found: {folder}")
+    table = Table(box=None, padding=(0, 2), pad_edge=False)
+    for col in ("run", "status", "epochs", "test CCC-mean"):
+        table.add_column(col)
+    rows = 0
+    for marker in sorted(folder.rglob(MARKER_FILE)):
+        run = RunDir(marker.parent)
+        status, epochs, score = "?", "", ""
+        try:
+            m = run.marker()
+            status = m.status
+            missing = run.missing_files()
+            if missing:  # run.json says complete, but files it lists are gone
+                status = f"incomplete (files missing: {', '.join(missing)})"
+            elif status == "complete":
+                status += _robustness_gaps(run)
+            if status == "running":
+                holder = run.holder()
+                status = f"running ({holder})" if holder else "interrupted"
+            if (run / STATE_FILE).is_file():
+                epochs = str(read_train_state(run / STATE_FILE).epochs_done)
+            if status.startswith("complete"):
+                metrics = read_json(run / "metrics.json", "metrics")
+                test = metrics.get("splits", {}).get("test", {}).get("ccc_mean")
+                score = f"{test:.4f}" if isinstance(test, float) else ""
+        except FusionkitError as exc:
+            status = f"unreadable: {exc}"
+        table.add_row(escape(str(run.path)), escape(status), epochs, score)
+        rows += 1
+    for grid in sorted(folder.rglob(GRID_FILE)):
+        rec = read_grid_record(grid.parent)
+        if rec is None:
+            table.add_row(escape(str(grid)), "unreadable (damaged, or not written by fusionkit)")
+            rows += 1
+            continue
+        for tag, entry in rec["runs"].items():
+            point = grid.parent / tag
+            if entry.get("status") == "failed" or not (point / MARKER_FILE).is_file():
+                error = str(entry.get("error", "")).strip().splitlines()
+                why = f"{entry.get('status', '?')}" + (f": {error[-1]}" if error else "")
+                table.add_row(escape(str(point)), escape(why), "", "")
+                rows += 1
+    if not rows:
+        console.print(f"no fusionkit runs under {escape(str(folder))}")
+        return
+    console.print(table)
+
+
+def _robustness_gaps(run) -> str:
+    """``", robustness partial (...)"`` when sweeps of the run's recipe miss values (a sweep
+    interrupted after training; ``fusionkit resume`` evaluates them), else ``""``."""
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.studies.robustness import missing_values
+
+    try:
+        specs = run.recipe().evaluation.robustness
+        gaps = [(s.label, len(missing_values(run.path, s)), s) for s in specs]
+    except FusionkitError:  # the recipe cannot be read here: the run itself is complete
+        return ""
+    shown = [
+        f"{label}: {k} of {len(s.values) * len(s.splits)} missing" for label, k, s in gaps if k
+    ]
+    return f", robustness partial ({'; '.join(shown)})" if shown else ""
