@@ -80,18 +80,14 @@ def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any] | None
     save_tensors(Path(path), model.state_dict(), {"fusionkit": json.dumps(meta or {})})
 
 
-def load_weights(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load safetensors weights into ``model`` strictly; returns the file's fusionkit metadata.
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Load safetensors weights into ``model`` strictly.
 
-    Mismatches name the keys and shapes; unreadable files and metadata name the file.
+    Mismatches name the keys and shapes; unreadable files name the file.
     """
     p = Path(path)
-    tensors, meta = load_tensors(p)
-    info = json_metadata(meta, "fusionkit", p) if "fusionkit" in meta else {}
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{p}: metadata 'fusionkit' is not a JSON object")
+    tensors, _ = load_tensors(p)
     _load_into(model, tensors, p)
-    return info
 
 
 def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -272,25 +272,19 @@ class Session:
             )
         self.normalizer = Normalizer.from_tensors(*load_tensors(path))
 
-    def check_split(self, split: str, data: Dataset, option: str = "--split") -> None:
-        """Refuse a split ``data`` does not have (asked for on the command line: the error
-        names ``option``, not the recipe)."""
+    def check_split(self, split: str, data: Dataset) -> None:
+        """Refuse a split ``data`` does not have. The splits a recipe names are checked when
+        the session is built, so an unknown one was asked for with ``--split``."""
         if split not in data.splits():
             raise FusionkitError(
-                f"{option} {split}: dataset {self.recipe.data.name!r} has no split {split!r} "
+                f"--split {split}: dataset {self.recipe.data.name!r} has no split {split!r} "
                 f"(splits: {', '.join(data.splits())})"
             )
 
-    def store(
-        self, split: str, dataset: Dataset | None = None, *, option: str = "--split"
-    ) -> FrameStore:
-        """The windows of ``split`` (of ``dataset``, default: the clean one) on the device.
-
-        The splits a recipe names are checked when the session is built, so an unknown split
-        here was asked for on the command line: the error names ``option`` (not the recipe).
-        """
+    def store(self, split: str, dataset: Dataset | None = None) -> FrameStore:
+        """The windows of ``split`` (of ``dataset``, default: the clean one) on the device."""
         data = dataset if dataset is not None else self.dataset
-        self.check_split(split, data, option)
+        self.check_split(split, data)
         videos = data.videos(split)
         return FrameStore(
             videos,
@@ -407,12 +401,10 @@ def build_session(
 
 @dataclass
 class LoadedRun:
-    """A trained run: its directory, its session with the best weights loaded (eval mode),
-    and what ``model.safetensors`` says about itself."""
+    """A trained run: its directory and its session with the best weights loaded (eval mode)."""
 
     run_dir: RunDir
     session: Session
-    weights_info: dict[str, Any]
 
 
 def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registry) -> Recipe:
@@ -545,7 +537,7 @@ def load_run(
         session.bf16 = used == "bf16"
     session.load_normalizer(run)
     try:
-        info = load_weights(weights, session.model)
+        load_weights(weights, session.model)
     except WeightsMismatch as exc:
         if not data_overrides:
             raise
@@ -561,4 +553,4 @@ def load_run(
     _check_unchanged(run, marker, BEST_FILE, required=True)
     _check_unchanged(run, marker, NORMALIZATION_FILE, required=False)
     session.model.eval()
-    return LoadedRun(run, session, info)
+    return LoadedRun(run, session)

@@ -207,9 +207,7 @@ def learning_curves(curves: Sequence[dict[str, Any]], panels: Sequence[str], tit
     return png(fig)
 
 
-def robustness_curves(
-    curves: Sequence[dict[str, Any]], axis_label: str, title: str, ylabel: str = "CCC mean"
-) -> bytes:
+def robustness_curves(curves: Sequence[dict[str, Any]], axis_label: str, title: str) -> bytes:
     """CCC against perturbation strength, one line (± std band over seeds) per model.
 
     Each curve: ``{"label", "x", "mean", "std"}`` (sequences of equal length).
@@ -225,7 +223,7 @@ def robustness_curves(
         if np.any(s > 0):
             ax.fill_between(x, y - s, y + s, color=color(i), alpha=0.15, lw=0)
     ax.set_xlabel(plain(axis_label))
-    ax.set_ylabel(plain(ylabel))
+    ax.set_ylabel("CCC mean")
     ax.set_title(plain(title), fontsize=10)
     ax.grid(alpha=0.3)
     _legend(fig, ax, len(curves))

@@ -284,8 +284,8 @@ def _title_names(rep: Report) -> str:
     return ", ".join(dict.fromkeys(r["runs"][0].name for r in rep.rows))
 
 
-def render_markdown(rep: Report, plot_dir: str = "plots") -> str:
-    """The whole report as Markdown (figures linked from ``plot_dir``)."""
+def render_markdown(rep: Report) -> str:
+    """The whole report as Markdown (figures linked from ``plots/``)."""
     out = [f"# Comparison report: {_title_names(rep)}", ""]
     out.append(
         f"Split `{rep.split}`, {sum(len(r['runs']) for r in rep.rows)} runs from "
@@ -294,17 +294,17 @@ def render_markdown(rep: Report, plot_dir: str = "plots") -> str:
     if rep.command:
         out += ["", f"Generated with {_md_code(rep.command)}."]
     out += ["", "## Results", "", results_table(rep)]
-    out += [f"![{rep.plot_titles['ccc']}]({plot_dir}/ccc.png)", ""]
+    out += [f"![{rep.plot_titles['ccc']}](plots/ccc.png)", ""]
     if rep.excluded:
         out += ["## Runs left out", "", "Not in any number of this report:", ""]
         out += [_md_excluded(rep)]
     if any(r["delta"] is not None for r in rep.rows):
         out += [f"## Differences from the baseline `{rep.baseline}`", "", delta_table(rep)]
         if "delta" in rep.plots:
-            out += [f"![{rep.plot_titles['delta']}]({plot_dir}/delta.png)", ""]
+            out += [f"![{rep.plot_titles['delta']}](plots/delta.png)", ""]
     if "curves" in rep.plots:
         out += ["## Learning curves", ""]
-        out += [f"![{rep.plot_titles['curves']}]({plot_dir}/curves.png)", ""]
+        out += [f"![{rep.plot_titles['curves']}](plots/curves.png)", ""]
     if any(r["components"] for r in rep.rows):
         out += ["## Components", "", _md(*_components_table(rep))]
     for sw in rep.sweeps:
@@ -319,12 +319,12 @@ def render_markdown(rep: Report, plot_dir: str = "plots") -> str:
             out.append(f"Values missing in some runs and left out: {sw.dropped}.")
         out.append("")
         h, b = _sweep_table(sw)
-        out += [_md(h, b), f"![{rep.plot_titles[key]}]({plot_dir}/{key}.png)", ""]
+        out += [_md(h, b), f"![{rep.plot_titles[key]}](plots/{key}.png)", ""]
     if rep.gates:
         out += ["## Gate weights over time", ""]
         if rep.flag_gates:
             out += [FLAG_GATE_TEXT, "", _md(*flag_gate_table(rep)), ""]
-        out += [f"![{rep.plot_titles[g]}]({plot_dir}/{g}.png)\n" for g in rep.gates]
+        out += [f"![{rep.plot_titles[g]}](plots/{g}.png)\n" for g in rep.gates]
     out += ["## How to read this report", ""]
     out += [f"- {d}" for d in _definitions(rep)]
     if rep.notes:

@@ -27,7 +27,6 @@ as left out with the reason. Runs that differ only in ``training.seed`` form one
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -46,7 +45,6 @@ from fusionkit.core.yamlio import read_yaml
 from fusionkit.engine.files import read_json
 from fusionkit.engine.runs import (
     GRID_FILE,
-    HISTORY_FILE,
     MARKER_FILE,
     METRICS_FILE,
     PREDICTIONS_DIR,
@@ -818,15 +816,11 @@ def _as_float(v: Any) -> float:
 
 
 def run_history(run: RunRecord) -> list[dict[str, Any]]:
-    """A run's per-epoch records: ``metrics.json`` ``history``, else ``history.csv``."""
+    """A run's per-epoch records (``history`` in its ``metrics.json``)."""
     hist = run.metrics.get("history")
-    if isinstance(hist, list) and hist and all(isinstance(h, dict) for h in hist):
+    if isinstance(hist, list) and all(isinstance(h, dict) for h in hist):
         return hist
-    path = run.run_dir / HISTORY_FILE
-    if not path.is_file():
-        return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    return []
 
 
 def learning_curves(rows: list[dict[str, Any]]) -> list[LearningCurve]:

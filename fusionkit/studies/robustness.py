@@ -186,11 +186,11 @@ def run_recipe_robustness(
     return records
 
 
-def _cached_throughput(path: Path, split: str, cpu_threads: int | None) -> dict[str, Any] | None:
+def _cached_throughput(path: Path, split: str) -> dict[str, Any] | None:
     """The record in ``path`` if it was measured as :func:`measure_throughput` would measure
     now (same split, device and thread count), else None (missing, damaged or different)."""
     from fusionkit.core.errors import FusionkitError
-    from fusionkit.engine.session import available_cores, resolve_device
+    from fusionkit.engine.session import resolve_device
 
     if not path.is_file():
         return None
@@ -199,10 +199,7 @@ def _cached_throughput(path: Path, split: str, cpu_threads: int | None) -> dict[
     except FusionkitError:
         return None  # damaged: measured again and rewritten
     device = resolve_device("auto")  # as load_run picks it
-    if device.type == "cpu" and cpu_threads:
-        threads = min(cpu_threads, available_cores())  # as set_threads caps it
-    else:
-        threads = torch.get_num_threads()
+    threads = 1 if device.type == "cpu" else torch.get_num_threads()
     if not isinstance(rec, dict) or (rec.get("split"), rec.get("threads")) != (split, threads):
         return None
     if str(rec.get("device", "")).split(":")[0] != device.type:
@@ -218,7 +215,6 @@ def measure_throughput(
     min_passes: int = 5,
     registry: Registry | None = None,
     refresh: bool = False,
-    cpu_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Inference speed of a run's model, measured now and cached in ``throughput.json``.
 
@@ -226,10 +222,10 @@ def measure_throughput(
     ``data.hop``, ``evaluation.batch_size`` windows per batch, overlapping predictions
     averaged): one warm-up pass, then at least ``min_passes`` timed passes and at least
     ``min_seconds`` in all. The rate is taken from the **fastest** pass, the estimate least
-    disturbed by other work on a shared machine. On CPU the model runs on ``cpu_threads``
-    threads (default 1: multi-threaded kernels are erratic when other processes share the
-    cores; ``None`` keeps torch's setting). Reported: frames of the split per second and
-    windows per second, with the device, thread count and every pass time.
+    disturbed by other work on a shared machine. On CPU the model runs on one thread
+    (multi-threaded kernels are erratic when other processes share the cores). Reported:
+    frames of the split per second and windows per second, with the device, thread count
+    and every pass time.
 
     The cache is used only when it was measured on the same split, device and thread count
     as asked for now; otherwise the speed is measured again and the cache replaced. The
@@ -239,7 +235,7 @@ def measure_throughput(
 
     path = Path(run_dir) / THROUGHPUT_FILE
     if not refresh:
-        cached = _cached_throughput(path, split, cpu_threads)
+        cached = _cached_throughput(path, split)
         if cached is not None:
             return cached
     loaded = load_run(run_dir, registry=registry)
@@ -260,8 +256,8 @@ def measure_throughput(
             torch.cuda.synchronize(session.device)
 
     saved_threads = torch.get_num_threads()
-    if session.device.type == "cpu" and cpu_threads:
-        set_threads(cpu_threads)
+    if session.device.type == "cpu":
+        set_threads(1)
     try:
         threads = torch.get_num_threads()
         once()  # warm-up
