@@ -85,3 +85,16 @@ def test_runs_list_names_a_damaged_grid_record(tmp_path, text):
     assert res.exit_code == 0, res.output
     lines = {ln.split()[0]: ln for ln in res.output.splitlines()[1:] if ln.strip()}
     assert "unreadable (damaged" in lines[str(tmp_path / "g" / "grid.json")]
+
+
+def test_runs_list_names_a_damaged_metrics_file(trained, tmp_path):
+    """A metrics.json of another shape used to end `runs list` in a traceback."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy)
+    (copy / "metrics.json").write_text('{"splits": ["test"]}')
+    res = CliRunner().invoke(app, ["runs", "list", str(tmp_path)], env={"COLUMNS": "500"})
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith(str(copy)))
+    assert "unreadable:" in line and "metrics.json: key 'splits' is missing" in line

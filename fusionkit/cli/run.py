@@ -351,12 +351,7 @@ def eval_cmd(
 def _evaluated_threads(run) -> int | None:
     """The CPU threads ``metrics.json`` says the run was evaluated with (None when it does
     not say, or cannot be read: :func:`load_run` then names the problem)."""
-    from fusionkit.core.errors import CheckpointError
-    from fusionkit.engine.files import read_json
+    from fusionkit.engine.runs import metrics_entry
 
-    try:
-        metrics = read_json(run / "metrics.json", "metrics")
-    except CheckpointError:
-        return None
-    n = metrics.get("cpu_threads") if isinstance(metrics, dict) else None
+    n = metrics_entry(run.path, "cpu_threads")
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

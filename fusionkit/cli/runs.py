@@ -26,8 +26,14 @@ def runs_list(
     when files of a complete run are missing, failed grid points) and its test CCC-mean."""
     from fusionkit.core.errors import CheckpointError, FusionkitError
     from fusionkit.engine.checkpoint import read_train_state
-    from fusionkit.engine.files import read_json
-    from fusionkit.engine.runs import GRID_FILE, MARKER_FILE, STATE_FILE, RunDir, read_grid_record
+    from fusionkit.engine.runs import (
+        GRID_FILE,
+        MARKER_FILE,
+        STATE_FILE,
+        RunDir,
+        read_grid_record,
+        read_metrics,
+    )
 
     if not folder.exists():
         raise CheckpointError(f"not found: {folder}")
@@ -52,8 +58,7 @@ def runs_list(
             if (run / STATE_FILE).is_file():
                 epochs = str(read_train_state(run / STATE_FILE).epochs_done)
             if status.startswith("complete"):
-                metrics = read_json(run / "metrics.json", "metrics")
-                test = metrics.get("splits", {}).get("test", {}).get("ccc_mean")
+                test = read_metrics(run.path)["splits"].get("test", {}).get("ccc_mean")
                 score = f"{test:.4f}" if isinstance(test, float) else ""
         except FusionkitError as exc:
             status = f"unreadable: {exc}"

@@ -25,7 +25,7 @@ from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
 from fusionkit.engine.data import FrameStore, Normalizer, features_sha256, labels_fingerprint
-from fusionkit.engine.files import load_tensors, read_json, save_tensors
+from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import AppliedPerturbation, PerturbedDataset, build_perturbation
 from fusionkit.engine.runs import (
@@ -36,6 +36,7 @@ from fusionkit.engine.runs import (
     RunDir,
     RunMarker,
     check_unchanged,
+    metrics_entry,
 )
 
 __all__ = [
@@ -418,10 +419,7 @@ def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registr
 def _used_precision(run: RunDir) -> str | None:
     """``"bf16"`` or ``"fp32"``: what ``metrics.json`` says the run's forward passes used
     (None when it does not say)."""
-    try:
-        used = read_json(run / METRICS_FILE, "metrics").get("precision")
-    except (FusionkitError, AttributeError):
-        return None
+    used = metrics_entry(run.path, "precision")
     return used if used in ("bf16", "fp32") else None
 
 
@@ -471,17 +469,12 @@ def data_as_evaluated(
             the run's metrics. What a run does not record is not checked.
     """
     now = session.data_hashes(split)
-    if metrics is None:
-        try:
-            metrics = read_json(run / METRICS_FILE, "metrics")
-        except FusionkitError:
-            metrics = None
     checks = (
         ("features", "features_sha256", "extracted anew or changed on disk"),
         ("labels", "data_fingerprints", "annotations changed, or videos added or cut"),
     )
     for (what, key, how), digest in zip(checks, now, strict=True):
-        recorded = metrics.get(key) if isinstance(metrics, dict) else None
+        recorded = metrics.get(key) if metrics is not None else metrics_entry(run.path, key)
         was = recorded.get(split) if isinstance(recorded, dict) else None
         if isinstance(was, str) and was != digest:
             raise DataError(

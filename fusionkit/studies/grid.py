@@ -54,7 +54,7 @@ from fusionkit.core.params import short_repr
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
-from fusionkit.engine.files import atomic_write_json, read_json
+from fusionkit.engine.files import atomic_write_json
 from fusionkit.engine.progress import duration, train_progress
 from fusionkit.engine.runs import (
     GRID_FILE,
@@ -63,6 +63,7 @@ from fusionkit.engine.runs import (
     RunDir,
     is_run_dir,
     read_grid_record,
+    read_metrics,
 )
 from fusionkit.engine.session import (
     Session,
@@ -291,8 +292,8 @@ def _run_point(
     try:
         if earlier and run.is_complete():
             run_recipe_robustness(run, recipe.evaluation.robustness, registry=registry)
-            metrics = read_json(run / "metrics.json", "metrics")
-            return {"splits": metrics["splits"], "best_epoch": metrics["best_epoch"]}
+            metrics = read_metrics(run.path)
+            return {"splits": metrics["splits"], "best_epoch": metrics.get("best_epoch")}
         try:
             result = train_and_evaluate(recipe, run, resume=earlier, registry=registry)
         except BaseException:
