@@ -240,7 +240,7 @@ def _validate_params(comp: Component, given: dict[str, Any], reg: Registry) -> N
     is the user's mistake (a usage error, exit 2), not the component failing its contract."""
     from pydantic import ValidationError
 
-    from fusionkit.core.params import describe_validation_error, nonfinite_fields
+    from fusionkit.core.params import describe_validation_error, first_few, nonfinite_fields
 
     try:
         resolved = comp.params.model_validate(given, context={"registry": reg})
@@ -253,9 +253,7 @@ def _validate_params(comp: Component, given: dict[str, Any], reg: Registry) -> N
         )
     if problems:
         raise PluginError(
-            f"--params of {comp.kind} '{comp.name}': "
-            + "; ".join(problems[:5])
-            + ("; ..." if len(problems) > 5 else "")
+            f"--params of {comp.kind} '{comp.name}': " + first_few(problems, sep="; ")
         )
 
 

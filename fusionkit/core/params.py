@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +23,7 @@ __all__ = [
     "describe_validation_error",
     "did_you_mean",
     "error_at",
+    "first_few",
     "nonfinite_fields",
     "short_repr",
     "with_valid_keys",
@@ -65,6 +66,16 @@ def short_repr(value: Any) -> str:
     '[0, 1, 2, 3, ...]'
     """
     return _REPR.repr(value)
+
+
+def first_few(items: Sequence[str], n: int = 5, sep: str = ", ") -> str:
+    """The first ``n`` of ``items`` joined by ``sep``, then ``and <k> more`` (for messages).
+
+    >>> first_few(["a", "b", "c"], 2)
+    'a, b, and 1 more'
+    """
+    more = [f"and {len(items) - n} more"] if len(items) > n else []
+    return sep.join([*items[:n], *more])
 
 
 def nonfinite_fields(params: BaseModel) -> list[str]:

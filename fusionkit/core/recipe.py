@@ -43,6 +43,7 @@ from fusionkit.core.params import (
     describe_validation_error,
     did_you_mean,
     error_at,
+    first_few,
     nonfinite_fields,
     with_valid_keys,
 )
@@ -714,7 +715,7 @@ def _refuse_shadowed(raw: dict[str, Any], items: dict[str, Any], source: str) ->
             if _lookup(after, path) != value:
                 undone.append(f"variants.{name}")
         if undone:
-            shown = ", ".join(undone[:4]) + (", ..." if len(undone) > 4 else "")
+            shown = first_few(undone, 4)
             problems.append(
                 f"override {path}: the grid sets it again at its points ({shown}), after the "
                 "command line, so the override would have no effect there; change it in the "

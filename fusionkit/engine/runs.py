@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
-from fusionkit.core.params import short_repr
+from fusionkit.core.params import first_few, short_repr
 from fusionkit.core.recipe import (
     NAME_PATTERN,
     Recipe,
@@ -469,7 +469,7 @@ class RunDir:
             view = None if own is None else own.training_view()
             raise CheckpointError(self._edited_message(marker, view))
         diffs = [f"{path}: run has {short_repr(a)}, now {short_repr(b)}" for path, a, b in changes]
-        shown = "; ".join(diffs[:5]) or "the recipe hash differs"
+        shown = first_few(diffs, sep="; ") or "the recipe hash differs"
         fix = (
             "start a new run (without --resume) or choose another output.name"
             if self.is_complete()
@@ -503,7 +503,7 @@ class RunDir:
                 f"{path}: created with {short_repr(a)}, recipe.yaml has {short_repr(b)}"
                 for path, a, b in _changes(created, own)
             ]
-            what = "; ".join(diffs[:5]) or "the recipe hash differs"
+            what = first_few(diffs, sep="; ") or "the recipe hash differs"
         else:
             what = (
                 "the changed key cannot be named: run.json of this run does not record the "

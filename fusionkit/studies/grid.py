@@ -50,7 +50,7 @@ from rich.markup import escape
 
 from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
 from fusionkit.core.overrides import apply_overrides
-from fusionkit.core.params import short_repr
+from fusionkit.core.params import first_few, short_repr
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
@@ -364,12 +364,6 @@ def _grid_record(recipe: Recipe, points: list[GridPoint], stale: list[str]) -> d
     }
 
 
-def _some(names: list[str], n: int, sep: str = ", ") -> str:
-    """The first ``n`` of ``names``, then ``and <k> more``."""
-    more = [f"and {len(names) - n} more"] if len(names) > n else []
-    return sep.join([*names[:n], *more])
-
-
 def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | None) -> None:
     """Refuse the grid, before anything is written, when an existing run directory of one of
     its points was created by another training recipe (the grid's recipe was edited since)."""
@@ -384,14 +378,14 @@ def _check_unchanged(points: list[GridPoint], gdir: Path, registry: Registry | N
             run.check_same_training(p.recipe, registry)
         except RecipeChanged as exc:
             fields = [f"{path} {short_repr(a)} -> {short_repr(b)}" for path, a, b in exc.changes]
-            changed.append(f"{p.tag} ({_some(fields, 3) if fields else exc})")
+            changed.append(f"{p.tag} ({first_few(fields, 3) if fields else exc})")
         except CheckpointError as exc:
             changed.append(f"{p.tag} ({exc})")
     if changed:
         raise CheckpointError(
             f"{gdir} holds {len(changed)} run(s) of this grid trained with another recipe (run "
-            f"-> now): {_some(changed, 3, '; ')}. Nothing was run or written. Restore the recipe "
-            "to continue this grid, or run the changed grid into a new folder (another "
+            f"-> now): {first_few(changed, 3, '; ')}. Nothing was run or written. Restore the "
+            "recipe to continue this grid, or run the changed grid into a new folder (another "
             "output.name or output.dir)"
         )
 
@@ -500,7 +494,7 @@ def _run_locked(
     if stale:
         say(
             f"note: {len(stale)} run folder(s) in {escape(str(gdir))} are not points of this "
-            f"grid any more: {escape(_some(stale, 5))}; they are kept, and `fusionkit report` "
+            f"grid any more: {escape(first_few(stale, 5))}; they are kept, and `fusionkit report` "
             "leaves them out",
             highlight=False,
             soft_wrap=True,

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fusionkit.core.params import first_few
 from fusionkit.engine.runs import run_or_grid_holding
 from fusionkit.studies.report import (
     ALPHA,
@@ -785,9 +786,7 @@ def check_report_dir(out_dir: Path) -> str:
         if p.relative_to(target).as_posix() not in allowed
     )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        shown = first_few(foreign, 3)
         raise FusionkitError(
             f"--out {out} holds files its earlier report did not write ({shown}); move them "
             "away or give a new or empty folder"

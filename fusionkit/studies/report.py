@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from fusionkit.core.errors import CheckpointError, FusionkitError
+from fusionkit.core.params import first_few
 from fusionkit.core.recipe import NOT_TRAINING
 from fusionkit.core.yamlio import read_yaml
 from fusionkit.engine.files import read_json
@@ -405,10 +406,9 @@ def collect_runs(paths: list[Path]) -> list[RunRecord]:
     scan = scan_runs(paths)
     if not scan.runs:
         where = ", ".join(map(str, paths))
-        shown = "; ".join(f"{e.where} ({e.status}: {e.detail})" for e in scan.excluded[:5])
-        more = f" and {len(scan.excluded) - 5} more" if len(scan.excluded) > 5 else ""
+        shown = first_few([f"{e.where} ({e.status}: {e.detail})" for e in scan.excluded], sep="; ")
         raise CheckpointError(
-            f"no complete runs under {where}" + (f"; left out: {shown}{more}" if shown else "")
+            f"no complete runs under {where}" + (f"; left out: {shown}" if shown else "")
         )
     return scan.runs
 
@@ -642,7 +642,7 @@ def summarize(
         if differ:
             split_up.setdefault(tuple(differ), []).append(label)
     for differ, labels in split_up.items() if notes is not None else ():
-        keys = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
+        keys = first_few(list(differ))
         notes.append(
             f"{', '.join(labels)}: the runs of each differ in more than the seed ({keys}), "
             "so they are shown in separate rows, not pooled."
