@@ -226,17 +226,14 @@ def _incomplete_reason(run_dir: Path) -> str | None:
     """Why ``run_dir`` is not a complete run (None when it is)."""
     if not is_run_dir(run_dir):
         return f"no {MARKER_FILE}: not a complete fusionkit run directory"
-    rd = RunDir(run_dir)
-    if rd.is_complete():
-        return None
     try:
-        marker = rd.marker()
+        marker = RunDir(run_dir).marker()
     except CheckpointError as exc:
         return str(exc)
     if marker.status != "complete":
         return f"status {marker.status!r} in {MARKER_FILE}: the run did not finish"
-    gone = [name for name in marker.files if not (run_dir / name).is_file()]
-    return f"files listed in {MARKER_FILE} are missing: {', '.join(gone)}"
+    gone = RunDir(run_dir).missing_files()
+    return f"files listed in {MARKER_FILE} are missing: {first_few(gone)}" if gone else None
 
 
 def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> RunRecord:
