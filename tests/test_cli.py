@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -143,6 +144,17 @@ def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     bad = fk(["eval", str(run_dir)], env, tmp_path)
     assert bad.returncode == 1 and "val.ccc_mean" in bad.stderr
+    # every stored number is compared, not only the CCCs: one ulp or one frame is found
+    metrics["splits"]["val"]["ccc_mean"] -= 0.01
+    test = metrics["splits"]["test"]
+    test["rmse_valence"] = math.nextafter(test["rmse_valence"], math.inf)
+    test["pcc_arousal"] = math.nextafter(test["pcc_arousal"], -math.inf)
+    test["n_frames"] += 1
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    bad = fk(["eval", str(run_dir)], env, tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    named = {line.split(":")[0].strip() for line in bad.stderr.splitlines()[1:]}
+    assert named == {"test.rmse_valence", "test.pcc_arousal", "test.n_frames"}, bad.stderr
 
 
 def test_eval_on_missing_run_dir_is_one_clear_line(tmp_path):

@@ -239,6 +239,29 @@ def test_json_writer_turns_non_finite_into_null(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": [1.0, None]}
 
 
+@pytest.mark.parametrize("fails", ["fsync", "replace"])
+def test_a_failed_file_write_leaves_the_earlier_file_intact(tmp_path, monkeypatch, fails):
+    """Every run file goes through one writer: a disk that fills up (or a rename refused)
+    halfway leaves the earlier content byte for byte, no temporary file, and one clear error."""
+    import errno
+
+    from fusionkit.core.errors import CheckpointError
+    from fusionkit.engine import files
+
+    path = tmp_path / "metrics.json"
+    files.atomic_write_json(path, {"splits": {"test": {"ccc_mean": 0.5}}})
+    before = path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, fails, full)
+    with pytest.raises(CheckpointError, match=r"could not write .*No space left.*is intact"):
+        files.atomic_write_json(path, {"splits": {"test": {"ccc_mean": 0.9}}})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
 # ----------------------------------------------------------------------- resume consistency
 
 

@@ -579,3 +579,13 @@ def test_a_significant_delta_smaller_than_the_seed_spread_gets_a_caveat():
                           targets=["valence"])  # fmt: skip
     _add_seed_caveats(rep)
     assert rep.notes and rep.notes[0].startswith("x: Δ CCC valence +0.020 against base")
+
+
+def test_significance_is_holm_p_strictly_below_alpha():
+    """The dagger means Holm p < 0.05, as the report's legend says; p = 0.05 is not marked."""
+    from fusionkit.studies.report import ALPHA, significant
+
+    assert ALPHA == 0.05
+    row = {"p_holm": np.array([0.05, np.nextafter(0.05, 0.0), 0.2])}
+    assert [significant(row, j) for j in range(3)] == [False, True, False]
+    assert not significant({"p_holm": None}, 0)  # the baseline row itself
