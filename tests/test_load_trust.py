@@ -5,6 +5,7 @@ eval, robustness, throughput) refuses unfinished runs and files changed after co
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 
@@ -284,6 +285,31 @@ def test_predict_uses_the_threads_the_run_was_trained_with(tmp_path, registry):
     try:
         predict_run(run.path, "test", registry=registry, device="cpu")
         assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_predict_uses_the_threads_the_run_was_evaluated_with(tmp_path, registry):
+    """Without training.num_threads, eval re-ran a run on the thread count its metrics.json
+    records while predict used the cores available now: one run, two sets of last digits."""
+    from fusionkit.engine.predict import predict_run
+    from fusionkit.engine.session import available_cores
+
+    if available_cores() < 2:
+        pytest.skip("needs 2 cores to tell the recorded thread count from another one")
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["training"].pop("num_threads", None)
+    rc = validate_recipe(raw, "cores.yaml", registry)
+    assert rc.training.num_threads is None
+    torch.set_num_threads(1)  # the run is evaluated on this process's setting for it
+    try:
+        with RunDir.create(rc, registry) as run:
+            Trainer(build_session(rc, registry), run).fit()
+        recorded = json.loads((run.path / "metrics.json").read_text())["cpu_threads"]
+        other = 1 if recorded > 1 else 2
+        torch.set_num_threads(other)
+        predict_run(run.path, "test", registry=registry, device="cpu")
+        assert torch.get_num_threads() == recorded != other
     finally:
         torch.set_num_threads(1)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -283,35 +282,13 @@ def eval_cmd(
     from fusionkit.engine.evaluate import evaluate_splits
     from fusionkit.engine.runs import RunDir, read_metrics
     from fusionkit.engine.session import (
-        available_cores,
         data_as_evaluated,
         load_run,
-        set_threads,
+        set_run_threads,
     )
 
     run = RunDir.open(run_dir)
-    # the threads the run was evaluated with (recorded since metrics.json has cpu_threads;
-    # before, as `fusionkit run` sets them): a different count changes the order of float
-    # sums, so the last digits of the metrics
-    asked = run.recipe().training.num_threads
-    recorded = None if asked else _evaluated_threads(run)
-    if asked:
-        threads = set_threads(asked)
-        origin = f"(training.num_threads={asked})"
-    elif recorded and recorded > available_cores():
-        warnings.warn(
-            f"{run.path} was evaluated with {recorded} CPU threads and this process has "
-            f"{available_cores()} cores: the last digits of its metrics may differ",
-            stacklevel=1,
-        )
-        threads = set_threads(None)
-        origin = f"({recorded} recorded, capped at {threads})"
-    elif recorded:
-        threads = set_threads(recorded)
-        origin = "(as the run was evaluated)"
-    else:
-        threads = set_threads(None)
-        origin = "(the available cores)"
+    threads, origin = set_run_threads(run, run.recipe().training.num_threads)
     loaded = load_run(run, device=device)
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
@@ -346,12 +323,3 @@ def eval_cmd(
             f"[green]reproduces metrics.json exactly[/] ({', '.join(compared)}; "
             f"re-evaluated on {escape(how)})"
         )
-
-
-def _evaluated_threads(run) -> int | None:
-    """The CPU threads ``metrics.json`` says the run was evaluated with (None when it does
-    not say, or cannot be read: :func:`load_run` then names the problem)."""
-    from fusionkit.engine.runs import metrics_entry
-
-    n = metrics_entry(run.path, "cpu_threads")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

@@ -38,7 +38,7 @@ from fusionkit.core.interfaces import SubmissionFrames
 from fusionkit.core.registry import Registry
 from fusionkit.engine.evaluate import predict as predict_frames
 from fusionkit.engine.files import atomic_write_text
-from fusionkit.engine.session import load_run, set_threads
+from fusionkit.engine.session import load_run, set_run_threads
 
 __all__ = [
     "RunPredictions",
@@ -97,9 +97,9 @@ def predict_run(
     """
     loaded = load_run(run_dir, device=device, data_overrides=data_overrides, registry=registry)
     session = loaded.session
-    # the run's threads, as `fusionkit run` and `eval` set them: another count changes the
-    # order of float sums, so the last digits of the predictions
-    set_threads(session.recipe.training.num_threads)
+    # the run's threads, as `eval` sets them: another count changes the order of float
+    # sums, so the last digits of the predictions
+    set_run_threads(loaded.run_dir, session.recipe.training.num_threads)
     dataset = session.dataset
     store = session.store(split)
     preds = predict_frames(session.model, store, session.recipe.evaluation.batch_size, session.bf16)

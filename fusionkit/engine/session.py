@@ -49,6 +49,7 @@ __all__ = [
     "load_run",
     "native_bf16",
     "resolve_device",
+    "set_run_threads",
     "set_threads",
 ]
 
@@ -82,6 +83,28 @@ def set_threads(requested: int | None, share: int = 1) -> int:
         n = requested
     torch.set_num_threads(n)
     return n
+
+
+def set_run_threads(run: RunDir, asked: int | None) -> tuple[int, str]:
+    """Set torch's CPU threads to re-run the forward passes of a trained ``run``: ``asked``
+    (its ``training.num_threads``) when set, else the count its metrics were computed with
+    (``cpu_threads`` in ``metrics.json``, capped at the available cores with a warning), else
+    the available cores. Another count changes the order of float sums, so the last digits.
+    Returns the number set and where it came from, for messages."""
+    if asked:
+        return set_threads(asked), f"(training.num_threads={asked})"
+    recorded = metrics_entry(run.path, "cpu_threads")
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
+        return set_threads(None), "(the available cores)"
+    cores = available_cores()
+    if recorded > cores:
+        warnings.warn(
+            f"{run.path} was evaluated with {recorded} CPU threads and this process has "
+            f"{cores} cores: the last digits of its metrics may differ",
+            stacklevel=2,
+        )
+        return set_threads(None), f"({recorded} recorded, capped at {cores})"
+    return set_threads(recorded), "(as the run was evaluated)"
 
 
 #: What ``--device`` and ``training.device`` accept (``cuda:N``: CUDA device ``N``).
