@@ -24,7 +24,6 @@ differently cut data are refused rather than paired video by video.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import Tensor
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import SubmissionFrames
 from fusionkit.core.registry import Registry
+from fusionkit.engine.data import labels_fingerprint
 from fusionkit.engine.evaluate import predict as predict_frames
 from fusionkit.engine.files import atomic_write_text
 from fusionkit.engine.session import load_run, set_run_threads
@@ -74,14 +74,6 @@ class RunPredictions:
     labels: dict[str, str] | None = None
 
 
-def _label_digest(labels: Tensor, mask: Tensor) -> str:
-    mask = mask.bool()
-    h = hashlib.sha256(mask.cpu().numpy().tobytes())
-    values = torch.where(mask[:, None], labels.float(), torch.zeros((), dtype=torch.float32))
-    h.update(values.cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def predict_run(
     run_dir: Path,
     split: str,
@@ -110,7 +102,7 @@ def predict_run(
         v = videos[name]
         ids = v.frame_ids if v.frame_ids is not None else torch.arange(v.num_frames)
         per_video[name] = (ids.long(), preds.pred[sl])
-        labels[name] = _label_digest(v.labels, v.label_mask)
+        labels[name] = labels_fingerprint([v], range(v.labels.shape[1]))  # every column
     rows = dataset.submission_frames(split) if isinstance(dataset, SubmissionFrames) else None
     return RunPredictions(
         run_dir=Path(run_dir),
