@@ -140,12 +140,13 @@ def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     assert "train: not in metrics.json (the run evaluated test, val); shown, not compared" in lines
     assert "reproduces metrics.json exactly (test;" in extra.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    val_ccc = metrics["splits"]["val"]["ccc_mean"]
     metrics["splits"]["val"]["ccc_mean"] += 0.01
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     bad = fk(["eval", str(run_dir)], env, tmp_path)
     assert bad.returncode == 1 and "val.ccc_mean" in bad.stderr
     # every stored number is compared, not only the CCCs: one ulp or one frame is found
-    metrics["splits"]["val"]["ccc_mean"] -= 0.01
+    metrics["splits"]["val"]["ccc_mean"] = val_ccc
     test = metrics["splits"]["test"]
     test["rmse_valence"] = math.nextafter(test["rmse_valence"], math.inf)
     test["pcc_arousal"] = math.nextafter(test["pcc_arousal"], -math.inf)

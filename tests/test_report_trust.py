@@ -281,3 +281,18 @@ def test_grid_rows_come_before_a_plain_run_beside_the_grid(cond, tmp_path, regis
     labels = [r["variant"] for r in rep.rows]
     assert labels[0] == "concat (lr=0.003)" and labels[-1] == "alone", labels
     assert rep.baseline == labels[0]
+
+
+def test_a_grid_record_is_read_by_its_shape_not_by_who_wrote_it(tmp_path):
+    """The report reads a grid.json of the right shape whoever wrote it (a hand-made or
+    edited one keeps its order and failed points); only a damaged one is left out."""
+    import json
+
+    from fusionkit.engine.runs import read_grid_record
+
+    rec = {"order": ["b", "a"], "runs": {"a": {"values": {"lr": 1}}, "b": {"status": "failed"}}}
+    (tmp_path / "grid.json").write_text(json.dumps(rec))
+    assert read_grid_record(tmp_path) == rec
+    rec["runs"]["a"]["values"] = [1]
+    (tmp_path / "grid.json").write_text(json.dumps(rec))
+    assert read_grid_record(tmp_path) is None

@@ -76,7 +76,9 @@ def test_runs_list_shows_each_run_status(trained, tmp_path):
     assert "complete" in lines[str(run)] and "interrupted" in lines[str(tmp_path / "unfinished")]
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '{"runs": {"a": "x"}}', "{not json", '{"runs": {}}'])
+@pytest.mark.parametrize(
+    "text", ["[1, 2]", '{"runs": {"a": "x"}}', "{not json", '{"runs": {"a": {"values": 3}}}']
+)
 def test_runs_list_names_a_damaged_grid_record(tmp_path, text):
     """A grid.json of another shape used to end `runs list` in a traceback."""
     (tmp_path / "g").mkdir()

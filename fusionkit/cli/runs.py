@@ -67,7 +67,7 @@ def runs_list(
     for grid in sorted(folder.rglob(GRID_FILE)):
         rec = read_grid_record(grid.parent)
         if rec is None:
-            table.add_row(escape(str(grid)), "unreadable (damaged, or not written by fusionkit)")
+            table.add_row(escape(str(grid)), "unreadable (damaged)")
             rows += 1
             continue
         for tag, entry in rec["runs"].items():

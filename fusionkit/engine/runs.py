@@ -586,7 +586,7 @@ def check_unchanged(run_dir: Path, files: Mapping[str, str], name: str) -> None:
 def read_grid_record(grid_dir: str | Path) -> dict[str, Any] | None:
     """The ``grid.json`` of ``grid_dir`` as ``fusionkit run`` writes it: ``runs`` maps point
     names to entries with a ``values`` mapping, ``order`` lists them. None when there is none,
-    or it cannot be read or has another shape (damaged, or not written by fusionkit)."""
+    or it cannot be read or has another shape (damaged)."""
     path = Path(grid_dir) / GRID_FILE
     if not path.is_file():
         return None
@@ -594,7 +594,7 @@ def read_grid_record(grid_dir: str | Path) -> dict[str, Any] | None:
         rec = read_json(path, "grid record")
     except CheckpointError:
         return None
-    if not isinstance(rec, dict) or rec.get("created_by") != "fusionkit":
+    if not isinstance(rec, dict):
         return None
     runs, order = rec.get("runs"), rec.get("order", [])
     if not isinstance(runs, dict) or not isinstance(order, list):

@@ -413,7 +413,7 @@ def _prepare_grid_dir(recipe: Recipe) -> Path:
             f"{gdir} exists and was not made by a fusionkit grid (no {GRID_FILE}); move it "
             "away or use another output.dir / name"
         )
-    if record.is_file() and read_grid_record(gdir) is None:
+    if record.is_file() and (read_grid_record(gdir) or {}).get("created_by") != "fusionkit":
         raise CheckpointError(
             f"{record} was not written by fusionkit or is damaged; move {gdir} away or use "
             "another output.dir / name"
