@@ -318,6 +318,17 @@ def test_eval_names_features_changed_since_the_run(tmp_path, registry, monkeypat
     assert code == 0 and "reproduces metrics.json exactly (val;" in out
 
 
+def test_eval_names_labels_changed_since_the_run(tmp_path, registry, monkeypatch, capsys):
+    from tests.conftest import user_cli
+
+    run_dir = train(tmp_path, registry)
+    _labels_changed_on_disk(monkeypatch)
+    invoke = next(user_cli(monkeypatch, capsys, registry))
+    code, _, err = invoke("eval", run_dir)
+    assert code == 2
+    assert "the test labels are not those the run was evaluated on" in err
+
+
 def test_values_of_a_sweep_file_that_names_no_features_are_computed_again(tmp_path, registry):
     """A run and a sweep file from before features were recorded: the stored values may come
     from other features, so adding a value computes them all again, once."""
