@@ -411,3 +411,37 @@ def test_step_scores_draw_their_dropout_block_by_block_as_one_draw(block) -> Non
         torch.autograd.grad(got.sum(), params), torch.autograd.grad(ref.sum(), params), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------ baselines, by value
+
+
+def test_last_gate_reads_the_final_step_of_every_stream():
+    """`last` passes on the final recursion step (sorted by stream name): reading any other
+    step would bypass the fusion's refinement (step 0 of RJCA is its normalised input), and
+    the conformance kit checks shapes only."""
+    from fusionkit_baselines.components import LastStepGate
+
+    g = torch.Generator().manual_seed(0)
+    stacks = {
+        "video": torch.randn(2, 5, 3, 4, generator=g),
+        "audio": torch.randn(2, 5, 3, 2, generator=g),
+    }
+    gate = LastStepGate({"video": 4, "audio": 2}, num_steps=3)
+    out = gate(stacks, torch.ones(2, 5, dtype=torch.bool))
+    want = torch.cat([stacks["audio"][:, :, 2], stacks["video"][:, :, 2]], dim=-1)
+    assert torch.equal(out.features, want)
+    for s in stacks:
+        assert torch.equal(out.weights[s], torch.tensor([0.0, 0.0, 1.0]).expand(2, 5, 3))
+
+
+def test_concat_orders_modalities_by_name_whatever_the_input_order():
+    """A checkpoint's first columns belong to the modality sorted first: concatenating in the
+    order the inputs arrive would feed one modality's features to another's weights."""
+    from fusionkit_baselines.components import ConcatFusion, ConcatParams
+
+    g = torch.Generator().manual_seed(1)
+    a, v = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 5, generator=g)
+    fusion = ConcatFusion(ConcatParams(), {"video": 5, "audio": 3})
+    out = fusion({"video": v, "audio": a}, torch.ones(2, 4, dtype=torch.bool))
+    assert torch.equal(out["fused"], torch.cat([a, v], dim=-1)[:, :, None])

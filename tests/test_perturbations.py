@@ -259,3 +259,19 @@ def test_training_perturbations_apply_to_the_train_split_only(tmp_path, registry
     assert not same(session.train_dataset.videos("train"), clean.videos("train"))
     assert same(session.train_dataset.videos("val"), clean.videos("val"))
     assert same(session.dataset.videos("train"), clean.videos("train"))  # evaluation: clean
+
+
+@pytest.mark.parametrize("name", ["frame_drop", "noise", "modality_dropout", "span_dropout"])
+def test_a_modality_draws_the_same_whichever_others_are_perturbed(name, registry):
+    """The video stream of a condition that perturbs video alone and of one that perturbs
+    audio and video must be the same draws: otherwise 'video only' and 'both' are not paired
+    conditions (their difference mixes the effect with other random numbers)."""
+    vids = videos(6)
+    alone = apply(name, {**CHANGING[name], "modalities": ["video"]}, vids, 3, registry)
+    both = apply(name, {**CHANGING[name], "modalities": ["audio", "video"]}, vids, 3, registry)
+    assert any(
+        not torch.equal(a.features["video"], v.features["video"])
+        for a, v in zip(alone, vids, strict=True)
+    )
+    for a, b in zip(alone, both, strict=True):
+        assert torch.equal(a.features["video"], b.features["video"])
