@@ -611,8 +611,8 @@ def _rewrite_metadata(path: Path, key: str, value: str | None) -> None:
 
 def test_damaged_run_files_end_in_one_line_naming_file_and_key(damaged, tmp_path):
     env, run = damaged
-    _rewrite_metadata(run / BEST_FILE, "fusionkit", "{not json")
-    one_line_error(fk(["eval", str(run)], env, tmp_path), "model.safetensors", "'fusionkit'")
+    _rewrite_metadata(run / BEST_FILE, "fusionkit", "{not json")  # not the file it wrote
+    one_line_error(fk(["eval", str(run)], env, tmp_path), "model.safetensors", "changed after")
 
     with RunDir.open(run) as r:
         r.mark_running()
