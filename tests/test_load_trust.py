@@ -265,7 +265,10 @@ def test_recipe_validation_resolves_the_device(monkeypatch, tmp_path, registry):
 
 
 def test_an_unknown_split_names_the_option_not_the_recipe(runs, tmp_path, cli):
-    want = "--split tset: dataset 'tiny' has no split 'tset' (splits: train, val, test)"
+    want = (
+        "split 'tset': dataset 'tiny' has no such split (splits: train, val, test); "
+        "choose one with --split"
+    )
     code, _, err = cli("predict", runs["done"], "--out", tmp_path / "x.csv", "--split", "tset")
     assert code == 2 and err == f"error: {want}", err
     code, _, err = cli("eval", runs["done"], "--split", "tset")

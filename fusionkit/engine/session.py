@@ -298,11 +298,12 @@ class Session:
 
     def check_split(self, split: str, data: Dataset) -> None:
         """Refuse a split ``data`` does not have. The splits a recipe names are checked when
-        the session is built, so an unknown one was asked for with ``--split``."""
+        the session is built, so an unknown one was asked for with ``--split`` (or is the
+        option's default, ``test`` for robustness sweeps)."""
         if split not in data.splits():
             raise FusionkitError(
-                f"--split {split}: dataset {self.recipe.data.name!r} has no split {split!r} "
-                f"(splits: {', '.join(data.splits())})"
+                f"split {split!r}: dataset {self.recipe.data.name!r} has no such split "
+                f"(splits: {', '.join(data.splits())}); choose one with --split"
             )
 
     def store(self, split: str, dataset: Dataset | None = None) -> FrameStore:
