@@ -160,3 +160,19 @@ def tiny_stream_run(parent: Path, registry: Registry, **training):
     feats = parent / "video.safetensors"
     save_file({m: x[:60].contiguous() for m, x in video.features.items()}, str(feats))
     return run.path, feats, video
+
+
+def stream_frames(sp, xs: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    """Push the first ``n`` frames of ``xs`` through a streaming predictor, one at a time."""
+    return torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
+
+
+def assert_streams_trailing_windows(model, xs, online, context: int, times) -> None:
+    """Each streamed prediction ``online[t]`` is the model's offline prediction for the last
+    frame of the window of (at most) ``context`` frames that ends at frame ``t``."""
+    with torch.no_grad():
+        for t in times:
+            lo = max(0, t - context + 1)
+            win = {m: x[lo : t + 1][None] for m, x in xs.items()}
+            ref = model(win, torch.ones(1, t + 1 - lo, dtype=torch.bool)).pred[0, -1]
+            torch.testing.assert_close(online[t], ref, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,13 @@ from fusionkit.engine.session import build_session
 from fusionkit.engine.streaming import StreamingPredictor
 from fusionkit.engine.train import Trainer
 from fusionkit.studies.grid import expand_grid, run_grid
-from tests.conftest import TinyDataset, TinyParams, tiny_recipe
+from tests.conftest import (
+    TinyDataset,
+    TinyParams,
+    assert_streams_trailing_windows,
+    stream_frames,
+    tiny_recipe,
+)
 
 DIMS = {"audio": 6, "video": 5}
 
@@ -148,7 +154,7 @@ def test_streaming_z_scores_every_pushed_frame_with_the_run_statistics(tmp_path,
     mean = {m: torch.randn(d, generator=g) for m, d in DIMS.items()}
     std = {m: torch.rand(d, generator=g) + 0.5 for m, d in DIMS.items()}
     sp = StreamingPredictor(model, DIMS, context=8, normalizer=Normalizer(mean, std))
-    online = torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
+    online = stream_frames(sp, xs, n)
     z = {m: ((x - mean[m]) / std[m])[None] for m, x in xs.items()}
     with torch.no_grad():
         offline = model(z, torch.ones(1, n, dtype=torch.bool)).pred[0]
@@ -167,13 +173,8 @@ def test_a_head_that_is_not_frame_local_streams_the_newest_frame(tmp_path, regis
     xs = _frames(n, seed=1)
     sp = StreamingPredictor(model, DIMS, context=c)
     assert sp.local_from == 3
-    online = torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
-    with torch.no_grad():
-        for t in (0, 3, c - 1, c, n - 1):
-            lo = max(0, t - c + 1)
-            win = {m: x[lo : t + 1][None] for m, x in xs.items()}
-            ref = model(win, torch.ones(1, t + 1 - lo, dtype=torch.bool)).pred[0, -1]
-            torch.testing.assert_close(online[t], ref, atol=1e-5, rtol=1e-5)
+    online = stream_frames(sp, xs, n)
+    assert_streams_trailing_windows(model, xs, online, c, (0, 3, c - 1, c, n - 1))
 
 
 # ----------------------------------------------------------------------------- resume
@@ -290,7 +291,7 @@ def test_a_fixed_length_fusion_streams_its_first_frames_with_the_padding_masked(
     xs = _frames(n, seed=2)
     sp = StreamingPredictor(model, DIMS, context=30)
     assert sp.context == c
-    online = torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
+    online = stream_frames(sp, xs, n)
     with torch.no_grad():
         for t in range(c - 1):
             win = {

@@ -27,7 +27,7 @@ from fusionkit_peers.moe import (
     MoEGate,
     MoEGateParams,
 )
-from tests.conftest import REPO, tiny_recipe
+from tests.conftest import REPO, assert_streams_trailing_windows, stream_frames, tiny_recipe
 
 COMPONENTS = [
     ("fusion", "lfan"),
@@ -336,10 +336,6 @@ def model_for(tmp_path: Path, registry, **model):
     return build_model(rc, DIMS, registry).eval()
 
 
-def stream(sp: StreamingPredictor, xs: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-    return torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
-
-
 TCN = {"name": "tcn", "params": {"channels": [8, 8], "kernel_size": 3}}
 
 
@@ -363,7 +359,7 @@ def test_frame_local_peers_stream_exactly_their_offline_output(tmp_path, registr
         offline = model({m: x[None] for m, x in xs.items()}, torch.ones(1, n, dtype=torch.bool))
     sp = StreamingPredictor(model, DIMS, context=20)
     assert sp.local_from == 0  # fusion, gate and head computed for the newest frame only
-    torch.testing.assert_close(stream(sp, xs, n), offline.pred[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stream_frames(sp, xs, n), offline.pred[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -379,13 +375,8 @@ def test_window_peers_stream_their_trailing_window(tmp_path, registry, model):
     n, c = 30, 12
     xs = {m: x[0] for m, x in feats(1, n, DIMS, seed=4).items()}
     sp = StreamingPredictor(model, DIMS, context=c)
-    online = stream(sp, xs, n)
-    with torch.no_grad():
-        for t in (0, 5, c - 1, c, n - 1):
-            lo = max(0, t - c + 1)
-            win = {m: x[lo : t + 1][None] for m, x in xs.items()}
-            ref = model(win, torch.ones(1, t + 1 - lo, dtype=torch.bool)).pred[0, -1]
-            torch.testing.assert_close(online[t], ref, atol=1e-5, rtol=1e-5)
+    online = stream_frames(sp, xs, n)
+    assert_streams_trailing_windows(model, xs, online, c, (0, 5, c - 1, c, n - 1))
 
 
 # ------------------------------------------------------------------------------------- recipes

@@ -9,7 +9,7 @@ from fusionkit.core.errors import ShapeError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.model import build_model
 from fusionkit.engine.streaming import StreamingPredictor
-from tests.conftest import tiny_recipe
+from tests.conftest import assert_streams_trailing_windows, stream_frames, tiny_recipe
 
 DIMS = {"audio": 6, "video": 5}
 
@@ -27,10 +27,6 @@ def frames(n, seed=0):
     return {m: torch.randn(n, d, generator=g) for m, d in DIMS.items()}
 
 
-def stream(sp, xs, n):
-    return torch.stack([sp.push({m: x[t] for m, x in xs.items()}) for t in range(n)])
-
-
 @pytest.mark.parametrize("encoder_path", ["stateful_step", "receptive_field"])
 def test_causal_model_streams_exactly_its_offline_output(tmp_path, registry, encoder_path):
     tcn = {"name": "tcn", "params": {"channels": [8, 8], "kernel_size": 3}}  # receptive field 13
@@ -44,7 +40,7 @@ def test_causal_model_streams_exactly_its_offline_output(tmp_path, registry, enc
         offline = model({m: x[None] for m, x in xs.items()}, torch.ones(1, n, dtype=torch.bool))
     sp = StreamingPredictor(model, DIMS, context=20)
     assert sp.local_from == 0  # concat, last and the head are frame-local: one frame each
-    online = stream(sp, xs, n)
+    online = stream_frames(sp, xs, n)
     torch.testing.assert_close(online, offline.pred[0], atol=1e-5, rtol=1e-5)
 
 
@@ -61,22 +57,17 @@ def test_attention_model_streams_its_trailing_window(tmp_path, registry, gate, l
     xs = frames(n, seed=1)
     sp = StreamingPredictor(model, DIMS, context=c)
     assert sp.local_from == local_from  # 1: gate and head see one frame; 2: the head only
-    online = stream(sp, xs, n)
-    with torch.no_grad():
-        for t in (0, 5, c - 1, c, n - 1):
-            lo = max(0, t - c + 1)
-            win = {m: x[lo : t + 1][None] for m, x in xs.items()}
-            ref = model(win, torch.ones(1, t + 1 - lo, dtype=torch.bool)).pred[0, -1]
-            torch.testing.assert_close(online[t], ref, atol=1e-5, rtol=1e-5)
+    online = stream_frames(sp, xs, n)
+    assert_streams_trailing_windows(model, xs, online, c, (0, 5, c - 1, c, n - 1))
 
 
 def test_reset_starts_a_new_video(tmp_path, registry):
     model = model_for(tmp_path, registry)
     xs = frames(10)
     sp = StreamingPredictor(model, DIMS, context=8)
-    first = stream(sp, xs, 10)
+    first = stream_frames(sp, xs, 10)
     sp.reset()
-    again = stream(sp, xs, 10)
+    again = stream_frames(sp, xs, 10)
     torch.testing.assert_close(first, again)
 
 
