@@ -78,9 +78,9 @@ __all__ = [
     "check_output_file",
     "check_unchanged",
     "is_run_dir",
-    "metrics_entry",
     "read_grid_record",
     "read_metrics",
+    "recorded_metrics",
     "run_or_grid_holding",
 ]
 
@@ -629,15 +629,15 @@ def read_metrics(run_dir: str | Path, targets: list[str] | None = None) -> dict[
     return m
 
 
-def metrics_entry(run_dir: str | Path, key: str) -> Any:
-    """``key`` of a run's ``metrics.json``, or None when the file is missing, unreadable or
-    has no such key: for facts that only tune how a run is reloaded (its precision, threads,
-    data hashes). Where the run's numbers are used, :func:`read_metrics` checks the file."""
+def recorded_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``metrics.json`` as read, or ``{}`` when it is missing or unreadable: for facts
+    that only tune how a run is reloaded (its precision, threads, data hashes), each looked
+    up with ``.get``. Where the run's numbers are used, :func:`read_metrics` checks the file."""
     try:
         metrics = read_json(Path(run_dir) / METRICS_FILE, "metrics")
     except FusionkitError:
-        return None
-    return metrics.get(key) if isinstance(metrics, dict) else None
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def _q(path: str | Path) -> str:

@@ -36,7 +36,7 @@ from fusionkit.engine.runs import (
     RunDir,
     RunMarker,
     check_unchanged,
-    metrics_entry,
+    recorded_metrics,
 )
 
 __all__ = [
@@ -93,7 +93,7 @@ def set_run_threads(run: RunDir, asked: int | None) -> tuple[int, str]:
     Returns the number set and where it came from, for messages."""
     if asked:
         return set_threads(asked), f"(training.num_threads={asked})"
-    recorded = metrics_entry(run.path, "cpu_threads")
+    recorded = recorded_metrics(run.path).get("cpu_threads")
     if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 1:
         return set_threads(None), "(the available cores)"
     cores = available_cores()
@@ -443,7 +443,7 @@ def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registr
 def _used_precision(run: RunDir) -> str | None:
     """``"bf16"`` or ``"fp32"``: what ``metrics.json`` says the run's forward passes used
     (None when it does not say)."""
-    used = metrics_entry(run.path, "precision")
+    used = recorded_metrics(run.path).get("precision")
     return used if used in ("bf16", "fp32") else None
 
 
@@ -493,12 +493,13 @@ def data_as_evaluated(
             the run's metrics. What a run does not record is not checked.
     """
     now = session.data_hashes(split)
+    metrics = recorded_metrics(run.path) if metrics is None else metrics
     checks = (
         ("features", "features_sha256", "extracted anew or changed on disk"),
         ("labels", "data_fingerprints", "annotations changed, or videos added or cut"),
     )
     for (what, key, how), digest in zip(checks, now, strict=True):
-        recorded = metrics.get(key) if metrics is not None else metrics_entry(run.path, key)
+        recorded = metrics.get(key)
         was = recorded.get(split) if isinstance(recorded, dict) else None
         if isinstance(was, str) and was != digest:
             raise DataError(
