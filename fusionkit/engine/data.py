@@ -29,6 +29,7 @@ __all__ = [
     "FrameStore",
     "Normalizer",
     "features_sha256",
+    "labels_fingerprint",
     "window_starts",
 ]
 

@@ -1164,9 +1164,8 @@ def _choose_baseline(
         return named[0], {label: named[0] for label in labels}
     if named:
         raise FusionkitError(
-            f"--baseline {baseline!r} is shown in {len(named)} rows ({', '.join(named[:6])}"
-            + (", ...)" if len(named) > 6 else ")")
-            + "; pass one of these labels"
+            f"--baseline {baseline!r} is shown in {len(named)} rows ({first_few(named, 6)}); "
+            "pass one of these labels"
         )
     if any(e.variant == baseline for e in excluded):
         raise FusionkitError(
