@@ -23,7 +23,7 @@ from fusionkit.core.errors import CheckpointError, FusionkitError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.runs import LOCK_FILE, RunDir
 from fusionkit.studies.grid import run_grid
-from fusionkit.studies.report import scan_runs
+from fusionkit.studies.scan import scan_runs
 from tests.conftest import REPO, tiny_recipe, user_cli
 
 

@@ -15,7 +15,8 @@ from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import run_grid, train_and_evaluate
 from fusionkit.studies.render import robustness_records, summary_records
-from fusionkit.studies.report import build_report, collect_runs, summarize
+from fusionkit.studies.report import build_report, summarize
+from fusionkit.studies.scan import collect_runs
 from tests.conftest import tiny_recipe
 
 

@@ -11,7 +11,8 @@ from fusionkit.core.errors import RecipeError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.studies.grid import expand_grid, point_tag, run_grid
 from fusionkit.studies.render import markdown_table
-from fusionkit.studies.report import collect_runs, summarize
+from fusionkit.studies.report import summarize
+from fusionkit.studies.scan import collect_runs
 from tests.conftest import tiny_recipe
 
 

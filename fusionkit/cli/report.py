@@ -147,8 +147,8 @@ def robustness(
     from fusionkit.core.registry import get_registry
     from fusionkit.engine.runs import RunDir
     from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
-    from fusionkit.studies.report import collect_runs
     from fusionkit.studies.robustness import run_recipe_robustness
+    from fusionkit.studies.scan import collect_runs
 
     specs: list[RobustnessSpec] | None = None
     if perturb is not None:
