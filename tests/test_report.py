@@ -22,8 +22,9 @@ from fusionkit.engine.metrics import ccc
 from fusionkit.engine.runs import RunDir
 from fusionkit.studies import plots
 from fusionkit.studies.grid import run_grid, train_and_evaluate
-from fusionkit.studies.render import latex_table, write_report
+from fusionkit.studies.render import latex_table
 from fusionkit.studies.report import Report, adjust_holm, build_report
+from fusionkit.studies.reportdir import write_report
 from fusionkit.studies.stats import (
     BootstrapResult,
     auc_normalised,

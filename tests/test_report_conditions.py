@@ -15,8 +15,8 @@ from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import run_grid, train_and_evaluate
-from fusionkit.studies.render import write_report
 from fusionkit.studies.report import build_report
+from fusionkit.studies.reportdir import write_report
 from tests.conftest import tiny_recipe
 
 

@@ -62,14 +62,9 @@ def report(
     paired bootstrap (Holm-corrected; only for runs evaluated on the same data), learning
     curves, components, cost, robustness curves and gate plots (Markdown, HTML, CSV, LaTeX).
     Failed, pending and incomplete runs are listed, never used."""
-    from fusionkit.studies.render import (
-        check_report_dir,
-        delta_table,
-        render_markdown,
-        results_table,
-        write_report,
-    )
+    from fusionkit.studies.render import delta_table, render_markdown, results_table
     from fusionkit.studies.report import build_report
+    from fusionkit.studies.reportdir import check_report_dir, write_report
 
     if out is not None:
         check_report_dir(out)  # before the bootstraps: a refused --out is told at once

@@ -33,12 +33,14 @@ __all__ = [
     "file_sha256",
     "finite_json",
     "load_tensors",
+    "new_temp_folder",
     "parse_record",
     "read_json",
     "save_tensors",
     "state_dict_mismatch",
     "tensor_shapes",
     "tensors_metadata",
+    "write_flushed",
 ]
 
 #: Largest JSON file read back (metrics, grid records, manifests).
@@ -86,6 +88,24 @@ def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_temp_folder(beside: Path) -> Path:
+    """A new empty folder next to ``beside`` (its name starts with ``.`` and ends in ``.tmp``)
+    with the permissions a plain ``mkdir`` would give it (``mkdtemp`` makes it 0700)."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=_TMP_SUFFIX, dir=beside.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def write_flushed(path: Path, data: bytes) -> None:
+    """Write a new file and flush it to disk (for files of a temporary folder that is renamed
+    into place whole; :func:`atomic_write_bytes` replaces a single file)."""
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

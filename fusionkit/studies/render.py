@@ -1,7 +1,7 @@
 """Rendering of a computed :class:`~fusionkit.studies.report.Report`: Markdown, a standalone
-HTML page, a LaTeX table (booktabs) and CSV files, and :func:`write_report`, which writes them
-all with the plots into a folder. Nothing here computes a statistic: every number comes from
-the report."""
+HTML page, a LaTeX table (booktabs) and CSV files; :func:`report_files` gives them all with
+the plots (:mod:`fusionkit.studies.reportdir` writes them into a folder). Nothing here
+computes a statistic: every number comes from the report."""
 
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fusionkit.core.params import first_few
-from fusionkit.engine.runs import run_or_grid_holding
 from fusionkit.studies.report import (
     ALPHA,
     Report,
@@ -31,14 +28,13 @@ from fusionkit.studies.report import (
 from fusionkit.studies.stats import BootstrapResult
 
 __all__ = [
-    "check_report_dir",
     "delta_table",
     "latex_table",
     "markdown_table",
     "render_html",
     "render_markdown",
+    "report_files",
     "results_table",
-    "write_report",
 ]
 
 
@@ -687,126 +683,10 @@ def robustness_records(rep: Report) -> list[dict[str, Any]]:
     return out
 
 
-REPORT_MARK = "report.json"
-# Files (and the folder) a report writes; an unmarked folder holding only these, with a
-# report.md of fusionkit's, is a report written before reports carried REPORT_MARK.
-_REPORT_NAMES = frozenset(
-    {"report.md", "report.html", "table.tex", "summary.csv", "runs.csv", "curves.csv",
-     "robustness.csv", "gate_flags.csv", "plots"}
-)  # fmt: skip
-
-
-def _report_files_in(folder: Path) -> list[str] | None:
-    """The files an earlier report in ``folder`` wrote (relative, ``/``-separated), or None
-    when ``folder`` is not a report of fusionkit's."""
-    from fusionkit.core.errors import FusionkitError
-    from fusionkit.engine.files import read_json
-
-    mark = folder / REPORT_MARK
-    if mark.is_file():
-        try:
-            rec = read_json(mark, "report mark")
-        except FusionkitError:
-            return None
-        if not isinstance(rec, dict) or rec.get("created_by") != "fusionkit":
-            return None
-        files = rec.get("files")
-        if not isinstance(files, list):
-            return None
-        return [REPORT_MARK, *(f for f in files if isinstance(f, str))]
-    names = {p.name for p in folder.iterdir()}
-    plots = folder / "plots"
-    head = folder / "report.md"
-    try:
-        legacy = (
-            names <= _REPORT_NAMES
-            and head.is_file()
-            and head.read_bytes()[:40].startswith(b"# Comparison report")
-            and (not plots.exists() or all(p.suffix == ".png" for p in plots.iterdir()))
-        )
-    except OSError:
-        return None
-    if not legacy:
-        return None
-    return [n for n in names if n != "plots"] + [
-        f"plots/{p.name}" for p in (plots.iterdir() if plots.is_dir() else [])
-    ]
-
-
-def check_report_dir(out_dir: Path) -> str:
-    """Refuse an ``--out`` the report must not be written to, naming it and the fix; else say
-    what it is: ``"new"`` (missing), ``"empty"`` or ``"report"`` (an earlier report of
-    fusionkit's, which the new one replaces entirely). Cheap: call it before the report is
-    computed."""
-    from fusionkit.core.errors import FusionkitError
-
-    out = Path(out_dir)
-    target = out.resolve()
-    if target.exists() and not target.is_dir():
-        kind = "a file" if target.is_file() else "not a folder"
-        raise FusionkitError(
-            f"--out {out} is {kind}; the report is a folder of files: give a new or empty "
-            "folder (e.g. --out reports/NAME)"
-        )
-    for p in (target, *target.parents):
-        if p.exists() and not p.is_dir():
-            raise FusionkitError(
-                f"--out {out}: {p} is a file, not a folder; give a new or empty folder"
-            )
-    held = run_or_grid_holding(target)
-    if held is not None:
-        p, found, marker = held
-        where = "is" if p == target else "is inside"
-        raise FusionkitError(
-            f"--out {out} {where} the fusionkit {found} directory {p} (it has {marker}); "
-            "a report is never written into runs or grids: give a new or empty folder "
-            "outside them"
-        )
-    if not target.exists():
-        return "new"
-    try:
-        entries = list(target.iterdir())
-    except OSError as exc:
-        raise FusionkitError(
-            f"--out {out} cannot be read ({exc.strerror or exc}); fix its permissions or give "
-            "a new or empty folder"
-        ) from None
-    if not entries:
-        return "empty"
-    files = _report_files_in(target)
-    if files is None:
-        raise FusionkitError(
-            f"--out {out} was not made by fusionkit report (it is not empty and has no "
-            f"{REPORT_MARK}); give a new or empty folder"
-        )
-    allowed = set(files) | {f.rsplit("/", 1)[0] for f in files if "/" in f}
-    foreign = sorted(
-        str(p.relative_to(target))
-        for p in target.rglob("*")
-        if p.relative_to(target).as_posix() not in allowed
-    )
-    if foreign:
-        shown = first_few(foreign, 3)
-        raise FusionkitError(
-            f"--out {out} holds files its earlier report did not write ({shown}); move them "
-            "away or give a new or empty folder"
-        )
-    try:
-        cwd = Path.cwd()
-    except OSError:
-        cwd = None
-    if cwd is not None and (cwd == target or target in cwd.parents):
-        raise FusionkitError(
-            f"--out {out} is or holds the current folder, and the new report replaces it "
-            "whole; run the command from outside it"
-        )
-    return "report"
-
-
-def _report_contents(rep: Report, html_page: bool) -> dict[str, bytes]:
-    """Every file of the report, by path relative to its folder (``report.json`` last)."""
-    from fusionkit.core import __version__
-
+def report_files(rep: Report, html_page: bool = True) -> dict[str, bytes]:
+    """Every file of the report by its path in the report folder: ``report.md``,
+    ``report.html``, ``table.tex``, ``summary.csv``, ``runs.csv``, ``curves.csv``,
+    ``robustness.csv``, ``gate_flags.csv`` (those with content) and ``plots/*.png``."""
     contents = {f"plots/{key}.png": png for key, png in rep.plots.items()}
     files = {
         "report.md": render_markdown(rep),
@@ -838,114 +718,4 @@ def _report_contents(rep: Report, html_page: bool) -> dict[str, bytes]:
     if html_page:
         files["report.html"] = render_html(rep)
     contents.update({name: text.encode("utf-8") for name, text in files.items()})
-    mark = {
-        "created_by": "fusionkit",
-        "what": "fusionkit report",
-        "command": rep.command or None,
-        "fusionkit_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sources": list(rep.sources),
-        "split": rep.split,
-        "files": sorted(contents),
-    }
-    contents[REPORT_MARK] = (json.dumps(mark, indent=2, sort_keys=True) + "\n").encode("utf-8")
     return contents
-
-
-def write_report(rep: Report, out_dir: Path, html_page: bool = True) -> list[Path]:
-    """Write ``report.md``, ``report.html``, ``table.tex``, ``summary.csv``, ``runs.csv``,
-    ``curves.csv``, ``robustness.csv``, ``gate_flags.csv`` (those with content),
-    ``plots/*.png`` and ``report.json`` (the mark that fusionkit made the folder) into
-    ``out_dir``; returns the paths written.
-
-    ``out_dir`` must be new, empty or an earlier report (:func:`check_report_dir`). The report
-    is written into a temporary folder beside it and swapped in only when complete (an earlier
-    report is renamed away, the new one renamed in, the old one removed; into an empty folder
-    its files are moved, the mark last), so a failure leaves the earlier report as it was and
-    no file of it survives next to the new one.
-    """
-    import contextlib
-    import fcntl
-    import os
-    import secrets
-    import shutil
-    import tempfile
-
-    from fusionkit.core.errors import CheckpointError
-
-    out = Path(out_dir)
-    check_report_dir(out)
-    contents = _report_contents(rep, html_page)  # everything rendered before touching disk
-    target = out.resolve()
-
-    def failed(exc: OSError, doing: str) -> CheckpointError:
-        return CheckpointError(
-            f"could not write the report to {out} ({doing}: {exc.strerror or exc}); the earlier "
-            "report there (if any) is intact (free disk space or fix permissions, then run the "
-            "command again)"
-        )
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise failed(exc, f"creating a folder in {target.parent}") from None
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0700
-        for rel, data in contents.items():
-            p = tmp / rel
-            try:
-                p.parent.mkdir(exist_ok=True)
-                with p.open("wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as exc:
-                raise failed(exc, f"writing {rel}") from None
-        try:  # one report at a time swaps into this folder (advisory, where supported)
-            lock_fd = os.open(target.parent, os.O_RDONLY)
-        except OSError as exc:
-            raise failed(exc, f"opening {target.parent}") from None
-        try:
-            with contextlib.suppress(OSError):
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            kind = check_report_dir(out)  # again: it may have changed while we rendered
-            old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}.tmp"
-            if kind == "empty":  # the folder itself stays (its permissions, a shell in it)
-                moved: list[str] = []
-                try:
-                    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == REPORT_MARK):
-                        os.rename(entry, target / entry.name)  # the mark last
-                        moved.append(entry.name)
-                except OSError as exc:
-                    for name in moved:  # back out what was moved (the folder was empty)
-                        gone = target / name
-                        if gone.is_dir():
-                            shutil.rmtree(gone, ignore_errors=True)
-                        elif gone.exists():
-                            with contextlib.suppress(OSError):
-                                gone.unlink()
-                    raise failed(exc, "moving the new report in") from None
-            else:
-                if kind == "report":
-                    try:
-                        os.rename(target, old)
-                    except OSError as exc:
-                        raise failed(exc, "moving the earlier report aside") from None
-                try:
-                    os.rename(tmp, target)
-                except OSError as exc:
-                    if kind == "report":
-                        os.rename(old, target)
-                    raise failed(exc, "moving the new report in") from None
-            with contextlib.suppress(OSError):
-                os.fsync(lock_fd)  # the renames on disk
-        finally:
-            os.close(lock_fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old if kind == "report" else tmp, ignore_errors=True)
-    return [out / rel for rel in contents]
