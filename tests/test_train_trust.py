@@ -237,7 +237,7 @@ def test_settings_under_which_nothing_trains_are_refused(tmp_path, registry, cha
 
 def test_a_run_resumed_on_another_number_of_processes_is_refused(tmp_path, registry):
     from fusionkit.engine.distributed import Dist
-    from fusionkit.engine.train import resume_command
+    from fusionkit.engine.runs import resume_command
 
     rc, run = interrupted(tmp_path, registry)  # one process
     before = files(run.path)

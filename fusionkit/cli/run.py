@@ -126,7 +126,8 @@ def _resume(rc, run, quiet: bool, dist, threads: int) -> None:
 
 
 def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
-    from fusionkit.engine.train import Diverged, ResumeRefused, resume_command
+    from fusionkit.engine.runs import resume_command
+    from fusionkit.engine.train import Diverged, ResumeRefused
     from fusionkit.studies.grid import train_and_evaluate
 
     if not dist.is_main:
@@ -192,8 +193,8 @@ def _finish_robustness(rc, run, *, quiet: bool) -> None:
     """A complete run (locked by the caller): evaluate the values of ``rc``'s robustness
     sweeps that its ``robustness/`` folder lacks (a sweep interrupted after training, or one
     added with ``run --resume``), on the run's best weights; nothing to do when none is."""
+    from fusionkit.engine.runs import resume_command
     from fusionkit.engine.session import load_run
-    from fusionkit.engine.train import resume_command
     from fusionkit.studies.robustness import missing_values, results_path, run_recipe_robustness
 
     specs = list(rc.evaluation.robustness)

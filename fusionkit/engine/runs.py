@@ -81,6 +81,7 @@ __all__ = [
     "read_grid_record",
     "read_metrics",
     "recorded_metrics",
+    "resume_command",
     "run_or_grid_holding",
 ]
 
@@ -264,7 +265,7 @@ class RunDir:
             except FileExistsError:
                 if exact:
                     raise CheckpointError(
-                        f"{path} already exists; resume it with `fusionkit resume {_q(path)}` "
+                        f"{path} already exists; resume it with `{resume_command(path)}` "
                         "or choose another output.name"
                     ) from None
                 continue
@@ -473,7 +474,7 @@ class RunDir:
         fix = (
             "start a new run (without --resume) or choose another output.name"
             if self.is_complete()
-            else f"resume it as it was with `fusionkit resume {_q(self.path)}`, or start a new run"
+            else f"resume it as it was with `{resume_command(self.path)}`, or start a new run"
         )
         raise RecipeChanged(
             f"{self.path} was created by a different recipe ({shown}); {fix}", changes
@@ -638,6 +639,12 @@ def recorded_metrics(run_dir: str | Path) -> dict[str, Any]:
     except FusionkitError:
         return {}
     return metrics if isinstance(metrics, dict) else {}
+
+
+def resume_command(run_dir: str | Path, world_size: int = 1) -> str:
+    """The command that continues ``run_dir`` (under torchrun for a data-parallel run)."""
+    head = f"torchrun --nproc_per_node {world_size} -m " if world_size > 1 else ""
+    return f"{head}fusionkit resume {_q(run_dir)}"
 
 
 def _q(path: str | Path) -> str:

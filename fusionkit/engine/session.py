@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from fusionkit.engine.runs import (
     RunMarker,
     check_unchanged,
     recorded_metrics,
+    resume_command,
 )
 
 __all__ = [
@@ -464,7 +464,7 @@ def _require_complete(run: RunDir) -> RunMarker:
     raise CheckpointError(
         f"{run} did not finish (it was interrupted or failed: run.json says "
         f"{marker.status!r}), so its weights are not final; finish it with "
-        f"`fusionkit resume {shlex.quote(str(run))}`, then try again"
+        f"`{resume_command(run.path)}`, then try again"
     )
 
 

@@ -58,6 +58,7 @@ from fusionkit.engine.runs import (
     PREDICTIONS_DIR,
     STATE_FILE,
     RunDir,
+    resume_command,
 )
 from fusionkit.engine.session import Session, available_cores
 
@@ -68,7 +69,6 @@ __all__ = [
     "Trainer",
     "recover_best_weights",
     "restore_threads",
-    "resume_command",
     "resumed_threads",
 ]
 
@@ -91,14 +91,6 @@ class RunResult:
     best_epoch: int | None
     history: list[dict[str, Any]] = field(default_factory=list)
     predictions: dict[str, SplitPredictions] = field(default_factory=dict)
-
-
-def resume_command(run_dir: Path, world_size: int = 1) -> str:
-    """The command that continues ``run_dir`` (under torchrun for a data-parallel run)."""
-    import shlex
-
-    head = f"torchrun --nproc_per_node {world_size} -m " if world_size > 1 else ""
-    return f"{head}fusionkit resume {shlex.quote(str(run_dir))}"
 
 
 def resumed_threads(run: RunDir | Path) -> int | None:
