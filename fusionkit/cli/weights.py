@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from fusionkit.cli._common import console
 from fusionkit.core.errors import CheckpointError, PluginError, RecipeError
+from fusionkit.core.params import first_few
 
 if TYPE_CHECKING:
     import torch
@@ -205,7 +206,7 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         bad = [
             f"{k!r} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, torch.Tensor)
         ]
-        keys = ", ".join(bad[:5]) or "none"
+        keys = first_few(bad) or "none"
         raise CheckpointError(
             f"{path} is not a state dict: entries that are not tensors: {keys}; expected "
             "name -> tensor, or a dict with a 'state_dict' or 'model' entry"

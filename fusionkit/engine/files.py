@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fusionkit.core.errors import CheckpointError
+from fusionkit.core.params import first_few
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -334,9 +335,6 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Te
     """Describe how ``loaded`` differs from a module's ``own`` state dict ("" if it fits):
     missing and unexpected keys and shape mismatches, a few of each."""
 
-    def few(keys: list[str]) -> str:
-        return f"{keys[:5]}{'...' if len(keys) > 5 else ''}"
-
     missing = sorted(set(own) - set(loaded))
     unexpected = sorted(set(loaded) - set(own))
     shapes = [
@@ -346,9 +344,9 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Te
     ]
     parts = []
     if missing:
-        parts.append(f"missing keys {few(missing)}")
+        parts.append(f"missing keys {first_few(missing)}")
     if unexpected:
-        parts.append(f"unexpected keys {few(unexpected)}")
+        parts.append(f"unexpected keys {first_few(unexpected)}")
     if shapes:
-        parts.append("shape mismatch " + "; ".join(shapes[:5]))
+        parts.append("shape mismatch " + first_few(shapes, sep="; "))
     return ", ".join(parts)

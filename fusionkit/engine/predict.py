@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import SubmissionFrames
+from fusionkit.core.params import first_few
 from fusionkit.core.registry import Registry
 from fusionkit.engine.data import labels_fingerprint
 from fusionkit.engine.evaluate import predict as predict_frames
@@ -128,8 +129,8 @@ def _check_same_data(first: RunPredictions, run: RunPredictions) -> None:
     names_a, names_b = set(first.per_video), set(run.per_video)
     if names_a != names_b:
         only_a, only_b = sorted(names_a - names_b), sorted(names_b - names_a)
-        parts = [f"only {first.run_dir} has {', '.join(only_a[:3])}"] if only_a else []
-        parts += [f"only {run.run_dir} has {', '.join(only_b[:3])}"] if only_b else []
+        parts = [f"only {first.run_dir} has {first_few(only_a, 3)}"] if only_a else []
+        parts += [f"only {run.run_dir} has {first_few(only_b, 3)}"] if only_b else []
         raise refuse(f"the videos differ ({'; '.join(parts)})")
     for video, (ids_a, _) in first.per_video.items():
         ids_b = run.per_video[video][0]

@@ -814,8 +814,7 @@ def _choose_baseline(
                 f"--baseline {baseline!r} is both a row of its own and a variant compared per "
                 f"condition (e.g. {next(b for b in per_condition.values() if b != baseline)!r}); "
                 "report the grid folder without that run, or pass the full label of the one "
-                f"row to compare every row with (rows: {', '.join(labels[:6])}"
-                + (", ...)" if len(labels) > 6 else ")")
+                f"row to compare every row with (rows: {first_few(labels, 6)})"
             )
         return baseline, {label: baseline for label in labels}
     if per_condition and any(b in labels for b in per_condition.values()):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
+from fusionkit.core.params import first_few
 from fusionkit.testing._params import not_pydantic, params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, Runner, Violation
 from fusionkit.testing._util import axes, default_name, seeded, shape_of
@@ -109,7 +110,7 @@ class DatasetChecks:
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise Violation(
-                    f"split '{split}': video names must be unique; repeated: {dupes[:5]}"
+                    f"split '{split}': video names must be unique; repeated: {first_few(dupes)}"
                 )
             for i, v in enumerate(list(vids)[: self.max_videos]):
                 check_video(v, i, split, dims, n_targets)
