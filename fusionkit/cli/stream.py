@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from fusionkit.cli._common import console, err_console
+
+if TYPE_CHECKING:
+    from fusionkit.engine.session import Session
 
 
 def register(app: typer.Typer) -> None:
@@ -58,12 +61,11 @@ def stream(
     import torch
 
     from fusionkit.core.errors import DataError
-    from fusionkit.core.interfaces import MediaFeatures
     from fusionkit.engine.files import atomic_write_text
     from fusionkit.engine.progress import TaskProgress
     from fusionkit.engine.runs import check_output_file
     from fusionkit.engine.session import load_run, set_threads
-    from fusionkit.engine.streaming import StreamingPredictor, check_features, read_feature_file
+    from fusionkit.engine.streaming import StreamingPredictor
     from fusionkit.engine.streaming import stream as run_stream
     from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
 
@@ -72,21 +74,7 @@ def stream(
     set_threads(threads)
     session = load_run(run_dir, device=device).session
     rc = session.recipe
-    modalities = sorted(rc.model.encoders)
-    expected = {m: int(session.dataset.feature_dims[m]) for m in modalities}
-    if source.suffix in (".safetensors", ".npz"):
-        features = read_feature_file(source, modalities, expected)
-        rate = fps or 30.0
-    elif isinstance(session.dataset, MediaFeatures):
-        features, media_fps = session.dataset.media_features(source)
-        features = check_features(features, source, modalities, expected)
-        rate = fps or media_fps
-    else:
-        raise DataError(
-            f"{source}: dataset {rc.data.name!r} cannot read media files; give a .safetensors "
-            "or .npz features file with one (frames, features) array per modality (for "
-            "Aff-Wild2: the rows of the run's extract caches, see docs/recipes.md, Streaming)"
-        )
+    features, rate = _read_source(source, session, fps)
     dims = {m: int(x.shape[1]) for m, x in features.items()}
     predictor = StreamingPredictor(
         session.model, dims, context or rc.data.window, session.normalizer
@@ -118,30 +106,59 @@ def stream(
                     console.print(lines[-1], highlight=False)
                 progress.advance(f"latency {f.latency * 1e3:.2f} ms")
     except KeyboardInterrupt as exc:
-        done = len(latencies)
-        if out is not None:
-            kept = (
-                f"{escape(str(out))} was not written (it is written once every frame is "
-                "streamed; an earlier file there is intact)"
-            )
-        elif quiet:
-            kept = "nothing was written (-q prints the summary only)"
-        else:
-            kept = f"the predictions of frames 0 to {done - 1} are printed above"
-        err_console.print(
-            f"\n[yellow]interrupted[/] after {done} of {total} frames: {kept}; run the same "
-            "command again to stream the file from its start"
-        )
+        err_console.print(_interrupted(out, quiet, len(latencies), total))
         raise typer.Exit(interrupt_exit_code(exc)) from None
     finally:
         console.stop_on_closed = False
     if out is not None:
         atomic_write_text(out, "\n".join(lines) + "\n")
+    console.print(_summary(latencies, rate) + (f"; wrote {escape(str(out))}" if out else ""))
+
+
+def _read_source(source: Path, session: Session, fps: float | None) -> tuple[dict[str, Any], float]:
+    """The per-modality features of ``source`` (a features file, or a media file the run's
+    dataset can extract) checked against the run's inputs, and their frame rate."""
+    from fusionkit.core.errors import DataError
+    from fusionkit.core.interfaces import MediaFeatures
+    from fusionkit.engine.streaming import check_features, read_feature_file
+
+    modalities = sorted(session.recipe.model.encoders)
+    expected = {m: int(session.dataset.feature_dims[m]) for m in modalities}
+    if source.suffix in (".safetensors", ".npz"):
+        return read_feature_file(source, modalities, expected), fps or 30.0
+    if isinstance(session.dataset, MediaFeatures):
+        features, media_fps = session.dataset.media_features(source)
+        return check_features(features, source, modalities, expected), fps or media_fps
+    raise DataError(
+        f"{source}: dataset {session.recipe.data.name!r} cannot read media files; give a "
+        ".safetensors or .npz features file with one (frames, features) array per modality "
+        "(for Aff-Wild2: the rows of the run's extract caches, see docs/recipes.md, Streaming)"
+    )
+
+
+def _interrupted(out: Path | None, quiet: bool, done: int, total: int) -> str:
+    """What a Ctrl-C after ``done`` of ``total`` frames leaves behind, and how to go on."""
+    if out is not None:
+        kept = (
+            f"{escape(str(out))} was not written (it is written once every frame is "
+            "streamed; an earlier file there is intact)"
+        )
+    elif quiet:
+        kept = "nothing was written (-q prints the summary only)"
+    else:
+        kept = f"the predictions of frames 0 to {done - 1} are printed above"
+    return (
+        f"\n[yellow]interrupted[/] after {done} of {total} frames: {kept}; run the same "
+        "command again to stream the file from its start"
+    )
+
+
+def _summary(latencies: list[float], rate: float) -> str:
+    """Median and 99th-percentile latency per frame against the frame budget at ``rate``."""
     ms = sorted(x * 1e3 for x in latencies)
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
     speed = (len(ms) / rate) / max(sum(latencies), 1e-9)
-    console.print(
+    return (
         f"streamed {len(ms)} frames at {rate:g} fps: latency p50 {statistics.median(ms):.2f} ms, "
         f"p99 {p99:.2f} ms, budget {1e3 / rate:.1f} ms per frame; {speed:.1f}x real time"
-        + (f"; wrote {escape(str(out))}" if out else "")
     )
