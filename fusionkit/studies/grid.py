@@ -40,7 +40,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 from typing import Any
@@ -499,33 +499,7 @@ def _run_locked(
             highlight=False,
             soft_wrap=True,
         )
-    t0 = time.perf_counter()
-    finished = 0
-
-    def done(tag: str, status: str, outcome: Any) -> None:
-        nonlocal finished
-        finished += 1
-        entry = record["runs"][tag]
-        elapsed = time.perf_counter() - t0
-        eta = duration(elapsed / finished * (len(todo) - finished))
-        where = f"[{finished}/{len(todo)}, eta {eta}]"
-        if status == "done":
-            entry["status"] = "done"
-            entry.pop("error", None)
-            m = (outcome or {}).get("splits", {})
-            summary = "  ".join(f"{s} CCC {v['ccc_mean']:.4f}" for s, v in m.items())
-            say(f"  {where} [green]done[/] {escape(tag)}  {summary}", highlight=False)
-        else:
-            entry["status"] = "failed"
-            entry["error"] = str(outcome)
-            last = str(outcome).strip().splitlines()[-1] if str(outcome).strip() else "?"
-            say(
-                f"  {where} [red]failed[/] {escape(tag)}: {escape(last)}",
-                highlight=False,
-                soft_wrap=True,
-            )
-        atomic_write_json(gdir / GRID_FILE, record)
-
+    done = _PointLog(record, gdir / GRID_FILE, len(todo), say)
     if ray is not None:
         _run_on_ray(ray, todo, threads, done, ray_address)
     elif workers <= 1 or len(todo) <= 1:
@@ -542,6 +516,43 @@ def _run_locked(
     else:
         _run_in_processes(todo, workers, threads, done)
     return record
+
+
+@dataclass
+class _PointLog:
+    """Called with each finished point: records it in ``grid.json`` at once (so an interrupted
+    grid knows what is done) and prints a line with ``k/N``, an ETA and the point's CCCs or
+    the last line of its error."""
+
+    record: dict[str, Any]
+    path: Path
+    total: int
+    say: Callable[..., Any]
+    finished: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, tag: str, status: str, outcome: Any) -> None:
+        self.finished += 1
+        entry = self.record["runs"][tag]
+        elapsed = time.perf_counter() - self.t0
+        eta = duration(elapsed / self.finished * (self.total - self.finished))
+        where = f"[{self.finished}/{self.total}, eta {eta}]"
+        if status == "done":
+            entry["status"] = "done"
+            entry.pop("error", None)
+            m = (outcome or {}).get("splits", {})
+            summary = "  ".join(f"{s} CCC {v['ccc_mean']:.4f}" for s, v in m.items())
+            self.say(f"  {where} [green]done[/] {escape(tag)}  {summary}", highlight=False)
+        else:
+            entry["status"] = "failed"
+            entry["error"] = str(outcome)
+            last = str(outcome).strip().splitlines()[-1] if str(outcome).strip() else "?"
+            self.say(
+                f"  {where} [red]failed[/] {escape(tag)}: {escape(last)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        atomic_write_json(self.path, self.record)
 
 
 @dataclass
