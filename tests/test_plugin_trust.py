@@ -4,6 +4,8 @@ are broken in the ways authors break them (each skipped with one clear line)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -223,6 +225,32 @@ def test_host_reads_invisible_on_cpu_tensors_are_warned_about(cls, expect):
     on_gpu = "_to_copy: copies a device tensor to the host"  # CUDA: .tolist() copies first
     assert expect in result.message or (torch.cuda.is_available() and on_gpu in result.message)
     assert report.ok
+
+
+def test_host_reads_are_found_in_a_fresh_process():
+    """The probe on fake tensors works in a new interpreter, as ``fusionkit plugins check``
+    runs it: a module built under the fake mode once could not be moved to the fake device,
+    so the probe ended before ``forward`` and passed every component (in a test session,
+    state left by earlier checks hid it)."""
+    script = textwrap.dedent(
+        """
+        from fusionkit import plugin
+        from tests.test_plugin_trust import P, SyncNumpy, SyncTolist, _fusion, _result
+        for cls in (SyncTolist, SyncNumpy):
+            report = plugin.check_fusion(_fusion(cls), P(), name="s", skip=["bf16-cpu"])
+            r = _result(report, "host-sync")
+            print(cls.__name__, r.status, r.message or "")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["SyncTolist"].startswith("warn") and "_local_scalar_dense" in lines["SyncTolist"]
+    assert lines["SyncNumpy"].startswith("warn") and "numpy" in lines["SyncNumpy"]
 
 
 def test_a_fusion_without_host_reads_passes_host_sync():

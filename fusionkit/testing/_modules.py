@@ -431,9 +431,13 @@ class ModuleChecks:
         t = self._t_main()
         mask = padding_mask(spread_lengths(3, t), t)
         inputs = self.a.inputs(3, t, self.gen)
+        # Built here, with real weights: a module built under the fake mode has fake
+        # parameters that `.to(device)` cannot swap, and the probe would end before `forward`.
+        # `.to` under the mode makes them fake on the device (one fresh module per device).
+        modules = {d: self.fresh(self.seed) for d in ("cuda", "cpu")}
 
         def forward(device: str) -> None:
-            module = self.fresh(self.seed).to(device).train()
+            module = modules[device].to(device).train()
             with seeded(self.seed + 11):
                 self.a.forward(module, moved_to(inputs, device), mask.to(device))
 

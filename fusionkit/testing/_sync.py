@@ -138,7 +138,10 @@ def simulated_host_syncs(
     ``.cpu()`` of a CUDA tensor).
 
     ``fn`` runs inside :class:`torch._subclasses.fake_tensor.FakeTensorMode`: tensors it
-    creates or moves (``.to(device)``) are fake, and value reads return 1. The devices are
+    creates or moves (``.to(device)``) are fake, and value reads return 1. Build modules
+    before the call, one per device tried, and move them in ``fn``: the parameters of a
+    module built under the fake mode cannot be moved (``.to`` fails) and the run would end
+    before the forward pass. The devices are
     tried in order until one run gets to its end (a fake CUDA device needs no GPU, but not
     every op has a fake CUDA implementation); an op without a fake implementation ends that
     run early, keeping what was found until then. Backward passes do not run on fake CUDA
