@@ -253,6 +253,27 @@ def test_host_reads_are_found_in_a_fresh_process():
     assert lines["SyncNumpy"].startswith("warn") and "numpy" in lines["SyncNumpy"]
 
 
+class FakeBreaker(Base):
+    """Counts its lengths with ``bincount``, whose output size depends on the data: fake
+    tensors cannot run it."""
+
+    def forward(self, feats: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        counts = torch.bincount(mask.sum(1))
+        assert counts.shape[0] <= mask.shape[1] + 1
+        return {"fused": self.x(feats).unsqueeze(2)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the probe runs for real")
+def test_a_fake_tensor_probe_that_cannot_run_is_a_warning_not_a_pass():
+    """Without a GPU the reads ``.tolist()``, ``.numpy()`` and ``.cpu()`` are only seen on
+    fake tensors; when that forward cannot run, the check says so instead of passing."""
+    report = plugin.check_fusion(_fusion(FakeBreaker), P(), name="s", skip=["bf16-cpu"])
+    result = _result(report, "host-sync")
+    assert result.status == "warn", report.format()
+    assert "did not run to its end" in result.message and "cpu: " in result.message
+    assert report.ok
+
+
 def test_a_fusion_without_host_reads_passes_host_sync():
     report = plugin.check_fusion(_fusion(Base), P(), skip=["bf16-cpu"])
     assert _result(report, "host-sync").status == "pass", report.format()

@@ -42,7 +42,8 @@ has the full contract):
                           wait for a GPU (``.item()``, ``nonzero``, boolean indexing,
                           ``pack_padded_sequence``); on CUDA when available, else on the CPU
                           plus a forward on fake CPU/CUDA tensors that also sees ``.tolist()``,
-                          ``.numpy()`` and ``.cpu()``; a warning, not a failure
+                          ``.numpy()`` and ``.cpu()`` (a warning too when that forward cannot
+                          run); a warning, not a failure
 ``determinism``           built twice under one torch seed: same weights and outputs (eval and
                           train mode)
 ``safetensors``           the state dict saved with safetensors and loaded into a fresh

@@ -131,7 +131,10 @@ def _quiet() -> Iterator[None]:
 
 
 def simulated_host_syncs(
-    fn: Callable[[str], Any], devices: tuple[str, ...] = ("cuda", "cpu")
+    fn: Callable[[str], Any],
+    devices: tuple[str, ...] = ("cuda", "cpu"),
+    *,
+    ended_early: list[str] | None = None,
 ) -> list[str]:
     """Run ``fn(device)`` on fake tensors and list the syncs it forces, as :func:`host_syncs`
     does, plus the reads no op shows on real CPU tensors (``.tolist()``, ``.numpy()``, and
@@ -144,8 +147,9 @@ def simulated_host_syncs(
     before the forward pass. The devices are
     tried in order until one run gets to its end (a fake CUDA device needs no GPU, but not
     every op has a fake CUDA implementation); an op without a fake implementation ends that
-    run early, keeping what was found until then. Backward passes do not run on fake CUDA
-    tensors without a GPU, so ``fn`` should stick to the forward pass.
+    run early, keeping what was found until then; ``ended_early``, when given, gets one
+    ``"device: error"`` line per such run. Backward passes do not run on fake CUDA tensors
+    without a GPU, so ``fn`` should stick to the forward pass.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -162,6 +166,9 @@ def simulated_host_syncs(
                 if ".numpy()" in str(exc):  # raised before any op is dispatched
                     rec.found.append(("numpy", NUMPY_REASON))
                     finished = True  # a finding, not a failure of the fake run
+                elif ended_early is not None:
+                    why = str(exc).strip().splitlines()
+                    ended_early.append(f"{device}: {type(exc).__name__}: {why[0] if why else ''}")
         found.extend(rec.found)
         if finished:
             break
