@@ -216,6 +216,46 @@ class Batch:
     frame_index: Tensor
 
 
+def _check_video(
+    v: Video, modalities: Sequence[str], target_columns: Sequence[int], where: str
+) -> None:
+    """Refuse a video whose features, presence masks, labelled targets or flags a store cannot
+    use, naming the video and what is wrong."""
+    for m in modalities:
+        if m not in v.features:
+            raise DataError(
+                f"video {v.name!r} has no {m!r} features (has: {sorted(v.features)}); "
+                "the recipe's model.encoders must name modalities the dataset provides"
+            )
+        x = v.features[m]
+        if x.dim() != 2 or x.shape[0] != v.num_frames:
+            raise DataError(
+                f"{where}: video {v.name!r}: {m} features are {tuple(x.shape)}, "
+                f"expected ({v.num_frames}, F): one row per labelled frame"
+            )
+        _check_finite(v, f"{m} features", x, where)
+        present = v.present.get(m)
+        if present is not None and (
+            present.dtype != torch.bool or tuple(present.shape) != (v.num_frames,)
+        ):
+            raise DataError(
+                f"{where}: video {v.name!r}: present[{m!r}] is {present.dtype} "
+                f"{tuple(present.shape)}, expected bool ({v.num_frames},)"
+            )
+    labels = v.labels[:, list(target_columns)]
+    _check_finite(v, "labels", labels[v.label_mask.bool()], where)
+    for flag, on in v.flags.items():
+        if not isinstance(flag, str) or not flag or "/" in flag or len(flag) > 64:
+            raise DataError(
+                f"{where}: video {v.name!r}: flag name {flag!r} must be 1-64 characters without '/'"
+            )
+        if on.dtype != torch.bool or tuple(on.shape) != (v.num_frames,):
+            raise DataError(
+                f"{where}: video {v.name!r}: flags[{flag!r}] is {on.dtype} "
+                f"{tuple(on.shape)}, expected bool ({v.num_frames},)"
+            )
+
+
 class FrameStore:
     """The frames of one split, concatenated, plus the window table over them."""
 
@@ -242,46 +282,15 @@ class FrameStore:
         shown: dict[str, list[Tensor]] = {m: [] for m in modalities}  # present frames
         absent: dict[str, list[str]] = {}
         for v in videos:
+            _check_video(v, modalities, target_columns, where)
             for m in modalities:
-                if m not in v.features:
-                    raise DataError(
-                        f"video {v.name!r} has no {m!r} features (has: {sorted(v.features)}); "
-                        "the recipe's model.encoders must name modalities the dataset provides"
-                    )
-                x = v.features[m]
-                if x.dim() != 2 or x.shape[0] != v.num_frames:
-                    raise DataError(
-                        f"{where}: video {v.name!r}: {m} features are {tuple(x.shape)}, "
-                        f"expected ({v.num_frames}, F): one row per labelled frame"
-                    )
-                _check_finite(v, f"{m} features", x, where)
                 present = v.present.get(m)
-                if present is not None and (
-                    present.dtype != torch.bool or tuple(present.shape) != (v.num_frames,)
-                ):
-                    raise DataError(
-                        f"{where}: video {v.name!r}: present[{m!r}] is {present.dtype} "
-                        f"{tuple(present.shape)}, expected bool ({v.num_frames},)"
-                    )
                 if present is not None and not bool(present.any()):
                     absent.setdefault(m, []).append(v.name)
-                feats[m].append(x.float())
+                feats[m].append(v.features[m].float())
                 shown[m].append(
                     torch.ones(v.num_frames, dtype=torch.bool) if present is None else present
                 )
-            labels = v.labels[:, list(target_columns)]
-            _check_finite(v, "labels", labels[v.label_mask.bool()], where)
-            for flag, on in v.flags.items():
-                if not isinstance(flag, str) or not flag or "/" in flag or len(flag) > 64:
-                    raise DataError(
-                        f"{where}: video {v.name!r}: flag name {flag!r} must be 1-64 characters "
-                        "without '/'"
-                    )
-                if on.dtype != torch.bool or tuple(on.shape) != (v.num_frames,):
-                    raise DataError(
-                        f"{where}: video {v.name!r}: flags[{flag!r}] is {on.dtype} "
-                        f"{tuple(on.shape)}, expected bool ({v.num_frames},)"
-                    )
         for m, names in absent.items():
             warnings.warn(
                 f"{where}: {len(names)} of {len(videos)} videos have no {m} at all (e.g. "
