@@ -494,6 +494,27 @@ def test_kinds_of_a_skipped_plugin_are_removed(tmp_path, monkeypatch):
     assert "declared by a plugin that failed to load" in failures["fk-useskind"]
 
 
+def test_plugins_kinds_warns_about_a_skipped_plugin(tmp_path, monkeypatch, capsys):
+    """``fusionkit plugins kinds`` says a plugin was skipped, as every command does: the
+    kinds it declares are missing from the table."""
+    import fusionkit.cli.root as root
+    import fusionkit.core.registry as fk_registry
+
+    _dist(tmp_path, "fk-kindthenraise", "fkt_kindthenraise", KIND_THEN_RAISE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fk_registry.clear_registry_cache()
+    monkeypatch.setattr(sys, "argv", ["fusionkit", "plugins", "kinds"])
+    try:
+        with pytest.raises(SystemExit) as info:
+            root.main()
+    finally:
+        fk_registry.clear_registry_cache()
+    out = capsys.readouterr()
+    assert (info.value.code or 0) == 0
+    assert "ktr_thing" not in out.out
+    assert "fk-kindthenraise" in out.err and "components hook failed" in out.err
+
+
 ARGNAME = """
 from fusionkit import plugin
 
