@@ -580,6 +580,31 @@ def test_runs_list_shows_scores_of_complete_runs_and_what_is_missing(grid, tmp_p
             assert status == "complete"
 
 
+def test_runs_list_says_what_it_could_not_check(grid, tmp_path, monkeypatch, capsys):
+    """A grid point recorded without a status is pending (as the report calls it), and a run
+    whose recipe cannot be validated where the list runs (its dataset's plugin is not
+    installed here) says its robustness sweeps were not checked instead of "complete"."""
+    from fusionkit.core.registry import load_registry
+
+    gdir = _copy(grid, tmp_path / "g")
+    rec = json.loads((gdir / "grid.json").read_text())
+    rec["runs"]["rjca_seed-2"] = {"values": {"variant": "rjca", "training.seed": 2}}
+    (gdir / "grid.json").write_text(json.dumps(rec))
+    monkeypatch.setenv("COLUMNS", "300")
+    plain = load_registry()  # without the in-test `tiny` dataset the runs were made with
+    session = user_cli(monkeypatch, capsys, plain)
+    try:
+        code, out, err = next(session)("runs", "list", gdir)
+    finally:
+        next(session, None)  # restores the registry cache
+    assert code == 0, err
+    lines = {ln.split()[0]: ln.split(maxsplit=1)[1] for ln in out.splitlines()[1:] if ln.strip()}
+    assert lines[str(gdir / "rjca_seed-2")].split() == ["pending"]
+    status = lines[str(gdir / "concat_seed-0")]
+    assert status.startswith("complete, robustness not checked (recipe.yaml: "), status
+    assert "tiny" in status
+
+
 # ------------------------------------------------------------------------------ throughput
 
 

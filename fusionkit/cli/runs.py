@@ -74,7 +74,7 @@ def runs_list(
             point = grid.parent / tag
             if entry.get("status") == "failed" or not (point / MARKER_FILE).is_file():
                 error = str(entry.get("error", "")).strip().splitlines()
-                why = f"{entry.get('status', '?')}" + (f": {error[-1]}" if error else "")
+                why = f"{entry.get('status', 'pending')}" + (f": {error[-1]}" if error else "")
                 table.add_row(escape(str(point)), escape(why), "", "")
                 rows += 1
     if not rows:
@@ -85,15 +85,17 @@ def runs_list(
 
 def _robustness_gaps(run) -> str:
     """``", robustness partial (...)"`` when sweeps of the run's recipe miss values (a sweep
-    interrupted after training; ``fusionkit resume`` evaluates them), else ``""``."""
+    interrupted after training; ``fusionkit resume`` evaluates them), ``", robustness not
+    checked (...)"`` when the recipe cannot be validated in this process, else ``""``."""
     from fusionkit.core.errors import FusionkitError
     from fusionkit.studies.robustness import missing_values
 
     try:
         specs = run.recipe().evaluation.robustness
         gaps = [(s.label, len(missing_values(run.path, s)), s) for s in specs]
-    except FusionkitError:  # the recipe cannot be read here: the run itself is complete
-        return ""
+    except FusionkitError as exc:  # e.g. a plugin of the recipe is not installed here
+        first = str(exc).strip().splitlines()
+        return f", robustness not checked (recipe.yaml: {first[0] if first else exc})"
     shown = [
         f"{label}: {k} of {len(s.values) * len(s.splits)} missing" for label, k, s in gaps if k
     ]
