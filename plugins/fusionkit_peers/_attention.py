@@ -4,8 +4,9 @@
   :func:`torch.nn.functional.scaled_dot_product_attention`, restricted to the keys each query
   may read (:func:`attention_mask` of a boolean ``(B, T_q, T_k)`` mask). A query row with no
   allowed key (a fully padded item) would give ``softmax`` of all ``-inf``, i.e. NaN, in the
-  forward and the backward pass; such rows are computed over all keys instead and their output
-  is set to zero, so no NaN ever appears and no valid row reads a key the mask forbids.
+  forward and the backward pass; such rows are computed over all keys instead and their
+  attention output is set to zero before the output projection (the row's output is that
+  projection's bias), so no NaN ever appears and no valid row reads a key the mask forbids.
 * :func:`sinusoidal_positions`: the fixed sine/cosine position code ``(T, D)``, for any ``T``.
 * :func:`check_modalities`: the modality set and shapes a fusion receives.
 """
@@ -96,7 +97,8 @@ def attention_mask(allowed: Tensor) -> AttentionMask:
 def sinusoidal_positions(length: int, dim: int, like: Tensor) -> Tensor:
     """``(length, dim)`` sine/cosine position code (frame ``t`` at row ``t``), dtype of ``like``.
 
-    Even columns ``sin(t / 10000^(2i / dim))``, odd columns the cosine of the same angle.
+    Columns ``2i`` hold ``sin(t / 10000^(i / ceil(dim / 2)))`` and columns ``2i + 1`` the
+    cosine of the same angle (for an even ``dim``: ``10000^(2i / dim)``, the usual code).
     """
     pos = torch.arange(length, device=like.device, dtype=torch.float32)
     half = (dim + 1) // 2
