@@ -60,8 +60,9 @@ def speech(name: str = "wavlm", **params) -> AudioBackboneSpec:
     return AudioBackboneSpec(name=name, params={"pretrained": False, **params})
 
 
-def tiny_wav2vec2(layers: int = 3, *, wavlm: bool = False, seed: int = 0) -> nn.Module:
-    """A small torchaudio Wav2Vec2Model (or WavLM) with the real 7-layer CNN strides."""
+def tiny_wav2vec2(layers: int = 3, *, wavlm: bool = False, seed: int | None = 0) -> nn.Module:
+    """A small torchaudio Wav2Vec2Model (or WavLM) with the real 7-layer CNN strides, its
+    weights drawn under torch seed ``seed`` (``None``: from the global generator as it is)."""
     convs = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
     common = dict(
         extractor_mode="group_norm",
@@ -81,7 +82,8 @@ def tiny_wav2vec2(layers: int = 3, *, wavlm: bool = False, seed: int = 0) -> nn.
         encoder_layer_drop=0.0,
         aux_num_out=None,
     )
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     if wavlm:
         return torchaudio.models.wavlm_model(
             **common, encoder_num_buckets=16, encoder_max_distance=40

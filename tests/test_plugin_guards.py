@@ -38,6 +38,7 @@ from fusionkit_peers.lfan import LFANFusion, LFANParams
 from fusionkit_peers.mamba import MambaEncoder, MambaParams
 from fusionkit_peers.moe import ModalityStackFusion, ModalityStackParams, MoEGate, MoEGateParams
 from tests.affwild2_fixture import write_jpeg
+from tests.test_foundation import tiny_wav2vec2
 
 try:
     import timm
@@ -555,33 +556,11 @@ def test_jpeg_crops_decode_as_rgb(tmp_path):
 # ----------------------------------------------------------------------- foundation backbones
 
 
-def _tiny_speech_model():
-    """A small wav2vec2 (the real 7-layer CNN strides); seeded by the caller."""
-    convs = [(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2
-    return torchaudio.models.wav2vec2_model(
-        extractor_mode="group_norm",
-        extractor_conv_layer_config=convs,
-        extractor_conv_bias=False,
-        encoder_embed_dim=16,
-        encoder_projection_dropout=0.0,
-        encoder_pos_conv_kernel=8,
-        encoder_pos_conv_groups=2,
-        encoder_num_layers=12,
-        encoder_num_heads=2,
-        encoder_attention_dropout=0.0,
-        encoder_ff_interm_features=32,
-        encoder_ff_interm_dropout=0.0,
-        encoder_dropout=0.0,
-        encoder_layer_norm_first=False,
-        encoder_layer_drop=0.0,
-        aux_num_out=None,
-    )
-
-
 def test_random_speech_encoder_weights_follow_the_seed(monkeypatch):
     """``pretrained: false`` speech encoders are random with the given ``seed``: the same
     seed builds the same weights, another seed other weights."""
-    monkeypatch.setattr(torchaudio.models, "wav2vec2_base", _tiny_speech_model)
+    # seeded by the plugin before it builds, so the stand-in draws from the global generator
+    monkeypatch.setattr(torchaudio.models, "wav2vec2_base", lambda: tiny_wav2vec2(12, seed=None))
 
     def build(seed):
         spec = AudioBackboneSpec(name="wav2vec2", params={"pretrained": False, "seed": seed})

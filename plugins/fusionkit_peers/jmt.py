@@ -16,9 +16,9 @@ its own frames and applies a feed-forward block (pre-norm residual blocks). With
 ``values: source`` reads the values from the other streams (``V_s = K_s``); ``values: query``
 keeps the query stream's own values at the key's frame (the attention pattern is cross-modal,
 the content is the stream's own). A key of a padded frame is never attended (boolean mask;
-a row with no allowed key gives the output projection's bias, never NaN), and with ``causal`` frame ``t`` reads frames
-``<= t`` only. The fusion returns, per stream, the stack of its layer outputs
-``[X^(0), ..., X^(L)]``: ``{m: (B, T, L + 1, d), "joint": (B, T, L + 1, d)}``.
+a row with no allowed key gives the output projection's bias, never NaN), and with
+``causal`` frame ``t`` reads frames ``<= t`` only. The fusion returns, per stream, the stack
+of its layer outputs ``[X^(0), ..., X^(L)]``: ``{m: (B, T, L + 1, d), "joint": (B, T, L + 1, d)}``.
 """
 
 from __future__ import annotations
