@@ -115,6 +115,23 @@ def tiny_plugin_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", **extra)
 
 
+def flagged_gate_recipe(tmp_path: Path) -> dict:
+    """A two-seed grid (folder ``tmp_path / "tiny"``) of a gated model (``modality_stack`` +
+    ``moe_gate``) on synthetic data whose unreliable spans are flagged frames."""
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["data"] = {
+        "name": "synthetic",
+        "params": {"seed": 5, "num_train": 2, "num_val": 1, "num_test": 3, "min_frames": 100,
+                   "max_frames": 140, "audio_dim": 8, "video_dim": 8, "reliability_rate": 0.4},
+        "window": 64,
+        "hop": 48,
+    }  # fmt: skip
+    raw["model"]["fusion"] = {"name": "modality_stack", "params": {"dim": 8}}
+    raw["model"]["gate"] = {"name": "moe_gate", "params": {"hidden": 8, "reliability_hidden": 8}}
+    raw["sweep"] = {"training.seed": [0, 1]}
+    return raw
+
+
 def user_cli(monkeypatch, capsys, registry: Registry):
     """Generator for a fixture that runs the `fusionkit` entry point in this process as a user
     does (errors as one line, exit 2) with ``registry`` installed; each call returns (exit

@@ -38,15 +38,7 @@ from fusionkit_peers.lfan import LFANFusion, LFANParams
 from fusionkit_peers.mamba import MambaEncoder, MambaParams
 from fusionkit_peers.moe import ModalityStackFusion, ModalityStackParams, MoEGate, MoEGateParams
 from tests.affwild2_fixture import write_jpeg
-from tests.test_foundation import tiny_wav2vec2
-
-try:
-    import timm
-except ImportError:
-    timm = None
-needs_timm = pytest.mark.skipif(
-    timm is None, reason="timm is not installed (pip install 'fusionkit[foundation]')"
-)
+from tests.test_foundation import needs_timm, tiny_wav2vec2
 
 DIMS = {"audio": 6, "video": 5}
 

@@ -17,7 +17,7 @@ from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import run_grid, train_and_evaluate
 from fusionkit.studies.report import build_report
 from fusionkit.studies.reportdir import write_report
-from tests.conftest import tiny_recipe
+from tests.conftest import flagged_gate_recipe, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -140,17 +140,7 @@ def test_bad_flags_are_refused_with_the_video_named():
 
 
 def test_gate_weights_on_flagged_frames_match_a_direct_computation(tmp_path, registry):
-    raw = tiny_recipe(tmp_path, epochs=1)
-    raw["data"] = {
-        "name": "synthetic",
-        "params": {"seed": 5, "num_train": 2, "num_val": 1, "num_test": 3, "min_frames": 100,
-                   "max_frames": 140, "audio_dim": 8, "video_dim": 8, "reliability_rate": 0.4},
-        "window": 64,
-        "hop": 48,
-    }  # fmt: skip
-    raw["model"]["fusion"] = {"name": "modality_stack", "params": {"dim": 8}}
-    raw["model"]["gate"] = {"name": "moe_gate", "params": {"hidden": 8, "reliability_hidden": 8}}
-    raw["sweep"] = {"training.seed": [0, 1]}
+    raw = flagged_gate_recipe(tmp_path)
     run_grid(validate_recipe(raw, "grid", registry), registry=registry)
     grid_dir = tmp_path / "tiny"
     rep = build_report([grid_dir], n_boot=100, throughput=False)

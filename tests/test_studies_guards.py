@@ -30,7 +30,7 @@ from fusionkit.studies.stats import (
     resample_counts,
     video_sums,
 )
-from tests.conftest import tiny_recipe, user_cli
+from tests.conftest import flagged_gate_recipe, tiny_recipe, user_cli
 
 VARIANTS = ("concat", "rjca")
 KEYS = ("ccc_valence", "ccc_arousal", "ccc_mean")
@@ -326,17 +326,7 @@ def test_gate_weights_on_flagged_frames_reach_the_table_and_csv_in_their_columns
     """gate_flags.csv and the Markdown table put the mean step weights on flagged frames under
     "flagged" and the others under "elsewhere", and the share of flagged frames is the mean
     over the seeds (each computed here from the predictions files)."""
-    raw = tiny_recipe(tmp_path, epochs=1)
-    raw["data"] = {
-        "name": "synthetic",
-        "params": {"seed": 5, "num_train": 2, "num_val": 1, "num_test": 3, "min_frames": 100,
-                   "max_frames": 140, "audio_dim": 8, "video_dim": 8, "reliability_rate": 0.4},
-        "window": 64,
-        "hop": 48,
-    }  # fmt: skip
-    raw["model"]["fusion"] = {"name": "modality_stack", "params": {"dim": 8}}
-    raw["model"]["gate"] = {"name": "moe_gate", "params": {"hidden": 8, "reliability_hidden": 8}}
-    raw["sweep"] = {"training.seed": [0, 1]}
+    raw = flagged_gate_recipe(tmp_path)
     run_grid(validate_recipe(raw, "flags.yaml", registry), registry=registry)
     gdir = tmp_path / "tiny"
     out = tmp_path / "out"
