@@ -10,7 +10,6 @@ the face preprocessing, and the foundation backbones' seeds and pooling. Nothing
 from __future__ import annotations
 
 import math
-import socket
 from fractions import Fraction
 
 import numpy as np
@@ -38,20 +37,9 @@ from fusionkit_peers.lfan import LFANFusion, LFANParams
 from fusionkit_peers.mamba import MambaEncoder, MambaParams
 from fusionkit_peers.moe import ModalityStackFusion, ModalityStackParams, MoEGate, MoEGateParams
 from tests.affwild2_fixture import write_jpeg
-from tests.test_foundation import needs_timm, tiny_wav2vec2
+from tests.test_foundation import needs_timm, no_network, tiny_wav2vec2  # noqa: F401 (autouse)
 
 DIMS = {"audio": 6, "video": 5}
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any download attempt fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a test tried to use the network: {args[:2]}")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def lengths_mask(lengths: list[int], t: int) -> torch.Tensor:

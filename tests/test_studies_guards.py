@@ -83,6 +83,19 @@ def _edit_json(run_dir, name, fn):
         (run_dir / "run.json").write_text(json.dumps(marker))
 
 
+def _rewrite_predictions(run_dir, fingerprint, negate_targets=False):
+    """Give a run's test predictions file another data fingerprint (and, optionally, other
+    targets), recording its new SHA-256 in run.json as if the run had been made that way."""
+    path = run_dir / "predictions" / "test.safetensors"
+    tensors, meta = load_tensors(path)
+    if negate_targets:
+        tensors = {k: -v if k.startswith("target/") else v for k, v in tensors.items()}
+    save_tensors(path, tensors, {**meta, "data_fingerprint": fingerprint})
+    marker = json.loads((run_dir / "run.json").read_text())
+    marker["files"]["predictions/test.safetensors"] = file_sha256(path)
+    (run_dir / "run.json").write_text(json.dumps(marker))
+
+
 def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
 
@@ -438,13 +451,7 @@ def test_predictions_of_other_data_than_the_metrics_get_no_paired_test(grid, tmp
     used for the bootstrap: the row has no paired test and says why."""
     gdir = _copy(grid, tmp_path / "g")
     run = gdir / "rjca_seed-1"
-    path = run / "predictions" / "test.safetensors"
-    tensors, meta = load_tensors(path)
-    tensors = {k: -v if k.startswith("target/") else v for k, v in tensors.items()}
-    save_tensors(path, tensors, {**meta, "data_fingerprint": "0" * 64})
-    marker = json.loads((run / "run.json").read_text())
-    marker["files"]["predictions/test.safetensors"] = file_sha256(path)
-    (run / "run.json").write_text(json.dumps(marker))
+    _rewrite_predictions(run, "0" * 64, negate_targets=True)
     rep = build_report([gdir], throughput=False, n_boot=100)
     row = next(r for r in rep.rows if r["variant"] == "rjca")
     assert isinstance(row["delta"], str)
@@ -631,12 +638,7 @@ def test_a_baseline_seed_on_other_data_is_found_whatever_the_seed_counts(grid, t
     _keep_points(gdir, {"concat_seed-0", "rjca_seed-0", "rjca_seed-1"})
     base = gdir / "concat_seed-0"
     _edit_json(base, "metrics.json", lambda m: m["data_fingerprints"].update(test="f" * 64))
-    path = base / "predictions" / "test.safetensors"
-    tensors, meta = load_tensors(path)
-    save_tensors(path, tensors, {**meta, "data_fingerprint": "f" * 64})
-    marker = json.loads((base / "run.json").read_text())
-    marker["files"]["predictions/test.safetensors"] = file_sha256(path)
-    (base / "run.json").write_text(json.dumps(marker))
+    _rewrite_predictions(base, "f" * 64)
     rep = build_report([gdir], throughput=False, n_boot=100)
     row = next(r for r in rep.rows if r["variant"] == "rjca")
     assert row["seeds"] == [0, 1] and row["same_data"] is False
