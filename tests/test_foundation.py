@@ -449,6 +449,24 @@ def test_timm_weights_load_from_safetensors(tmp_path):
 
 
 @needs_timm
+def test_timm_weights_with_the_head_keep_the_head(tmp_path):
+    """With ``head: true`` (CLIP's ``projection: true``) a weights file's ``head`` tensors are
+    loaded and applied, not dropped as they are when the head is not used."""
+    params = {"model": "test_vit.r160_in1k", "head": True, "img_size": 32}
+    ref = VisualBackboneSpec(name="timm", params={**params, "pretrained": False, "seed": 3})
+    ref = ref.build()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.net.state_dict().items()}, str(path))
+    got = VisualBackboneSpec(name="timm", params={**params, "weights": str(path)}).build()
+    assert torch.equal(got.net.head.weight, ref.net.head.weight)
+    faces = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        out = got(faces)
+        torch.testing.assert_close(out, ref(faces))
+    assert out.shape == (2, ref.net.head.out_features)
+
+
+@needs_timm
 def test_pretrained_timm_weights_are_fetched_by_timm(monkeypatch):
     seen = []
 
