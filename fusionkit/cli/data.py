@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fusionkit.cli._common import console, err_console, load
+from fusionkit.core.params import first_few
 
 
 def extract(
@@ -130,14 +131,12 @@ def predict(
     )
     if summary["padded"]:
         console.print(
-            f"padded with the last prediction: {', '.join(summary['padded'][:10])}"
-            f"{' ...' if len(summary['padded']) > 10 else ''}",
+            f"padded with the last prediction: {first_few(summary['padded'], 10)}",
             highlight=False,
         )
     if summary["truncated"]:
         console.print(
-            f"truncated to the listed frames: {', '.join(summary['truncated'][:10])}"
-            f"{' ...' if len(summary['truncated']) > 10 else ''}",
+            f"truncated to the listed frames: {first_few(summary['truncated'], 10)}",
             highlight=False,
         )
     if summary["missing"]:
