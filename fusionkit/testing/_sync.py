@@ -144,10 +144,10 @@ def simulated_host_syncs(
     creates or moves (``.to(device)``) are fake, and value reads return 1. Build modules
     before the call, one per device tried, and move them in ``fn``: the parameters of a
     module built under the fake mode cannot be moved (``.to`` fails) and the run would end
-    before the forward pass. The devices are
-    tried in order until one run gets to its end (a fake CUDA device needs no GPU, but not
-    every op has a fake CUDA implementation); an op without a fake implementation ends that
-    run early, keeping what was found until then; ``ended_early``, when given, gets one
+    before the forward pass. The devices are tried in order until one run gets to its end
+    (a fake CUDA device needs no GPU, but not every op has a fake CUDA implementation); an
+    op without a fake implementation ends that run early, keeping what was found until
+    then; ``ended_early``, when given, gets one
     ``"device: error"`` line per such run. Backward passes do not run on fake CUDA tensors
     without a GPU, so ``fn`` should stick to the forward pass.
     """
