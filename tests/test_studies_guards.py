@@ -31,6 +31,7 @@ from fusionkit.studies.stats import (
     video_sums,
 )
 from tests.conftest import flagged_gate_recipe, tiny_recipe, user_cli
+from tests.test_report import fake_row
 
 VARIANTS = ("concat", "rjca")
 KEYS = ("ccc_valence", "ccc_arousal", "ccc_mean")
@@ -217,20 +218,10 @@ def test_the_reported_interval_and_p_are_the_bootstrap_the_command_asked_for(gri
 
 
 def _fake_row(variant, means, delta=None, p=None, p_holm=None):
-    """A report row as build_report makes it: chosen means (std 0.01), Δ and p-values."""
-    row = {
-        "variant": variant,
-        "seeds": [0, 1],
-        "runs": [],
-        "params": 1000,
-        "train_seconds": 2.0,
-        "throughput": None,
-        "same_data": True,
-        "delta": None,
-        "p_holm": None if p_holm is None else np.array(p_holm),
-    }
-    for k, m in zip(KEYS, means, strict=True):
-        row[k] = (m, 0.01)
+    """:func:`tests.test_report.fake_row` with a training time, a chosen Δ and Holm p-values."""
+    row = fake_row(variant, means)
+    row.update(params=1000, train_seconds=2.0, throughput=None)
+    row["p_holm"] = None if p_holm is None else np.array(p_holm)
     if delta is not None:
         d = np.array(delta)
         row["delta"] = BootstrapResult(d, d - 0.01, d + 0.01, np.array(p), 1000, 10, 0.95)
