@@ -23,7 +23,8 @@ This module re-exports, from the rest of fusionkit (which is private to fusionki
   :class:`ComponentSpec` (a component chosen inside params);
 * interfaces: the protocols of every kind and the records they exchange (:class:`Video`,
   :class:`GateOutput`, ...);
-* errors: :class:`ShapeError`, :class:`DataError`, ...;
+* errors: :class:`ShapeError`, :class:`DataError`, ..., and :func:`first_few` for the
+  lists they name;
 * building blocks: padding-aware layers, :func:`check_shape`, :func:`xavier_init_`;
 * perturbation helpers: :func:`video_generator`, :func:`with_features`, ...;
 * files and processes: atomic writes and safetensors helpers for datasets that cache
@@ -72,7 +73,7 @@ from fusionkit.core.interfaces import (
     Video,
     ZScoreDefault,
 )
-from fusionkit.core.params import EmptyParams, Params
+from fusionkit.core.params import EmptyParams, Params, first_few
 from fusionkit.core.recipe import ComponentSpec
 from fusionkit.core.registry import Kind, Registry, register
 from fusionkit.engine.files import (
@@ -168,6 +169,7 @@ __all__ = [
     "check_shape",
     "check_shapes",
     "die_with_parent",
+    "first_few",
     "hookimpl",
     "host_syncs",
     "load_tensors",

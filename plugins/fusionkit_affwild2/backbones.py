@@ -55,6 +55,7 @@ from fusionkit.plugin import (
     DataError,
     Kind,
     Params,
+    first_few,
     non_finite_tensor,
     register,
     state_dict_mismatch,
@@ -259,8 +260,7 @@ def _drop(sd: dict[str, Tensor], keys: list[str], why: str) -> dict[str, Tensor]
     """``sd`` without ``keys``; a warning (a note for the user) names them and says why."""
     keys = sorted(keys)
     if keys:
-        few = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
-        warnings.warn(f"dropped {len(keys)} tensor(s) ({few}): {why}", stacklevel=3)
+        warnings.warn(f"dropped {len(keys)} tensor(s) ({first_few(keys, 4)}): {why}", stacklevel=3)
     gone = set(keys)
     return {k: v for k, v in sd.items() if k not in gone}
 

@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusionkit.plugin import DataError, ExtractReport, Video, run_or_grid_holding
+from fusionkit.plugin import (
+    DataError,
+    ExtractReport,
+    Video,
+    first_few,
+    run_or_grid_holding,
+)
 from fusionkit_affwild2.cache import CacheFolder, Job, library_versions, plan, run_jobs
 from fusionkit_affwild2.extraction import (
     AudioJob,
@@ -63,12 +69,6 @@ from fusionkit_affwild2.params import AffWild2Params
 __all__ = ["AffWild2Dataset", "fit_rows"]
 
 _FIX = "run `fusionkit extract RECIPE` with the same data.params first"
-_FEW = 5
-
-
-def _few(names: Sequence[str]) -> str:
-    """The first few names, comma-separated, with ``...`` when there are more."""
-    return ", ".join(names[:_FEW]) + (", ..." if len(names) > _FEW else "")
 
 
 def fit_rows(x: Tensor, n: int, fill: str) -> Tensor:
@@ -271,7 +271,7 @@ class AffWild2Dataset:
             warnings.warn(
                 f"affwild2: {len(shadowed)} raw video(s) named after a _left/_right trial are "
                 f"not used, because the un-suffixed video exists and _left/_right trials read "
-                f"it: {_few(shadowed)}; remove or rename one of the two files",
+                f"it: {first_few(shadowed)}; remove or rename one of the two files",
                 stacklevel=stacklevel,
             )
 
@@ -284,10 +284,10 @@ class AffWild2Dataset:
         if crops:
             parts.append(
                 f"{len(crops)} face-crop folder(s) under {self.root / self.params.crops_dir} "
-                f"({_few(crops)})"
+                f"({first_few(crops)})"
             )
         if videos:
-            parts.append(f"{len(videos)} raw video(s) ({_few(videos)})")
+            parts.append(f"{len(videos)} raw video(s) ({first_few(videos)})")
         sets = self.annotation_sets
         test = (
             f"not in test_list {self._path(self.params.test_list)}"
@@ -523,8 +523,9 @@ class AffWild2Dataset:
             return
         users = sorted(t for t in trials if self.media_key(t) in silent)
         warnings.warn(
-            f"affwild2: {len(silent)} raw video(s) have no audio: {_few(list(silent.values()))}; "
-            f"their {len(users)} trial(s) ({_few(users)}) train on constant audio features "
+            f"affwild2: {len(silent)} raw video(s) have no audio: "
+            f"{first_few(list(silent.values()))}; "
+            f"their {len(users)} trial(s) ({first_few(users)}) train on constant audio features "
             "(present['audio'] False on every frame); replace the files if they should have "
             "sound",
             stacklevel=3,
@@ -558,7 +559,7 @@ class AffWild2Dataset:
         if diffs:
             warnings.warn(
                 f"affwild2: {len(diffs)} trial(s) have label rows != decoded video frames: "
-                f"{'; '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}. Labels define the "
+                f"{first_few(diffs, 8, '; ')}. Labels define the "
                 "frames; missing feature rows repeat the last audio row and have no face.",
                 stacklevel=3,
             )
@@ -675,10 +676,11 @@ class AffWild2Dataset:
         )
         parts = []
         if absent:
-            parts.append(f"{len(absent)} template video(s) not in the {where}: {_few(absent)}")
+            parts.append(f"{len(absent)} template video(s) not in the {where}: {first_few(absent)}")
         if unlisted:
             parts.append(
-                f"{len(unlisted)} video(s) of the {where} not in the template: {_few(unlisted)}"
+                f"{len(unlisted)} video(s) of the {where} not in the template: "
+                f"{first_few(unlisted)}"
             )
         raise DataError(
             f"submission template {path} does not match the videos to predict: "

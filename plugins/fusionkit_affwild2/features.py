@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from fusionkit.plugin import DataError, Video
+from fusionkit.plugin import DataError, Video, first_few
 from fusionkit_affwild2.dataset import fit_rows
 from fusionkit_affwild2.layout import (
     AnnotationSets,
@@ -72,7 +72,8 @@ def read_array(path: Path) -> Tensor:
                 key = "features" if "features" in keys else keys[0] if len(keys) == 1 else None
                 if key is None:
                     raise DataError(
-                        f"{path} holds tensors {keys[:5]}; name the feature tensor 'features'"
+                        f"{path} holds tensors {first_few(keys)}; "
+                        "name the feature tensor 'features'"
                     )
                 x = fh.get_tensor(key).float()
     except (OSError, ValueError, SafetensorError) as exc:
@@ -356,14 +357,14 @@ class FeaturesDataset:
                 hint = ""
                 if compacted:
                     hint = (
-                        f"; {', '.join(compacted[:8])} are short by exactly their number of -5 "
+                        f"; {first_few(compacted, 8)} are short by exactly their number of -5 "
                         "label rows: if they hold one row per labelled frame, set "
                         "data.params.rows=labelled_frames"
                     )
                 warnings.warn(
                     f"features: {len(mismatches)} array(s) differ in length from their labels "
                     f"by at most {ROW_TOLERANCE} rows (padded with the last row or cut): "
-                    f"{'; '.join(mismatches[:8])}{hint}. Rows are matched to frames by index, "
+                    f"{first_few(mismatches, 8, '; ')}{hint}. Rows are matched to frames by index, "
                     "so an array must be at its video's frame rate: at another rate (e.g. 30 "
                     "against 29.97 fps) its rows drift from the labels, here by up to the "
                     "difference at the end; resample such arrays to the video's frames first",

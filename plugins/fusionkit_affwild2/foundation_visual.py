@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from fusionkit.plugin import DataError, Params, PluginError, register
+from fusionkit.plugin import DataError, Params, PluginError, first_few, register
 from fusionkit_affwild2.backbones import MAX_SEED, load_backbone_weights, read_weights
 
 __all__ = [
@@ -188,7 +188,7 @@ def build_timm_faces(component: str, model: str, p: _TimmCommon, head: bool) -> 
         cfg = None
     if cfg is None:
         arch = model.split(".")[0]
-        tags = ", ".join(timm.list_pretrained(f"{arch}.*")[:8]) or "none"
+        tags = first_few(timm.list_pretrained(f"{arch}.*"), 8) or "none"
         raise DataError(
             f"visual_backbone '{component}': timm knows no pretrained model {model!r} "
             f"(available for {arch}: {tags})"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusionkit.plugin import DataError
+from fusionkit.plugin import DataError, first_few
 
 __all__ = [
     "HEADER",
@@ -121,7 +121,7 @@ def read_test_list(
     names = read_name_list(path)
     leaked = [t for t in names if t in labelled]
     if leaked:
-        shown = ", ".join(leaked[:5]) + (", ..." if len(leaked) > 5 else "")
+        shown = first_few(leaked)
         raise DataError(
             f"test list {path} names trial(s) that have an annotation file in {sets.train} or "
             f"{sets.val}: {shown}; test trials must be unlabelled (their 'test' scores would "
@@ -149,7 +149,7 @@ def read_name_list(path: Path) -> list[str]:
         raise DataError(f"video list {path} names no video")
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise DataError(f"video list {path} names {', '.join(dup[:5])} more than once")
+        raise DataError(f"video list {path} names {first_few(dup)} more than once")
     return names
 
 
@@ -264,7 +264,7 @@ def partition_labels(sets: AnnotationSets) -> dict[str, Path]:
     both = sorted(set(train) & set(val))
     if both:
         raise DataError(
-            f"trial(s) {', '.join(both[:5])} appear in both {sets.train} and {sets.val} "
+            f"trial(s) {first_few(both)} appear in both {sets.train} and {sets.val} "
             f"({train[both[0]]} and {val[both[0]]}); a trial must be in one partition "
             "only, or it is validated on the data it trained on: remove its annotation "
             "file from the other"
@@ -290,7 +290,8 @@ def index_media(root: Path, video_dirs: Sequence[str]) -> dict[str, Path]:
             index[p.stem] = p
     if clashes:
         warnings.warn(
-            f"affwild2: {len(clashes)} raw video name(s) found twice: {'; '.join(clashes[:5])}",
+            f"affwild2: {len(clashes)} raw video name(s) found twice: "
+            f"{first_few(clashes, sep='; ')}",
             stacklevel=2,
         )
     return index
