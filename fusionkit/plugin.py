@@ -23,8 +23,8 @@ This module re-exports, from the rest of fusionkit (which is private to fusionki
   :class:`ComponentSpec` (a component chosen inside params);
 * interfaces: the protocols of every kind and the records they exchange (:class:`Video`,
   :class:`GateOutput`, ...);
-* errors: :class:`ShapeError`, :class:`DataError`, ..., and :func:`first_few` for the
-  lists they name;
+* errors: :class:`ShapeError`, :class:`DataError`, ..., :func:`one_line` and
+  :func:`first_few` to keep the messages of such errors on one line;
 * building blocks: padding-aware layers, :func:`check_shape`, :func:`xavier_init_`;
 * perturbation helpers: :func:`video_generator`, :func:`with_features`, ...;
 * files and processes: atomic writes and safetensors helpers for datasets that cache
@@ -46,6 +46,7 @@ from fusionkit.core.errors import (
     PluginError,
     RecipeError,
     ShapeError,
+    one_line,
 )
 from fusionkit.core.hookspecs import hookimpl
 from fusionkit.core.interfaces import (
@@ -175,6 +176,7 @@ __all__ = [
     "load_tensors",
     "masked_batch_norm",
     "non_finite_tensor",
+    "one_line",
     "register",
     "reverse_padded",
     "run_or_grid_holding",

@@ -490,7 +490,7 @@ def test_pretrained_timm_weights_are_fetched_by_timm(monkeypatch):
     assert "\n" not in message
     assert message.startswith(
         "visual_backbone 'clip_vit': cannot fetch the pretrained timm weights of "
-        "vit_base_patch16_clip_224.openai (hub unreachable retry later); run once with network "
+        "vit_base_patch16_clip_224.openai (hub unreachable; retry later); run once with network "
         "access"
     )
     with torch.device("meta"):  # architecture-only builds never fetch

@@ -124,3 +124,21 @@ def test_old_top_level_names_still_work_with_a_warning():
     assert GateOutput is plugin.GateOutput
     assert [w.category for w in caught] == [FutureWarning]
     assert "fusionkit.plugin.GateOutput" in str(caught[0].message)
+
+
+def test_message_helpers_keep_a_long_error_on_one_line():
+    """``one_line`` picks the line a message needs and bounds its length; ``first_few``
+    names the first items of a long list and counts the rest."""
+    from fusionkit.plugin import first_few, one_line
+
+    exc = ValueError("shape mismatch\n\n   expected  (2, 3)\n")
+    assert one_line(exc) == "shape mismatch; expected (2, 3)"
+    assert one_line(exc, pick="first") == "shape mismatch"
+    assert one_line(exc, pick="final") == "expected (2, 3)"
+    assert one_line(ValueError("")) == "" and one_line(None) == ""
+    long = "x" * 50
+    assert one_line(long, limit=10) == "x" * 10 + " ..."
+    assert one_line(long, limit=None) == long == one_line(long, limit=50)
+    names = [f"v{i}" for i in range(12)]
+    assert first_few(names, 3) == "v0, v1, v2, and 9 more"
+    assert first_few(names[:3], 3, "; ") == "v0; v1; v2"

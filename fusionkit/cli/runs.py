@@ -24,7 +24,7 @@ def runs_list(
 ) -> None:
     """Every run under FOLDER with its status (complete, running or interrupted, incomplete
     when files of a complete run are missing, failed grid points) and its test CCC-mean."""
-    from fusionkit.core.errors import CheckpointError, FusionkitError
+    from fusionkit.core.errors import CheckpointError, FusionkitError, one_line
     from fusionkit.engine.checkpoint import read_train_state
     from fusionkit.engine.runs import (
         GRID_FILE,
@@ -73,8 +73,8 @@ def runs_list(
         for tag, entry in rec["runs"].items():
             point = grid.parent / tag
             if entry.get("status") == "failed" or not (point / MARKER_FILE).is_file():
-                error = str(entry.get("error", "")).strip().splitlines()
-                why = f"{entry.get('status', 'pending')}" + (f": {error[-1]}" if error else "")
+                error = one_line(entry.get("error"), pick="final", limit=None)
+                why = f"{entry.get('status', 'pending')}" + (f": {error}" if error else "")
                 table.add_row(escape(str(point)), escape(why), "", "")
                 rows += 1
     if not rows:
@@ -87,15 +87,14 @@ def _robustness_gaps(run) -> str:
     """``", robustness partial (...)"`` when sweeps of the run's recipe miss values (a sweep
     interrupted after training; ``fusionkit resume`` evaluates them), ``", robustness not
     checked (...)"`` when the recipe cannot be validated in this process, else ``""``."""
-    from fusionkit.core.errors import FusionkitError
+    from fusionkit.core.errors import FusionkitError, one_line
     from fusionkit.studies.robustness import missing_values
 
     try:
         specs = run.recipe().evaluation.robustness
         gaps = [(s.label, len(missing_values(run.path, s)), s) for s in specs]
     except FusionkitError as exc:  # e.g. a plugin of the recipe is not installed here
-        first = str(exc).strip().splitlines()
-        return f", robustness not checked (recipe.yaml: {first[0] if first else exc})"
+        return f", robustness not checked (recipe.yaml: {one_line(exc, pick='first')})"
     shown = [
         f"{label}: {k} of {len(s.values) * len(s.splits)} missing" for label, k, s in gaps if k
     ]

@@ -26,7 +26,7 @@ import typer
 from rich.markup import escape
 
 from fusionkit.cli._common import console
-from fusionkit.core.errors import CheckpointError, PluginError, RecipeError
+from fusionkit.core.errors import CheckpointError, PluginError, RecipeError, one_line
 from fusionkit.core.params import first_few
 
 if TYPE_CHECKING:
@@ -126,8 +126,7 @@ def _params(comp: Component, items: list[str]) -> BaseModel:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return one_line(exc, pick="first", limit=None) or type(exc).__name__
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ is a bug in fusionkit or a plugin and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
     "CheckpointError",
     "DataError",
@@ -14,6 +16,7 @@ __all__ = [
     "RecipeError",
     "ShapeError",
     "TrainingError",
+    "one_line",
 ]
 
 
@@ -58,3 +61,26 @@ class TrainingError(FusionkitError):
 
 class ShapeError(FusionkitError, ValueError):
     """A tensor reached a component with the wrong shape; the message names both."""
+
+
+def one_line(
+    error: object, *, pick: Literal["all", "first", "final"] = "all", limit: int | None = 300
+) -> str:
+    """An error (or its text) as one line for a one-line message; ``""`` when it has no text.
+
+    ``pick="all"`` joins its non-blank lines with ``"; "``, ``"first"`` keeps the first
+    (a summary followed by details), ``"final"`` the last (a recorded traceback ends with the
+    exception). Runs of whitespace become one space; past ``limit`` characters it is cut and
+    ends with ``" ..."``.
+
+    >>> one_line(ValueError("bad size\n  got 3"))
+    'bad size; got 3'
+    >>> one_line("Traceback ...\n  File x\nKeyError: 'a'", pick="final")
+    "KeyError: 'a'"
+    """
+    lines = [" ".join(line.split()) for line in str(error or "").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    text = {"all": "; ".join(lines), "first": lines[0], "final": lines[-1]}[pick]
+    return text if limit is None or len(text) <= limit else text[:limit] + " ..."

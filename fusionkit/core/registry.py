@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from fusionkit.core import hookspecs, interfaces
-from fusionkit.core.errors import FusionkitError, PluginError, RecipeError, ShapeError
+from fusionkit.core.errors import FusionkitError, PluginError, RecipeError, ShapeError, one_line
 from fusionkit.core.params import EmptyParams, did_you_mean
 
 __all__ = [
@@ -390,9 +390,7 @@ class Registry:
         except (ShapeError, ValueError) as exc:
             raise RecipeError([f"{where}: {kind} {name!r} cannot be built: {exc}"]) from None
         except (RuntimeError, MemoryError) as exc:  # e.g. torch failing to allocate its weights
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            if len(text) > 300:
-                text = text[:300] + " ..."
+            text = one_line(exc) or type(exc).__name__
             raise RecipeError(
                 [
                     f"{where}: {kind} {name!r} cannot be built: {text}; check the sizes in "
@@ -442,14 +440,9 @@ class Registry:
             mine.extend(c for c in entries if c not in mine)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def _plugin_bug(where: str, kind: str, name: str, comp: Component, exc: BaseException) -> str:
     """One line for an unexpected exception from a plugin's build function."""
-    detail = _one_line(str(exc))
+    detail = one_line(exc)
     return (
         f"{where}: {kind} {name!r} from '{comp.distribution}' raised {type(exc).__name__}"
         + (f": {detail}" if detail else "")
@@ -507,7 +500,7 @@ def _one_line_error(exc: BaseException) -> str:
         text = f"SystemExit: {exc.code}"
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    return one_line(text, limit=None)
 
 
 def _check_implements_hooks(module: object, ep: Any) -> None:

@@ -48,7 +48,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError
+from fusionkit.core.errors import CheckpointError, FusionkitError, RecipeError, one_line
 from fusionkit.core.overrides import apply_overrides
 from fusionkit.core.params import first_few, short_repr
 from fusionkit.core.recipe import Recipe, validate_recipe
@@ -546,7 +546,7 @@ class _PointLog:
         else:
             entry["status"] = "failed"
             entry["error"] = str(outcome)
-            last = str(outcome).strip().splitlines()[-1] if str(outcome).strip() else "?"
+            last = one_line(outcome, pick="final", limit=None) or "?"
             self.say(
                 f"  {where} [red]failed[/] {escape(tag)}: {escape(last)}",
                 highlight=False,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusionkit.core.errors import CheckpointError, FusionkitError
+from fusionkit.core.errors import CheckpointError, FusionkitError, one_line
 from fusionkit.core.params import first_few
 from fusionkit.core.yamlio import read_yaml
 from fusionkit.engine.runs import (
@@ -133,8 +133,7 @@ class RunScan:
 
 
 def _last_line(text: Any) -> str:
-    lines = str(text or "").strip().splitlines()
-    return lines[-1].strip() if lines else "no error message recorded"
+    return one_line(text, pick="final", limit=None) or "no error message recorded"
 
 
 def _read_grid(grid_dir: Path, cache: dict[Path, dict[str, Any] | None]) -> dict[str, Any] | None:

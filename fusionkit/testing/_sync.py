@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusionkit.core.errors import one_line
+
 __all__ = ["SYNC_OPS", "HostSyncRecorder", "host_syncs", "simulated_host_syncs"]
 
 #: aten op -> why it makes the host wait for the device.
@@ -167,8 +169,8 @@ def simulated_host_syncs(
                     rec.found.append(("numpy", NUMPY_REASON))
                     finished = True  # a finding, not a failure of the fake run
                 elif ended_early is not None:
-                    why = str(exc).strip().splitlines()
-                    ended_early.append(f"{device}: {type(exc).__name__}: {why[0] if why else ''}")
+                    why = one_line(exc, pick="first")
+                    ended_early.append(f"{device}: {type(exc).__name__}: {why}")
         found.extend(rec.found)
         if finished:
             break

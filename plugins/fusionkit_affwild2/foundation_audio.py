@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from fusionkit.plugin import DataError, Params, register
+from fusionkit.plugin import DataError, Params, one_line, register
 from fusionkit_affwild2.backbones import MAX_SEED, load_backbone_weights, read_weights
 
 __all__ = [
@@ -218,7 +218,7 @@ def _fetch_pretrained(name: str, bundle_name: str) -> nn.Module:
     try:
         loaded = bundle.get_model()
     except (OSError, RuntimeError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = one_line(exc, limit=200) or type(exc).__name__
         raise DataError(
             f"audio_backbone '{name}': cannot fetch the pretrained torchaudio.pipelines."
             f"{bundle_name} weights ({reason}); run once with network access (cached under "

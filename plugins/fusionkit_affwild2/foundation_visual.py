@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from fusionkit.plugin import DataError, Params, PluginError, first_few, register
+from fusionkit.plugin import DataError, Params, PluginError, first_few, one_line, register
 from fusionkit_affwild2.backbones import MAX_SEED, load_backbone_weights, read_weights
 
 __all__ = [
@@ -205,7 +205,7 @@ def build_timm_faces(component: str, model: str, p: _TimmCommon, head: bool) -> 
     except (OSError, RuntimeError, ValueError) as exc:
         if not fetch:
             raise
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        reason = one_line(exc, limit=200) or type(exc).__name__
         raise DataError(
             f"visual_backbone '{component}': cannot fetch the pretrained timm weights of "
             f"{model} ({reason}); run once with network access (cached by huggingface_hub), or "
