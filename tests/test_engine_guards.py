@@ -11,6 +11,7 @@ import copy
 import csv
 import io
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -468,3 +469,21 @@ def test_stream_summary_gives_the_median_and_99th_percentile_latency():
     assert f"p99 {np.percentile(ms, 99, method='higher'):.2f} ms" in text
     assert "budget 40.0 ms per frame" in text
     assert f"{(1000 / 25.0) / sum(latencies):.1f}x real time" in text
+
+
+def test_eval_fails_when_metrics_json_lacks_a_number_it_recomputes(trained, tmp_path, cli):
+    """`eval` compares every number it recomputes: one deleted from metrics.json by hand is a
+    difference (stored nothing), not a number left out of an "exactly" verdict."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    metrics = json.loads((run / METRICS_FILE).read_text())
+    test = metrics["splits"]["test"]
+    gone = sorted(k for k in test if k.startswith(("pcc_", "rmse_")))
+    assert gone
+    for key in gone:
+        del test[key]
+    (run / METRICS_FILE).write_text(json.dumps(metrics))
+    code, out, err = cli("eval", run, "--device", "cpu")
+    assert code == 1, out + err
+    assert "reproduces metrics.json exactly" not in out
+    assert set(re.findall(r"(test\.\w+): stored None", err)) == {f"test.{k}" for k in gone}, err
