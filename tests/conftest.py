@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 from pydantic import BaseModel, Field
@@ -154,6 +155,20 @@ def user_cli(monkeypatch, capsys, registry: Registry):
 
     yield invoke
     fk_registry.clear_registry_cache()
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, registry):
+    """The `fusionkit` entry point in this process with the `tiny` dataset (:func:`user_cli`);
+    a test module that needs other components defines its own ``cli``."""
+    yield from user_cli(monkeypatch, capsys, registry)
+
+
+def np_ccc(x, y) -> float:
+    """Lin's CCC with population moments, in numpy, written independently of fusionkit."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    cov = np.mean((x - x.mean()) * (y - y.mean()))
+    return float(2 * cov / (x.var() + y.var() + (x.mean() - y.mean()) ** 2))
 
 
 def tiny_stream_run(parent: Path, registry: Registry, **training):

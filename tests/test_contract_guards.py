@@ -46,7 +46,7 @@ from fusionkit.engine.files import (
     tensor_shapes,
 )
 from fusionkit.engine.runs import BEST_FILE, MARKER_FILE, STATE_FILE, RunDir
-from tests.conftest import TinyDataset, make_registry, tiny_recipe, user_cli
+from tests.conftest import TinyDataset, make_registry, tiny_recipe
 from tests.test_commands_trust import _audio_cnn_state
 from tests.test_plugin_trust import _load
 
@@ -415,11 +415,6 @@ def test_recipe_copy_keeps_an_existing_file_unless_forced(tmp_path):
     res = CliRunner().invoke(recipe_cli.app, ["copy", "quickstart", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "quickstart.yaml").read_bytes() == shipped
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, registry):
-    yield from user_cli(monkeypatch, capsys, registry)
 
 
 def test_recipe_validate_builds_every_point_of_a_grid(tmp_path, cli):

@@ -49,7 +49,6 @@ from tests.conftest import (
     assert_streams_trailing_windows,
     tiny_recipe,
     tiny_stream_run,
-    user_cli,
 )
 
 
@@ -57,12 +56,6 @@ from tests.conftest import (
 def trained(tmp_path_factory, registry):
     """A complete tiny run (z-scored features) and 60 frames of a test video as a file."""
     return tiny_stream_run(tmp_path_factory.mktemp("engine_guards"), registry, num_threads=1)
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, registry):
-    """The `fusionkit` entry point run as a user does; see :func:`tests.conftest.user_cli`."""
-    yield from user_cli(monkeypatch, capsys, registry)
 
 
 # ----------------------------------------------------------------- threads and devices
@@ -474,8 +467,7 @@ def test_stream_summary_gives_the_median_and_99th_percentile_latency():
 def test_eval_fails_when_metrics_json_lacks_a_number_it_recomputes(trained, tmp_path, cli):
     """`eval` compares every number it recomputes: one deleted from metrics.json by hand is a
     difference (stored nothing), not a number left out of an "exactly" verdict."""
-    run = tmp_path / "run"
-    shutil.copytree(trained[0], run)
+    run = _copy_run(trained[0], tmp_path / "run")
     metrics = json.loads((run / METRICS_FILE).read_text())
     test = metrics["splits"]["test"]
     gone = sorted(k for k in test if k.startswith(("pcc_", "rmse_")))

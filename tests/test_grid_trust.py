@@ -24,7 +24,7 @@ from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.runs import LOCK_FILE, RunDir
 from fusionkit.studies.grid import run_grid
 from fusionkit.studies.scan import scan_runs
-from tests.conftest import REPO, tiny_recipe, user_cli
+from tests.conftest import REPO, tiny_recipe
 
 
 def tiny_grid(tmp_path, seeds=(0, 1)) -> dict:
@@ -36,11 +36,6 @@ def tiny_grid(tmp_path, seeds=(0, 1)) -> dict:
 
 def files(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, registry):
-    yield from user_cli(monkeypatch, capsys, registry)
 
 
 # ----------------------------------------------------------------------------- one process

@@ -20,7 +20,7 @@ from fusionkit.engine.predict import RunPredictions, write_submission
 from fusionkit.engine.runs import BEST_FILE, NORMALIZATION_FILE, RunDir
 from fusionkit.engine.session import build_session, load_run, resolve_device
 from fusionkit.engine.train import Trainer
-from tests.conftest import TinyDataset, TinyParams, tiny_recipe, user_cli
+from tests.conftest import TinyDataset, TinyParams, tiny_recipe
 
 
 def _train(parent, registry, name, *, epochs=1, stop_after=None, targets=None, seed=0):
@@ -60,12 +60,6 @@ def runs(tmp_path_factory, registry):
     save_file({m: x[:30].contiguous() for m, x in video.features.items()}, str(feats))
     paths["features"] = feats
     return paths
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, registry):
-    """The `fusionkit` entry point run as a user does; see :func:`tests.conftest.user_cli`."""
-    yield from user_cli(monkeypatch, capsys, registry)
 
 
 def _copy(src, dst):

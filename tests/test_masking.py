@@ -20,16 +20,9 @@ from fusionkit.engine.model import ModelOutput
 from fusionkit.engine.runs import RunDir
 from fusionkit.engine.session import build_session
 from fusionkit.engine.train import Trainer
-from tests.conftest import tiny_recipe
+from tests.conftest import np_ccc, tiny_recipe
 
 TARGETS = ("valence", "arousal")
-
-
-def np_ccc(x: np.ndarray, y: np.ndarray) -> float:
-    """Lin's CCC with population moments, written independently of fusionkit."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    cov = np.mean((x - x.mean()) * (y - y.mean()))
-    return float(2 * cov / (x.var() + y.var() + (x.mean() - y.mean()) ** 2))
 
 
 class FrameWiseModel(nn.Module):

@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from fusionkit.engine.metrics import ccc, ccc_loss, pcc, regression_metrics, rmse
-
-
-def np_ccc(x: np.ndarray, y: np.ndarray) -> float:
-    # Lin (1989) with population moments, written independently of fusionkit.engine.metrics
-    sxy = np.mean((x - x.mean()) * (y - y.mean()))
-    return 2 * sxy / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
+from tests.conftest import np_ccc
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from fusionkit.engine.metrics import ccc_loss
 from fusionkit.engine.runs import METRICS_FILE, STATE_FILE, RunDir
 from fusionkit.engine.session import build_session
 from fusionkit.engine.train import Diverged, Trainer, restore_threads
-from tests.conftest import TinyDataset, TinyParams, tiny_recipe, user_cli
+from tests.conftest import TinyDataset, TinyParams, tiny_recipe
 
 
 class Changed:
@@ -183,11 +183,6 @@ def test_divergence_names_what_the_run_keeps(tmp_path, registry, monkeypatch, ep
     with RunDir.create(rc, registry) as run, pytest.raises(Diverged) as err:
         Trainer(build_session(rc, registry), run).fit()
     assert f"loss is not finite at epoch {epoch}" in str(err.value) and kept in str(err.value)
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, registry):
-    yield from user_cli(monkeypatch, capsys, registry)
 
 
 def test_after_a_divergence_the_cli_says_start_a_new_run_not_resume(

@@ -22,18 +22,11 @@ from fusionkit.engine.evaluate import predict
 from fusionkit.engine.metrics import ccc_loss
 from fusionkit.engine.runs import BEST_FILE, METRICS_FILE
 from fusionkit.engine.train import Trainer
-from tests.conftest import TinyDataset, TinyParams, tiny_recipe, user_cli
+from tests.conftest import TinyDataset, TinyParams, np_ccc, tiny_recipe
 from tests.test_train import _padded_trainer
 from tests.test_training_rules import scripted_validation, start
 
 WINDOW, HOP, BATCH = 64, 48, 4  # tiny_recipe's
-
-
-def np_ccc(x, y) -> float:
-    """Lin's CCC with population moments, in numpy."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    cov = ((x - x.mean()) * (y - y.mean())).mean()
-    return float(2 * cov / (x.var() + y.var() + (x.mean() - y.mean()) ** 2))
 
 
 def windows_by_hand(lengths) -> int:
@@ -250,11 +243,6 @@ def test_the_results_table_puts_each_number_under_its_own_header():
         row = cells(next(line for line in lines if cells(line)[:1] == [split]))
         assert row[1:] == [f"{m[k]:.4f}" for k in names]
     assert "frames: val 321, test 1234" in " ".join(lines)
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, registry):
-    yield from user_cli(monkeypatch, capsys, registry)
 
 
 def test_a_run_says_where_it_trains_and_ends_with_its_best_epoch_and_folder(
