@@ -12,7 +12,10 @@ unfused byte count (it does cut the real traffic, by fusing).
 
 Rows are ``--models`` entries, each ``MODEL[:OPT+OPT...]`` with options ``bf16``/``fp32``
 (autocast precision) and ``compile``/``eager`` (``torch.compile`` on/off) overriding the global
-``--bf16``/``--compile`` for that row, e.g. ``tagf_eager,tagf,tagf:bf16,tagf:bf16+compile``.
+``--bf16``/``--compile`` for that row, e.g. ``tagf_eager,tagf,tagf:bf16,tagf:bf16+compile``,
+and ``graphs`` (CUDA only): the whole training step (forward, loss, backward, Adam with
+``capturable=True``) captured once as a CUDA graph and replayed, which removes the host's
+per-kernel launch cost; shown as ``+graphs`` in the compile column.
 Each row runs in a fresh process, and the rows run interleaved: ``--rounds`` times the whole
 list in turn (``tagf_eager`` first in each round), so that a slow spell of a shared machine
 falls on every row alike. A row's times are the median over the rounds of each process's
@@ -89,6 +92,7 @@ OPTIONS: dict[str, tuple[str, bool]] = {
     "fp32": ("bf16", False),
     "compile": ("compile", True),
     "eager": ("compile", False),
+    "graphs": ("graphs", True),
 }
 
 
@@ -100,6 +104,7 @@ class Variant:
     model: str
     bf16: bool
     compile: bool
+    graphs: bool = False
 
     @property
     def precision(self) -> str:
@@ -119,7 +124,7 @@ def parse_variant(spec: str, *, bf16: bool = False, compile: bool = False) -> Va
         raise ValueError(
             f"--models entry {spec!r}: unknown model {name!r}; models: {', '.join(MODELS)}"
         )
-    fields = {"bf16": bf16, "compile": compile}
+    fields = {"bf16": bf16, "compile": compile, "graphs": False}
     given: dict[str, str] = {}
     for opt in (o.strip() for o in opts.split("+")) if opts else ():
         if opt not in OPTIONS:
@@ -248,9 +253,10 @@ PEAK_SOURCE = {
     "H100": "NVIDIA H100 SXM5 datasheet",
     "H200": "NVIDIA H200 datasheet",
 }
-LAB_NOTE = (
-    "measured on the lab's H100 (80GB HBM3): 798 TFLOP/s for an 8192^3 bf16 matmul and about "
-    "3.0 TB/s for a device-to-device copy (read + write), i.e. ~81% and ~90% of the spec peaks"
+MEASURED_NOTE = (
+    "measured with benchmarks/peaks.py on an NVIDIA H200 (2026-12-01): 792 TFLOP/s for an "
+    "8192^3 bf16 matmul and 4,301 GB/s for a device-to-device copy (read + write), i.e. ~80% "
+    "and ~90% of the H200 spec peaks"
 )
 
 
@@ -487,10 +493,30 @@ def _tf32() -> dict[str, bool] | None:
 ADAM = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def make_adam(params: Iterable[nn.Parameter], impl: str) -> torch.optim.Adam:
+def make_adam(
+    params: Iterable[nn.Parameter], impl: str, *, capturable: bool = False
+) -> torch.optim.Adam:
     """Adam (lr 1e-4) in one of its implementations (:data:`ADAM`); ``for-loop`` is what
-    ``torch.optim.Adam`` picks by default for CPU tensors."""
-    return torch.optim.Adam(params, lr=1e-4, **ADAM[impl])
+    ``torch.optim.Adam`` picks by default for CPU tensors. ``capturable`` keeps the step count
+    on the device, as a CUDA graph capture needs."""
+    return torch.optim.Adam(params, lr=1e-4, capturable=capturable, **ADAM[impl])
+
+
+def cuda_graphed(step: Callable[[], None], device: torch.device, warmup: int = 3):
+    """``step`` (a whole training step on static tensors) captured as a CUDA graph; returns
+    the graph's ``replay``. Warm-up runs on a side stream first, as capture requires."""
+    if device.type != "cuda":
+        raise ValueError(f"the graphs option needs --device cuda (got {device.type})")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def measure(args: argparse.Namespace, var: Variant) -> dict:
@@ -502,13 +528,16 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
     inputs = {m: torch.randn(b, t, d, device=device) for m, d in feat.items()}
     mask = torch.ones(b, t, dtype=torch.bool, device=device)
     target = torch.rand(b, t, 2, device=device) * 2 - 1
-    opt = make_adam(model.parameters(), getattr(args, "adam", "for-loop"))
+    opt = make_adam(model.parameters(), getattr(args, "adam", "for-loop"), capturable=var.graphs)
     fwd = torch.compile(model) if var.compile else model
 
     def make_train_step(forward: Callable) -> Callable[[], None]:
         def train_step():
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=var.bf16):
+            # a CUDA graph must not capture autocast's cast cache (freed on context exit)
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=var.bf16, cache_enabled=not var.graphs
+            ):
                 pred = forward(inputs, mask).pred
             loss = ccc_loss(pred.float(), target, mask)
             loss.backward()
@@ -517,6 +546,11 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
         return train_step
 
     train_step = make_train_step(fwd)
+    if device.type == "cuda":  # before capturing: a graph's memory pool counts too
+        torch.cuda.reset_peak_memory_stats(device)
+    if var.graphs:
+        model.train()
+        train_step = cuda_graphed(train_step, device)
 
     def infer_step():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=var.bf16):
@@ -535,8 +569,6 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     train_s = timed(train_step, True)
     peak = (
         torch.cuda.max_memory_allocated(device)
@@ -575,6 +607,7 @@ def measure(args: argparse.Namespace, var: Variant) -> dict:
         "precision": var.precision,
         "bf16": var.bf16,
         "compile": var.compile,
+        "graphs": var.graphs,
         "params": sum(p.numel() for p in model.parameters()),
         "train_step_ms": train_ms,
         "train_windows_s": b / train_s,
@@ -650,6 +683,11 @@ COLS = [
 ]
 
 
+def _runs_as(row: dict) -> str:
+    """The compile column: ``compile`` or ``eager``, ``+graphs`` when CUDA graphs replay it."""
+    return ("compile" if row["compile"] else "eager") + ("+graphs" if row.get("graphs") else "")
+
+
 def table_row(row: dict) -> str:
     cells = []
     for c in COLS:
@@ -665,7 +703,7 @@ def table_row(row: dict) -> str:
             bound = {"compute": "compute", "memory": "mem"}.get(row.get("roofline_bound"), "")
             cells.append("" if v is None else f"{v:.1f}% ({bound})")
         elif c == "compile":
-            cells.append("compile" if row["compile"] else "eager")
+            cells.append(_runs_as(row))
         else:
             cells.append(_cell(row.get(c)))
     return "| " + " | ".join(cells) + " |"
@@ -698,7 +736,7 @@ def profile_section(rows: list[dict]) -> list[str]:
         cells = [
             r["model"],
             r["precision"],
-            "compile" if r["compile"] else "eager",
+            _runs_as(r),
             _cell(p["wall_ms"]),
             _cell(r["train_step_ms"]),
             "n/a" if busy is None else _cell(busy),
@@ -755,7 +793,7 @@ def footer(rows: list[dict]) -> list[str]:
             "roofline: no peaks known for this device (CUDA table: H100, H100 PCIe, H200); "
             "give --peak-tflops/--peak-gbs to compute one."
         )
-    out.append(f"Note: {LAB_NOTE}.")
+    out.append(f"Note: {MEASURED_NOTE}.")
     return out
 
 
@@ -812,7 +850,7 @@ def main() -> None:
     ap.add_argument(
         "--models",
         default=",".join(MODELS),
-        help="rows, MODEL[:OPT+OPT], OPT one of bf16, fp32, compile, eager",
+        help="rows, MODEL[:OPT+OPT], OPT one of bf16, fp32, compile, eager, graphs",
     )
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--length", type=int, default=300)

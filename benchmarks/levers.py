@@ -269,7 +269,10 @@ def main() -> None:
     unknown = [g for g in groups if g not in BUILDERS]
     if unknown:
         ap.error(f"unknown group(s) {unknown}; groups: {', '.join(GROUPS)}")
-    print(f"# CPU, {args.threads} threads; {args.repeats} interleaved repeats after 1 warm-up")
+    where = "CPU" if args.device == "cpu" else f"{args.device} for the gate and seeds groups"
+    print(
+        f"# {where}, {args.threads} CPU threads; {args.repeats} interleaved repeats after 1 warm-up"
+    )
     print("| group | variant | min ms | median ms | base/variant (min) | base/variant per repeat |")
     print("|---|---|---|---|---|---|")
     for g in groups:
