@@ -93,15 +93,17 @@ def _sha(raw: dict, registry) -> str:
 def test_evaluation_settings_count_as_training_settings_but_robustness_does_not(tmp_path, registry):
     """The training hash decides whether a run (or a grid point) made by one recipe may be
     resumed or counted as done under another. Only the output location, the grid axes, the
-    description, plugin strictness and the robustness sweeps may change without changing it
-    (docs/recipes.md). If evaluation settings were left out, a grid re-run with other
-    evaluation splits would keep the old points as done, without the new split's numbers."""
+    description, plugin strictness, the robustness sweeps and the speed-only CUDA-graphs switch
+    may change without changing it (docs/recipes.md). If evaluation settings were left out, a
+    grid re-run with other evaluation splits would keep the old points as done, without the
+    new split's numbers."""
     base = tiny_recipe(tmp_path)
     rc = validate_recipe(base, "tiny", registry)
     dumped = rc.model_dump(mode="json")
     want = {k: v for k, v in dumped.items() if k not in ("output", "sweep", "variants")}
     want = {k: v for k, v in want.items() if k not in ("description", "strict_plugins")}
     want["evaluation"] = {k: v for k, v in dumped["evaluation"].items() if k != "robustness"}
+    want["training"] = {k: v for k, v in dumped["training"].items() if k != "cuda_graphs"}
     assert rc.training_view() == want
     text = json.dumps(want, sort_keys=True, separators=(",", ":"))
     assert rc.training_sha256() == hashlib.sha256(text.encode()).hexdigest()

@@ -483,6 +483,12 @@ class TrainingSpec(Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode when compile is true"
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="capture each full training step as a CUDA graph and replay it: removes "
+        "the kernel-launch cost that bounds small models on a GPU (CUDA, one process, not "
+        "with compile; see docs/benchmarks.md)",
+    )
     mask_padding: bool = Field(
         True, description="exclude padded frames from the loss (the released code includes them)"
     )
@@ -497,6 +503,18 @@ class TrainingSpec(Strict):
         max_length=64,
         description="applied in order to the training split only (drawn once per video)",
     )
+
+    @model_validator(mode="after")
+    def _graphs_without_compile(self) -> TrainingSpec:
+        if self.cuda_graphs and self.compile:
+            raise error_at(
+                ("cuda_graphs",),
+                "true together with training.compile: true; torch.compile captures its own "
+                "CUDA graphs (training.compile_mode: reduce-overhead): set one of the two to "
+                "false",
+                True,
+            )
+        return self
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> TrainingSpec:
@@ -598,13 +616,19 @@ class Recipe(Strict):
 
 #: top-level recipe keys that do not change what a run trains and how it is scored
 NOT_TRAINING = ("output", "sweep", "variants", "description", "strict_plugins")
+#: training keys that change how fast a step runs, not what it computes (a run may resume
+#: with them changed, and runs made before they existed keep their hash)
+SPEED_ONLY = ("cuda_graphs",)
 
 
 def training_view_of(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """A recipe mapping (resolved, as JSON) without what does not change a run's training and
     evaluation: robustness sweeps, the output location, grid axes, description, plugin
-    strictness. Works on a run's ``recipe.yaml`` as read, without building any component."""
+    strictness, speed-only training switches (:data:`SPEED_ONLY`). Works on a run's
+    ``recipe.yaml`` as read, without building any component."""
     view = {k: v for k, v in recipe.items() if k not in NOT_TRAINING}
+    if isinstance(view.get("training"), Mapping):
+        view["training"] = {k: v for k, v in view["training"].items() if k not in SPEED_ONLY}
     if isinstance(view.get("evaluation"), Mapping):
         view["evaluation"] = {k: v for k, v in view["evaluation"].items() if k != "robustness"}
     return view

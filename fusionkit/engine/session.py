@@ -152,6 +152,29 @@ def resolve_device(
     return torch.device(spec)
 
 
+def check_cuda_graphs(recipe: Recipe, device: torch.device, world_size: int = 1) -> None:
+    """Refuse ``training.cuda_graphs`` where training cannot replay graphs: off CUDA, or in a
+    job of several processes (each step's gradient all-reduce is not captured)."""
+    if not recipe.training.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise RecipeError(
+            [
+                f"training.cuda_graphs: true needs a CUDA device, and this run trains on "
+                f"{device.type}; set training.cuda_graphs to false (or train on a GPU)"
+            ],
+            recipe.source,
+        )
+    if world_size > 1:
+        raise RecipeError(
+            [
+                f"training.cuda_graphs: true trains in one process, and this job has "
+                f"{world_size}; set training.cuda_graphs to false for torchrun jobs"
+            ],
+            recipe.source,
+        )
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
@@ -393,7 +416,7 @@ def check_recipe(recipe: Recipe, registry: Registry | None = None) -> FusionMode
     built on the meta device (and returned: its structure and parameter count are known, its
     weights are not)."""
     registry = registry or get_registry()
-    resolve_device(recipe.training.device, source=recipe.source)
+    check_cuda_graphs(recipe, resolve_device(recipe.training.device, source=recipe.source))
     return _assemble(recipe, registry, torch.device("meta"))[2]
 
 

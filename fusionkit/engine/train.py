@@ -47,6 +47,7 @@ from fusionkit.engine.files import (
     file_sha256,
     save_tensors,
 )
+from fusionkit.engine.graphs import GraphedStep
 from fusionkit.engine.metrics import ccc_loss
 from fusionkit.engine.progress import TrainProgress, train_progress
 from fusionkit.engine.runs import (
@@ -60,7 +61,7 @@ from fusionkit.engine.runs import (
     RunDir,
     resume_command,
 )
-from fusionkit.engine.session import Session, available_cores
+from fusionkit.engine.session import Session, available_cores, check_cuda_graphs
 
 __all__ = [
     "Diverged",
@@ -185,8 +186,14 @@ class Trainer:
         self.dist = dist or Dist()
         self.on_epoch_end = on_epoch_end
         tr = self.recipe.training
+        check_cuda_graphs(self.recipe, self.device, self.dist.world_size)
+        self.graphs = tr.cuda_graphs
         self.optimizer = torch.optim.Adam(  # fused: one kernel for all parameters
-            self.model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, fused=True
+            self.model.parameters(),
+            lr=tr.lr,
+            weight_decay=tr.weight_decay,
+            fused=True,
+            capturable=self.graphs,  # the step count stays on the device, as graphs need
         )
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer,
@@ -240,6 +247,8 @@ class Trainer:
             )
         # a state of an older version does not say: recorded from now on
         state.world_size = self.dist.world_size
+        for group in self.optimizer.param_groups:  # loaded with the saved run's setting
+            group["capturable"] = self.graphs
         recover_best_weights(self.run, state)
         self.state = state
         self._set_rng_state(rng)
@@ -256,7 +265,10 @@ class Trainer:
         batch = store.batch(windows)
         # mask_padding=False (as released): padded frames count, with target 0
         loss_mask = batch.target_mask if tr.mask_padding else batch.target_mask | ~batch.mask
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # a CUDA graph must not capture autocast's cache of cast weights (freed on exit)
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=not self.graphs
+        ):
             out = fwd(batch.inputs, batch.mask)
         loss = ccc_loss(out.pred.float(), batch.targets, loss_mask)
         loss.backward()
@@ -264,8 +276,33 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
         return loss.detach()
 
+    def _step_fn(
+        self, fwd: torch.nn.Module, train: FrameStore
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """One training step on a batch of windows (zero grads, :meth:`backward_step`, Adam);
+        with ``training.cuda_graphs`` full batches replay a captured graph of it."""
+
+        def step(windows: torch.Tensor) -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.backward_step(fwd, train, windows)
+            self.optimizer.step()
+            return loss
+
+        if not self.graphs:
+            return step
+        return GraphedStep(
+            step,
+            self.recipe.training.batch_size,
+            self.device,
+            lambda: tuple(float(g["lr"]) for g in self.optimizer.param_groups),
+        )
+
     def _train_epoch(
-        self, fwd: torch.nn.Module, train: FrameStore, epoch: int, steps: int
+        self,
+        step: Callable[[torch.Tensor], torch.Tensor],
+        train: FrameStore,
+        epoch: int,
+        steps: int,
     ) -> float:
         """One pass over the training windows; returns the mean loss. Non-finite losses are
         tracked on the device and checked once, at the end of the epoch."""
@@ -278,13 +315,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         first_bad = torch.full((), steps, device=self.device, dtype=torch.long)
         for i in range(steps):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.backward_step(fwd, train, perm[i * bs : (i + 1) * bs])
+            loss = step(perm[i * bs : (i + 1) * bs])
             first_bad = torch.where(
                 torch.isfinite(loss) | (first_bad < steps), first_bad, torch.full_like(first_bad, i)
             )
             loss_sum += loss
-            self.optimizer.step()
             self.progress.step()
         bad = int(first_bad)
         if bad < steps:
@@ -481,6 +516,7 @@ class Trainer:
         fwd = self.dist.wrap(self.model, self.device)
         if tr.compile:  # the weights stay those of `model`: checkpoints are unaffected
             fwd = torch.compile(fwd, mode=tr.compile_mode)
+        step = self._step_fn(fwd, train)
         st = self.state
         self.progress.start(tr.epochs, st.epochs_done, steps)
         try:
@@ -488,7 +524,7 @@ class Trainer:
                 epoch = st.epochs_done + 1
                 t0 = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]  # the epoch's, before the plateau step
-                train_loss = self._train_epoch(fwd, train, epoch, steps)
+                train_loss = self._train_epoch(step, train, epoch, steps)
                 metrics = self._validate(val, epoch)
                 score = metrics["ccc_mean"]
                 self.scheduler.step(score)
