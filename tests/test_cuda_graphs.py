@@ -3,13 +3,15 @@ the option is refused, and (on a GPU) that graphed training trains what eager tr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from fusionkit.core.errors import RecipeError
 from fusionkit.core.recipe import training_sha256_of, training_view_of, validate_recipe
 from fusionkit.engine.graphs import GraphedStep
-from fusionkit.engine.runs import RunDir
+from fusionkit.engine.runs import METRICS_FILE, RunDir
 from fusionkit.engine.session import build_session, check_cuda_graphs, check_recipe
 from fusionkit.engine.train import Trainer
 from tests.conftest import tiny_recipe
@@ -133,6 +135,8 @@ def test_the_trainer_through_graphed_steps_trains_what_eager_steps_train(
 
     graphed, eager = fit(True), fit(False)
     assert len(made) == 1
+    recorded = [json.loads((r.run_dir / METRICS_FILE).read_text()) for r in (graphed, eager)]
+    assert [m["cuda_graphs"] for m in recorded] == [True, False]  # metrics.json says how
     lrs = {round(r["lr"], 12) for r in graphed.history}
     assert len(lrs) > 1  # the plateau schedule did lower the rate during the run
     assert made[0].captures == len(lrs)  # one capture per learning rate

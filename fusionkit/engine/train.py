@@ -584,6 +584,7 @@ class Trainer:
             "device": str(self.device),
             "precision": "bf16" if self.bf16 else "fp32",
             "compile": self.recipe.training.compile,
+            "cuda_graphs": self.graphs,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "world_size": self.dist.world_size,
             "recipe_sha256": st.recipe_sha256,
