@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU number of docs/benchmarks.md in one run of about 7 minutes (at most ~10.5):
+# Every GPU number of docs/benchmarks.md in one run of about 6 minutes (at most ~9.5):
 # TAGF training throughput against the eager re-creation of the released code (tagf_eager) in
-# fp32, bf16 and bf16 + torch.compile at batch 64 and at the released batch 12 (T = 300), GPU
-# busy time against step time (torch.profiler), FLOPs and bytes per step against the device's
-# peaks (roofline; H100/H200 known), the CUDA tests, and the quickstart recipe trained on CUDA.
+# fp32, bf16, bf16 + torch.compile and bf16 + CUDA graphs at batch 64 and at the released batch
+# 12 (T = 300), GPU busy time against step time (torch.profiler), FLOPs and bytes per step
+# against the device's peaks (roofline; H100/H200 known) and its measured ceilings, the CUDA
+# tests, and the quickstart recipe trained on CUDA, eagerly and with training.cuda_graphs.
 #
 # Run it from anywhere on a machine with a CUDA GPU and a Python that has torch:
 #
@@ -23,23 +24,26 @@
 # extraction modules import it; test files that need it are reported and skipped.
 #
 # What it writes to $OUT:
-#   env.txt        nvidia-smi, python/torch/CUDA/cuDNN versions, TF32 flags, plugins
+#   env.txt        nvidia-smi, python/torch/CUDA/cuDNN versions, TF32 flags, plugins, and the
+#                  measured bf16 matmul and copy ceilings (benchmarks/peaks.py)
 #   pytest.log     the CUDA tests (ids containing "cuda": bf16 autocast, no host sync)
-#   bench64.log    batch 64, T 300: tagf_eager, tagf, tagf:bf16, rjca:bf16,
-#                  tagf_temporal:bf16, tagf:bf16+compile, with --profile (busy time,
-#                  top kernels), FLOPs, bytes and the roofline per row
+#   bench64.log    batch 64, T 300: tagf_eager, tagf, tagf:bf16, tagf:bf16+graphs, rjca:bf16,
+#                  rjca:bf16+graphs, tagf_temporal:bf16, tagf:bf16+compile, with --profile
+#                  (busy time, top kernels), FLOPs, bytes and the roofline per row
 #   levers.log     the TAGF gate (batch 12, T 300) through nn.LSTM (cuDNN) and through the
 #                  fused step_scores, forward + backward: which one a GPU should use
-#   bench12.log    the released batch 12 shapes, every model, fp32 and tagf in bf16
+#   bench12.log    the released batch 12 shapes, every model, fp32, and tagf in bf16 with and
+#                  without CUDA graphs
 #   bench.jsonl    every row of both bench runs as JSON lines (the batch field tells them apart)
-#   quickstart.log `python -m fusionkit run recipes/quickstart.yaml training.device=cuda`
+#   quickstart.log `python -m fusionkit run recipes/quickstart.yaml training.device=cuda`, then
+#                  the same with training.cuda_graphs=true
 #
 # Each step is capped with `timeout`, and a failed or timed-out step does not stop the next:
-# setup ~10 s, (a) 20 s, (b) 60 s, (c) 330 s, (c2) 60 s, (d) 90 s, (e) 60 s, ~630 s at
-# most; the caps are T_A .. T_F (seconds). Each bench row has its own cap too (--row-timeout:
-# 200 s at batch 64, for the compile row). GPU timings are steady, so each bench row runs once
-# (--rounds 1). In the CPU check below (FK_QUICK=1) the levers step runs the full CPU shapes and
-# may hit its cap; that is harmless.
+# setup ~10 s, (a) 30 s, (b) 60 s, (c) 250 s, (c2) 40 s, (d) 110 s, (e) 2 x 40 s, ~580 s
+# at most (the first run on an H200 took 270 s); the caps are T_A .. T_F (seconds). Each
+# bench row has its own cap too (--row-timeout: 120 s at batch 64, for the compile row). GPU
+# timings are steady, so each bench row runs once (--rounds 1). In the CPU check below
+# (FK_QUICK=1) the levers step runs the full CPU shapes and may hit its cap; that is harmless.
 #
 # The same steps on the CPU with tiny shapes, to check the script itself:
 #   FK_DEVICE=cpu FK_QUICK=1 OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh
@@ -58,12 +62,15 @@ if [ "${FK_QUICK:-0}" = 1 ]; then # CPU smoke test of this script: tiny shapes
   B64=(--batch 2 --length 40 --repeats 1 --warmup 1 --threads 2 --rounds 1)
   B12=(--batch 1 --length 40 --repeats 1 --warmup 1 --threads 2 --rounds 1)
   BIG_MODELS="tagf_eager,tagf,tagf:bf16,rjca:bf16"
+  SMALL_MODELS="concat,rjca,tagf,tagf_eager,tagf:bf16"
   QS_EXTRA=(training.epochs=1)
 else
   B64=(--batch 64 --length 300 --repeats 10 --warmup 3 --rounds 1)
   B12=(--batch 12 --length 300 --repeats 10 --warmup 3 --rounds 1)
   # the compile row last: if compiling runs long, it cannot starve the other rows
-  BIG_MODELS="tagf_eager,tagf,tagf:bf16,rjca:bf16,tagf_temporal:bf16,tagf:bf16+compile"
+  BIG_MODELS="tagf_eager,tagf,tagf:bf16,tagf:bf16+graphs,rjca:bf16,rjca:bf16+graphs"
+  BIG_MODELS+=",tagf_temporal:bf16,tagf:bf16+compile"
+  SMALL_MODELS="concat,rjca,grjca,tagf,tagf_temporal,tagf_eager,tagf:bf16,tagf:bf16+graphs"
   QS_EXTRA=()
 fi
 
@@ -112,7 +119,7 @@ ENV="$OUT/env.txt"
   date -u
   nvidia-smi || echo "nvidia-smi not available"
 } >"$ENV" 2>&1
-step "versions" "$ENV" "${T_A:-20}" -- "${PY[@]}" -c '
+step "versions" "$ENV" "${T_A:-30}" -- "${PY[@]}" -c '
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "cudnn", torch.backends.cudnn.version())
@@ -128,6 +135,10 @@ print("plugin failures:", [(f.plugin, f.error) for f in r.failures])
 print("components:", ", ".join(f"{c.kind}/{c.name}" for c in r.components()))
 '
 
+if [ "$DEV" = cuda ]; then
+  step "ceilings" "$ENV" 30 -- "${PY[@]}" benchmarks/peaks.py
+fi
+
 # --- (b) the CUDA tests -----------------------------------------------------------------------
 # Every test file is collected (a file that cannot import, e.g. for av, is reported and skipped)
 # and the tests with "cuda" in their id run: the bf16 autocast tests of encoders, rjca, gates,
@@ -136,23 +147,27 @@ step "cuda tests" "$OUT/pytest.log" "${T_B:-60}" -- "${PY[@]}" -m pytest -q -p n
   --continue-on-collection-errors -k cuda tests
 
 # --- (c) batch 64, T 300, with the profiler ----------------------------------------------------
-step "bench batch 64" "$OUT/bench64.log" "${T_C:-330}" -- "${PY[@]}" benchmarks/bench.py \
-  --device "$DEV" "${B64[@]}" --models "$BIG_MODELS" --profile --row-timeout 200 \
+step "bench batch 64" "$OUT/bench64.log" "${T_C:-250}" -- "${PY[@]}" benchmarks/bench.py \
+  --device "$DEV" "${B64[@]}" --models "$BIG_MODELS" --profile --row-timeout 120 \
   --json "$OUT/bench.jsonl"
 
 # --- (c2) the TAGF gate on the GPU: nn.LSTM (cuDNN) against the fused step_scores -----------
 # (TAGFGate.fused picks the modules on a GPU by default, the fused path on the CPU)
-step "gate levers" "$OUT/levers.log" "${T_F:-60}" -- "${PY[@]}" benchmarks/levers.py \
+step "gate levers" "$OUT/levers.log" "${T_F:-40}" -- "${PY[@]}" benchmarks/levers.py \
   --device "$DEV" --groups gate --no-compile --repeats 10
 
 # --- (d) the released shapes: batch 12 --------------------------------------------------------
-step "bench batch 12" "$OUT/bench12.log" "${T_D:-90}" -- "${PY[@]}" benchmarks/bench.py \
-  --device "$DEV" "${B12[@]}" --models concat,rjca,grjca,tagf,tagf_temporal,tagf_eager,tagf:bf16 \
-  --row-timeout 60 --json "$OUT/bench.jsonl"
+step "bench batch 12" "$OUT/bench12.log" "${T_D:-110}" -- "${PY[@]}" benchmarks/bench.py \
+  --device "$DEV" "${B12[@]}" --models "$SMALL_MODELS" --row-timeout 60 --json "$OUT/bench.jsonl"
 
 # --- (e) a full recipe run --------------------------------------------------------------------
-step "quickstart on $DEV" "$OUT/quickstart.log" "${T_E:-60}" -- "${PY[@]}" -m fusionkit run \
+step "quickstart on $DEV" "$OUT/quickstart.log" "${T_E:-40}" -- "${PY[@]}" -m fusionkit run \
   recipes/quickstart.yaml "training.device=$DEV" output.dir=/tmp/fk_runs "${QS_EXTRA[@]}"
+if [ "$DEV" = cuda ]; then
+  step "quickstart with CUDA graphs" "$OUT/quickstart.log" "${T_E:-40}" -- "${PY[@]}" -m \
+    fusionkit run recipes/quickstart.yaml training.device=cuda training.cuda_graphs=true \
+    output.dir=/tmp/fk_runs output.name=quickstart_graphs
+fi
 
 echo "=== done in $SECONDS s; files in $OUT:"
 ls -la "$OUT"
