@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fusionkit.core.errors import RecipeError
+from fusionkit.core.errors import RecipeError, TrainingError
 from fusionkit.core.recipe import training_sha256_of, training_view_of, validate_recipe
 from fusionkit.engine.graphs import GraphedStep
 from fusionkit.engine.runs import METRICS_FILE, RunDir
@@ -82,6 +82,20 @@ def test_a_learning_rate_change_captures_the_step_again() -> None:
     assert cap.captures == 2 and g.captured_lrs == (3e-4,)
     g(torch.tensor([6, 7]))
     assert cap.captures == 2
+
+
+def test_a_step_that_cannot_be_captured_stops_with_the_key_and_the_fix() -> None:
+    def refusing(fn):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    g = GraphedStep(
+        _recording_step([], FakeCapture()), 2, torch.device("cpu"), lambda: (1e-3,), 0, refusing
+    )
+    with pytest.raises(TrainingError, match=r"training\.cuda_graphs: the training step") as exc:
+        g(torch.tensor([0, 1]))
+    msg = str(exc.value)
+    assert "operation not permitted when stream is capturing" in msg and "\n" not in msg
+    assert "set training.cuda_graphs to false" in msg
 
 
 def test_the_trainer_through_graphed_steps_trains_what_eager_steps_train(

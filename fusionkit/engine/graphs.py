@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fusionkit.core.errors import TrainingError, one_line
+
 #: one training step on a batch of window indices: zero grads, forward, backward, optimizer
 #: step; returns the detached loss
 Step = Callable[[Tensor], Tensor]
@@ -101,6 +103,14 @@ class GraphedStep:
             self.loss = self.step(self.windows)
             return self.loss
 
-        self.replay = self.capture(fn)
+        try:
+            self.replay = self.capture(fn)
+        except RuntimeError as exc:  # e.g. a host read of a tensor value while capturing
+            raise TrainingError(
+                "training.cuda_graphs: the training step could not be captured as a CUDA "
+                f"graph ({one_line(exc, pick='first')}); a component reads tensor values on "
+                "the host or changes shapes with the data (`fusionkit plugins check` names "
+                "such ops): set training.cuda_graphs to false"
+            ) from exc
         self.captured_lrs = self.lrs()
         self.captures += 1
