@@ -228,7 +228,7 @@ def read_feature_file(
     if path.suffix == ".safetensors":
         try:
             shapes = tensor_shapes(path)
-            _check_size(path, {m: shapes[m] for m in modalities if m in shapes})
+            _check_size(path, shapes)  # every tensor in it: the whole file is loaded
             tensors = load_tensors(path)[0]
         except FusionkitError as exc:
             raise DataError(str(exc)) from None
