@@ -171,10 +171,18 @@ def np_ccc(x, y) -> float:
     return float(2 * cov / (x.var() + y.var() + (x.mean() - y.mean()) ** 2))
 
 
-def tiny_stream_run(parent: Path, registry: Registry, **training):
+def tiny_stream_run(
+    parent: Path,
+    registry: Registry,
+    *,
+    data: dict | None = None,
+    frames: int = 60,
+    **training,
+):
     """A complete 1-epoch tiny run under ``parent/runs`` with a causal ``tcn`` audio encoder
-    and z-scored features, and 60 frames of its first test video saved as
-    ``parent/video.safetensors``: ``(run path, features file, the whole video)``."""
+    and z-scored features (``data`` updates the data block, e.g. its window), and the first
+    ``frames`` frames of its first test video saved as ``parent/video.safetensors``:
+    ``(run path, features file, the whole video)``."""
     from safetensors.torch import save_file
 
     from fusionkit.core.recipe import validate_recipe
@@ -184,14 +192,28 @@ def tiny_stream_run(parent: Path, registry: Registry, **training):
 
     raw = tiny_recipe(parent / "runs", epochs=1, **training)
     raw["model"]["encoders"]["audio"] = {"name": "tcn", "params": {"channels": [4, 4]}}
-    raw["data"]["normalize"] = "zscore"
+    raw["data"].update(normalize="zscore", **(data or {}))
     rc = validate_recipe(raw, "r.yaml", registry)
     with RunDir.create(rc, registry) as run:
         Trainer(build_session(rc, registry), run).fit()
     video = TinyDataset(TinyParams()).videos("test")[0]
     feats = parent / "video.safetensors"
-    save_file({m: x[:60].contiguous() for m, x in video.features.items()}, str(feats))
+    save_file({m: x[:frames].contiguous() for m, x in video.features.items()}, str(feats))
     return run.path, feats, video
+
+
+def eval_model(tmp_path: Path, registry: Registry, window: int = 64, **model):
+    """The tiny recipe's model (``model`` updates its model block) in eval mode, built with
+    seed 0 for the tiny dataset's feature sizes, ``data.window`` = ``data.hop`` = ``window``."""
+    from fusionkit.core.recipe import validate_recipe
+    from fusionkit.engine.model import build_model
+
+    raw = tiny_recipe(tmp_path)
+    raw["data"].update(window=window, hop=window)
+    raw["model"].update(model)
+    rc = validate_recipe(raw, "tiny", registry)
+    torch.manual_seed(0)
+    return build_model(rc, dict(TinyDataset.feature_dims), registry).eval()
 
 
 def stream_frames(sp, xs: dict[str, torch.Tensor], n: int) -> torch.Tensor:

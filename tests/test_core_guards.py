@@ -19,7 +19,6 @@ from fusionkit.core.recipe import PerturbationSpec, validate_recipe
 from fusionkit.engine.checkpoint import TrainState, load_state, save_state
 from fusionkit.engine.data import Normalizer
 from fusionkit.engine.distributed import Dist
-from fusionkit.engine.model import build_model
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation
 from fusionkit.engine.predict import RunPredictions, submission_rows, write_submission
 from fusionkit.engine.runs import BEST_FILE, STATE_FILE, RunDir
@@ -31,6 +30,7 @@ from tests.conftest import (
     TinyDataset,
     TinyParams,
     assert_streams_trailing_windows,
+    eval_model,
     stream_frames,
     tiny_recipe,
 )
@@ -130,15 +130,6 @@ def test_evaluation_settings_count_as_training_settings_but_robustness_does_not(
 # ----------------------------------------------------------------------------- streaming
 
 
-def _model(tmp_path, registry, window=64, **model):
-    raw = tiny_recipe(tmp_path)
-    raw["data"].update(window=window, hop=window)
-    raw["model"].update(model)
-    rc = validate_recipe(raw, "tiny", registry)
-    torch.manual_seed(0)
-    return build_model(rc, DIMS, registry).eval()
-
-
 def _frames(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {m: torch.randn(n, d, generator=g) * 3 + 2 for m, d in DIMS.items()}
@@ -149,7 +140,7 @@ def test_streaming_z_scores_every_pushed_frame_with_the_run_statistics(tmp_path,
     model (``linear`` encoders, concat, last, regression) gives, at frame t, the model on
     ``(x - mean) / std`` read at t. Skipping the normaliser feeds raw features to a model
     trained on standardised ones and streams other numbers without any error."""
-    model = _model(tmp_path, registry)
+    model = eval_model(tmp_path, registry)
     n = 30
     xs = _frames(n)
     g = torch.Generator().manual_seed(5)
@@ -168,7 +159,7 @@ def test_a_head_that_is_not_frame_local_streams_the_newest_frame(tmp_path, regis
     ``frame_local``), the whole trailing window goes through the head and the prediction for
     frame t is the head's output at the window's last frame (module docstring). Reading any
     other position of that window returns the prediction of an older frame."""
-    model = _model(tmp_path, registry, fusion={"name": "rjca", "params": {"recursions": 2}})
+    model = eval_model(tmp_path, registry, fusion={"name": "rjca", "params": {"recursions": 2}})
     for part in (model.fusion, model.gate, model.head):
         part.frame_local = False
     n, c = 24, 8
@@ -288,7 +279,7 @@ def test_a_fixed_length_fusion_streams_its_first_frames_with_the_padding_masked(
     t. Unmasked padding lets the zero rows into the temporal gate's recurrence
     (``tagf_temporal``), which moves every early frame by up to ~1e-4."""
     rjca = {"name": "rjca", "params": {"mode": "faithful", "length": 8, "recursions": 2}}
-    model = _model(tmp_path, registry, window=8, fusion=rjca, gate={"name": "tagf_temporal"})
+    model = eval_model(tmp_path, registry, window=8, fusion=rjca, gate={"name": "tagf_temporal"})
     n, c = 12, 8
     xs = _frames(n, seed=2)
     sp = StreamingPredictor(model, DIMS, context=30)

@@ -26,33 +26,31 @@ from safetensors.torch import save_file
 
 from fusionkit.core.errors import DataError, ShapeError
 from fusionkit.core.interfaces import Video
-from fusionkit.core.recipe import validate_recipe
 from fusionkit.core.registry import Registry, load_registry
 from fusionkit.engine import files as fk_files
 from fusionkit.engine import streaming
 from fusionkit.engine.data import Normalizer
-from fusionkit.engine.model import FusionModel, build_model
+from fusionkit.engine.model import FusionModel
 from fusionkit.engine.predict import (
     RunPredictions,
     check_missing_value,
     predict_run,
     write_submission,
 )
-from fusionkit.engine.runs import RunDir
-from fusionkit.engine.session import build_session, load_run
+from fusionkit.engine.session import load_run
 from fusionkit.engine.streaming import (
     StreamingPredictor,
     check_features,
     read_feature_file,
     stream,
 )
-from fusionkit.engine.train import Trainer
 from tests.conftest import (
     TinyDataset,
     TinyParams,
     assert_streams_trailing_windows,
+    eval_model,
     stream_frames,
-    tiny_recipe,
+    tiny_stream_run,
     user_cli,
 )
 
@@ -60,15 +58,6 @@ DIMS = {"audio": 6, "video": 5}
 MODALITIES = ["audio", "video"]
 WINDOW = 16  # the trained run's data.window: the default --context
 HOP = 8
-
-
-def _model(tmp_path: Path, registry: Registry, window: int = 64, **model) -> FusionModel:
-    raw = tiny_recipe(tmp_path)
-    raw["data"].update(window=window, hop=window)
-    raw["model"].update(model)
-    rc = validate_recipe(raw, "tiny", registry)
-    torch.manual_seed(0)
-    return build_model(rc, DIMS, registry).eval()
 
 
 def _frames(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -83,19 +72,19 @@ def test_a_context_below_one_frame_is_refused(tmp_path, registry):
     """A context of 0 frames is a ValueError naming the value, not a division by zero at the
     first pushed frame."""
     with pytest.raises(ValueError, match="context must be >= 1, got 0"):
-        StreamingPredictor(_model(tmp_path, registry), DIMS, context=0)
+        StreamingPredictor(eval_model(tmp_path, registry), DIMS, context=0)
 
 
 def test_feature_dims_without_a_model_modality_is_a_shape_error(tmp_path, registry):
     """``feature_dims`` lacking a modality the model uses is a ShapeError naming it."""
     with pytest.raises(ShapeError, match=r"feature_dims lacks \['video'\]"):
-        StreamingPredictor(_model(tmp_path, registry), {"audio": 6}, context=8)
+        StreamingPredictor(eval_model(tmp_path, registry), {"audio": 6}, context=8)
 
 
 def test_a_frame_without_a_modality_is_a_shape_error_naming_it(tmp_path, registry):
     """A pushed frame that lacks a modality is a ShapeError naming the modality and saying it
     got nothing, not an AttributeError from inside the buffer code."""
-    sp = StreamingPredictor(_model(tmp_path, registry), DIMS, context=8)
+    sp = StreamingPredictor(eval_model(tmp_path, registry), DIMS, context=8)
     with pytest.raises(ShapeError, match=r"frame 0: expected video of shape \(5,\); got None"):
         sp.push({"audio": torch.zeros(6)})
 
@@ -103,7 +92,7 @@ def test_a_frame_without_a_modality_is_a_shape_error_naming_it(tmp_path, registr
 def test_a_model_in_training_mode_is_streamed_in_eval_mode(tmp_path, registry):
     """The predictor puts the model in eval mode: a model handed over in training mode (head
     dropout 0.2) still streams the deterministic eval predictions."""
-    model = _model(tmp_path, registry)
+    model = eval_model(tmp_path, registry)
     xs = _frames(12)
     with torch.no_grad():
         offline = model(
@@ -117,7 +106,7 @@ def test_a_model_in_training_mode_is_streamed_in_eval_mode(tmp_path, registry):
 def test_an_extra_modality_in_a_pushed_frame_is_ignored(tmp_path, registry):
     """A frame may carry a modality the model does not use (with a run's normaliser, which
     has no statistics for it): it is ignored, and the predictions are those without it."""
-    model = _model(tmp_path, registry)
+    model = eval_model(tmp_path, registry)
     zeros = {m: torch.zeros(d) for m, d in DIMS.items()}
     norm = Normalizer(zeros, {m: torch.ones(d) for m, d in DIMS.items()})
     xs = _frames(6)
@@ -133,7 +122,7 @@ def test_only_a_frame_local_tail_sees_the_newest_frame_alone(tmp_path, registry)
     """Frame-local parts are cut to the newest frame only from the first of a frame-local
     *tail* on: with a per-frame fusion (concat) before a temporal gate (tagf_temporal) and a
     per-frame head, the gate must still see the whole window (cut after the gate)."""
-    model = _model(tmp_path, registry, gate={"name": "tagf_temporal"})
+    model = eval_model(tmp_path, registry, gate={"name": "tagf_temporal"})
     n, c = 20, 8
     xs = _frames(n, seed=3)
     sp = StreamingPredictor(model, DIMS, context=c)
@@ -146,7 +135,7 @@ def _attending_model(tmp_path: Path, registry: Registry) -> FusionModel:
     """Stateful causal encoders (tcn, streaming form, receptive field 13) and a fusion that
     attends its window."""
     tcn = {"name": "tcn", "params": {"channels": [4, 4], "kernel_size": 3}}
-    return _model(
+    return eval_model(
         tmp_path,
         registry,
         encoders={"audio": tcn, "video": tcn},
@@ -190,7 +179,7 @@ def test_a_fixed_length_window_is_read_at_the_newest_frame_not_its_padding(
     window, whatever part of the model is cut to the newest frame (gate and head, or none):
     reading the window's last position returns the prediction of a padding row."""
     rjca = {"name": "rjca", "params": {"mode": "faithful", "length": 8, "recursions": 1}}
-    model = _model(tmp_path, registry, window=8, fusion=rjca, gate={"name": "tagf"})
+    model = eval_model(tmp_path, registry, window=8, fusion=rjca, gate={"name": "tagf"})
     if tail == "nothing_per_frame":
         for part in (model.fusion, model.gate, model.head):
             part.frame_local = False
@@ -389,16 +378,8 @@ def run16(tmp_path_factory, registry) -> tuple[Path, Path, Video]:
     """A complete 1-epoch tiny run with data.window 16, hop 8, a causal tcn audio encoder
     (receptive field 25) and z-scored features; 40 frames of a test video as a features file."""
     parent = tmp_path_factory.mktemp("stream_guards")
-    raw = tiny_recipe(parent / "runs", epochs=1, num_threads=1)
-    raw["data"].update(window=WINDOW, hop=HOP, normalize="zscore")
-    raw["model"]["encoders"]["audio"] = {"name": "tcn", "params": {"channels": [4, 4]}}
-    rc = validate_recipe(raw, "r.yaml", registry)
-    with RunDir.create(rc, registry) as run:
-        Trainer(build_session(rc, registry), run).fit()
-    video = TinyDataset(TinyParams()).videos("test")[0]
-    feats = parent / "video.safetensors"
-    save_file({m: x[:40].contiguous() for m, x in video.features.items()}, str(feats))
-    return run.path, feats, video
+    data = {"window": WINDOW, "hop": HOP}
+    return tiny_stream_run(parent, registry, data=data, frames=40, num_threads=1)
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
