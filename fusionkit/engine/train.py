@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fusionkit.core.errors import CheckpointError, TrainingError
+from fusionkit.core.errors import CheckpointError, TrainingError, one_line
 from fusionkit.core.interfaces import NamedSteps
 from fusionkit.engine.checkpoint import (
     TrainState,
@@ -219,10 +219,15 @@ class Trainer:
 
     def _set_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
         own = self.dist.own_rng(rng)
-        if "cpu" in own:
+        try:  # every state fusionkit writes has one: without it the resume would not be exact
             torch.set_rng_state(own["cpu"])
-        if "cuda" in own and self.device.type == "cuda":
-            torch.cuda.set_rng_state(own["cuda"], self.device)
+            if "cuda" in own and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+        except (KeyError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(
+                f"{self.run / STATE_FILE}: its random-number state is missing or damaged "
+                f"({one_line(exc, pick='first')}); the run cannot resume exactly: start a new run"
+            ) from None
 
     def restore(self) -> None:
         """Continue from the run's last committed epoch, after checking that its files agree
