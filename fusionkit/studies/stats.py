@@ -145,6 +145,9 @@ def paired_bootstrap(
     boot = bootstrap_deltas(a, b, counts)
     boot = boot[np.isfinite(boot).all(axis=1)]
     nb = boot.shape[0]
+    if nb == 0:  # no resample where every target is defined: no interval, no test
+        nan = np.full(boot.shape[1], np.nan)
+        return BootstrapResult(delta, nan, nan.copy(), nan.copy(), 0, n_videos, confidence)
     lo, hi = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     le = ((boot <= 0).sum(0) + 1) / (nb + 1)
     ge = ((boot >= 0).sum(0) + 1) / (nb + 1)
