@@ -32,6 +32,7 @@ from fusionkit.core.errors import CheckpointError, RecipeError
 from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry
 from fusionkit.engine.distributed import Dist
+from fusionkit.engine.runs import RunDir
 from fusionkit.engine.workers import Terminated, interrupt_exit_code, sigterm_as_interrupt
 from fusionkit.studies.grid import GridPoint, expand_grid, point_tag, run_grid
 from tests.conftest import tiny_recipe
@@ -283,6 +284,48 @@ def test_a_grid_json_written_by_another_tool_is_refused(tmp_path, registry):
     with pytest.raises(CheckpointError, match=r"was not written by fusionkit or is damaged"):
         run_grid(rc, registry=registry)
     assert [p.name for p in gdir.iterdir()] == ["grid.json"]
+
+
+def test_an_edited_grid_is_refused_even_when_its_first_points_never_started(
+    tmp_path, registry, monkeypatch
+):
+    """Every point's run is compared with the recipe, not only those before the first point
+    without a run: seed-0 never started, seed-1 was made with lr 0.003, and the recipe now
+    says 0.01."""
+    ran: list[str] = []
+    monkeypatch.setattr(grid_mod, "_run_point", lambda rc, *a, **k: ran.append(rc.run_name))
+    _, second = expand_grid(grid_of(tmp_path, registry, {"training.seed": [0, 1]}), registry)
+    RunDir.create(second.recipe, registry, exact=True).unlock()
+    (tmp_path / "runs" / "tiny" / "grid.json").write_text(
+        json.dumps({"created_by": "fusionkit", "runs": {}})
+    )
+    edited = grid_of(tmp_path, registry, {"training.seed": [0, 1]}, lr=0.01)
+    with pytest.raises(
+        CheckpointError, match=r"holds 1 run\(s\) .*: seed-1 \(training\.lr 0\.003 -> 0\.01\)"
+    ):
+        run_grid(edited, registry=registry)
+    assert ran == []
+
+
+def test_stale_run_folders_are_listed_in_name_order(tmp_path, registry, monkeypatch):
+    """Run folders that are no longer points are recorded and named sorted by name, whatever
+    order the file system lists them in."""
+    monkeypatch.setattr(grid_mod, "_run_point", lambda *a, **k: {"splits": {}})
+    gdir = tmp_path / "runs" / "tiny"
+    gdir.mkdir(parents=True)
+    (gdir / "grid.json").write_text(json.dumps({"created_by": "fusionkit", "runs": {}}))
+    names = ["seed-9", "seed-3", "seed-7", "seed-5", "seed-4", "seed-8"]
+    for name in names:
+        (gdir / name).mkdir()
+        (gdir / name / "run.json").write_text("{}")
+    out = io.StringIO()
+    record = run_grid(
+        grid_of(tmp_path, registry, {"training.seed": [0]}),
+        console=Console(file=out, width=400, color_system=None),
+        registry=registry,
+    )
+    assert record["stale"] == sorted(names)
+    assert "seed-3, seed-4, seed-5, seed-7, seed-8" in out.getvalue()
 
 
 # ----------------------------------------------------------------------------- one point
@@ -682,6 +725,17 @@ def test_gathered_rng_states_give_each_rank_back_its_own(monkeypatch):
     assert Dist().gather_rng(single) is single
     # a state without rank suffixes (saved by one process) is used as it is, not dropped
     assert Dist(rank=1, world_size=2).own_rng(single) is single
+
+
+@pytest.mark.parametrize(("n", "world"), [(1, 3), (2, 5), (3, 8), (4, 4)])
+def test_every_rank_gets_its_windows_even_when_the_epoch_has_fewer_than_the_ranks(n, world):
+    """Each rank trains ``windows_per_rank(n)`` windows (the step count every rank uses),
+    also when there are fewer windows than processes: the permutation is wrapped as often as
+    needed, so every window is trained and every rank has a full shard."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(world))
+    shards = [Dist(rank=r, world_size=world).shard(perm) for r in range(world)]
+    assert [len(s) for s in shards] == [1] * world  # ceil(n / world) = 1 here
+    assert {int(i) for s in shards for i in s} == set(range(n))
 
 
 def test_every_rank_takes_rank_0s_buffers(monkeypatch):

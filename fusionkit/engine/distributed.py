@@ -84,7 +84,8 @@ class Dist:
         if not self.enabled:
             return perm
         per_rank = math.ceil(perm.numel() / self.world_size)
-        padded = torch.cat([perm, perm[: per_rank * self.world_size - perm.numel()]])
+        total = per_rank * self.world_size  # wrap as often as needed (fewer windows than ranks)
+        padded = perm.repeat(math.ceil(total / max(1, perm.numel())))[:total]
         return padded[self.rank :: self.world_size]
 
     def windows_per_rank(self, n_windows: int) -> int:
