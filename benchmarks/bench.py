@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eager_baseline import EagerTAGF
 
 from fusionkit.core.recipe import EncoderSpec, FusionSpec, GateSpec, HeadSpec
+from fusionkit.engine.graphs import cuda_capture, on_side_stream
 from fusionkit.engine.metrics import ccc_loss
 from fusionkit.engine.model import FusionModel
 
@@ -507,16 +508,9 @@ def cuda_graphed(step: Callable[[], None], device: torch.device, warmup: int = 3
     the graph's ``replay``. Warm-up runs on a side stream first, as capture requires."""
     if device.type != "cuda":
         raise ValueError(f"the graphs option needs --device cuda (got {device.type})")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    for _ in range(warmup):
+        on_side_stream(step, device)
+    return cuda_capture(device)(step)
 
 
 def measure(args: argparse.Namespace, var: Variant) -> dict:

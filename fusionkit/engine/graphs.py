@@ -12,6 +12,7 @@ is a real training step on real windows, in order.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,13 +23,28 @@ from fusionkit.core.errors import TrainingError, one_line
 #: step; returns the detached loss
 Step = Callable[[Tensor], Tensor]
 #: records ``fn`` as a graph without running it and returns the function that replays it
-Capture = Callable[[Callable[[], Tensor]], Callable[[], None]]
+Capture = Callable[[Callable[[], object]], Callable[[], None]]
+R = TypeVar("R")
+
+
+def on_side_stream(fn: Callable[[], R], device: torch.device) -> R:
+    """``fn()`` on a fresh CUDA side stream, ordered after and before the current stream's
+    work, as the warm-up before a capture must run (on the CPU: just ``fn()``)."""
+    if device.type != "cuda":
+        return fn()
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+    main.wait_stream(side)
+    return out
 
 
 def cuda_capture(device: torch.device) -> Capture:
     """The :data:`Capture` of ``device``: ``torch.cuda.graph`` on a private memory pool."""
 
-    def capture(fn: Callable[[], Tensor]) -> Callable[[], None]:
+    def capture(fn: Callable[[], object]) -> Callable[[], None]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(device), torch.cuda.graph(graph):
             fn()
@@ -77,24 +93,13 @@ class GraphedStep:
             return self.step(windows)  # the smaller last batch of an epoch
         if self._eager_full < self.warmup:
             self._eager_full += 1
-            return self._on_side_stream(windows)
+            return on_side_stream(lambda: self.step(windows), self.device)
         if self.replay is None or self.lrs() != self.captured_lrs:
             self._capture()
         assert self.replay is not None and self.loss is not None
         self.windows.copy_(windows)
         self.replay()
         return self.loss
-
-    def _on_side_stream(self, windows: Tensor) -> Tensor:
-        if self.device.type != "cuda":
-            return self.step(windows)
-        main = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            loss = self.step(windows)
-        main.wait_stream(side)
-        return loss
 
     def _capture(self) -> None:
         self.replay = self.loss = None  # the old graph's memory goes back first
