@@ -410,6 +410,60 @@ def test_p_values_print_with_three_decimals_below_a_floor_and_dagger_below_alpha
     ]
 
 
+def _flat_valence_sums(scale: float) -> np.ndarray:
+    """Three videos whose valence label and prediction are both constant 0 (CCC 0 / 0) and
+    whose arousal prediction is the label scaled by ``scale``."""
+    mask = np.ones(30, bool)
+    label = np.zeros((30, 2))
+    videos = []
+    for v in range(3):
+        label[:, 1] = np.random.default_rng(v).normal(size=30)
+        pred = label * [0.0, scale] + [0.0, 0.2 * v]
+        videos.append(video_sums(pred, label, mask))
+    return np.stack(videos)
+
+
+def test_a_target_with_an_undefined_ccc_reads_n_a_with_the_reason_and_is_not_tested():
+    """When one target's CCC is 0 / 0 on the test videos, its Δ, interval and p cells (and
+    those of the mean over targets) read n/a with the reason, never 'nan'; the other target
+    keeps its test; Holm counts only the defined tests; summary.csv says which target had
+    no test and over how many resamples the others were made."""
+    res = paired_bootstrap([_flat_valence_sums(1.0)], [_flat_valence_sums(0.3)], n_boot=200)
+    assert np.isnan(res.delta[0]) and np.isfinite(res.delta[1])
+    rep = _report(
+        [
+            _row("base", [float("nan"), 0.5, float("nan")]),
+            _row("x", [float("nan"), 0.6, float("nan")], delta=res),
+        ]
+    )
+    x = _cells(delta_table(rep))["x"]
+    why = "n/a: CCC undefined on these videos (0/0: constant prediction and label)"
+    assert x[1:4] == [why, "n/a", "n/a"] and x[7:10] == [why, "n/a", "n/a"]
+    assert x[4].startswith("+") and float(x[5].lstrip("<")) < 1
+    assert x[6] == x[5] + (" †" if res.p_value[1] < 0.05 else "")  # one test: Holm p = p
+    main = _cells(results_table(rep))["x"]
+    assert main[2:8] == ["n/a", main[3], "n/a", why, "n/a", "n/a"]
+    assert "nan" not in results_table(rep) + delta_table(rep) + latex_table(rep)
+    rec = {r["variant"]: r for r in _read_csv(report_files(rep)["summary.csv"])}["x"]
+    assert rec["paired_test"] == (
+        "n/a for ccc_valence: CCC undefined on these videos (0/0: constant prediction and "
+        "label); ccc_mean: CCC undefined on these videos (0/0: constant prediction and label)"
+    )
+    assert (rec["delta_ccc_valence_p"], rec["delta_ccc_mean_p_holm"]) == ("", "")
+    assert rec["delta_ccc_arousal_resamples"] == "200"
+
+
+def test_a_target_defined_on_the_videos_but_in_no_resample_says_so():
+    """An interval that no resample could give (the observed Δ is defined) reads n/a with
+    the number of resamples tried."""
+    d = np.array([0.1, 0.0, 0.05])
+    nan = np.full(3, np.nan)
+    res = BootstrapResult(d, nan, nan, nan, 50, 3, 0.95, np.zeros(3, dtype=int))
+    rep = _report([_row("base", [0.5, 0.5, 0.5]), _row("x", [0.6, 0.5, 0.55], delta=res)])
+    x = _cells(delta_table(rep))["x"]
+    assert x[1:4] == ["n/a: CCC undefined in every one of 50 resamples", "n/a", "n/a"]
+
+
 def test_cells_keep_names_as_written_and_the_table_its_columns():
     """A variant name with a pipe, a tag and stars stays one cell and prints as written; the
     separator row has one cell per column; paths and reasons of left-out runs are code."""

@@ -123,10 +123,11 @@ def test_bootstrap_resamples_draw_as_many_videos_as_the_split_has_and_follow_the
     assert not np.array_equal(counts, resample_counts(7, 400, seed=4))
 
 
-def test_resamples_where_a_ccc_is_undefined_are_left_out_of_the_interval_and_p():
+def test_resamples_where_a_ccc_is_undefined_are_left_out_of_that_targets_interval_and_p():
     """A resample that draws only videos on which a target's CCC is undefined (constant
-    prediction and label) gives no Δ for that target; such resamples are dropped whole, and
-    the interval and p come from the others."""
+    prediction and label) gives no Δ for that target, nor for the mean over targets: it is
+    left out of their interval and p, and only of theirs: the other target keeps every
+    resample."""
     rng = np.random.default_rng(0)
     flat = np.zeros((40, 2))
     flat[:, 1] = rng.normal(size=40)  # the first target constant, the second not
@@ -140,13 +141,19 @@ def test_resamples_where_a_ccc_is_undefined_are_left_out_of_the_interval_and_p()
     a, b = [sums(0.3)], [sums(0.9)]
     counts = np.array([[2, 0], [1, 1], [0, 2], [1, 1], [0, 2]], dtype=float)
     res = paired_bootstrap(a, b, counts=counts)
-    assert res.n_boot == 4  # [2, 0] draws the flat video only: CCC valence is 0 / 0
+    assert res.n_boot == 5
+    # [2, 0] draws the flat video only: CCC valence (and so the mean) is 0 / 0 there
+    assert res.n_used.tolist() == [4, 5, 4]
     kept = bootstrap_deltas(a, b, counts[1:])
-    assert np.all(np.isfinite(kept))
-    np.testing.assert_allclose(res.ci_low, np.quantile(kept, 0.025, axis=0))
-    np.testing.assert_allclose(res.ci_high, np.quantile(kept, 0.975, axis=0))
-    le, ge = ((kept <= 0).sum(0) + 1) / 5, ((kept >= 0).sum(0) + 1) / 5
-    np.testing.assert_allclose(res.p_value, np.minimum(1, 2 * np.minimum(le, ge)))
+    every = bootstrap_deltas(a, b, counts)
+    assert np.all(np.isfinite(kept)) and np.all(np.isfinite(every[:, 1]))
+    for j, draws in ((0, kept[:, 0]), (1, every[:, 1]), (2, kept[:, 2])):
+        n = draws.size
+        assert res.ci_low[j] == pytest.approx(np.quantile(draws, 0.025))
+        assert res.ci_high[j] == pytest.approx(np.quantile(draws, 0.975))
+        le, ge = ((draws <= 0).sum() + 1) / (n + 1), ((draws >= 0).sum() + 1) / (n + 1)
+        assert res.p_value[j] == pytest.approx(min(1, 2 * min(le, ge)))
+    assert all(res.undefined(j) is None for j in range(3))
 
 
 def _plain_ccc(p, t):

@@ -40,6 +40,8 @@ __all__ = [
 
 def _fmt(ms: tuple[float, float]) -> str:
     mean, std = ms
+    if not math.isfinite(mean):
+        return "n/a"
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
@@ -148,6 +150,9 @@ def _delta_cells(row: dict[str, Any], col: int) -> tuple[str, str, str]:
         return "(baseline)", "", ""
     if isinstance(d, str):
         return f"n/a: {d}", "n/a", "n/a"
+    why = d.undefined(col)
+    if why is not None:
+        return f"n/a: {why}", "n/a", "n/a"
     interval = f"{_signed(d.delta[col])} [{_signed(d.ci_low[col])}, {_signed(d.ci_high[col])}]"
     adj = row["p_holm"][col]
     return interval, _p(d.p_value[col]), _p(adj) + (f" {DAGGER}" if adj < ALPHA else "")
@@ -254,7 +259,9 @@ def _definitions(rep: Report) -> list[str]:
         "corrected). It measures sensitivity to the choice of test videos, not to the training "
         "seed (see the ± std). The test is only made when every compared run was evaluated on "
         "the same data (equal data fingerprints of the split in `metrics.json` and the "
-        "predictions file); otherwise the row reads `n/a` with the reason.",
+        "predictions file); otherwise the row reads `n/a` with the reason. A resample where a "
+        "target's CCC is undefined (0/0: constant prediction and label) is left out of that "
+        "target's test only.",
         "p Holm: the p-values adjusted with Holm's step-down procedure over the variants "
         "compared with the baseline, separately for each metric; "
         f"{DAGGER} marks Holm p < {ALPHA} (two-sided: better or worse than the baseline).",
@@ -490,6 +497,8 @@ def _latex_num(x: float) -> str:
 
 def _latex_ccc(ms: tuple[float, float], bold: bool, mark: bool) -> str:
     mean, std = ms
+    if not math.isfinite(mean):
+        return "n/a"
     cell = rf"\textbf{{{_latex_num(mean)}}}" if bold else _latex_num(mean)
     if math.isfinite(std):
         cell += rf" $\pm$ {std:.3f}"
@@ -500,7 +509,7 @@ def _latex_delta(row: dict[str, Any], col: int) -> str:
     d = row["delta"]
     if d is None:
         return "--"
-    if isinstance(d, str):
+    if isinstance(d, str) or not math.isfinite(d.delta[col]):
         return "n/a"
     return _latex_signed(float(d.delta[col])) + (r"$^{\dagger}$" if significant(row, col) else "")
 
@@ -590,9 +599,15 @@ def _delta_record(r: dict[str, Any], keys: list[str]) -> dict[str, Any]:
         rec[f"delta_{k}_p"] = _num(d.p_value[j]) if ok else ""
         rec[f"delta_{k}_p_holm"] = _num(r["p_holm"][j]) if ok else ""
         rec[f"delta_{k}_significant"] = significant(r, j) if ok else ""
+        rec[f"delta_{k}_resamples"] = int(d.n_used[j]) if ok else ""
     within = r.get("within_seed_spread")
     rec[f"delta_{keys[-1]}_within_seed_spread"] = "" if within is None else within
-    rec["paired_test"] = "ok" if ok else ("baseline" if d is None else f"n/a: {d}")
+    undefined = [f"{k}: {why}" for j, k in enumerate(keys) if ok and (why := d.undefined(j))]
+    rec["paired_test"] = (
+        ("ok" if not undefined else "n/a for " + "; ".join(undefined))
+        if ok
+        else ("baseline" if d is None else f"n/a: {d}")
+    )
     return rec
 
 

@@ -16,6 +16,13 @@ that is what the ``± std`` over seeds shows. The two-sided p-value is
 ``min(1, 2 * min(P*(delta* <= 0), P*(delta* >= 0)))`` with the add-one correction
 ``(count + 1) / (B + 1)``; the interval is the percentile interval of ``delta*``.
 
+A resample can leave a target's CCC undefined (0 / 0: it drew only videos on which the
+prediction and the label are both constant, or only videos without labelled frames). Such a
+resample is left out *for that target only* (and for the mean over targets, which needs all of
+them); the other targets keep it. So ``B`` is counted per target (:attr:`BootstrapResult.n_used`),
+and a target left with no resample has no interval and no p-value (NaN, with the reason from
+:meth:`BootstrapResult.undefined`).
+
 **Holm correction** (:func:`holm`): when several variants are each tested against one
 baseline, the family-wise error rate is held with Holm's step-down procedure: sort the ``m``
 p-values ascending, multiply the ``i``-th smallest (1-based) by ``m - i + 1``, cap at 1 and
@@ -105,7 +112,9 @@ class BootstrapResult:
         delta: the observed difference on the actual videos.
         ci_low, ci_high: percentile interval of the resampled differences.
         p_value: two-sided bootstrap p-value (see the module docstring).
-        n_boot, n_videos, confidence: what was used.
+        n_boot, n_videos, confidence: resamples drawn, videos, interval level.
+        n_used: per target plus the mean, the resamples where that CCC is defined and which
+            the interval and p-value come from (all ``n_boot`` when not given).
     """
 
     delta: np.ndarray
@@ -115,6 +124,19 @@ class BootstrapResult:
     n_boot: int
     n_videos: int
     confidence: float
+    n_used: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_used is None:
+            object.__setattr__(self, "n_used", np.full(np.shape(self.delta), self.n_boot))
+
+    def undefined(self, col: int) -> str | None:
+        """Why column ``col`` has no difference or no test, or None when it has both."""
+        if not np.isfinite(self.delta[col]):
+            return "CCC undefined on these videos (0/0: constant prediction and label)"
+        if self.n_used[col] == 0 or not np.isfinite(self.p_value[col]):  # type: ignore[index]
+            return f"CCC undefined in every one of {self.n_boot} resamples"
+        return None
 
 
 def paired_bootstrap(
@@ -143,16 +165,16 @@ def paired_bootstrap(
         counts = resample_counts(n_videos, n_boot, seed)
     delta = bootstrap_deltas(a, b, np.ones((1, n_videos)))[0]
     boot = bootstrap_deltas(a, b, counts)
-    boot = boot[np.isfinite(boot).all(axis=1)]
-    nb = boot.shape[0]
-    if nb == 0:  # no resample where every target is defined: no interval, no test
-        nan = np.full(boot.shape[1], np.nan)
-        return BootstrapResult(delta, nan, nan.copy(), nan.copy(), 0, n_videos, confidence)
-    lo, hi = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
-    le = ((boot <= 0).sum(0) + 1) / (nb + 1)
-    ge = ((boot >= 0).sum(0) + 1) / (nb + 1)
-    p = np.minimum(1.0, 2 * np.minimum(le, ge))
-    return BootstrapResult(delta, lo, hi, p, nb, n_videos, confidence)
+    lo = np.full(boot.shape[1], np.nan)
+    hi, p = lo.copy(), lo.copy()
+    n_used = np.isfinite(boot).sum(axis=0)
+    for j in np.flatnonzero(n_used):  # per column, only the resamples where it is defined
+        col = boot[np.isfinite(boot[:, j]), j]
+        lo[j], hi[j] = np.quantile(col, [(1 - confidence) / 2, (1 + confidence) / 2])
+        le = ((col <= 0).sum() + 1) / (col.size + 1)
+        ge = ((col >= 0).sum() + 1) / (col.size + 1)
+        p[j] = min(1.0, 2 * min(le, ge))
+    return BootstrapResult(delta, lo, hi, p, counts.shape[0], n_videos, confidence, n_used)
 
 
 def auc_normalised(x: Sequence[float], y: Sequence[float]) -> float:
