@@ -259,6 +259,28 @@ def test_a_mark_that_cannot_be_read_is_not_taken_for_a_report(tmp_path, mark: st
     assert (out / REPORT_MARK).read_text() == mark
 
 
+@pytest.mark.parametrize(
+    ("plots", "kind"), [({}, "report"), ({"a.png": b"png"}, "report"), ({"notes.txt": b"x"}, None)]
+)
+def test_an_unmarked_report_is_recognised_with_an_empty_or_png_only_plots_folder(
+    tmp_path, plots: dict[str, bytes], kind: str | None
+):
+    """A report written before reports were marked (report.md of fusionkit's, only report
+    file names) is an earlier report, also when its plots folder is empty; a plots folder
+    holding anything but PNGs makes it a folder of someone else's."""
+    out = tmp_path / "old"
+    (out / "plots").mkdir(parents=True)
+    (out / "report.md").write_text("# Comparison report: a\n")
+    (out / "summary.csv").write_text("variant\n")
+    for name, data in plots.items():
+        (out / "plots" / name).write_bytes(data)
+    if kind is None:
+        with pytest.raises(FusionkitError, match="was not made by fusionkit report"):
+            check_report_dir(out)
+    else:
+        assert check_report_dir(out) == kind
+
+
 def test_a_shell_inside_a_report_folder_keeps_it_from_being_replaced(tmp_path, monkeypatch):
     """The current folder inside the report (its plots) would be deleted with the report."""
     out = tmp_path / "rep"

@@ -220,8 +220,9 @@ def test_a_resumed_run_z_scores_with_its_saved_statistics(tmp_path, registry):
     shifted = {k: v + 0.5 if k.startswith("mean/") else v for k, v in saved.items()}
     save_file(shifted, str(path), metadata=tensors_metadata(path))
     before = (run / STATE_FILE).read_bytes()
-    with pytest.raises(ResumeRefused, match="differ from the data its 1 finished epoch"):
+    with pytest.raises(ResumeRefused, match="differ from the data its 1 finished epoch") as err:
         Trainer(build_session(rc, registry), run).fit(resume=True)
+    assert "or its normalization.safetensors" in str(err.value)  # the file edited is named
     run.unlock()
     assert (run / STATE_FILE).read_bytes() == before
     assert load_file(str(path))["mean/audio"].equal(shifted["mean/audio"])

@@ -439,23 +439,29 @@ def test_stream_refuses_a_prediction_with_any_non_finite_target(run16, tmp_path,
     assert not out.exists()
 
 
-def test_an_interrupted_printing_stream_names_the_frames_printed(run16, cli, monkeypatch):
+@pytest.mark.parametrize(
+    ("frames", "said"), [(6, "frames 0 to 5 are printed above"), (0, "no frame was printed")]
+)
+def test_an_interrupted_printing_stream_names_the_frames_printed(
+    run16, cli, monkeypatch, frames, said
+):
     """Ctrl-C after 6 frames without --out: exit 130, the 6 frame lines are printed and the
-    message says frames 0 to 5 are above."""
+    message says frames 0 to 5 are above; before the first frame it says none was."""
     run, feats, _ = run16
     real, seen = StreamingPredictor.push, [0]
 
     def push(self: StreamingPredictor, frame: dict[str, torch.Tensor]) -> torch.Tensor:
         seen[0] += 1
-        if seen[0] > 6:
+        if seen[0] > frames:
             raise KeyboardInterrupt
         return real(self, frame)
 
     monkeypatch.setattr(StreamingPredictor, "push", push)
     code, stdout, err = cli("stream", run, feats)
     assert code == 130, err
-    assert [ln.split(",")[0] for ln in stdout.splitlines()] == [str(i) for i in range(6)]
-    assert "interrupted after 6 of 40 frames" in err and "frames 0 to 5 are printed above" in err
+    assert [ln.split(",")[0] for ln in stdout.splitlines()] == [str(i) for i in range(frames)]
+    assert f"interrupted after {frames} of 40 frames" in err and said in err
+    assert "0 to -1" not in err
 
 
 class _MediaTiny(TinyDataset):

@@ -145,6 +145,8 @@ def _interrupted(out: Path | None, quiet: bool, done: int, total: int) -> str:
         )
     elif quiet:
         kept = "nothing was written (-q prints the summary only)"
+    elif done == 0:
+        kept = "no frame was printed"
     else:
         kept = f"the predictions of frames 0 to {done - 1} are printed above"
     return (

@@ -402,8 +402,9 @@ class Trainer:
             which = " and the ".join(f"{r} split {split[r]!r}" for r in changed)
             raise ResumeRefused(
                 f"{self.run}: the {which} differ from the data its {st.epochs_done} finished "
-                "epoch(s) trained on (features, labels or videos changed since); resuming would "
-                "mix the two: restore the data as it was, or start a new run"
+                "epoch(s) trained on (features, labels or videos changed since, or its "
+                f"{NORMALIZATION_FILE}, which z-scores them); resuming would mix the two: "
+                "restore the data and the run's files as they were, or start a new run"
             )
 
     def _check_threads(self) -> None:

@@ -65,7 +65,7 @@ def _report_files_in(folder: Path) -> list[str] | None:
         return None
     if not legacy:
         return None
-    return [n for n in names if n != "plots"] + [
+    return sorted(names) + [  # `plots` itself too: an empty plots folder is the report's
         f"plots/{p.name}" for p in (plots.iterdir() if plots.is_dir() else [])
     ]
 
