@@ -599,12 +599,23 @@ class Trainer:
             "data_fingerprints": {split: store.fingerprint() for split, store in stores.items()},
             # what `fusionkit robustness` and `eval` check the features they read against
             "features_sha256": {split: self.session.data_hashes(split)[0] for split in stores},
+            # the data the weights were trained and selected on (reports never pool seeds of
+            # other training data into one row)
+            "trained_on": {
+                "train": self._data_record(self.recipe.data.train_split),
+                "val": self._data_record(self.recipe.data.val_split),
+            },
         }
         atomic_write_json(self.run / METRICS_FILE, payload)
         if self.session.normalizer is not None:
             written.append(NORMALIZATION_FILE)
         self.run.mark_complete([METRICS_FILE, BEST_FILE, *written])
         return out
+
+    def _data_record(self, split: str) -> dict[str, str]:
+        """What ``metrics.json`` says of a split the run trained or selected on."""
+        features, labels = self.session.data_hashes(split)
+        return {"split": split, "features_sha256": features, "labels_fingerprint": labels}
 
     def save_predictions(
         self, preds: dict[str, SplitPredictions], stores: dict[str, FrameStore]

@@ -27,6 +27,7 @@ as left out with the reason. Runs that differ only in ``training.seed`` form one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -112,17 +113,18 @@ _NOT_SETUP = ("training.seed", "evaluation.robustness", *NOT_TRAINING)
 
 def run_setup(run: RunRecord) -> dict[str, str]:
     """What the seeds of one variant must share: the run's recipe (flattened to dotted keys)
-    without the seed, the output location, robustness sweeps and descriptions, plus the device
-    and precision that ``metrics.json`` says the run used (``precision: auto`` is bf16 on
-    CUDA, fp32 on a CPU)."""
+    without the seed, the output location, robustness sweeps and descriptions, plus the device,
+    precision and number of processes that ``metrics.json`` says the run used (``precision:
+    auto`` is bf16 on CUDA, fp32 on a CPU; under torchrun one step reads ``world_size`` times
+    the batch)."""
     setup = {
         k: json.dumps(v, sort_keys=True, default=str)
         for k, v in _flat(run.recipe).items()
         if not any(k == n or k.startswith(n + ".") for n in _NOT_SETUP)
     }
-    for k in ("device", "precision"):
+    for k, name in (("device", "device"), ("precision", "precision"), ("world_size", "processes")):
         if k in run.metrics:
-            setup[f"{k} used"] = json.dumps(run.metrics[k], default=str)
+            setup[f"{name} used"] = json.dumps(run.metrics[k], default=str)
     return setup
 
 
@@ -155,11 +157,24 @@ def row_label(label: str, prefix: str, suffix: str) -> str:
 
 
 def _row_setup(run: RunRecord, split: str) -> dict[str, str]:
-    """:func:`run_setup` plus the data the run was evaluated on (its ``split`` fingerprint,
-    under the key ``<split> data``): seeds evaluated on other data never share a row's
-    mean ± std."""
+    """:func:`run_setup` plus the data the run was trained and evaluated on: the labels
+    fingerprint and the features hash of ``split`` (keys ``<split> data``, ``<split>
+    features``) and the hash of the training and validation data (``training data``), so
+    that seeds of other data never share a row's mean ± std."""
     fp = run.fingerprint(split)
-    return {**run_setup(run), f"{split} data": fp[:12] if fp else "unrecorded"}
+    feats = run.metrics.get("features_sha256")
+    fh = feats.get(split) if isinstance(feats, dict) else None
+    trained = run.metrics.get("trained_on")
+    return {
+        **run_setup(run),
+        f"{split} data": fp[:12] if fp else "unrecorded",
+        f"{split} features": fh[:12] if isinstance(fh, str) and fh else "unrecorded",
+        "training data": (
+            hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:12]
+            if isinstance(trained, dict)
+            else "unrecorded"
+        ),
+    }
 
 
 def _differing(setups: list[dict[str, str]]) -> list[str]:
@@ -637,12 +652,40 @@ def _run_robustness(run: RunRecord, notes: list[str]) -> list[dict[str, Any]]:
         except FusionkitError as exc:
             problem = str(exc)
         if problem is None:
-            problem = _revision_problem(rec, run.run_dir)
+            problem = _revision_problem(rec, run.run_dir) or _made_on_problem(rec, run)
         if problem is None:
             out.append(rec)
         else:
             notes.append(f"{path} is left out of the robustness curves: {problem}.")
     return out
+
+
+def _made_on_problem(rec: dict[str, Any], run: RunRecord) -> str | None:
+    """Why a robustness record was not made on this run's best weights or on the data its
+    metrics were evaluated on (a file copied from another run, or left from an earlier
+    training into the same folder), or None."""
+    from fusionkit.engine.runs import BEST_FILE
+
+    redo = f"recompute it with `fusionkit robustness {shlex.quote(str(run.run_dir))}`"
+    weights = run.files.get(BEST_FILE)
+    if weights and rec.get("checkpoint_sha256") != weights:
+        return f"it was computed on other weights than the run's {BEST_FILE}; {redo}"
+    for key, what in (("features_sha256", "features"), ("data_fingerprints", "labels")):
+        made, evaluated = rec.get(key), run.metrics.get(key)
+        if not (isinstance(made, dict) and isinstance(evaluated, dict)):
+            continue
+        other = sorted(
+            str(sp)
+            for sp in rec["results"]
+            if isinstance(made.get(sp), str) and isinstance(evaluated.get(sp), str)
+            and made[sp] != evaluated[sp]
+        )  # fmt: skip
+        if other:
+            return (
+                f"its {', '.join(other)} {what} are not those the run's metrics were "
+                f"evaluated on; {redo}"
+            )
+    return None
 
 
 def _revision_problem(rec: dict[str, Any], run_dir: Path) -> str | None:
