@@ -30,6 +30,7 @@ from fusionkit.cli.stream import _summary as stream_summary
 from fusionkit.core.errors import CheckpointError, DataError, FusionkitError, RecipeError
 from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.checkpoint import WeightsMismatch
+from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.runs import BEST_FILE, MARKER_FILE, METRICS_FILE
 from fusionkit.engine.session import (
     available_cores,
@@ -479,3 +480,17 @@ def test_eval_fails_when_metrics_json_lacks_a_number_it_recomputes(trained, tmp_
     assert code == 1, out + err
     assert "reproduces metrics.json exactly" not in out
     assert set(re.findall(r"(test\.\w+): stored None", err)) == {f"test.{k}" for k in gone}, err
+
+
+def test_eval_refuses_a_predictions_file_changed_after_the_run(trained, tmp_path, cli):
+    """`eval` says a run reproduces its numbers only when the predictions that reports read
+    are those the metrics came from: an edited predictions file is named, not passed."""
+    run = _copy_run(trained[0], tmp_path / "run")
+    path = run / "predictions" / "test.safetensors"
+    tensors, meta = load_tensors(path)
+    key = next(k for k in tensors if k.startswith("pred/"))
+    tensors[key] = tensors[key] + 0.25
+    save_tensors(path, tensors, meta)
+    code, out, err = cli("eval", run, "--device", "cpu")
+    assert code != 0 and "reproduces metrics.json exactly" not in out
+    assert "test.safetensors changed after the run finished" in err, err

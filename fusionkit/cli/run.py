@@ -281,7 +281,7 @@ def eval_cmd(
     """Reload a run's best weights and recompute its metrics; compares with metrics.json
     (exactly: every stored number must come out bit for bit the same)."""
     from fusionkit.engine.evaluate import evaluate_splits
-    from fusionkit.engine.runs import RunDir, read_metrics
+    from fusionkit.engine.runs import PREDICTIONS_DIR, RunDir, check_unchanged, read_metrics
     from fusionkit.engine.session import (
         data_as_evaluated,
         load_run,
@@ -294,9 +294,12 @@ def eval_cmd(
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
     splits = list(split or rc.evaluation.splits)
+    digests = run.marker().files
     for s in splits:  # other data than the run's cannot reproduce its numbers: say why
         if s in stored["splits"]:
             data_as_evaluated(run, loaded.session, s, stored)
+            # the predictions the report reads must be those the metrics came from
+            check_unchanged(run.path, digests, f"{PREDICTIONS_DIR}/{s}.safetensors")
     results, _, _ = evaluate_splits(loaded.session, splits)
     console.print(metrics_table(f"{rc.run_name} (re-evaluated)", results, list(rc.model.targets)))
     mismatches = [
