@@ -181,7 +181,9 @@ def robustness(
                     )
 
                 with RunDir.open(run.run_dir) as rdir:
-                    records = run_recipe_robustness(rdir, specs, on_value=show)
+                    records = run_recipe_robustness(
+                        rdir, specs, on_value=show, keep_others=specs is not None
+                    )
                 if not records:
                     console.print("  (its recipe declares no evaluation.robustness; use --perturb)")
                 for rec in records:

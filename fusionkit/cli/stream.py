@@ -77,8 +77,10 @@ def stream(
     features, rate = _read_source(source, session, fps)
     dims = {m: int(x.shape[1]) for m, x in features.items()}
     predictor = StreamingPredictor(
-        session.model, dims, context or rc.data.window, session.normalizer
+        session.model, dims, context or rc.data.window, session.normalizer, bf16=session.bf16
     )
+    for note in predictor.notes:  # where the streamed numbers are not the whole video's
+        err_console.print(f"[yellow]note:[/] {escape(note)}")
     targets = list(rc.model.targets)
     total = next(iter(features.values())).shape[0]
     lines = ["frame,seconds," + ",".join(targets) + ",latency_ms"]

@@ -291,10 +291,30 @@ def convert_weights(
             "predictions: convert a checkpoint of a healthy model (one saved before training "
             "diverged)"
         )
+    # integers where the module holds floats (or fractions where it holds integers) are not
+    # these weights: named here rather than failing deep in load_state_dict
+    kinds = [
+        f"{k!r} ({str(v.dtype).removeprefix('torch.')} in the file, "
+        f"{str(own[k].dtype).removeprefix('torch.')} in the module)"
+        for k, v in sd.items()
+        if (own[k].is_floating_point() and not v.is_floating_point())
+        or (v.is_complex() != own[k].is_complex())
+        or (
+            not own[k].is_floating_point()
+            and v.is_floating_point()
+            and not bool((v == v.round()).all())
+        )
+    ]
+    if kinds:
+        raise CheckpointError(
+            f"{src}: tensors of another kind than {comp.kind} {comp.name!r} holds: "
+            f"{first_few(kinds, sep='; ')}; check --arch and --param, or that the file holds "
+            "these weights"
+        )
     # stored as the module holds them (a float64 checkpoint as the module's float32), so the
     # file holds exactly what the module will: a value beyond that dtype's range is refused
     for k, v in list(sd.items()):
-        if v.is_floating_point() and own[k].is_floating_point() and v.dtype != own[k].dtype:
+        if v.dtype != own[k].dtype:
             sd[k] = v.to(own[k].dtype)
             if not bool(sd[k].isfinite().all()):
                 dtype = str(own[k].dtype).removeprefix("torch.")

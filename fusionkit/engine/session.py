@@ -455,12 +455,28 @@ class LoadedRun:
     session: Session
 
 
+#: what the model was trained to see: ``--data`` changes which data is read, never these
+_HOW_THE_MODEL_SEES = ("normalize", "window", "hop")
+
+
 def _with_data_overrides(recipe: Recipe, overrides: list[str], registry: Registry) -> Recipe:
     items = [o if o.startswith("data.") else f"data.params.{o}" for o in overrides]
     source = f"{recipe.source} + --data"
     parsed = parse_overrides(items, "--data")
     raw = apply_overrides(recipe.model_dump(mode="json"), parsed, source=source)
-    return validate_recipe(raw, source, registry)
+    new = validate_recipe(raw, source, registry)
+    changed = [k for k in _HOW_THE_MODEL_SEES if getattr(new.data, k) != getattr(recipe.data, k)]
+    if changed:
+        raise RecipeError(
+            [
+                f"data.{k}: the run was trained with {getattr(recipe.data, k)!r}; --data changes "
+                "which data is read, not how the model sees it (its windows and z-scoring): "
+                f"leave data.{k} out of --data"
+                for k in changed
+            ],
+            source,
+        )
+    return new
 
 
 def _used_precision(run: RunDir) -> str | None:

@@ -75,6 +75,11 @@ class StreamingPredictor:
             ``fixed_length``, when it has one, overrides it.
         normalizer: the run's feature z-scoring (``session.normalizer``), applied to every
             pushed frame.
+        bf16: run the model under bf16 autocast (``session.bf16``: the precision the run was
+            evaluated in), so that a frame-local model gives the numbers ``predict`` gives.
+
+    :attr:`notes` says, one sentence each, why the streamed predictions are *not* those of
+    the model applied to the whole video (empty when they are).
 
     Example::
 
@@ -88,6 +93,7 @@ class StreamingPredictor:
         feature_dims: dict[str, int],
         context: int,
         normalizer: Normalizer | None = None,
+        bf16: bool = False,
     ) -> None:
         fixed = model.fusion.fixed_length
         self.context = int(fixed or context)
@@ -95,6 +101,7 @@ class StreamingPredictor:
             raise ValueError(f"context must be >= 1, got {context}")
         self.fixed = fixed is not None
         self.normalizer = normalizer
+        self.bf16 = bf16
         self.model = model.eval()
         self.modalities = list(model.modalities)
         missing = [m for m in self.modalities if m not in feature_dims]
@@ -125,7 +132,38 @@ class StreamingPredictor:
         while self.local_from > 0 and tail[self.local_from - 1]:
             self.local_from -= 1
         self.device = device
+        self.notes = self._notes(encoders, parts, tail, int(context))
         self.reset()
+
+    def _notes(
+        self, encoders: dict[str, object], parts: tuple[object, ...], tail: list[bool], asked: int
+    ) -> list[str]:
+        """Why the streamed predictions differ from the model on the whole video, if they do."""
+        c, notes = self.context, []
+        if self.fixed and asked != c:
+            notes.append(
+                f"the fusion takes windows of exactly {c} frames, so a context of {asked} is "
+                "not used"
+            )
+        for m, enc in encoders.items():
+            if not isinstance(enc, CausalEncoder):
+                notes.append(
+                    f"encoder {m!r} is not causal: it sees the last {c} frames only, so the "
+                    "predictions are those of a trailing window, not of the whole video"
+                )
+            elif int(enc.receptive_field) > c:
+                notes.append(
+                    f"encoder {m!r} has a receptive field of {int(enc.receptive_field)} frames, "
+                    f"more than the {c} frames of context kept: its outputs use a truncated "
+                    "context, not the whole video's (give a longer context)"
+                )
+        across = [type(p).__name__ for p, local in zip(parts, tail, strict=True) if not local]
+        if across:
+            notes.append(
+                f"{', '.join(across)} sees across frames: the predictions are those of the "
+                f"trailing window of {c} frames, not of the whole video"
+            )
+        return notes
 
     def reset(self) -> None:
         """Forget every frame pushed so far (start of a new video)."""
@@ -135,6 +173,12 @@ class StreamingPredictor:
     @torch.no_grad()
     def push(self, frame: dict[str, Tensor]) -> Tensor:
         """Add one frame (``{modality: (F_m,)}``) and return its prediction ``(n_targets,)``."""
+        if not self.bf16:
+            return self._push(frame)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+            return self._push(frame).float()
+
+    def _push(self, frame: dict[str, Tensor]) -> Tensor:
         # Double-length buffer: each frame is written at i and i + context, so the last
         # ``context`` frames are always one contiguous slice (no per-frame roll or copy).
         c = self.context

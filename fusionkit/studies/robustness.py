@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fusionkit.core.errors import FusionkitError
 from fusionkit.core.recipe import Recipe, RobustnessSpec
 from fusionkit.core.registry import Registry
 from fusionkit.engine.evaluate import evaluate, predict
@@ -165,13 +166,19 @@ def run_recipe_robustness(
     session: Session | None = None,
     registry: Registry | None = None,
     on_value: Callable[[str, Any, dict[str, Any]], None] | None = None,
+    keep_others: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``specs`` (default: the run recipe's ``evaluation.robustness``) on a run's best
     weights, loading the run only if some value is missing. ``session``, when given, must hold
-    the run's best weights already (the end of training)."""
+    the run's best weights already (the end of training). With ``keep_others`` (a sweep given
+    on the command line), a stored sweep of the same name but another perturbation, params,
+    axis or seed is refused rather than replaced."""
     if specs is None:
         recipe = session.recipe if session else run.recipe(registry)
         specs = recipe.evaluation.robustness
+    if keep_others:
+        for spec in specs:
+            _refuse_replacing(run.path, spec)
     todo = [s for s in specs if missing_values(run.path, s, registry)]
     if todo and session is None:
         session = load_run(run, registry=registry).session
@@ -186,10 +193,29 @@ def run_recipe_robustness(
     return records
 
 
+def _refuse_replacing(run_dir: Path, spec: RobustnessSpec) -> None:
+    """Refuse a sweep whose results file holds another sweep of the same name."""
+    path = results_path(run_dir, spec)
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return  # damaged: nothing to keep
+    if not isinstance(stored, dict):
+        return
+    new = _header(spec, "")
+    keys = ("perturbation", "params", "axis", "seed")
+    differ = [k for k in keys if stored.get(k) != new[k]]
+    if differ:
+        held = ", ".join(f"{k}={json.dumps(stored.get(k), sort_keys=True)}" for k in differ)
+        raise FusionkitError(
+            f"{path} holds another sweep of the name {spec.label!r} ({held}); give this sweep "
+            "its own --name, or delete that file to replace it"
+        )
+
+
 def _cached_throughput(path: Path, split: str) -> dict[str, Any] | None:
     """The record in ``path`` if it was measured as :func:`measure_throughput` would measure
     now (same split, device and thread count), else None (missing, damaged or different)."""
-    from fusionkit.core.errors import FusionkitError
     from fusionkit.engine.session import resolve_device
 
     if not path.is_file():
