@@ -74,6 +74,7 @@ def test_a_thread_request_above_the_cores_is_capped_and_none_shares_the_cores(mo
     """``training.num_threads`` above the available cores is capped (with a warning), and
     parallel workers split the cores among them instead of each taking all of them."""
     monkeypatch.setattr(session_mod, "available_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
         with pytest.warns(UserWarning, match="num_threads=6 exceeds the 4 cores"):
             assert set_threads(6) == 4
@@ -82,6 +83,46 @@ def test_a_thread_request_above_the_cores_is_capped_and_none_shares_the_cores(mo
         assert set_threads(3) == 3 == torch.get_num_threads()
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("env", "share", "expected"), [("1", 1, 1), ("3", 1, 3), ("8", 1, 4), ("3", 2, 2), ("x", 1, 4)]
+)
+def test_the_default_threads_never_exceed_omp_num_threads(monkeypatch, env, share, expected):
+    """A user's OMP_NUM_THREADS caps the default (no training.num_threads): the cores shared
+    among workers, or fewer when the variable says so; a value that is not a positive number
+    is ignored. An explicit training.num_threads is used as asked."""
+    monkeypatch.setattr(session_mod, "available_cores", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    try:
+        assert set_threads(None, share=share) == expected == torch.get_num_threads()
+        assert set_threads(2) == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_containers_cpu_quota_caps_the_available_cores(tmp_path, monkeypatch, files, expected):
+    """Under a cgroup CPU quota (docker --cpus=2 on a large host) the affinity still lists
+    every core of the host: the quota (v2 cpu.max or v1 cfs_quota_us / cfs_period_us,
+    rounded up) caps the cores used instead."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert session_mod._cgroup_cpus(tmp_path) == expected
+    monkeypatch.setattr(session_mod.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(session_mod, "_cgroup_cpus", lambda: expected)
+    assert available_cores() == (64 if expected is None else expected)
 
 
 def test_device_auto_is_cuda_when_present_and_bf16_auto_only_there(monkeypatch):

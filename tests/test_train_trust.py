@@ -254,6 +254,7 @@ def test_threads_are_shared_among_the_processes_of_a_torchrun_job(
 
     monkeypatch.setattr(session_mod, "available_cores", lambda: 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # it would cap the default too
     raw = tiny_recipe(tmp_path / "runs", epochs=1)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(raw))

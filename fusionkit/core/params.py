@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import reprlib
+import types
+import typing
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 __all__ = [
@@ -25,15 +27,69 @@ __all__ = [
     "error_at",
     "first_few",
     "nonfinite_fields",
+    "refuse_boolean_numbers",
     "short_repr",
     "with_valid_keys",
 ]
 
 
+def _numeric(annotation: Any) -> str | None:
+    """``"scalar"`` when ``annotation`` takes an ``int`` or ``float`` (optional too), ``"list"``
+    when it is a list or tuple of them, else None; never for one that also takes ``bool``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (int, float):
+        return "scalar"
+    if origin is typing.Annotated:
+        return _numeric(args[0])
+    if origin in (typing.Union, types.UnionType):
+        if bool in args:
+            return None
+        kinds = {_numeric(a) for a in args} - {None}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin in (list, tuple) and args and args[-1] is not Ellipsis:
+        return "list" if all(_numeric(a) == "scalar" for a in args) else None
+    if origin in (list, tuple) and args:
+        return "list" if _numeric(args[0]) == "scalar" else None
+    return None
+
+
+def refuse_boolean_numbers(model: type[BaseModel], raw: Any) -> Any:
+    """Refuse a boolean where ``model`` expects a number: pydantic would read ``true`` as 1,
+    and YAML reads ``yes``, ``no``, ``on`` and ``off`` as booleans, so ``patience: off`` would
+    silently mean 0. Use it in a ``mode="before"`` model validator."""
+    if not isinstance(raw, dict):
+        return raw
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        value, kind = raw.get(key), _numeric(field.annotation)
+        if kind == "scalar" and isinstance(value, bool):
+            bad: tuple[str | int, ...] = (key,)
+        elif kind == "list" and isinstance(value, list | tuple):
+            at = next((i for i, x in enumerate(value) if isinstance(x, bool)), None)
+            if at is None:
+                continue
+            bad, value = (key, at), value[at]
+        else:
+            continue
+        raise error_at(
+            bad,
+            f"a number is expected, got the boolean {str(value).lower()} (YAML reads "
+            "yes/no/on/off/true/false as booleans): write the number",
+            value,
+        )
+    return raw
+
+
 class Params(BaseModel):
-    """Base class of params models: unknown keys rejected, floats finite."""
+    """Base class of params models: unknown keys rejected, floats finite, no boolean where a
+    number is expected."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, raw: Any) -> Any:
+        return refuse_boolean_numbers(cls, raw)
 
 
 class EmptyParams(Params):

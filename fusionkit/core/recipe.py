@@ -45,6 +45,7 @@ from fusionkit.core.params import (
     error_at,
     first_few,
     nonfinite_fields,
+    refuse_boolean_numbers,
     with_valid_keys,
 )
 from fusionkit.core.registry import Registry, get_registry
@@ -103,6 +104,11 @@ class Strict(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, raw: Any) -> Any:
+        return refuse_boolean_numbers(cls, raw)
 
     @model_validator(mode="before")
     @classmethod
@@ -455,7 +461,7 @@ class RobustnessSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    epochs: int = Field(30, ge=0, le=100_000)
+    epochs: int = Field(30, ge=1, le=100_000)
     batch_size: int = Field(12, ge=1, le=65_536)
     lr: float = Field(1e-4, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="Adam (coupled L2) weight decay")

@@ -3,7 +3,8 @@ aliases are expanded; and without duplicate keys.
 
 A mapping that gives a key twice is refused: YAML would keep the last one and silently drop
 the first (a second ``training:`` block would replace the whole first one). Keys merged in
-with ``<<: *anchor`` may still be overridden, as YAML intends.
+with ``<<: *anchor`` may still be overridden, as YAML intends; a merge of several mappings
+(``<<: [*a, *b]``) that set one key is refused, since YAML readers disagree on which wins.
 
 A recipe is small. A file of megabytes, a value nested thousands of levels deep or a few
 lines of aliases that expand to billions of values ("billion laughs") are mistakes or
@@ -49,6 +50,8 @@ class _BoundedLoader(yaml.SafeLoader):
         self._path: list[str] = []  # keys (and list indices) leading to the node composed
         #: ``(line, dotted key, line of its first occurrence)`` of every repeated key.
         self.duplicates: list[tuple[int, str, int]] = []
+        #: ``(line, dotted key)`` of every key set by two mappings of one merge sequence.
+        self.merge_overlaps: list[tuple[int, str]] = []
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         self._depth += 1
@@ -67,7 +70,9 @@ class _BoundedLoader(yaml.SafeLoader):
     def compose_mapping_node(self, anchor: Any) -> Any:
         node = super().compose_mapping_node(anchor)
         first: dict[tuple[str, str], int] = {}
-        for key, _ in node.value:
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag == _MERGE_TAG:
+                self._check_merge(key, value)
             if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
                 continue
             ident, line = (key.tag, key.value), key.start_mark.line + 1
@@ -77,6 +82,22 @@ class _BoundedLoader(yaml.SafeLoader):
             else:
                 first[ident] = line
         return node
+
+    def _check_merge(self, key: Any, value: Any) -> None:
+        """Record keys that two mappings of a merge sequence (``<<: [*a, *b]``) both set."""
+        if not isinstance(value, yaml.SequenceNode):
+            return
+        seen: set[tuple[str, str]] = set()
+        for source in value.value:
+            if not isinstance(source, yaml.MappingNode):
+                continue
+            for k, _ in source.value:
+                if not isinstance(k, yaml.ScalarNode) or k.tag == _MERGE_TAG:
+                    continue
+                if (k.tag, k.value) in seen:
+                    path = ".".join([*self._path, str(k.value)])
+                    self.merge_overlaps.append((key.start_mark.line + 1, path))
+                seen.add((k.tag, k.value))
 
 
 def _key_text(index: Any) -> str:
@@ -125,6 +146,16 @@ def load_yaml(text: str, source: str) -> Any:
                     f"line {line}: duplicate key {path!r} (first at line {first}); YAML would "
                     "keep only the last one: merge them into one"
                     for line, path, first in sorted(loader.duplicates)[:MAX_REPORTED]
+                ],
+                source,
+            )
+        if loader.merge_overlaps:
+            raise RecipeError(
+                [
+                    f"line {line}: {path!r} is set by more than one mapping merged with <<; "
+                    "YAML readers disagree on which one wins: set it in one of them only, or "
+                    "after the merge"
+                    for line, path in sorted(set(loader.merge_overlaps))[:MAX_REPORTED]
                 ],
                 source,
             )

@@ -55,16 +55,41 @@ __all__ = [
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (its affinity), not the machine's total."""
+    """CPU cores this process may run on, not the machine's total: its affinity (taskset, a
+    batch scheduler's CPU set), capped by a cgroup CPU quota (a container's ``--cpus``)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def _cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPUs a cgroup quota allows this process (rounded up), or None without a quota."""
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 means none
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, -(-quota_us // period_us)) if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is set to a positive number, else None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def set_threads(requested: int | None, share: int = 1) -> int:
     """Set torch's CPU threads: ``requested``, capped at the available cores, or (``None``)
-    the available cores divided among ``share`` parallel workers. Returns the number set.
+    the available cores divided among ``share`` parallel workers, and no more than
+    ``OMP_NUM_THREADS`` when that is set. Returns the number set.
 
     Two threads per core (oversubscription) can make CPU training many times slower, so a
     request above the available cores is capped, with a warning.
@@ -72,6 +97,8 @@ def set_threads(requested: int | None, share: int = 1) -> int:
     cores = available_cores()
     if requested is None:
         n = max(1, cores // max(1, share))
+        env = _omp_threads()
+        n = min(n, env) if env is not None else n
     elif requested > cores:
         warnings.warn(
             f"training.num_threads={requested} exceeds the {cores} cores available to this "

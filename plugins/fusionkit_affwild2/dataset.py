@@ -141,6 +141,8 @@ class AffWild2Dataset:
             )
         _ = self.label_paths  # finds the annotation folders, refuses a train/val overlap
         _ = self.test_trials  # reads the test list, refuses annotated test trials
+        if self.params.split.fold:
+            self.trials("train")  # a fold the train trials cannot fill
         if self.params.submission_template is not None:
             path = self._path(self.params.submission_template)
             if not path.is_file():

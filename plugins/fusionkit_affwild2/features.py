@@ -134,6 +134,8 @@ class FeaturesDataset:
         self._videos: dict[str, list[Video]] = {}
         # folder listings and the test list only: `recipe validate` refuses what `run` would
         _ = self.label_paths, self.test_trials
+        if params.split.fold:
+            self.trials("train")  # a fold the train trials cannot fill
 
     @cached_property
     def test_trials(self) -> list[str]:
@@ -225,8 +227,8 @@ class FeaturesDataset:
     @cached_property
     def annotation_sets(self) -> AnnotationSets:
         labels = self.params.labels.expanduser()
-        try:
-            return find_annotation_sets(labels.parent, labels)
+        try:  # explicit as an absolute path: a relative one would be read under its parent
+            return find_annotation_sets(labels.parent, labels.absolute())
         except DataError:
             pass
         try:

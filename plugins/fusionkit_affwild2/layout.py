@@ -330,19 +330,26 @@ def crop_indices(folder: Path) -> dict[int, Path]:
     ``%05d.jpg``, 1-based; frames without a face have no file).
 
     Raises:
-        DataError: when the folder does not exist, or holds a crop numbered 0 (``00000.jpg``:
-            a 0-based folder, whose faces would all be one frame off).
+        DataError: when the folder does not exist, holds a crop numbered 0 (``00000.jpg``:
+            a 0-based folder, whose faces would all be one frame off), or two files of one
+            frame (``7.jpg`` beside ``00007.jpg``: which one is the face would be chance).
     """
     if not folder.is_dir():
         raise DataError(f"face-crop folder {folder} does not exist")
     out: dict[int, Path] = {}
-    for entry in folder.iterdir():
+    for entry in sorted(folder.iterdir()):
         m = _CROP.match(entry.name)
         if m is None:
             continue
         if int(m.group(1)) == 0:
             raise zero_based_crops_error(folder, entry.name)
-        out[int(m.group(1)) - 1] = entry
+        frame = int(m.group(1)) - 1
+        if frame in out:
+            raise DataError(
+                f"face-crop folder {folder} holds two files of frame {frame + 1}: "
+                f"{out[frame].name} and {entry.name}; keep one of them"
+            )
+        out[frame] = entry
     return out
 
 
@@ -359,10 +366,14 @@ def fold_split(train: Sequence[str], val: Sequence[str], fold: int, chunks: int 
     validates on the last train chunk and trains on the official validation set.
     """
     if not 0 <= fold <= chunks:
-        raise DataError(f"fold {fold} is out of range 0..{chunks}")
+        raise DataError(f"data.params.split.fold={fold} is out of range 0..{chunks}")
     names = sorted(train)
     if fold and len(names) < chunks:
-        raise DataError(f"{len(names)} train trials cannot be cut into {chunks} chunks")
+        raise DataError(
+            f"data.params.split.fold={fold}: the {len(names)} train trials cannot be cut into "
+            f"{chunks} chunks (data.params.split.chunks); use fold 0 (the official split) or "
+            "fewer chunks"
+        )
     size = len(names) // chunks
     parts = [names[i * size : (i + 1) * size] for i in range(chunks - 1)]
     parts.append(names[(chunks - 1) * size :])
