@@ -11,7 +11,8 @@ from fusionkit.core.errors import DataError, RecipeError
 from fusionkit.core.interfaces import Perturbation, Video
 from fusionkit.core.recipe import PerturbationSpec, validate_recipe
 from fusionkit.core.registry import get_registry
-from fusionkit.engine.perturb import PerturbedDataset, shift_index
+from fusionkit.engine.data import Normalizer
+from fusionkit.engine.perturb import PerturbedDataset, perturbation_revision, shift_index
 from fusionkit.engine.perturb import build_perturbation as build_spec
 from tests.conftest import TinyDataset, TinyParams, tiny_recipe
 
@@ -207,6 +208,40 @@ def test_modality_dropout_and_span_dropout(registry):
     assert torch.equal((joint.features["audio"] == 0).all(1), (joint.features["video"] == 0).all(1))
 
 
+def test_dropped_frames_are_absent_so_z_scoring_keeps_them_neutral(registry):
+    """Frames removed by modality_dropout and span_dropout are marked absent (on top of the
+    video's own absences): z-scoring keeps a fill of 0 at 0, the value of a frame the data
+    never had, instead of -mean / std; the frames kept are z-scored as before."""
+    v = make_video("a", n=400)
+    v.features["audio"] = v.features["audio"] * 2.0 + 3.0  # mean 3: -mean/std is far from 0
+    own = torch.ones(400, dtype=torch.bool)
+    own[:50] = False  # absent in the data already (no face, say)
+    v.present["audio"] = own
+    norm = Normalizer.fit([v], ["audio", "video"])
+    clean = norm.apply("audio", v.features["audio"], own)
+    gone = build_perturbation("modality_dropout", {"modalities": ["audio"], "p": 1.0}, 0, registry)
+    out = gone(v)
+    assert not bool(out.present["audio"].any()) and "video" not in out.present
+    z_gone = norm.apply("audio", out.features["audio"], out.present["audio"])
+    assert torch.count_nonzero(z_gone) == 0
+    assert torch.equal(v.present["audio"], own)  # the input video is untouched
+    spans = build_perturbation("span_dropout", {"modalities": ["audio"], "rate": 0.5, "span": 10},
+                               0, registry)(v)  # fmt: skip
+    dropped = (spans.features["audio"] == 0).all(1)
+    assert int(dropped.sum()) == 200
+    assert torch.equal(spans.present["audio"], own & ~dropped)
+    z = norm.apply("audio", spans.features["audio"], spans.present["audio"])
+    assert torch.count_nonzero(z[dropped]) == 0
+    torch.testing.assert_close(z[~dropped], clean[~dropped])
+
+
+def test_the_revisions_of_the_dropouts_mark_the_absent_frames(registry):
+    """Robustness files computed before dropped frames were marked absent are recomputed:
+    the revisions moved on (modality_dropout 2, span_dropout 3)."""
+    assert perturbation_revision("modality_dropout", registry) == 2
+    assert perturbation_revision("span_dropout", registry) == 3
+
+
 def test_frame_drop_freezes_the_last_kept_frame(registry):
     n = 20_000
     ramp = torch.arange(n, dtype=torch.float32)[:, None]
@@ -275,3 +310,33 @@ def test_a_modality_draws_the_same_whichever_others_are_perturbed(name, registry
     )
     for a, b in zip(alone, both, strict=True):
         assert torch.equal(a.features["video"], b.features["video"])
+
+
+def test_a_robustness_sweep_that_removes_a_modality_does_not_warn_of_absent_data(
+    tmp_path, registry, recwarn
+):
+    """Removing a modality is what a modality_dropout sweep is for: its stores do not warn
+    that videos have no audio at all (a training split that lacks it still does)."""
+    from fusionkit.core.recipe import RobustnessSpec
+    from fusionkit.engine.data import AbsentModalityWarning
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.session import build_session
+    from fusionkit.engine.train import Trainer
+    from fusionkit.studies.robustness import run_sweep
+
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=1, num_threads=1), "r.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        session = build_session(rc, registry)
+        Trainer(session, run).fit()
+        spec = RobustnessSpec.model_validate(
+            {"perturbation": "modality_dropout", "params": {"modalities": ["audio"]}, "axis": "p",
+             "values": [1.0]},
+            context={"registry": registry},
+        )  # fmt: skip
+        recwarn.clear()
+        run_sweep(session, run, spec)
+    assert not [w for w in recwarn if issubclass(w.category, AbsentModalityWarning)]
+    data = PerturbedDataset(session.dataset, [build_perturbation(
+        "modality_dropout", {"modalities": ["audio"]}, 0, registry)], ["test"])  # fmt: skip
+    with pytest.warns(AbsentModalityWarning, match="have no audio at all"):
+        session.store("test", data)

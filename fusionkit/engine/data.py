@@ -24,6 +24,7 @@ from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
 
 __all__ = [
+    "AbsentModalityWarning",
     "Batch",
     "DataWarning",
     "FrameStore",
@@ -83,6 +84,11 @@ def labels_fingerprint(videos: Sequence[Video], target_columns: Sequence[int]) -
 
 class DataWarning(UserWarning):
     """Data that trains but probably not as intended (e.g. a modality absent from a video)."""
+
+
+class AbsentModalityWarning(DataWarning):
+    """Videos in which a modality is never present (expected where a perturbation removes
+    it: robustness sweeps do not show it)."""
 
 
 def _check_finite(v: Video, what: str, x: Tensor, where: str) -> None:
@@ -294,8 +300,8 @@ class FrameStore:
         for m, names in absent.items():
             warnings.warn(
                 f"{where}: {len(names)} of {len(videos)} videos have no {m} at all (e.g. "
-                f"{', '.join(names[:3])}); they train on constant {m} features",
-                DataWarning,
+                f"{', '.join(names[:3])}); the model sees only constant {m} features there",
+                AbsentModalityWarning,
                 stacklevel=2,
             )
         self.features = {m: torch.cat(xs).to(device) for m, xs in feats.items()}

@@ -59,10 +59,22 @@ def stream_generator(generator: torch.Generator, stream: str) -> torch.Generator
     return torch.Generator().manual_seed(derive_seed(generator.initial_seed(), stream))
 
 
-def with_features(video: Video, updates: dict[str, Tensor]) -> Video:
+def with_features(
+    video: Video, updates: dict[str, Tensor], absent: dict[str, Tensor] | None = None
+) -> Video:
     """A new :class:`Video` whose features are ``video``'s with ``updates`` replacing some
-    modalities. ``video`` is left untouched; the other tensors are shared, not copied."""
-    return dataclasses.replace(video, features={**video.features, **updates})
+    modalities. ``video`` is left untouched; the other tensors are shared, not copied.
+
+    ``absent`` (modality -> ``(T,)`` bool) marks frames the perturbation removed: they are no
+    longer ``present``, so z-scoring leaves a removed frame filled with 0 at 0, as it leaves a
+    frame the data never had (a missing face), instead of turning it into ``-mean / std``.
+    """
+    present = dict(video.present)
+    for m, gone in (absent or {}).items():
+        was = present.get(m)
+        keep = ~gone.bool()
+        present[m] = keep if was is None else was.bool() & keep
+    return dataclasses.replace(video, features={**video.features, **updates}, present=present)
 
 
 def check_modalities(video: Video, wanted: Iterable[str] | None, who: str) -> list[str]:

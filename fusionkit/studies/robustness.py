@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from fusionkit.core.errors import FusionkitError
 from fusionkit.core.recipe import Recipe, RobustnessSpec
 from fusionkit.core.registry import Registry
+from fusionkit.engine.data import AbsentModalityWarning
 from fusionkit.engine.evaluate import evaluate, predict
 from fusionkit.engine.files import atomic_write_json, file_sha256, read_json
 from fusionkit.engine.perturb import PerturbedDataset, build_perturbation, perturbation_revision
@@ -142,7 +144,9 @@ def run_sweep(
             t0 = time.perf_counter()
             pert = build_perturbation(spec.point(j), session.registry)
             data = PerturbedDataset(session.dataset, [pert], splits=[split])
-            store = session.store(split, data)
+            with warnings.catch_warnings():  # removing a modality is the sweep's point
+                warnings.simplefilter("ignore", AbsentModalityWarning)
+                store = session.store(split, data)
             metrics, _ = evaluate(
                 session.model, store, session.targets, rc.evaluation.batch_size, session.bf16
             )

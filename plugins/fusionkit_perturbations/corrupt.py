@@ -87,18 +87,24 @@ class ModalityDropoutParams(Params):
 )
 class ModalityDropout:
     """Whole-modality absence: with probability ``p`` (independently per video and modality)
-    every frame of the modality is set to ``fill``."""
+    every frame of the modality is set to ``fill`` (in the units of the features as read) and
+    marked absent, so that z-scoring keeps a fill of 0 at 0, as for a frame without a face."""
+
+    #: 2: dropped frames are marked absent (1: they stayed present, and z-scoring turned a
+    #: fill of 0 into -mean / std)
+    revision: ClassVar[int] = 2
 
     def __init__(self, params: ModalityDropoutParams) -> None:
         self.params = params
 
     def __call__(self, video: Video, generator: torch.Generator) -> Video:
-        updates = {}
+        updates, absent = {}, {}
         for m in check_modalities(video, self.params.modalities, "modality_dropout"):
             x = video.features[m]
             if float(torch.rand((), generator=stream_generator(generator, m))) < self.params.p:
                 updates[m] = torch.full_like(x, self.params.fill)
-        return with_features(video, updates)
+                absent[m] = torch.ones(x.shape[0], dtype=torch.bool)
+        return with_features(video, updates, absent)
 
 
 class SpanDropoutParams(Params):
@@ -118,12 +124,15 @@ class SpanDropoutParams(Params):
 )
 class SpanDropout:
     """Missing spans of frames: exactly ``round(rate * n)`` of the ``n`` frames (halves up) are
-    set to ``fill``. The video is cut into consecutive blocks of ``span`` frames, and blocks in
-    random order are dropped until that many frames are; the last block dropped is cut short
-    where it would overshoot. Independent per modality unless ``same_spans``."""
+    set to ``fill`` (in the units of the features as read) and marked absent, so that
+    z-scoring keeps a fill of 0 at 0. The video is cut into consecutive blocks of ``span``
+    frames, and blocks in random order are dropped until that many frames are; the last block
+    dropped is cut short where it would overshoot. Independent per modality unless
+    ``same_spans``."""
 
-    #: 2: exactly round(rate * frames) frames (1: round(rate * blocks) whole blocks)
-    revision: ClassVar[int] = 2
+    #: 3: dropped frames are marked absent (2: exactly round(rate * frames) frames, which
+    #: stayed present; 1: round(rate * blocks) whole blocks)
+    revision: ClassVar[int] = 3
 
     def __init__(self, params: SpanDropoutParams) -> None:
         self.params = params
@@ -142,11 +151,12 @@ class SpanDropout:
         return frame % span < take[frame // span]
 
     def __call__(self, video: Video, generator: torch.Generator) -> Video:
-        updates = {}
+        updates, absent = {}, {}
         for m in check_modalities(video, self.params.modalities, "span_dropout"):
             x = video.features[m]
             g = stream_generator(generator, "*" if self.params.same_spans else m)
             drop = self.dropped(x.shape[0], g)
             shape = (x.shape[0],) + (1,) * (x.dim() - 1)
             updates[m] = torch.where(drop.reshape(shape), torch.full_like(x, self.params.fill), x)
-        return with_features(video, updates)
+            absent[m] = drop
+        return with_features(video, updates, absent)
