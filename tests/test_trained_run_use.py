@@ -116,3 +116,32 @@ def test_weights_convert_names_the_tensor_of_the_wrong_kind(tmp_path, registry):
     with pytest.raises(CheckpointError) as info:
         convert_weights(src, tmp_path / "w.safetensors", "face_cnn", registry=registry)
     assert "'proj.bias' (int64 in the file, float32 in the module)" in str(info.value)
+
+
+def test_eval_of_a_file_in_a_run_names_the_run_folder(zrun, cli):
+    """`eval RUN/model.safetensors` says that is a file and which folder is the run, not
+    that the run directory was not found."""
+    code, _, err = cli("eval", zrun / "model.safetensors")
+    assert code != 0
+    assert "is a file, not a run directory" in err and f"({zrun})" in err, err
+
+
+def test_robustness_runs_with_the_threads_the_run_was_evaluated_with(tmp_path, zrun, cli):
+    """A sweep repeats the run's metrics at strength 0 only with the thread count they were
+    computed with (float sums): it uses the run's, as eval does; --device chooses where."""
+    run = tmp_path / "r"
+    shutil.copytree(zrun, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    torch.set_num_threads(2)
+    try:
+        sweep = ("--perturb", "shift", "--param", "modality=audio", "--axis", "k", "--values=0")
+        code, _, err = cli("robustness", run, *sweep, "--device", "cpu")
+        assert code == 0, err
+        assert torch.get_num_threads() == metrics["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(1)
+    rec = json.loads((run / "robustness" / "shift_k.json").read_text())
+    at_zero = rec["results"]["test"]["0"]["metrics"]
+    assert at_zero["ccc_mean"] == metrics["splits"]["test"]["ccc_mean"]
+    code, _, err = cli("robustness", run, *sweep, "--device", "tpu")
+    assert code != 0 and "--device" in err, err

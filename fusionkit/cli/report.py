@@ -126,6 +126,7 @@ def robustness(
     split: Annotated[list[str] | None, typer.Option(help="split(s) evaluated")] = None,
     seed: Annotated[int, typer.Option(help="seed of the per-video perturbation draws")] = 0,
     name: Annotated[str | None, typer.Option(help="results file robustness/<name>.json")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
 ) -> None:
     """Evaluate trained runs under a perturbation swept over values (no retraining).
 
@@ -141,10 +142,12 @@ def robustness(
     from fusionkit.core.recipe import RobustnessSpec
     from fusionkit.core.registry import get_registry
     from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.session import resolve_device, set_run_threads
     from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
     from fusionkit.studies.robustness import run_recipe_robustness
     from fusionkit.studies.scan import collect_runs
 
+    resolve_device(device, what="--device")  # refused before any run is read
     specs: list[RobustnessSpec] | None = None
     if perturb is not None:
         if axis is None or values is None:
@@ -181,8 +184,11 @@ def robustness(
                     )
 
                 with RunDir.open(run.run_dir) as rdir:
+                    # the threads the run was evaluated with, as for eval: the value at
+                    # strength 0 then repeats its metrics
+                    set_run_threads(rdir, rdir.recipe().training.num_threads)
                     records = run_recipe_robustness(
-                        rdir, specs, on_value=show, keep_others=specs is not None
+                        rdir, specs, on_value=show, keep_others=specs is not None, device=device
                     )
                 if not records:
                     console.print("  (its recipe declares no evaluation.robustness; use --perturb)")

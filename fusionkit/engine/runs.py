@@ -292,6 +292,11 @@ class RunDir:
     def open(cls, path: str | Path) -> RunDir:
         """An existing run directory; an error unless fusionkit created it."""
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise CheckpointError(
+                f"{p} is a file, not a run directory: give the folder that holds run.json"
+                + (f" ({p.parent})" if (p.parent / MARKER_FILE).is_file() else "")
+            )
         if not p.is_dir():
             raise CheckpointError(f"run directory not found: {p}")
         if (p / GRID_FILE).is_file() and not (p / MARKER_FILE).is_file():

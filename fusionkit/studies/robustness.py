@@ -171,12 +171,13 @@ def run_recipe_robustness(
     registry: Registry | None = None,
     on_value: Callable[[str, Any, dict[str, Any]], None] | None = None,
     keep_others: bool = False,
+    device: str = "auto",
 ) -> list[dict[str, Any]]:
     """Run ``specs`` (default: the run recipe's ``evaluation.robustness``) on a run's best
     weights, loading the run only if some value is missing. ``session``, when given, must hold
     the run's best weights already (the end of training). With ``keep_others`` (a sweep given
     on the command line), a stored sweep of the same name but another perturbation, params,
-    axis or seed is refused rather than replaced."""
+    axis or seed is refused rather than replaced. ``device``: where a run loaded here runs."""
     if specs is None:
         recipe = session.recipe if session else run.recipe(registry)
         specs = recipe.evaluation.robustness
@@ -185,7 +186,7 @@ def run_recipe_robustness(
             _refuse_replacing(run.path, spec)
     todo = [s for s in specs if missing_values(run.path, s, registry)]
     if todo and session is None:
-        session = load_run(run, registry=registry).session
+        session = load_run(run, device=device, registry=registry).session
     records = []
     for spec in specs:
         if spec in todo:
