@@ -1,6 +1,6 @@
 """Rows of ``fusionkit report`` never pool runs of different setups (training data, evaluated
 features, number of processes), and robustness curves only use files made on the run's own
-weights and data. The one test still marked ``xfail(strict=True)`` is a known open bug.
+weights and data; a left-out run counts against the row of its own setup.
 
 The ``mut`` dataset below has the features of a fixed recipe depend on a module-level switch
 (:data:`FEATURES`), the way re-extracting a features dataset (another extractor build, a fixed
@@ -173,12 +173,9 @@ def test_robustness_file_of_another_checkpoint_is_not_used(registry, tmp_path):
     ), rep.notes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a left-out run is counted against every row of its label when the label is "
-    "split by setup ('1 of 2' in each row for one interrupted run)",
-)
 def test_left_out_run_counts_against_one_row_only(registry, tmp_path):
+    """An interrupted run of one setup (lr 0.01) counts against that setup's row only when
+    one label is split into rows by setup: '1 of 2' there, not in every row."""
     _run(tmp_path, registry, 0)
     raw = tiny_recipe(tmp_path, epochs=1, seed=0, lr=1e-2)
     raw["output"]["name"] = "lr2"
@@ -191,4 +188,7 @@ def test_left_out_run_counts_against_one_row_only(registry, tmp_path):
         pass  # created, never trained: an interrupted run of the lr=0.01 setup
     rep = build_report([tmp_path], throughput=False, n_boot=100)
     assert len(rep.rows) == 2
-    assert sum(len(r["left_out"]) for r in rep.rows) == 1
+    left = {r["variant"]: len(r["left_out"]) for r in rep.rows}
+    assert sorted(left.values()) == [0, 1], left
+    (row,) = [r for r in rep.rows if r["left_out"]]
+    assert row["runs"][0].recipe["training"]["lr"] == 1e-2, row["variant"]

@@ -117,15 +117,20 @@ def run_setup(run: RunRecord) -> dict[str, str]:
     precision and number of processes that ``metrics.json`` says the run used (``precision:
     auto`` is bf16 on CUDA, fp32 on a CPU; under torchrun one step reads ``world_size`` times
     the batch)."""
-    setup = {
-        k: json.dumps(v, sort_keys=True, default=str)
-        for k, v in _flat(run.recipe).items()
-        if not any(k == n or k.startswith(n + ".") for n in _NOT_SETUP)
-    }
+    setup = _recipe_setup(run.recipe)
     for k, name in (("device", "device"), ("precision", "precision"), ("world_size", "processes")):
         if k in run.metrics:
             setup[f"{name} used"] = json.dumps(run.metrics[k], default=str)
     return setup
+
+
+def _recipe_setup(recipe: dict[str, Any]) -> dict[str, str]:
+    """The recipe part of :func:`run_setup`."""
+    return {
+        k: json.dumps(v, sort_keys=True, default=str)
+        for k, v in _flat(recipe).items()
+        if not any(k == n or k.startswith(n + ".") for n in _NOT_SETUP)
+    }
 
 
 def _distinct_names(folders: list[Path]) -> dict[Path, str]:
@@ -956,16 +961,37 @@ def _add_components(rep: Report) -> None:
 
 def _add_left_out(rep: Report) -> None:
     """Each row's left-out runs and grid points: those of its label, and when the label's rows
-    were split by folder (:func:`summarize`), those in the row's folders."""
+    were split by folder (:func:`summarize`), those in the row's folders; when they were split
+    by setup, a run whose saved recipe matches one row's setup counts against that row only
+    (one whose recipe cannot be read, or matches several, against each)."""
     for row in rep.rows:
         homes = {str(_home(r)) for r in row["runs"]}
+        siblings = [
+            r for r in rep.rows if (r["label"], r["prefix"]) == (row["label"], row["prefix"])
+        ]
         row["left_out"] = [
             e
             for e in rep.excluded
             if e.variant == row["label"]
             and e.status != "duplicate"
             and (not row["prefix"] or str(Path(e.where).parent) in homes)
+            and _may_belong(e, row, siblings)
         ]
+
+
+def _may_belong(e: Excluded, row: dict[str, Any], siblings: list[dict[str, Any]]) -> bool:
+    """Whether left-out ``e`` could be a run of ``row``'s setup among rows of one label."""
+    if len(siblings) < 2 or e.recipe is None:
+        return True
+    setups = [_recipe_setup(r["runs"][0].recipe) for r in siblings]
+    own = _recipe_setup(e.recipe)
+    differ = _differing(setups)
+    matches = [
+        r
+        for r, st in zip(siblings, setups, strict=True)
+        if all(own.get(k) == st.get(k) for k in differ)
+    ]
+    return len(matches) != 1 or matches[0] is row
 
 
 def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) -> None:

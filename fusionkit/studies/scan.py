@@ -121,6 +121,8 @@ class Excluded:
     variant: str
     status: str
     detail: str
+    #: the run's saved recipe when it could be read (tells which setup's row it belongs to)
+    recipe: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -222,15 +224,21 @@ def read_run(run_dir: Path, grid_cache: dict | None = None, root: int = 0) -> Ru
     )
 
 
+def _saved_recipe(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``recipe.yaml`` as a mapping, or None when it cannot be read."""
+    try:
+        recipe = read_yaml(run_dir / RECIPE_FILE, "run recipe")
+    except FusionkitError:
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
 def _recipe_name(run_dir: Path) -> str:
     """A single run's row label as :func:`read_run` gives it: its recipe's name, or the
     folder name when the recipe has none or cannot be read (a run left out still counts
     against its row: ``3 of 4`` seeds)."""
-    try:
-        recipe = read_yaml(run_dir / RECIPE_FILE, "run recipe")
-    except FusionkitError:
-        return run_dir.name
-    name = recipe.get("name") if isinstance(recipe, dict) else None
+    recipe = _saved_recipe(run_dir)
+    name = recipe.get("name") if recipe is not None else None
     return str(name) if name else run_dir.name
 
 
@@ -327,7 +335,7 @@ def scan_runs(paths: list[Path]) -> RunScan:
                 status, reason = "unreadable", str(exc)
         grid_name, values, _ = _grid_entry(run_dir, cache)  # the row it would have been in
         label = variant_label(grid_name or _recipe_name(run_dir), values)
-        left_out[key] = Excluded(str(run_dir), label, status, reason)
+        left_out[key] = Excluded(str(run_dir), label, status, reason, _saved_recipe(run_dir))
     excluded: list[Excluded] = []
     notes: list[str] = []
     for gkey, gdir in grid_dirs.items():
