@@ -443,3 +443,27 @@ def test_only_a_process_of_a_multi_process_launch_tags_its_errors_with_its_rank(
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert _rank_tag() == " (rank 1)"
+
+
+def test_non_finite_validation_predictions_name_their_likely_cause(tmp_path, registry):
+    """When validation predictions are not finite, the message says what the model and data
+    show: nothing broken (lower lr), overflowed running statistics (an extreme input, not
+    the learning rate), or extreme validation features (scale or fix them)."""
+    from fusionkit.core.recipe import validate_recipe
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.engine.session import build_session
+    from fusionkit.engine.train import Trainer
+
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=1, num_threads=1), "r.yaml", registry)
+    with RunDir.create(rc, registry) as run:
+        trainer = Trainer(build_session(rc, registry), run)
+        val = trainer.session.store(rc.data.val_split)
+        assert trainer._divergence_cause(val) == "lower training.lr or set training.grad_clip"
+        with torch.no_grad():
+            trainer.model.head.bn.running_var.fill_(float("inf"))
+        why = trainer._divergence_cause(val)
+        assert "head.bn.running_var" in why and "running statistics" in why
+        assert "training.lr" not in why
+        val.features["audio"][3, 0] = 3e38
+        why = trainer._divergence_cause(val)
+        assert "validation features reach extreme values (audio 3.0e+38)" in why

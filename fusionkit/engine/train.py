@@ -25,6 +25,7 @@ import torch
 
 from fusionkit.core.errors import CheckpointError, TrainingError, one_line
 from fusionkit.core.interfaces import NamedSteps
+from fusionkit.core.params import first_few
 from fusionkit.engine.checkpoint import (
     TrainState,
     load_state,
@@ -438,9 +439,30 @@ class Trainer:
         if not bool(torch.isfinite(preds.pred).all()):
             raise Diverged(
                 f"training stopped: the model's validation predictions are not finite after "
-                f"epoch {epoch}; lower training.lr or set training.grad_clip"
+                f"epoch {epoch}; {self._divergence_cause(val)}"
             )
         return metrics
+
+    def _divergence_cause(self, val: FrameStore) -> str:
+        """What made predictions non-finite, as far as the model and data tell, and the fix."""
+        state = [*self.model.named_parameters(), *self.model.named_buffers()]
+        broken = [n for n, t in state if t.is_floating_point() and not bool(t.isfinite().all())]
+        large = {m: float(x.abs().max()) for m, x in val.features.items() if x.numel()}
+        extreme = [f"{m} {v:.1e}" for m, v in sorted(large.items()) if v > 1e6]
+        if not broken:
+            return "lower training.lr or set training.grad_clip"
+        where = f"the model holds non-finite values ({first_few(broken)})"
+        if extreme:
+            return (
+                f"{where}, and the validation features reach extreme values ({', '.join(extreme)}):"
+                " scale the features (data.normalize: zscore) or fix those frames"
+            )
+        if all(n.endswith(("running_mean", "running_var")) for n in broken):
+            return (
+                f"{where}: running statistics, which an extreme input value overflows; check "
+                "the scale of the training features (data.normalize: zscore) or fix the data"
+            )
+        return f"{where}; lower training.lr or set training.grad_clip"
 
     def _commit_epoch(self, epoch: int, record: dict[str, Any], score: float) -> bool:
         """Best weights (journaled), then the training state: the epoch's commit point."""
