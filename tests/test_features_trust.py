@@ -133,6 +133,32 @@ def test_a_test_list_naming_an_annotated_trial_is_refused(tmp_path):
     assert dataset(feats, labels, test_list=str(clean)).trials("test") == ["t"]
 
 
+def test_a_submission_template_defines_the_test_rows_as_for_affwild2(tmp_path):
+    """With the organisers' sample file, the test rows are exactly the template's, in its
+    order (frames past an array's end included: predict pads them); a template naming other
+    videos than the test list is refused naming both; without one, one row per frame."""
+    feats, labels = make_features(
+        tmp_path, train=("a", "b"), val=("c",), arrays=("a", "b", "c", "t", "u")
+    )
+    tests = tmp_path / "test_list.txt"
+    tests.write_text("t\nu\n")
+    template = tmp_path / "sample.txt"
+    rows = ["u/00002.jpg", "u/00001.jpg", "t/00001.jpg", f"t/{FRAMES + 3:05d}.jpg"]
+    template.write_text("image_location,valence,arousal\n" + "".join(f"{r},0,0\n" for r in rows))
+    ds = dataset(feats, labels, test_list=str(tests), submission_template=str(template))
+    got = ds.submission_frames("test")
+    assert got == {"u": [(rows[0], 1), (rows[1], 0)], "t": [(rows[2], 0), (rows[3], FRAMES + 2)]}
+    plain = dataset(feats, labels, test_list=str(tests)).submission_frames("test")
+    assert plain["t"] == [(f"t/{k + 1:05d}.jpg", k) for k in range(FRAMES)]
+    other = tmp_path / "other.txt"
+    other.write_text("t\n")
+    narrow = dataset(feats, labels, test_list=str(other), submission_template=str(template))
+    with pytest.raises(DataError, match=r"1 template video\(s\) not in the test list .*: u"):
+        narrow.submission_frames("test")
+    with pytest.raises(DataError, match=r"data\.params\.submission_template: .* does not exist"):
+        dataset(feats, labels, test_list=str(tests), submission_template=str(tmp_path / "x"))
+
+
 # --------------------------------------------------------------------------- 4: shared_media
 
 

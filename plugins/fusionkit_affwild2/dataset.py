@@ -62,6 +62,7 @@ from fusionkit_affwild2.layout import (
     read_labels,
     read_submission_template,
     read_test_list,
+    template_rows,
     zero_based_crops_error,
 )
 from fusionkit_affwild2.params import AffWild2Params
@@ -646,47 +647,13 @@ class AffWild2Dataset:
     def _template_rows(
         self, split: str, names: Sequence[str]
     ) -> dict[str, list[tuple[str, int]]] | None:
-        """The template's rows when they define ``split``'s rows (split ``test``, or a split
-        whose trials the template names), checked against ``names``; else None."""
-        template, source = self.template, self.params.submission_template
-        if template is None or source is None:
-            return None
-        if split != "test" and set(template).isdisjoint(names):
-            return None
-        self._check_template(split, names, template, self._path(source))
-        return template
-
-    def _check_template(
-        self,
-        split: str,
-        names: Sequence[str],
-        template: dict[str, list[tuple[str, int]]],
-        path: Path,
-    ) -> None:
-        """Refuse a template whose videos are not exactly the trials of ``split``: its rows
-        are written exactly, so each of its videos needs a prediction and each predicted
-        trial needs its rows."""
-        listed = set(names)
-        absent = [v for v in template if v not in listed]
-        unlisted = [t for t in names if t not in template]
-        if not absent and not unlisted:
-            return
-        where = (
-            f"test list {self._path(self.params.test_list)}"
-            if split == "test" and self.params.test_list is not None
-            else f"split {split!r}"
-        )
-        parts = []
-        if absent:
-            parts.append(f"{len(absent)} template video(s) not in the {where}: {first_few(absent)}")
-        if unlisted:
-            parts.append(
-                f"{len(unlisted)} video(s) of the {where} not in the template: "
-                f"{first_few(unlisted)}"
-            )
-        raise DataError(
-            f"submission template {path} does not match the videos to predict: "
-            f"{'; '.join(parts)}; its rows are written exactly, so the template and the "
-            f"{where} must name the same videos: use the sample file and the test list of the "
-            "same release"
+        """The template's rows when they define ``split``'s rows, checked against ``names``
+        (:func:`~fusionkit_affwild2.layout.template_rows`); else None."""
+        source, tests = self.params.submission_template, self.params.test_list
+        return template_rows(
+            self.template,
+            None if source is None else self._path(source),
+            split,
+            names,
+            None if tests is None else self._path(tests),
         )

@@ -43,7 +43,9 @@ from fusionkit_affwild2.layout import (
     media_name,
     partition_labels,
     read_labels,
+    read_submission_template,
     read_test_list,
+    template_rows,
 )
 from fusionkit_affwild2.params import FeaturesParams
 
@@ -134,6 +136,12 @@ class FeaturesDataset:
         self._videos: dict[str, list[Video]] = {}
         # folder listings and the test list only: `recipe validate` refuses what `run` would
         _ = self.label_paths, self.test_trials
+        template = params.submission_template
+        if template is not None and not template.expanduser().is_file():
+            raise DataError(
+                f"data.params.submission_template: {template} does not exist or is not a "
+                "file; set it to the organisers' sample prediction file"
+            )
         if params.split.fold:
             self.trials("train")  # a fold the train trials cannot fill
 
@@ -375,6 +383,21 @@ class FeaturesDataset:
         return list(self._videos[split])
 
     def submission_frames(self, split: str) -> dict[str, list[tuple[str, int]]]:
+        """ABAW rows ``<video>/%05d.jpg``: with ``submission_template``, exactly the template's
+        rows in its order (for ``test``, and for any split whose videos it names), checked
+        against the split's videos; else one per frame of each video."""
+        source = self.params.submission_template
+        template = None if source is None else read_submission_template(source.expanduser())
+        tests = self.params.test_list
+        rows = template_rows(
+            template,
+            None if source is None else source.expanduser(),
+            split,
+            self.trials(split),
+            None if tests is None else tests.expanduser(),
+        )
+        if rows is not None:
+            return {video: list(r) for video, r in rows.items()}
         return {
             v.name: [(f"{v.name}/{k + 1:05d}.jpg", k) for k in range(v.num_frames)]
             for v in self.videos(split)

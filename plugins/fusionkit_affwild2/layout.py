@@ -29,6 +29,7 @@ __all__ = [
     "read_labels",
     "read_name_list",
     "read_submission_template",
+    "template_rows",
     "zero_based_crops_error",
 ]
 
@@ -186,6 +187,51 @@ def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
             stacklevel=2,
         )
     return out
+
+
+def template_rows(
+    template: dict[str, list[tuple[str, int]]] | None,
+    path: Path | None,
+    split: str,
+    names: Sequence[str],
+    test_list: Path | None,
+) -> dict[str, list[tuple[str, int]]] | None:
+    """The rows a submission ``template`` (read from ``path``) defines for ``split`` (of trials
+    ``names``): for ``test``, and for any split whose trials it names; None when it defines
+    none.
+
+    Raises:
+        DataError: naming the template when its videos and the split's trials differ: its
+            rows are written exactly, so each of its videos needs a prediction and each
+            predicted trial needs its rows.
+    """
+    if template is None or path is None:
+        return None
+    if split != "test" and set(template).isdisjoint(names):
+        return None
+    listed = set(names)
+    absent = [v for v in template if v not in listed]
+    unlisted = [t for t in names if t not in template]
+    if not absent and not unlisted:
+        return template
+    where = (
+        f"test list {test_list}"
+        if split == "test" and test_list is not None
+        else f"split {split!r}"
+    )
+    parts = []
+    if absent:
+        parts.append(f"{len(absent)} template video(s) not in the {where}: {first_few(absent)}")
+    if unlisted:
+        parts.append(
+            f"{len(unlisted)} video(s) of the {where} not in the template: {first_few(unlisted)}"
+        )
+    raise DataError(
+        f"submission template {path} does not match the videos to predict: "
+        f"{'; '.join(parts)}; its rows are written exactly, so the template and the "
+        f"{where} must name the same videos: use the sample file and the test list of the "
+        "same release"
+    )
 
 
 # --------------------------------------------------------------------------- discovery

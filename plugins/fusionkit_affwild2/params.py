@@ -217,6 +217,11 @@ class FeaturesParams(Params):
         description="a <video>_left/_right without its own array uses <video>'s (e.g. audio)",
     )
     test_list: Path | None = Field(None, description="text file naming the test videos")
+    submission_template: Path | None = Field(
+        None,
+        description="the organisers' sample prediction file (image_location,valence,arousal); "
+        "its rows define each test video's frames in `fusionkit predict`",
+    )
     split: SplitParams = Field(
         default_factory=SplitParams, description="official split (fold 0) or a CV fold"
     )
