@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fusionkit.core.errors import DataError, FusionkitError, RecipeError
-from fusionkit.core.recipe import validate_recipe
+from fusionkit.core.overrides import parse_overrides
+from fusionkit.core.recipe import load_recipe, validate_recipe
 from fusionkit.core.yamlio import load_yaml
 from fusionkit.engine.session import build_dataset, check_recipe
 from fusionkit_affwild2.layout import crop_indices
@@ -110,3 +111,30 @@ def test_a_relative_labels_folder_is_read_from_the_working_folder(tmp_path, regi
     relative = build_dataset(validate_recipe(raw, "r.yaml", registry), registry)
     assert relative.trials("train") == absolute.trials("train") == [f"t{i}" for i in range(5)]
     assert relative.trials("val") == ["v0"]
+
+
+@pytest.mark.parametrize(
+    ("item", "said"),
+    [
+        ("training.num-threads=1", "key part 'num-threads' may hold only letters, digits and '_' "
+         "(did you mean 'num_threads'?)"),
+        ("training..lr=1", "a key part is empty (two dots in a row, or a dot at an end)"),
+        ("training.lr", "expected key.path=value, e.g. training.lr=1e-3"),
+    ],
+)  # fmt: skip
+def test_a_malformed_override_says_what_is_wrong_with_it(item, said):
+    """An override with a bad key says which part is wrong and how to write it, not only
+    the general form."""
+    with pytest.raises(RecipeError) as err:
+        parse_overrides([item])
+    assert said in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "# a comment only\n"])
+def test_an_empty_recipe_file_is_named_as_such(tmp_path, registry, text):
+    """An empty recipe file says so and where to start, rather than listing the missing
+    sections one by one."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=r"the file holds no recipe .* recipe copy quickstart"):
+        load_recipe(path, registry=registry)

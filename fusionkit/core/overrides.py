@@ -70,12 +70,22 @@ def parse_overrides(items: Iterable[str], source: str = "<command line>") -> dic
         parts = key.split(".")
         if not sep or not key or not all(_KEY_RE.match(p) for p in parts):
             looks_like_file = not sep and item.endswith((".yaml", ".yml"))
-            fix = (
-                "a recipe file must be the first argument, and only one is taken; "
-                "overrides are key.path=value"
-                if looks_like_file
-                else "expected key.path=value, e.g. training.lr=1e-3"
-            )
+            bad = next((p for p in parts if not _KEY_RE.match(p)), None) if sep and key else None
+            if looks_like_file:
+                fix = (
+                    "a recipe file must be the first argument, and only one is taken; "
+                    "overrides are key.path=value"
+                )
+            elif bad == "":
+                fix = "a key part is empty (two dots in a row, or a dot at an end)"
+            elif bad is not None:
+                hint = re.sub(r"[^A-Za-z0-9_]", "_", bad)
+                fix = (
+                    f"key part {short_repr(bad)} may hold only letters, digits and '_'"
+                    + (f" (did you mean {hint!r}?)" if _KEY_RE.match(hint) else "")
+                )
+            else:
+                fix = "expected key.path=value, e.g. training.lr=1e-3"
             problems.append(f"override {shown}: {fix}")
             continue
         try:

@@ -695,6 +695,14 @@ def load_recipe(
     if path is not None and not p.exists():
         _hint_shipped(str(path), source)
     raw = read_yaml(p)
+    if raw is None and not overrides:
+        raise RecipeError(
+            [
+                "the file holds no recipe (it is empty or only comments): start from a "
+                "shipped one, e.g. fusionkit recipe copy quickstart my_recipe.yaml"
+            ],
+            source,
+        )
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
