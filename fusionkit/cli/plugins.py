@@ -319,16 +319,31 @@ def plugins_check(
         if not as_json:
             _print_report(report, verbose=verbose or len(comps) == 1)
     failed = [r for r in reports if not r.ok]
+    # plugins of the checked distributions (every one with --all) that did not even load: a
+    # distribution half of which is broken does not conform
+    dists = {_normalize(c.distribution) for c in comps}
+    unloaded = [f for f in reg.failures if check_all or _normalize(f.distribution) in dists]
     if as_json:
-        console.out(json.dumps([r.to_dict() for r in reports], indent=2))
+        records = [r.to_dict() for r in reports] + [
+            {"plugin": f.plugin, "distribution": f.distribution, "ok": False, "error": f.error}
+            for f in unloaded
+        ]
+        console.out(json.dumps(records, indent=2))
     else:
-        style = "bold red" if failed else "green"
+        for f in unloaded:
+            console.print(
+                f"[bold red]FAIL[/] [bold]plugin '{escape(f.plugin)}'[/] "
+                f"[dim]{escape(f.distribution)}[/]: not loaded: {escape(f.error)}",
+                highlight=False,
+            )
+        style = "bold red" if failed or unloaded else "green"
         console.print(
             f"[{style}]{len(reports) - len(failed)} of {len(reports)} components conform[/]"
-            + (": failed " + ", ".join(_label(r, reports) for r in failed) if failed else ""),
+            + (": failed " + ", ".join(_label(r, reports) for r in failed) if failed else "")
+            + (f"; {len(unloaded)} plugin(s) did not load" if unloaded else ""),
             highlight=False,
         )
-    if failed:
+    if failed or unloaded:
         raise typer.Exit(1)
 
 

@@ -80,9 +80,8 @@ def parse_overrides(items: Iterable[str], source: str = "<command line>") -> dic
                 fix = "a key part is empty (two dots in a row, or a dot at an end)"
             elif bad is not None:
                 hint = re.sub(r"[^A-Za-z0-9_]", "_", bad)
-                fix = (
-                    f"key part {short_repr(bad)} may hold only letters, digits and '_'"
-                    + (f" (did you mean {hint!r}?)" if _KEY_RE.match(hint) else "")
+                fix = f"key part {short_repr(bad)} may hold only letters, digits and '_'" + (
+                    f" (did you mean {hint!r}?)" if _KEY_RE.match(hint) else ""
                 )
             else:
                 fix = "expected key.path=value, e.g. training.lr=1e-3"

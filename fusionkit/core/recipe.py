@@ -211,8 +211,18 @@ class ComponentSpec(Strict):
         if registry is None or not cls.kind:
             return handler(core_schema)
         names = registry.names(cls.kind)
+        clashing = {n for k, n in registry.clashes() if k == cls.kind}
         choices = []
         for name in names:
+            if name in clashing:  # refused in a recipe; the other components stay usable
+                choices.append(
+                    {
+                        "if": {"properties": {"name": {"const": name}}, "required": ["name"]},
+                        "then": False,
+                        "description": registry.clash_message(cls.kind, name),
+                    }
+                )
+                continue
             comp = registry.get(cls.kind, name)
             params = cls._params_schema(handler(comp.params.__pydantic_core_schema__), handler)
             choices.append(

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any, TypeVar, get_type_hints
 
 import pluggy
+import torch
 from pydantic import BaseModel
 from torch import nn
 
@@ -172,14 +173,24 @@ def _params_of(build: Callable[..., Any]) -> type[BaseModel] | type:
     (and rejected by :meth:`Registry.add`)."""
     target = build.__init__ if inspect.isclass(build) else build
     try:
-        hints = get_type_hints(target)
-    except Exception:
-        hints = {}
-    try:
         names = list(inspect.signature(build).parameters)
     except (TypeError, ValueError):
         names = []
-    ann = hints.get(names[0]) if names else None
+    if not names:
+        return EmptyParams
+    try:
+        ann = get_type_hints(target).get(names[0])
+    except Exception:  # another annotation cannot be resolved: resolve the first one alone
+        ann = getattr(target, "__annotations__", {}).get(names[0])
+        if isinstance(ann, str):
+            try:  # the plugin's own annotation, in its own module (its code already ran)
+                ann = eval(ann, getattr(target, "__globals__", {}))
+            except Exception as exc:
+                raise PluginError(
+                    f"cannot resolve the annotation {ann!r} of the first argument of "
+                    f"{getattr(build, '__qualname__', build)!r} ({type(exc).__name__}: {exc}); "
+                    "import it at module level, or pass params= when registering"
+                ) from None
     return ann if isinstance(ann, type) and ann is not object else EmptyParams
 
 
@@ -389,8 +400,20 @@ class Registry:
             raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
         except (ShapeError, ValueError) as exc:
             raise RecipeError([f"{where}: {kind} {name!r} cannot be built: {exc}"]) from None
-        except (RuntimeError, MemoryError) as exc:  # e.g. torch failing to allocate its weights
+        except (RuntimeError, MemoryError, TypeError) as exc:
             text = one_line(exc) or type(exc).__name__
+            if torch.get_default_device().type == "meta" and "meta" in str(exc).lower():
+                raise RecipeError(
+                    [
+                        f"{where}: {kind} {name!r} from '{comp.distribution}' reads tensor "
+                        f"values while it is built ({text}), which validation cannot do: it "
+                        "builds every component on the meta device (shapes only, no weights). "
+                        "Compute such values in forward, or from the params (docs/plugins.md)"
+                    ]
+                ) from None
+            if isinstance(exc, TypeError):
+                raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
+            # e.g. torch failing to allocate its weights
             raise RecipeError(
                 [
                     f"{where}: {kind} {name!r} cannot be built: {text}; check the sizes in "

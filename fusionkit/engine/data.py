@@ -278,6 +278,14 @@ class FrameStore:
     ) -> None:
         if not videos:
             raise DataError(f"{where} has no videos")
+        seen: set[str] = set()
+        repeated = sorted({v.name for v in videos if v.name in seen or seen.add(v.name)})
+        if repeated:
+            raise DataError(
+                f"{where}: video names must be unique within a split (predictions and reports "
+                f"are kept per name); repeated: {', '.join(repeated[:5])}"
+                + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+            )
         #: what the split is, for messages (e.g. ``dataset 'x' split 'val'``)
         self.where = where
         self.names = [v.name for v in videos]

@@ -117,7 +117,16 @@ class AppliedPerturbation:
     fn: Perturbation
 
     def __call__(self, video: Video) -> Video:
+        tensors = [*video.features.values(), video.labels, video.label_mask,
+                   *video.present.values()]  # fmt: skip
+        versions = [t._version for t in tensors]  # bumped by every in-place write
         out = self.fn(video, video_generator(self.seed, self.name, video.name))
+        if any(t._version != v for t, v in zip(tensors, versions, strict=True)):
+            raise DataError(
+                f"perturbation {self.name!r} wrote into the tensors of video {video.name!r} it "
+                "was given, which belong to the dataset (every later use of the video would see "
+                "the change): return a new Video with new tensors (plugin.with_features)"
+            )
         if not isinstance(out, Video):
             raise DataError(
                 f"perturbation {self.name!r} returned {type(out).__name__}, not a Video"
@@ -126,6 +135,13 @@ class AppliedPerturbation:
             raise DataError(
                 f"perturbation {self.name!r} changed video {video.name!r} from "
                 f"{video.num_frames} to {out.num_frames} frames; perturbations keep the length"
+            )
+        cut = {m: int(x.shape[0]) for m, x in out.features.items() if x.shape[0] != out.num_frames}
+        if cut:
+            got = ", ".join(f"{m} to {n}" for m, n in sorted(cut.items()))
+            raise DataError(
+                f"perturbation {self.name!r} changed the features of video {video.name!r} "
+                f"({got} frames; the video has {video.num_frames}); perturbations keep the length"
             )
         return out
 

@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from fusionkit.core.errors import CheckpointError, DataError, FusionkitError, RecipeError
+from fusionkit.core.errors import (
+    CheckpointError,
+    DataError,
+    FusionkitError,
+    RecipeError,
+    ShapeError,
+)
 from fusionkit.core.interfaces import Dataset, Video, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
@@ -444,7 +450,25 @@ def check_recipe(recipe: Recipe, registry: Registry | None = None) -> FusionMode
     weights are not)."""
     registry = registry or get_registry()
     check_cuda_graphs(recipe, resolve_device(recipe.training.device, source=recipe.source))
-    return _assemble(recipe, registry, torch.device("meta"))[2]
+    dataset, _, model, _ = _assemble(recipe, registry, torch.device("meta"))
+    _check_shapes(recipe, model, dict(dataset.feature_dims))
+    return model
+
+
+def _check_shapes(recipe: Recipe, model: FusionModel, feature_dims: dict[str, int]) -> None:
+    """One forward pass on the meta device (shapes only, no data, no memory): a component
+    whose output breaks its declared sizes is refused before a run starts. A component that
+    cannot run on the meta device (it reads tensor values) is checked at the first step."""
+    t = recipe.data.window
+    inputs = {m: torch.empty(2, t, feature_dims[m], device="meta") for m in model.modalities}
+    mask = torch.ones(2, t, dtype=torch.bool, device="meta")
+    try:
+        with torch.no_grad():
+            model.eval()(inputs, mask)
+    except ShapeError as exc:
+        raise RecipeError([str(exc)], recipe.source) from None
+    except Exception:
+        return
 
 
 def build_session(

@@ -26,11 +26,14 @@ has the full contract):
                           fusion's ``fixed_length``), full and padded masks; finite outputs; the
                           inputs are not modified; gates: weights non-negative, summing to 1
 ``shapes-single-stream``  gates: the same with one stream ``fused`` and S = 1
+``shapes-targets``        heads: the same built with another ``n_targets`` (1, or 3 when 1 is
+                          the one checked), so a head that ignores it fails
 ``masking``               eval mode: changing only padded frames leaves valid outputs unchanged
 ``masking-train``         the same in train mode (dropout seeded identically)
 ``batch-independence``    eval mode: an item's output does not depend on the other batch items
 ``frame-local``           components declaring ``frame_local = True``: in eval mode, changing
-                          any one input frame u (each in turn) changes no output frame but u
+                          any one input frame u (each in turn) changes no output frame but u,
+                          and each frame computed alone (T = 1) gives its output in the window
 ``causal``                encoders declaring ``receptive_field = R``: changing any one input
                           frame u (each in turn) changes no output before u nor R or more
                           frames after it

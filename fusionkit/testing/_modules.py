@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from einops import reduce
+from einops import rearrange, reduce
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -29,6 +29,7 @@ from fusionkit.testing._util import (
     RTOL,
     close,
     default_name,
+    identical,
     max_diff,
     no_tf32,
     padding_mask,
@@ -135,7 +136,7 @@ class ModuleChecks:
                     with torch.no_grad():
                         outs = self._call(module, inputs, mask, what=f"(B={b}, T={t})")
                     self._judge(outs, b, t, mask, torch.float32)
-                    changed = [k for k in inputs if not torch.equal(inputs[k], before[k])]
+                    changed = [k for k in inputs if not identical(inputs[k], before[k])]
                     if changed:
                         raise Violation(
                             f"forward modified its inputs in place: {changed}; work on copies"
@@ -266,6 +267,34 @@ class ModuleChecks:
                 f"changed by up to {diff:.3g} when only input frame {u} changed (T={t}, eval "
                 "mode); remove the attribute or make the component per-frame"
             )
+        if getattr(module, "fixed_length", None) is None:
+            self._frame_alone(t)
+
+    def _frame_alone(self, t: int) -> None:
+        """Each frame computed alone (a window of one frame, as streaming prediction computes
+        the newest frame) gives its output inside the window: no dependence on position."""
+        module = self.module
+        assert module is not None
+        base = self.a.inputs(1, t, self.gen)
+        alone = {k: rearrange(v, "1 t ... -> t 1 ...") for k, v in base.items()}
+        with torch.no_grad():
+            whole = self._call(module, base, padding_mask([t], t), what=f"(B=1, T={t})")
+            each = self._call(
+                module, alone, padding_mask([1] * t, 1), what=f"(B={t}, T=1, each frame alone)"
+            )
+        for name, w in whole.items():
+            got = rearrange(each[name], "t 1 ... -> 1 t ...")
+            bad = self._changed_frames(w, got)[0]
+            if bool(bad.any()):
+                frames = bad.nonzero()[:, 0].tolist()
+                diff = max_diff(w[0, frames], got[0, frames])
+                raise Violation(
+                    f"declares frame_local = True, but output {name!r} at "
+                    f"{_frames_text(frames)} differs by up to {diff:.3g} when the frame is "
+                    f"computed alone (T=1) rather than inside a window of T={t}: it depends on "
+                    "the frame's position, which streaming prediction cannot reproduce; remove "
+                    "the attribute or make the component per-frame"
+                )
 
     def causal(self) -> None:
         """An encoder declaring ``receptive_field = R``: output frame ``t`` depends on input
@@ -461,7 +490,7 @@ class ModuleChecks:
         x = self.a.inputs(3, t, self.gen)
         m1, m2 = self.fresh(self.seed), self.fresh(self.seed)
         s1, s2 = m1.state_dict(), m2.state_dict()
-        diff = [k for k in s1 if k not in s2 or not torch.equal(s1[k], s2[k])]
+        diff = [k for k in s1 if k not in s2 or not identical(s1[k], s2[k])]
         if diff or set(s2) - set(s1):
             which = diff or sorted(set(s2) - set(s1))
             raise Violation(
@@ -475,7 +504,7 @@ class ModuleChecks:
                 with seeded(self.seed + 3), torch.no_grad():
                     outs.append(self._call(m, x, mask, what=f"({mode} mode)"))
             for k in outs[0]:
-                if not torch.equal(outs[0][k], outs[1][k]):
+                if not identical(outs[0][k], outs[1][k]):
                     raise Violation(
                         f"output {k!r} differs by up to {max_diff(outs[0][k], outs[1][k]):.3g} "
                         f"between two builds under torch seed {self.seed} ({mode} mode, same "
@@ -513,7 +542,7 @@ class ModuleChecks:
             a = self._call(module, x, mask, what="(original)")
             b = self._call(other, x, mask, what="(reloaded)")
         for k in a:
-            if not torch.equal(a[k], b[k]):
+            if not identical(a[k], b[k]):
                 raise Violation(
                     f"output {k!r} differs by up to {max_diff(a[k], b[k]):.3g} after a "
                     "safetensors state-dict round trip; keep all state in parameters or "
@@ -596,7 +625,8 @@ def run_module_checks(
     checks = ModuleChecks(adapter, seed)
     extra = list(extra)
     own = {check for check, _ in extra}
-    order = [c for c in CHECKS["module"] if c != "shapes-single-stream" or c in own]
+    only_extra = {"shapes-single-stream", "shapes-targets"}  # checks of one kind each
+    order = [c for c in CHECKS["module"] if c not in only_extra or c in own]
     if not runner.run("build", checks.build):
         runner.skip_rest(order, "the component could not be built")
         return report
@@ -768,6 +798,27 @@ def check_head(
     The head maps ``(B, T, in_dim) -> (B, T, n_targets)``. Others as in :func:`check_encoder`.
     """
     kwargs = {"in_dim": in_dim, "n_targets": n_targets}
+    other = 1 if n_targets != 1 else 3
+    again = HeadAdapter(
+        "head", default_name(build, name, "head"), build, params, {**kwargs, "n_targets": other}
+    )
+
+    def other_targets() -> None:
+        checks = ModuleChecks(again, seed)
+        checks.build()
+        try:
+            checks.shapes()
+        except Violation as exc:
+            raise Violation(f"built with n_targets={other}: {exc}") from None
+
     return run_module_kind(
-        HeadAdapter, "head", build, params, kwargs, name=name, skip=skip, seed=seed
+        HeadAdapter,
+        "head",
+        build,
+        params,
+        kwargs,
+        name=name,
+        skip=skip,
+        seed=seed,
+        extra=[("shapes-targets", other_targets)],
     )

@@ -15,7 +15,7 @@ from fusionkit.core.interfaces import Video
 from fusionkit.core.params import first_few
 from fusionkit.testing._params import not_pydantic, params_checks
 from fusionkit.testing._report import CHECKS, ConformanceReport, Runner, Violation
-from fusionkit.testing._util import axes, default_name, seeded, shape_of
+from fusionkit.testing._util import axes, default_name, identical, seeded, shape_of
 
 
 def check_video(v: Any, i: int, split: str, dims: dict[str, int], n_targets: int) -> None:
@@ -135,8 +135,8 @@ class DatasetChecks:
         if len(a) != len(b):
             raise Violation(f"split '{split}': {len(a)} videos, then {len(b)} from a second build")
         for i, (va, vb) in enumerate(list(zip(a, b, strict=True))[: self.max_videos]):
-            same = va.name == vb.name and torch.equal(va.labels, vb.labels)
-            same = same and all(torch.equal(va.features[m], vb.features[m]) for m in va.features)
+            same = va.name == vb.name and identical(va.labels, vb.labels)
+            same = same and all(identical(va.features[m], vb.features[m]) for m in va.features)
             if not same:
                 raise Violation(
                     f"split '{split}' video {i} ({va.name!r}) differs between two builds with "
@@ -203,9 +203,9 @@ def same_video(a: Video, b: Video) -> bool:
     return (
         a.name == b.name
         and set(a.features) == set(b.features)
-        and all(torch.equal(a.features[m], b.features[m]) for m in a.features)
-        and torch.equal(a.labels, b.labels)
-        and torch.equal(a.label_mask, b.label_mask)
+        and all(identical(a.features[m], b.features[m]) for m in a.features)
+        and identical(a.labels, b.labels)
+        and identical(a.label_mask, b.label_mask)
     )
 
 

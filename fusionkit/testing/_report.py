@@ -15,6 +15,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
         "params",
         "shapes",
         "shapes-single-stream",
+        "shapes-targets",
         "masking",
         "masking-train",
         "batch-independence",

@@ -45,6 +45,16 @@ def max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
 
 
+def identical(a: Tensor, b: Tensor) -> bool:
+    """Equal values, with NaN equal to NaN (``torch.equal`` says two NaN outputs differ, which
+    would blame determinism or saved state for what is a NaN)."""
+    if torch.equal(a, b):
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or not a.is_floating_point():
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def close(a: Tensor, b: Tensor) -> bool:
     return torch.allclose(a.detach().float(), b.detach().float(), rtol=RTOL, atol=ATOL)
 
