@@ -66,6 +66,7 @@ def no_handlers() -> SimpleNamespace:
         SIGTERM=signal.SIGTERM,
         SIG_IGN=signal.SIG_IGN,
         Signals=signal.Signals,
+        default_int_handler=signal.default_int_handler,
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -26,23 +27,41 @@ def extract(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
 ) -> None:
     """Turn a dataset's raw media into per-video feature caches (resumable; valid caches are
-    skipped, stale or corrupt ones recomputed)."""
+    skipped, stale or corrupt ones recomputed). For a grid recipe, the data of every point."""
     from fusionkit.core.errors import DataError
-    from fusionkit.core.interfaces import Extractable
+    from fusionkit.core.interfaces import Extractable, ExtractReport
     from fusionkit.core.registry import get_registry
     from fusionkit.engine.session import build_dataset
     from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
+    from fusionkit.studies.grid import expand_grid
 
     rc = load(recipe, list(overrides or []))
-    dataset = build_dataset(rc, get_registry())
-    if not isinstance(dataset, Extractable):
-        raise DataError(
-            f"dataset {rc.data.name!r} reads ready features: there is nothing to extract"
-        )
+    registry = get_registry()
+    # a grid whose points set other data params (backbones, anchors, ...) needs the caches of
+    # each: every distinct data section of its points, each once
+    recipes = [p.recipe for p in expand_grid(rc, registry)] if rc.is_grid else [rc]
+    sections = {json.dumps(r.data.model_dump(mode="json"), sort_keys=True): r for r in recipes}
+    datasets = []
+    for r in sections.values():
+        dataset = build_dataset(r, registry)
+        if not isinstance(dataset, Extractable):
+            raise DataError(
+                f"dataset {r.data.name!r} reads ready features: there is nothing to extract"
+            )
+        datasets.append(dataset)
+    report = ExtractReport()
     try:
         with sigterm_as_interrupt(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = dataset.extract(workers=workers, progress=not quiet)
+            for dataset in datasets:
+                part = dataset.extract(workers=workers, progress=not quiet)
+                report.total += part.total
+                report.computed += part.computed
+                report.refreshed.update(part.refreshed)
+                report.skipped += part.skipped
+                report.failed.update(part.failed)
+                report.seconds += part.seconds
+                report.cache_dirs += [d for d in part.cache_dirs if d not in report.cache_dirs]
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (timeout, kill, a batch scheduler)
         err_console.print(
             "\n[yellow]interrupted[/]: finished caches are kept; run the same command to resume"
@@ -50,7 +69,8 @@ def extract(
         raise typer.Exit(interrupt_exit_code(exc)) from None
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {escape(str(w.message))}", soft_wrap=True)
-    table = Table(title=f"fusionkit extract: {rc.data.name}")
+    settings = f" ({len(datasets)} data settings of the grid)" if len(datasets) > 1 else ""
+    table = Table(title=f"fusionkit extract: {rc.data.name}{settings}")
     for col in ("caches", "computed", "refreshed", "skipped (valid)", "failed", "seconds"):
         table.add_column(col, justify="right")
     table.add_row(

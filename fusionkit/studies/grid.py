@@ -37,8 +37,10 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_any
@@ -309,12 +311,22 @@ def _serve(conn: Any, threads: int) -> None:
     """Body of a worker process: run the points it is sent, one at a time, until told to stop
     (``None``); each outcome goes back through ``conn``."""
     die_with_parent()
+    # A worker of a grid started as a background job of a script inherits SIGINT ignored; the
+    # grid passes SIGTERM on as SIGINT, so the worker must hear it to stop at an epoch end.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    warnings.showwarning = _one_line_warning  # as the command prints them, not a source excerpt
     try:
         _serve_points(conn, threads)
     finally:
         # Its work is over (reported, or told to stop): a Ctrl-C that reaches it now, while the
         # interpreter shuts down, would only print "Exception ignored in atexit callback".
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _one_line_warning(message: Any, category: Any, filename: Any, lineno: Any, file: Any = None,
+                      line: Any = None) -> None:  # fmt: skip
+    """A worker's warnings print as one line on standard error, as the command's do."""
+    sys.stderr.write(f"warning: {message}\n")
 
 
 def _serve_points(conn: Any, threads: int) -> None:
@@ -634,6 +646,7 @@ def _run_in_processes(
                     os.kill(w.proc.pid, signal.SIGINT)
         for w in pool:
             w.proc.join(timeout=30)
+        _record_sent(pool, done)
         raise
     finally:
         for w in pool:
@@ -646,6 +659,21 @@ def _run_in_processes(
                 if w.proc.is_alive():
                     w.proc.terminate()
             w.conn.close()
+
+
+def _record_sent(pool: list[_Worker], done: Callable[[str, str, Any], None]) -> None:
+    """After an interrupt: record the outcomes workers sent before they stopped (a point that
+    finished as the interrupt came is done, not pending)."""
+    for w in pool:
+        if w.tag is None:
+            continue
+        try:
+            outcome = w.conn.recv() if w.conn.poll() else None
+        except (EOFError, OSError):
+            outcome = None
+        if outcome is not None and outcome[0] != "interrupted":
+            done(w.tag, *outcome)
+        w.tag = None
 
 
 def _import_ray() -> Any:
