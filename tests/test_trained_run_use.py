@@ -145,3 +145,41 @@ def test_robustness_runs_with_the_threads_the_run_was_evaluated_with(tmp_path, z
     assert at_zero["ccc_mean"] == metrics["splits"]["test"]["ccc_mean"]
     code, _, err = cli("robustness", run, *sweep, "--device", "tpu")
     assert code != 0 and "--device" in err, err
+
+
+def _with_components(run, edit) -> None:
+    """Rewrite the components run.json records (run.json is not among the hashed files)."""
+    marker = json.loads((run / "run.json").read_text())
+    for c in marker["components"]:
+        edit(c)
+    (run / "run.json").write_text(json.dumps(marker))
+
+
+def test_a_run_built_by_another_plugin_version_says_so_and_a_missing_one_is_named(
+    tmp_path, zrun, registry, cli
+):
+    """Reloading compares the plugins run.json records with those installed: another version
+    of one warns (its numbers may differ), one no plugin provides is refused naming the
+    distribution and version to install."""
+    from fusionkit.engine.session import load_run
+
+    run = tmp_path / "r"
+    shutil.copytree(zrun, run)
+    recorded = json.loads((run / "run.json").read_text())["components"]
+    fusion = next(c for c in recorded if c["kind"] == "fusion")
+
+    def older(c: dict) -> None:
+        if c["kind"] == "fusion":
+            c["version"] = "0.0.1"
+
+    _with_components(run, older)
+    with pytest.warns(UserWarning, match=rf"fusion '{fusion['name']}' \(.* 0\.0\.1 built it"):
+        load_run(run, device="cpu", registry=registry)
+
+    def gone(c: dict) -> None:
+        if c["kind"] == "fusion":
+            c["name"] = "retired_fusion"
+
+    _with_components(run, gone)
+    with pytest.raises(CheckpointError, match=r"fusion 'retired_fusion' from .* 0\.0\.1, which no"):
+        load_run(run, device="cpu", registry=registry)

@@ -558,6 +558,36 @@ def _require_complete(run: RunDir) -> RunMarker:
     )
 
 
+def _check_components(run: RunDir, marker: RunMarker, registry: Registry) -> None:
+    """Compare the plugins ``run.json`` says built the run with those installed: a component
+    no installed plugin provides is refused naming the distribution to install; another
+    version of one is warned about (its numbers may differ: ``fusionkit eval`` compares)."""
+    recorded = (marker.model_extra or {}).get("components")
+    changed = []
+    for c in recorded if isinstance(recorded, list) else []:
+        if not isinstance(c, dict):
+            continue
+        kind, name = str(c.get("kind")), str(c.get("name"))
+        dist, version = c.get("distribution"), c.get("version")
+        try:
+            now = registry.get(kind, name)
+        except FusionkitError:
+            raise CheckpointError(
+                f"{run} was built with {kind} {name!r} from {dist} {version}, which no installed "
+                f"plugin provides now: install it (pip install '{dist}=={version}') to use the run"
+            ) from None
+        if now.distribution == dist and version and now.version != version:
+            changed.append(
+                f"{kind} {name!r} ({dist} {version} built it, {now.version} is installed)"
+            )
+    if changed:
+        warnings.warn(
+            f"{run} was built with other plugin versions: {'; '.join(changed)}; its numbers may "
+            "differ from the run's (fusionkit eval compares them exactly)",
+            stacklevel=3,
+        )
+
+
 def _check_unchanged(run: RunDir, marker: RunMarker, name: str, required: bool) -> None:
     """Refuse ``name`` if it differs from the SHA-256 ``run.json`` recorded at completion
     (or, when ``required``, if ``run.json`` records none)."""
@@ -628,6 +658,7 @@ def load_run(
     torch_device = resolve_device(device, what="--device")
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
     marker = _require_complete(run)
+    _check_components(run, marker, registry)
     recipe = run.checked_recipe(registry)
     if data_overrides:
         recipe = _with_data_overrides(recipe, data_overrides, registry)
