@@ -202,3 +202,31 @@ def test_features_submission_rows_name_frames_from_1(tmp_path):
     assert rows["c"][1] == ("c/00002.jpg", 1)
     assert rows["c"][-1] == (f"c/{FRAMES:05d}.jpg", FRAMES - 1)
     assert rows["c"][-1][0] == "c/00020.jpg"
+
+
+def test_a_video_far_shorter_than_its_labels_gets_its_own_warning():
+    """A few frames between labels and video is usual and warned about as such; a video far
+    shorter (or longer) than its labels, as a truncated file is, is named apart with what to
+    check."""
+    from types import SimpleNamespace
+
+    from fusionkit_affwild2.dataset import AffWild2Dataset
+
+    frames = {"ok": 60, "near": 58, "cut": 39}
+    rows = {"ok": 60, "near": 60, "cut": 75}
+    fake = SimpleNamespace(
+        label_paths=dict.fromkeys(frames),
+        media_key=lambda t: t,
+        audio_cache=SimpleNamespace(info=lambda m: {"info": {"num_frames": frames[m]}}),
+        labels=lambda t: SimpleNamespace(rows=rows[t]),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AffWild2Dataset._warn_lengths(fake, ["ok", "near", "cut"])
+    texts = [str(w.message) for w in caught]
+    assert len(texts) == 2
+    far = next(t for t in texts if "far more than a few" in t)
+    assert "cut (75 label rows, 39 video frames)" in far and "near" not in far
+    assert "truncated" in far
+    usual = next(t for t in texts if "label rows != decoded video frames" in t)
+    assert "near (60 label rows, 58 video frames)" in usual and "cut" not in usual

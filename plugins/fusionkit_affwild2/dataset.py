@@ -70,6 +70,9 @@ from fusionkit_affwild2.params import AffWild2Params
 __all__ = ["AffWild2Dataset", "fit_rows"]
 
 _FIX = "run `fusionkit extract RECIPE` with the same data.params first"
+#: label rows and decoded frames this far apart (or 2 % of the rows, if more) are not the usual
+#: few-frame difference: the video file is probably truncated or another video's
+FAR_FRAMES = 5
 
 
 def fit_rows(x: Tensor, n: int, fill: str) -> Tensor:
@@ -549,7 +552,7 @@ class AffWild2Dataset:
         return frames
 
     def _warn_lengths(self, trials: Sequence[str]) -> None:
-        diffs = []
+        diffs, far = [], []
         for t in trials:
             if t not in self.label_paths:
                 continue
@@ -558,12 +561,22 @@ class AffWild2Dataset:
                 continue
             frames, rows = int(info["info"]["num_frames"]), self.labels(t).rows
             if frames != rows:
-                diffs.append(f"{t} ({rows} label rows, {frames} video frames)")
+                text = f"{t} ({rows} label rows, {frames} video frames)"
+                # a few frames apart is usual; far more means a truncated or wrong file
+                (far if abs(frames - rows) > max(FAR_FRAMES, 0.02 * rows) else diffs).append(text)
+        if far:
+            warnings.warn(
+                f"affwild2: {len(far)} trial(s) differ from their labels by far more than a few "
+                f"frames: {first_few(far, 8, '; ')}. The video file may be truncated or another "
+                "video's: check it (decode it, or download it again), then extract again; until "
+                "then the frames it lacks repeat the last audio row.",
+                stacklevel=3,
+            )
         if diffs:
             warnings.warn(
                 f"affwild2: {len(diffs)} trial(s) have label rows != decoded video frames: "
-                f"{first_few(diffs, 8, '; ')}. Labels define the "
-                "frames; missing feature rows repeat the last audio row and have no face.",
+                f"{first_few(diffs, 8, '; ')}. Labels define the frames; frames past the "
+                "video's end repeat the last audio row and have a face only where a crop exists.",
                 stacklevel=3,
             )
 
