@@ -9,13 +9,12 @@ preprocessing bug) changes the arrays behind one unchanged recipe while the labe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-from typing import ClassVar
 
 import pytest
 import torch
-from pydantic import BaseModel
 
 from fusionkit.core.interfaces import Video
 from fusionkit.core.recipe import validate_recipe
@@ -23,50 +22,36 @@ from fusionkit.engine.files import atomic_write_json, file_sha256
 from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import train_and_evaluate
 from fusionkit.studies.report import build_report
-from tests.conftest import make_registry, tiny_recipe
+from tests.conftest import TinyDataset, TinyParams, make_registry, tiny_recipe
 
 #: which "extraction" of the features the ``mut`` dataset serves, per split role
 FEATURES = {"train": 0, "eval": 0}
 
 
-class MutParams(BaseModel):
-    model_config = {"extra": "forbid"}
-    seed: int = 0
-
-
-class MutDataset:
-    """Labels fixed by the params; features of the train split and of the evaluated splits
-    depend on :data:`FEATURES` (not on the recipe)."""
-
-    feature_dims: ClassVar[dict[str, int]] = {"audio": 6, "video": 5}
-    targets = ("valence", "arousal")
-
-    def __init__(self, params: MutParams) -> None:
-        self.params = params
-
-    def splits(self) -> tuple[str, ...]:
-        return ("train", "val", "test")
+class MutDataset(TinyDataset):
+    """The tiny dataset (labels fixed by its params) whose features, of the train split and
+    of the evaluated splits, carry noise that depends on :data:`FEATURES` (not on the
+    recipe), as features extracted anew would."""
 
     def videos(self, split: str) -> list[Video]:
-        offset = {"train": 0, "val": 1, "test": 2}[split]
-        g = torch.Generator().manual_seed(self.params.seed * 10 + offset)
         version = FEATURES["train" if split == "train" else "eval"]
-        noise = torch.Generator().manual_seed(1000 + 17 * version + offset)
-        out = []
-        for i in range(4):
-            n = int(torch.randint(120, 300, (1,), generator=g))
-            lat = (torch.cumsum(torch.randn(n, 2, generator=g) * 0.15, 0)).tanh()
-            audio = lat[:, 1:2].repeat(1, 6) + 0.5 * torch.randn(n, 6, generator=noise)
-            video = lat[:, 0:1].repeat(1, 5) + 0.5 * torch.randn(n, 5, generator=noise)
-            mask = torch.ones(n, dtype=torch.bool)
-            out.append(Video(f"{split}_{i}", {"audio": audio, "video": video}, lat, mask))
-        return out
+        noise = torch.Generator().manual_seed(1000 + 17 * version + len(split))
+        return [
+            dataclasses.replace(
+                v,
+                features={
+                    m: x + 0.3 * torch.randn(x.shape, generator=noise)
+                    for m, x in sorted(v.features.items())
+                },
+            )
+            for v in super().videos(split)
+        ]
 
 
 @pytest.fixture(scope="module")
 def reg():
     r = make_registry()
-    r.add("dataset", "mut", build=MutDataset, params=MutParams, summary="review data")
+    r.add("dataset", "mut", build=MutDataset, params=TinyParams, summary="re-extractable data")
     return r
 
 

@@ -752,24 +752,11 @@ def check_gate(
     """
     dims = dict(in_dims or {"audio": 16, "video": 24})
     kwargs = {"in_dims": dims, "num_steps": num_steps}
-    single = GateAdapter(
-        "gate",
-        default_name(build, name, "gate"),
-        build,
-        params,
-        {"in_dims": {"fused": sum(dims.values())}, "num_steps": 1},
-    )
-
-    def single_stream() -> None:
-        checks = ModuleChecks(single, seed)
-        checks.build()
-        try:
-            checks.shapes()
-        except Violation as exc:
-            raise Violation(
-                f"with one stream 'fused' and S=1 (a plain fusion's output): {exc}"
-            ) from None
-
+    single = {"in_dims": {"fused": sum(dims.values())}, "num_steps": 1}
+    single_stream = _shapes_with(
+        GateAdapter, "gate", build, params, name, single, seed,
+        "with one stream 'fused' and S=1 (a plain fusion's output)",
+    )  # fmt: skip
     return run_module_kind(
         GateAdapter,
         "gate",
@@ -781,6 +768,31 @@ def check_gate(
         seed=seed,
         extra=[("shapes-single-stream", single_stream)],
     )
+
+
+def _shapes_with(
+    cls: type[Adapter],
+    kind: str,
+    build: Callable[..., Any],
+    params: BaseModel,
+    name: str | None,
+    build_kwargs: dict[str, Any],
+    seed: int,
+    context: str,
+) -> Callable[[], None]:
+    """A check that builds the component again with other ``build_kwargs`` and runs the shape
+    contract on it; a failure says ``context`` first."""
+    adapter = cls(kind, default_name(build, name, kind), build, params, build_kwargs)
+
+    def check() -> None:
+        checks = ModuleChecks(adapter, seed)
+        checks.build()
+        try:
+            checks.shapes()
+        except Violation as exc:
+            raise Violation(f"{context}: {exc}") from None
+
+    return check
 
 
 def check_head(
@@ -799,18 +811,10 @@ def check_head(
     """
     kwargs = {"in_dim": in_dim, "n_targets": n_targets}
     other = 1 if n_targets != 1 else 3
-    again = HeadAdapter(
-        "head", default_name(build, name, "head"), build, params, {**kwargs, "n_targets": other}
-    )
-
-    def other_targets() -> None:
-        checks = ModuleChecks(again, seed)
-        checks.build()
-        try:
-            checks.shapes()
-        except Violation as exc:
-            raise Violation(f"built with n_targets={other}: {exc}") from None
-
+    other_targets = _shapes_with(
+        HeadAdapter, "head", build, params, name, {**kwargs, "n_targets": other}, seed,
+        f"built with n_targets={other}",
+    )  # fmt: skip
     return run_module_kind(
         HeadAdapter,
         "head",
