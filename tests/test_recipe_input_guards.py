@@ -138,3 +138,16 @@ def test_an_empty_recipe_file_is_named_as_such(tmp_path, registry, text):
     path.write_text(text)
     with pytest.raises(RecipeError, match=r"the file holds no recipe .* recipe copy quickstart"):
         load_recipe(path, registry=registry)
+
+
+def test_a_component_param_beside_its_name_says_to_write_it_under_params(tmp_path, registry):
+    """`model.encoders.audio.dim=64` misses the `params` level: the message names the
+    component the key belongs to and where to write it."""
+    raw = tiny_recipe(tmp_path)
+    raw["model"]["encoders"]["audio"]["dim"] = 64
+    said = (
+        r"model\.encoders\.audio\.dim: unknown key here; 'dim' is a param of encoder 'linear': "
+        r"write it under params"
+    )
+    with pytest.raises(RecipeError, match=said):
+        validate_recipe(raw, "r.yaml", registry)

@@ -145,6 +145,30 @@ class ComponentSpec(Strict):
     name: str = Field(description="registered component name (see `fusionkit plugins list`)")
     params: Any = Field(default=None, validate_default=True, description="the component's params")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _params_one_level_down(cls, raw: Any, info: ValidationInfo) -> Any:
+        """A key beside ``name`` that is a param of the named component belongs under
+        ``params``: say so, rather than only "unknown key"."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            return raw
+        stray = [k for k in raw if k not in ("name", "params")]
+        if not stray:
+            return raw
+        try:
+            fields = _registry(info).get(cls.kind, raw["name"]).params.model_fields
+        except (FusionkitError, AttributeError):
+            return raw
+        for k in stray:
+            if k in fields:
+                raise error_at(
+                    (k,),
+                    f"unknown key here; {k!r} is a param of {cls.kind} {raw['name']!r}: write it "
+                    f"under params (params: {{{k}: ...}})",
+                    raw[k],
+                )
+        return raw
+
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str, info: ValidationInfo) -> str:
