@@ -2,9 +2,8 @@
 
 A grid worker stops on the interrupt the grid forwards even when it was started with SIGINT
 ignored (a background job of a script), and outcomes sent as the interrupt came are recorded.
-``fusionkit extract`` of a grid recipe extracts the data of every point. The test still
-marked ``xfail(strict=True)`` is a known open bug: a crop rewritten with other content of the
-same byte size is not seen as a change (crop folders are fingerprinted by names and sizes).
+``fusionkit extract`` of a grid recipe extracts the data of every point, and a crop rewritten
+with other content of the same byte size makes its visual cache stale.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import time
 from fractions import Fraction
 
 import numpy as np
-import pytest
 import yaml
 
 from tests.affwild2_fixture import TINY_AUDIO, TINY_VIDEO, MediaSpec, write_jpeg, write_media
@@ -107,13 +105,12 @@ def test_outcomes_sent_as_an_interrupt_came_are_recorded():
 # ----------------------------------------------------------------------------- caches
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a face crop rewritten with other content but the same byte size leaves the "
-    "visual cache 'valid' (the crop-folder fingerprint is names and sizes only): extract skips "
-    "it and training uses the old face features",
-)
 def test_a_rewritten_crop_of_the_same_size_makes_the_visual_cache_stale(tmp_path):
+    """A crop rewritten with another face of the same byte size makes the cache stale (its
+    modification time changed and the folder's content differs); a touched or copied folder of
+    the same files stays valid."""
+    import shutil
+
     import torch
 
     from fusionkit_affwild2.cache import CacheFolder
@@ -126,8 +123,15 @@ def test_a_rewritten_crop_of_the_same_size_makes_the_visual_cache_stale(tmp_path
     folder.write("vid", {"features": torch.ones(3, 2)}, {"crops": crops})
     assert folder.status("vid", {"crops": crops}).valid
     time.sleep(0.01)
+    (crops / "00003.jpg").write_bytes(bytes([2]) * 100)  # rewritten, the same bytes
+    copy = tmp_path / "copy"
+    shutil.copytree(crops, copy)  # new modification times, the same files
+    assert folder.status("vid", {"crops": crops}).valid
+    assert folder.status("vid", {"crops": copy}).valid
     (crops / "00002.jpg").write_bytes(bytes([9]) * 100)  # another face, same size
-    assert not folder.status("vid", {"crops": crops}).valid
+    status = folder.status("vid", {"crops": crops})
+    assert not status.valid
+    assert "content of files changed (same names and sizes)" in str(status.reason)
 
 
 # ----------------------------------------------------------------------------- extract

@@ -7,7 +7,10 @@ Generic machinery, used by dataset plugins that implement
   SHA-256 of its size, first MiB and last MiB. Checking is cheap: the same size and
   modification time mean "unchanged". When only the time differs (a copy, a ``touch``), the
   head/tail hash decides. A folder (e.g. one video's face crops) is identified by its number
-  of files and the SHA-256 of its sorted ``name, size`` list.
+  of files and the SHA-256 of its sorted ``name, size`` list; with the same names and sizes,
+  files whose modification times changed since (a rewrite, or a copy) make the SHA-256 of
+  every file's content decide, as the head/tail hash does for a file. (Caches written before
+  folders recorded times and content are checked by names and sizes only.)
 * **Cache folders.** One folder per extractor configuration, named
   ``<kind>/<extractor>-<key>`` where ``key`` hashes the extractor name, its params and the
   SHA-256 of any weights file. Changing a param therefore writes to a new folder and never
@@ -105,14 +108,30 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _dir_listing(path: Path) -> tuple[int, str]:
+def _dir_listing(path: Path) -> tuple[int, str, str]:
+    """Files of a folder: their number, the SHA-256 of the sorted ``name, size`` list and the
+    SHA-256 of the sorted ``name, modification time`` list."""
     entries = sorted(
-        (e.name, e.stat().st_size) for e in os.scandir(path) if e.is_file() and e.name[0] != "."
+        (e.name, e.stat().st_size, e.stat().st_mtime_ns)
+        for e in os.scandir(path)
+        if e.is_file() and e.name[0] != "."
     )
+    sizes, times = hashlib.sha256(), hashlib.sha256()
+    for name, size, mtime in entries:
+        sizes.update(f"{name}\t{size}\n".encode())
+        times.update(f"{name}\t{mtime}\n".encode())
+    return len(entries), sizes.hexdigest(), times.hexdigest()
+
+
+def _dir_content(path: Path) -> str:
+    """SHA-256 over the names and full contents of a folder's files, in name order."""
     h = hashlib.sha256()
-    for name, size in entries:
-        h.update(f"{name}\t{size}\n".encode())
-    return len(entries), h.hexdigest()
+    for name in sorted(e.name for e in os.scandir(path) if e.is_file() and e.name[0] != "."):
+        h.update(f"{name}\n".encode())
+        with (path / name).open("rb") as fh:
+            for block in iter(lambda: fh.read(8 * _MIB), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
@@ -124,8 +143,15 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         if p.is_dir():
-            files, digest = _dir_listing(p)
-            return {"path": str(p), "kind": "dir", "files": files, "sha256": digest}
+            files, digest, times = _dir_listing(p)
+            return {
+                "path": str(p),
+                "kind": "dir",
+                "files": files,
+                "sha256": digest,
+                "mtimes_sha256": times,
+                "files_sha256": _dir_content(p),
+            }
         st = p.stat()
         return {
             "path": str(p),
@@ -147,10 +173,16 @@ def fingerprint_changed(saved: dict[str, Any], path: str | Path) -> str | None:
         if saved.get("kind") == "dir":
             if not p.is_dir():
                 return f"{p} is no longer a folder"
-            files, digest = _dir_listing(p)
+            files, digest, times = _dir_listing(p)
             if files != saved.get("files"):
                 return f"{p} now has {files} files (was {saved.get('files')})"
-            return None if digest == saved.get("sha256") else f"{p}: file names or sizes changed"
+            if digest != saved.get("sha256"):
+                return f"{p}: file names or sizes changed"
+            if "files_sha256" not in saved or times == saved.get("mtimes_sha256"):
+                return None
+            if _dir_content(p) == saved["files_sha256"]:
+                return None  # touched or copied, the same files
+            return f"{p}: the content of files changed (same names and sizes)"
         st = p.stat()
         if st.st_size != saved.get("size"):
             return f"{p} changed size ({saved.get('size')} -> {st.st_size} bytes)"
