@@ -151,3 +151,16 @@ def test_a_component_param_beside_its_name_says_to_write_it_under_params(tmp_pat
     )
     with pytest.raises(RecipeError, match=said):
         validate_recipe(raw, "r.yaml", registry)
+
+
+def test_a_number_where_text_belongs_says_how_to_quote_it(tmp_path, registry):
+    """`output.name=2024` is read by YAML as a number: the message says how to quote it in a
+    file and on the command line (and the quoted form is accepted)."""
+    raw = tiny_recipe(tmp_path)
+    raw["output"]["name"] = 2024
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(raw, "r.yaml", registry)
+    assert "which YAML reads as a number); quote it: name: '2024' in a file" in str(err.value)
+    assert """output.name='"2024"' on the command line""" in str(err.value)
+    raw["output"]["name"] = "2024"
+    assert validate_recipe(raw, "r.yaml", registry).run_name == "2024"

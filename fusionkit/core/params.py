@@ -233,6 +233,12 @@ def describe_validation_error(
                 f"{path}: {msg} (got {short_repr(err['input'])}); write a list in brackets: "
                 f"[{items}]"
             )
+        elif kind == "string_type" and isinstance(err.get("input"), int | float):
+            got = err["input"]
+            problems.append(
+                f"{path}: {msg} (got {short_repr(got)}, which YAML reads as a number); quote "
+                f"it: {loc[-1]}: '{got}' in a file, {path}='\"{got}\"' on the command line"
+            )
         else:
             problems.append(f"{path}: {msg} (got {short_repr(err.get('input'))})")
     return problems
