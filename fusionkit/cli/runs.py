@@ -29,8 +29,10 @@ def runs_list(
     from fusionkit.engine.runs import (
         GRID_FILE,
         MARKER_FILE,
+        METRICS_FILE,
         STATE_FILE,
         RunDir,
+        check_unchanged,
         read_grid_record,
         read_metrics,
     )
@@ -38,7 +40,8 @@ def runs_list(
     if not folder.exists():
         raise CheckpointError(f"not found: {folder}")
     table = Table(box=None, padding=(0, 2), pad_edge=False)
-    for col in ("run", "status", "epochs", "test CCC-mean"):
+    table.add_column("run", overflow="fold")  # paths in full, wrapped (never cut with "…")
+    for col in ("status", "epochs", "test CCC-mean"):
         table.add_column(col)
     rows = 0
     for marker in sorted(folder.rglob(MARKER_FILE)):
@@ -58,6 +61,8 @@ def runs_list(
             if (run / STATE_FILE).is_file():
                 epochs = str(read_train_state(run / STATE_FILE).epochs_done)
             if status.startswith("complete"):
+                # the number shown is the run's only if metrics.json is the file it wrote
+                check_unchanged(run.path, m.files, METRICS_FILE)
                 test = read_metrics(run.path)["splits"].get("test", {}).get("ccc_mean")
                 score = f"{test:.4f}" if isinstance(test, float) else ""
         except FusionkitError as exc:

@@ -135,13 +135,25 @@ class RunMarker(BaseModel):
 
 
 def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+    """The commit of the fusionkit checkout that runs (with ``-dirty`` when it has uncommitted
+    changes), not of the folder the command runs in; None for an installed package."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, check=False, cwd=here
         )
+
+    try:
+        if git("ls-files", "--error-unmatch", Path(__file__).name).returncode != 0:
+            return None  # not a file of a git checkout (an installed package)
+        sha = git("rev-parse", "HEAD").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    if not sha:
+        return None
+    return f"{sha}-dirty" if dirty else sha
 
 
 def _provenance(recipe: Recipe, registry: Registry) -> dict[str, Any]:
