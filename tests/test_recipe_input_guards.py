@@ -164,3 +164,36 @@ def test_a_number_where_text_belongs_says_how_to_quote_it(tmp_path, registry):
     assert """output.name='"2024"' on the command line""" in str(err.value)
     raw["output"]["name"] = "2024"
     assert validate_recipe(raw, "r.yaml", registry).run_name == "2024"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("report", "--seed=-5"),
+        ("report", f"--seed={2**32}"),
+        ("report", "--bootstrap=100001"),
+        ("robustness", "--seed=-1"),
+    ],
+)
+def test_command_line_seeds_and_resamples_are_bounded(cli, tmp_path, args):
+    """Seeds outside [0, 2^32) and more than 100,000 bootstrap resamples (a resample matrix of
+    gigabytes) are refused as usage errors naming the option, before any run is read."""
+    command, option = args
+    code, _, err = cli(command, tmp_path, option)
+    assert code == 2 and option.split("=")[0] in err, err
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "largest"),
+    [("training", "seed", 2**32 - 1), ("training", "num_threads", 1024), ("training", "epochs",
+      100_000)],
+)  # fmt: skip
+def test_recipe_bounds_hold_at_their_edges(tmp_path, registry, section, key, largest):
+    """The documented bounds are exact: the largest allowed value is accepted, the next one
+    is refused naming the key."""
+    raw = tiny_recipe(tmp_path)
+    raw[section][key] = largest
+    assert getattr(getattr(validate_recipe(raw, "r.yaml", registry), section), key) == largest
+    raw[section][key] = largest + 1
+    with pytest.raises(RecipeError, match=rf"{section}\.{key}"):
+        validate_recipe(raw, "r.yaml", registry)

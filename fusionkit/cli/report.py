@@ -37,9 +37,11 @@ def report(
         ),
     ] = None,
     bootstrap: Annotated[
-        int, typer.Option(min=100, help="paired-bootstrap resamples over videos")
+        int, typer.Option(min=100, max=100_000, help="paired-bootstrap resamples over videos")
     ] = 2000,
-    seed: Annotated[int, typer.Option(help="seed of the bootstrap resampling")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="seed of the bootstrap resampling")
+    ] = 0,
     gate_videos: Annotated[
         int,
         typer.Option(
@@ -124,7 +126,9 @@ def robustness(
         list[str] | None, typer.Option(help="fixed param key=value (repeatable)")
     ] = None,
     split: Annotated[list[str] | None, typer.Option(help="split(s) evaluated")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the per-video perturbation draws")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="seed of the per-video perturbation draws")
+    ] = 0,
     name: Annotated[str | None, typer.Option(help="results file robustness/<name>.json")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
 ) -> None:

@@ -249,7 +249,10 @@ def _check_video(
                 f"{tuple(present.shape)}, expected bool ({v.num_frames},)"
             )
     labels = v.labels[:, list(target_columns)]
-    _check_finite(v, "labels", labels[v.label_mask.bool()], where)
+    # unlabelled frames may hold anything (they are never read); labelled ones must be finite,
+    # and are named by their frame, not their index among the labelled frames
+    labelled = v.label_mask.bool().reshape(-1, *([1] * (labels.dim() - 1)))
+    _check_finite(v, "labels", torch.where(labelled, labels, torch.zeros_like(labels)), where)
     for flag, on in v.flags.items():
         if not isinstance(flag, str) or not flag or "/" in flag or len(flag) > 64:
             raise DataError(

@@ -163,7 +163,7 @@ def check_missing_value(value: float | None) -> None:
     if not (math.isfinite(value) and abs(value) <= limit):
         raise DataError(
             f"--missing-value {value}: give a finite value in float32 range (|x| <= "
-            f"{limit:.4g}), e.g. 0"
+            f"{limit!r}), e.g. 0"
         )
 
 
