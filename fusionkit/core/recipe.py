@@ -152,7 +152,7 @@ class ComponentSpec(Strict):
         ``params``: say so, rather than only "unknown key"."""
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             return raw
-        stray = [k for k in raw if k not in ("name", "params")]
+        stray = [k for k in raw if k not in cls.model_fields]  # e.g. data.root is the spec's
         if not stray:
             return raw
         try:
