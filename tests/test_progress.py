@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 from rich.console import Console
 
-from fusionkit.engine.progress import TaskProgress, duration, train_progress
+from fusionkit.engine.progress import TaskProgress, duration, train_progress, warnings_to
 
 
 def log_console() -> tuple[Console, io.StringIO]:
@@ -51,3 +52,15 @@ def test_a_run_with_every_epoch_trained_says_so_not_an_empty_range():
     console, buf = log_console()
     train_progress(console, "r").start(2, 2, 10)
     assert buf.getvalue().strip() == "r: every epoch is trained; evaluating the best weights"
+
+
+def test_warnings_print_as_one_line_without_a_source_excerpt():
+    """The command and its grid workers show a warning as `warning: <message>` on one line,
+    markup in the message printed as written, never the source line that raised it."""
+    buf = io.StringIO()
+    show = warnings_to(Console(file=buf, soft_wrap=True, highlight=False, color_system=None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        warnings.warn("3 of 5 videos have no [audio] at all", UserWarning, stacklevel=1)
+    assert buf.getvalue() == "warning: 3 of 5 videos have no [audio] at all\n"

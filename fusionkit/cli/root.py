@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from fusionkit.cli._common import err_console
 from fusionkit.core.errors import FusionkitError
+from fusionkit.engine.progress import warnings_to
 
 app = typer.Typer(
     add_completion=False,
@@ -77,11 +78,6 @@ def _flow_help(typer_app: typer.Typer) -> None:
 _flow_help(app)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings print as one line on standard error (no source excerpt)."""
-    err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
-
-
 def _no_type_tags() -> None:
     """typer prints a type tag (``<str>``, ``<bool>``, ``<list[str]>``) beside every
     parameter; fusionkit's help texts say what a value is, so options show a plain name
@@ -102,7 +98,7 @@ _no_type_tags()
 
 def main() -> None:
     """Console entry point: user mistakes print one message, no traceback."""
-    warnings.showwarning = _show_warning
+    warnings.showwarning = warnings_to(err_console)  # one line each, no source excerpt
     try:
         app()
     except FusionkitError as exc:

@@ -8,6 +8,7 @@ prints one self-contained line with the numbers and an estimate of the time left
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -21,7 +22,18 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["TaskProgress", "TrainProgress", "duration", "train_progress"]
+__all__ = ["TaskProgress", "TrainProgress", "duration", "train_progress", "warnings_to"]
+
+
+def warnings_to(console: Console) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing each warning as one line, ``warning: <message>``,
+    on ``console`` (no source excerpt): how the command and its grid workers show them."""
+
+    def show(message: Any, category: Any, filename: Any, lineno: Any, file: Any = None,
+             line: Any = None) -> None:  # fmt: skip
+        console.print(f"[yellow]warning:[/] {escape(str(message))}")
+
+    return show
 
 
 def duration(seconds: float) -> str:

@@ -37,7 +37,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import sys
 import time
 import traceback
 import warnings
@@ -57,7 +56,7 @@ from fusionkit.core.recipe import Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.distributed import Dist
 from fusionkit.engine.files import atomic_write_json
-from fusionkit.engine.progress import duration, train_progress
+from fusionkit.engine.progress import duration, train_progress, warnings_to
 from fusionkit.engine.runs import (
     GRID_FILE,
     LOCK_FILE,
@@ -314,19 +313,14 @@ def _serve(conn: Any, threads: int) -> None:
     # A worker of a grid started as a background job of a script inherits SIGINT ignored; the
     # grid passes SIGTERM on as SIGINT, so the worker must hear it to stop at an epoch end.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    warnings.showwarning = _one_line_warning  # as the command prints them, not a source excerpt
+    # as the command prints them: one line each on standard error, no source excerpt
+    warnings.showwarning = warnings_to(Console(stderr=True, soft_wrap=True, highlight=False))
     try:
         _serve_points(conn, threads)
     finally:
         # Its work is over (reported, or told to stop): a Ctrl-C that reaches it now, while the
         # interpreter shuts down, would only print "Exception ignored in atexit callback".
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _one_line_warning(message: Any, category: Any, filename: Any, lineno: Any, file: Any = None,
-                      line: Any = None) -> None:  # fmt: skip
-    """A worker's warnings print as one line on standard error, as the command's do."""
-    sys.stderr.write(f"warning: {message}\n")
 
 
 def _serve_points(conn: Any, threads: int) -> None:
