@@ -400,30 +400,10 @@ class Registry:
             raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
         except (ShapeError, ValueError) as exc:
             raise RecipeError([f"{where}: {kind} {name!r} cannot be built: {exc}"]) from None
-        except (RuntimeError, MemoryError, TypeError) as exc:
-            text = one_line(exc) or type(exc).__name__
-            if torch.get_default_device().type == "meta" and "meta" in str(exc).lower():
-                raise RecipeError(
-                    [
-                        f"{where}: {kind} {name!r} from '{comp.distribution}' reads tensor "
-                        f"values while it is built ({text}), which validation cannot do: it "
-                        "builds every component on the meta device (shapes only, no weights). "
-                        "Compute such values in forward, or from the params (docs/plugins.md)"
-                    ]
-                ) from None
-            if isinstance(exc, TypeError):
-                raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
-            # e.g. torch failing to allocate its weights
-            raise RecipeError(
-                [
-                    f"{where}: {kind} {name!r} cannot be built: {text}; check the sizes in "
-                    f"{where}.params (the memory they need)"
-                ]
-            ) from None
         except FusionkitError:
             raise  # already explained (e.g. a nested component spec that cannot be built)
-        except Exception as exc:  # AttributeError, TypeError, KeyError, ...: the plugin's bug
-            raise RecipeError([_plugin_bug(where, kind, name, comp, exc)]) from None
+        except Exception as exc:
+            raise RecipeError([_build_failure(where, kind, name, comp, exc)]) from None
         spec = self._kinds[kind]
         if spec.module and not isinstance(obj, nn.Module):
             raise RecipeError(
@@ -461,6 +441,27 @@ class Registry:
         for (kind, name), entries in other._items.items():
             mine = self._items.setdefault((kind, name), [])
             mine.extend(c for c in entries if c not in mine)
+
+
+def _build_failure(where: str, kind: str, name: str, comp: Component, exc: Exception) -> str:
+    """One line for a build function that failed other than by rejecting its inputs: reading
+    tensor values on the meta device (validation), torch failing to allocate the weights its
+    params ask for, or (AttributeError, TypeError, KeyError, ...) a bug in the plugin."""
+    text = one_line(exc) or type(exc).__name__
+    on_meta = torch.get_default_device().type == "meta" and "meta" in str(exc).lower()
+    if on_meta and isinstance(exc, RuntimeError | MemoryError | TypeError):
+        return (
+            f"{where}: {kind} {name!r} from '{comp.distribution}' reads tensor values while it "
+            f"is built ({text}), which validation cannot do: it builds every component on the "
+            "meta device (shapes only, no weights). Compute such values in forward, or from "
+            "the params (docs/plugins.md)"
+        )
+    if isinstance(exc, RuntimeError | MemoryError):
+        return (
+            f"{where}: {kind} {name!r} cannot be built: {text}; check the sizes in "
+            f"{where}.params (the memory they need)"
+        )
+    return _plugin_bug(where, kind, name, comp, exc)
 
 
 def _plugin_bug(where: str, kind: str, name: str, comp: Component, exc: BaseException) -> str:

@@ -71,9 +71,10 @@ class _BoundedLoader(yaml.SafeLoader):
         node = super().compose_mapping_node(anchor)
         first: dict[tuple[str, str], int] = {}
         for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag == _MERGE_TAG:
+            if not isinstance(key, yaml.ScalarNode):
+                continue
+            if key.tag == _MERGE_TAG:
                 self._check_merge(key, value)
-            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
                 continue
             ident, line = (key.tag, key.value), key.start_mark.line + 1
             if ident in first:

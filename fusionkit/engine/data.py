@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
+from fusionkit.core.params import first_few
 
 __all__ = [
     "AbsentModalityWarning",
@@ -251,8 +253,7 @@ def _check_video(
     labels = v.labels[:, list(target_columns)]
     # unlabelled frames may hold anything (they are never read); labelled ones must be finite,
     # and are named by their frame, not their index among the labelled frames
-    labelled = v.label_mask.bool().reshape(-1, *([1] * (labels.dim() - 1)))
-    _check_finite(v, "labels", torch.where(labelled, labels, torch.zeros_like(labels)), where)
+    _check_finite(v, "labels", torch.where(v.label_mask.bool()[:, None], labels, 0.0), where)
     for flag, on in v.flags.items():
         if not isinstance(flag, str) or not flag or "/" in flag or len(flag) > 64:
             raise DataError(
@@ -281,13 +282,11 @@ class FrameStore:
     ) -> None:
         if not videos:
             raise DataError(f"{where} has no videos")
-        seen: set[str] = set()
-        repeated = sorted({v.name for v in videos if v.name in seen or seen.add(v.name)})
+        repeated = sorted(n for n, k in Counter(v.name for v in videos).items() if k > 1)
         if repeated:
             raise DataError(
                 f"{where}: video names must be unique within a split (predictions and reports "
-                f"are kept per name); repeated: {', '.join(repeated[:5])}"
-                + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+                f"are kept per name); repeated: {first_few(repeated)}"
             )
         #: what the split is, for messages (e.g. ``dataset 'x' split 'val'``)
         self.where = where

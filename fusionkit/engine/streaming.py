@@ -45,6 +45,7 @@ from torch import Tensor
 from fusionkit.core.errors import DataError, FusionkitError, ShapeError
 from fusionkit.core.interfaces import CausalEncoder, FrameLocal, StreamingEncoder
 from fusionkit.engine.data import Normalizer
+from fusionkit.engine.evaluate import autocast
 from fusionkit.engine.model import FusionModel
 
 __all__ = [
@@ -173,9 +174,7 @@ class StreamingPredictor:
     @torch.no_grad()
     def push(self, frame: dict[str, Tensor]) -> Tensor:
         """Add one frame (``{modality: (F_m,)}``) and return its prediction ``(n_targets,)``."""
-        if not self.bf16:
-            return self._push(frame)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+        with autocast(self.device, self.bf16):  # the precision predict and eval use
             return self._push(frame).float()
 
     def _push(self, frame: dict[str, Tensor]) -> Tensor:

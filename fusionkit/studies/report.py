@@ -964,6 +964,8 @@ def _add_left_out(rep: Report) -> None:
     were split by folder (:func:`summarize`), those in the row's folders; when they were split
     by setup, a run whose saved recipe matches one row's setup counts against that row only
     (one whose recipe cannot be read, or matches several, against each)."""
+    setups = {id(r): _recipe_setup(r["runs"][0].recipe) for r in rep.rows}  # each once
+    saved = {id(e): _recipe_setup(e.recipe) for e in rep.excluded if e.recipe is not None}
     for row in rep.rows:
         homes = {str(_home(r)) for r in row["runs"]}
         siblings = [
@@ -975,22 +977,22 @@ def _add_left_out(rep: Report) -> None:
             if e.variant == row["label"]
             and e.status != "duplicate"
             and (not row["prefix"] or str(Path(e.where).parent) in homes)
-            and _may_belong(e, row, siblings)
+            and _may_belong(saved.get(id(e)), row, siblings, setups)
         ]
 
 
-def _may_belong(e: Excluded, row: dict[str, Any], siblings: list[dict[str, Any]]) -> bool:
-    """Whether left-out ``e`` could be a run of ``row``'s setup among rows of one label."""
-    if len(siblings) < 2 or e.recipe is None:
+def _may_belong(
+    own: dict[str, str] | None,
+    row: dict[str, Any],
+    siblings: list[dict[str, Any]],
+    setups: dict[int, dict[str, str]],
+) -> bool:
+    """Whether a left-out run of recipe setup ``own`` (None: unknown) could be a run of
+    ``row``'s setup among the rows of one label (``setups``: each row's, by ``id``)."""
+    if len(siblings) < 2 or own is None:
         return True
-    setups = [_recipe_setup(r["runs"][0].recipe) for r in siblings]
-    own = _recipe_setup(e.recipe)
-    differ = _differing(setups)
-    matches = [
-        r
-        for r, st in zip(siblings, setups, strict=True)
-        if all(own.get(k) == st.get(k) for k in differ)
-    ]
+    differ = _differing([setups[id(r)] for r in siblings])
+    matches = [r for r in siblings if all(own.get(k) == setups[id(r)].get(k) for k in differ)]
     return len(matches) != 1 or matches[0] is row
 
 

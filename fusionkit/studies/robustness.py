@@ -74,16 +74,22 @@ def _header(
     return header
 
 
-def _load(path: Path, header: dict[str, Any]) -> dict[str, Any]:
-    """The stored results if they were made with the same header, else an empty record."""
-    fresh = {**header, "results": {}}
+def _stored(path: Path) -> dict[str, Any] | None:
+    """The record in a results file, or None when there is none or it is damaged."""
     if not path.is_file():
-        return fresh
+        return None
     try:
         stored = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return fresh
-    if not isinstance(stored, dict) or any(stored.get(k) != v for k, v in header.items()):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _load(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The stored results if they were made with the same header, else an empty record."""
+    fresh = {**header, "results": {}}
+    stored = _stored(path)
+    if stored is None or any(stored.get(k) != v for k, v in header.items()):
         return fresh
     stored.setdefault("results", {})
     return stored
@@ -201,11 +207,8 @@ def run_recipe_robustness(
 def _refuse_replacing(run_dir: Path, spec: RobustnessSpec) -> None:
     """Refuse a sweep whose results file holds another sweep of the same name."""
     path = results_path(run_dir, spec)
-    try:
-        stored = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return  # damaged: nothing to keep
-    if not isinstance(stored, dict):
+    stored = _stored(path)
+    if stored is None:  # none, or damaged: nothing to keep
         return
     new = _header(spec, "")
     keys = ("perturbation", "params", "axis", "seed")
