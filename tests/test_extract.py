@@ -558,3 +558,34 @@ def test_logmel_patches_before_a_late_audio_start_are_absent(tree_copy, tmp_path
         end = (start + lm.patch_frames - 1) * hop + win
         assert bool(present[k]) == (end > late * rate), k
     assert not present.all() and present.any()
+
+
+def test_reports_of_several_passes_add_up_field_by_field():
+    """`extract` of a grid adds each data setting's report into one: counts sum, the
+    refreshed and failed entries of both are kept, and a cache folder is listed once."""
+    from fusionkit.core.interfaces import ExtractReport
+
+    first = ExtractReport(
+        total=3,
+        computed=1,
+        refreshed={"a": "stale"},
+        skipped=1,
+        failed={"b": "bad"},
+        seconds=1.5,
+        cache_dirs=["/c/audio/x", "/c/video/y"],
+    )
+    second = ExtractReport(
+        total=2,
+        computed=2,
+        refreshed={"c": "corrupt"},
+        skipped=0,
+        failed={},
+        seconds=0.25,
+        cache_dirs=["/c/audio/z", "/c/video/y"],
+    )
+    first.add(second)
+    assert (first.total, first.computed, first.skipped) == (5, 3, 1)
+    assert first.refreshed == {"a": "stale", "c": "corrupt"}
+    assert first.failed == {"b": "bad"}
+    assert first.seconds == 1.75
+    assert first.cache_dirs == ["/c/audio/x", "/c/video/y", "/c/audio/z"]

@@ -54,14 +54,7 @@ def extract(
         with sigterm_as_interrupt(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for dataset in datasets:
-                part = dataset.extract(workers=workers, progress=not quiet)
-                report.total += part.total
-                report.computed += part.computed
-                report.refreshed.update(part.refreshed)
-                report.skipped += part.skipped
-                report.failed.update(part.failed)
-                report.seconds += part.seconds
-                report.cache_dirs += [d for d in part.cache_dirs if d not in report.cache_dirs]
+                report.add(dataset.extract(workers=workers, progress=not quiet))
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (timeout, kill, a batch scheduler)
         err_console.print(
             "\n[yellow]interrupted[/]: finished caches are kept; run the same command to resume"

@@ -302,6 +302,16 @@ class ExtractReport:
     seconds: float = 0.0
     cache_dirs: list[str] = field(default_factory=list)
 
+    def add(self, other: ExtractReport) -> None:
+        """Count ``other`` (another pass, e.g. another data setting of a grid) into this one."""
+        self.total += other.total
+        self.computed += other.computed
+        self.refreshed.update(other.refreshed)
+        self.skipped += other.skipped
+        self.failed.update(other.failed)
+        self.seconds += other.seconds
+        self.cache_dirs += [d for d in other.cache_dirs if d not in self.cache_dirs]
+
 
 @runtime_checkable
 class Extractable(Protocol):
