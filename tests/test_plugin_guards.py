@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fusionkit.core.registry import get_registry
+from fusionkit.plugin import DataError
 from fusionkit_affwild2.backbones import AudioBackboneSpec, VGGish, VisualBackboneSpec
 from fusionkit_affwild2.faces import decode_jpeg, prepare_faces
 from fusionkit_affwild2.waveform import frame_windows, pool_frames
@@ -531,6 +532,25 @@ def test_jpeg_crops_decode_as_rgb(tmp_path):
     write_jpeg(tmp_path / "red.jpg", img)
     got = decode_jpeg(tmp_path / "red.jpg").astype(float).mean(axis=(0, 1))
     assert got[0] > 180 and got[2] < 60, got
+
+
+@pytest.mark.parametrize("damage", ["entropy", "truncated"])
+def test_a_damaged_jpeg_crop_is_an_error_naming_it(tmp_path, damage):
+    """A crop whose entropy data is broken, or that was cut short, is refused with its path,
+    where FFmpeg would conceal the damage and hand back a partly grey face."""
+    rng = np.random.default_rng(0)
+    write_jpeg(tmp_path / "ok.jpg", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    data = bytearray((tmp_path / "ok.jpg").read_bytes())
+    if damage == "entropy":
+        mid = len(data) // 2
+        data[mid : mid + 40] = bytes([0x00, 0xFF] * 20)
+    else:
+        data = data[: len(data) // 2]
+    bad = tmp_path / "00007.jpg"
+    bad.write_bytes(bytes(data))
+    assert decode_jpeg(tmp_path / "ok.jpg").shape == (48, 48, 3)  # the intact file decodes
+    with pytest.raises(DataError, match=r"cannot decode face crop .*00007\.jpg.*damaged"):
+        decode_jpeg(bad)
 
 
 # ----------------------------------------------------------------------- foundation backbones

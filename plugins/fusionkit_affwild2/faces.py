@@ -18,7 +18,10 @@ __all__ = ["decode_jpeg", "prepare_faces", "read_faces"]
 
 
 class _Decoder:
-    """A reusable MJPEG decoder context (recreated after an error)."""
+    """A reusable MJPEG decoder context (recreated after an error).
+
+    Damaged data is an error (FFmpeg's ``err_detect=explode``): by default the decoder conceals
+    a broken or truncated entropy stream and returns a partly grey face without a word."""
 
     def __init__(self) -> None:
         self.ctx: av.CodecContext | None = None
@@ -26,6 +29,7 @@ class _Decoder:
     def __call__(self, data: bytes) -> np.ndarray:
         if self.ctx is None:
             self.ctx = av.CodecContext.create("mjpeg", "r")
+            self.ctx.options = {"err_detect": "explode"}
         try:
             frames = self.ctx.decode(av.Packet(data))
             if not frames:
@@ -44,7 +48,10 @@ def decode_jpeg(path: Path, decoder: _Decoder | None = None) -> np.ndarray:
     try:
         return decoder(path.read_bytes())
     except (OSError, av.FFmpegError, ValueError) as exc:
-        raise DataError(f"cannot decode face crop {path}: {exc}") from None
+        raise DataError(
+            f"cannot decode face crop {path}: {exc}; the file is damaged or truncated: copy or "
+            "crop it again"
+        ) from None
 
 
 def prepare_faces(images: Sequence[np.ndarray], resize: int, input_size: int) -> Tensor:
