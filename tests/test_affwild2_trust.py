@@ -332,7 +332,8 @@ def test_validate_reports_what_run_would_reject(tmp_path):
         ),
         (
             (good, ["data.params.submission_template=nope.txt"]),
-            f"submission template {q(good / 'nope.txt')} does not exist",
+            r"data\.params\.submission_template: "
+            f"{q(good / 'nope.txt')} does not exist .*a relative path is read under",
         ),
         (
             (good, [f"data.params.audio.backbone.params.weights={tmp_path / 'no.safetensors'}"]),

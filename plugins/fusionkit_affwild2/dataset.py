@@ -62,6 +62,7 @@ from fusionkit_affwild2.layout import (
     read_labels,
     read_submission_template,
     read_test_list,
+    require_submission_template,
     template_rows,
     zero_based_crops_error,
 )
@@ -149,12 +150,7 @@ class AffWild2Dataset:
             self.trials("train")  # a fold the train trials cannot fill
         if self.params.submission_template is not None:
             path = self._path(self.params.submission_template)
-            if not path.is_file():
-                raise DataError(
-                    f"submission template {path} does not exist or is not a file; set "
-                    "data.params.submission_template to the organisers' sample prediction "
-                    f"file (a relative path is read under {self.root})"
-                )
+            require_submission_template(path, f"under {self.root}")
         for modality, spec in (
             ("audio", self.params.audio.backbone),
             ("video", self.params.video.backbone),

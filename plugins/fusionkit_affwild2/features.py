@@ -45,6 +45,7 @@ from fusionkit_affwild2.layout import (
     read_labels,
     read_submission_template,
     read_test_list,
+    require_submission_template,
     template_rows,
 )
 from fusionkit_affwild2.params import FeaturesParams
@@ -136,12 +137,9 @@ class FeaturesDataset:
         self._videos: dict[str, list[Video]] = {}
         # folder listings and the test list only: `recipe validate` refuses what `run` would
         _ = self.label_paths, self.test_trials
-        template = params.submission_template
-        if template is not None and not template.expanduser().is_file():
-            raise DataError(
-                f"data.params.submission_template: {template} does not exist or is not a "
-                "file; set it to the organisers' sample prediction file"
-            )
+        if params.submission_template is not None:
+            path = params.submission_template.expanduser()
+            require_submission_template(path, "from the folder the command runs in")
         if params.split.fold:
             self.trials("train")  # a fold the train trials cannot fill
 

@@ -29,6 +29,7 @@ __all__ = [
     "read_labels",
     "read_name_list",
     "read_submission_template",
+    "require_submission_template",
     "template_rows",
     "zero_based_crops_error",
 ]
@@ -152,6 +153,16 @@ def read_name_list(path: Path) -> list[str]:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise DataError(f"video list {path} names {first_few(dup)} more than once")
     return names
+
+
+def require_submission_template(path: Path, relative_to: str) -> None:
+    """Refuse a ``submission_template`` that is not a file (checked at validation, cheaply);
+    ``relative_to`` says where a relative path is read."""
+    if not path.is_file():
+        raise DataError(
+            f"data.params.submission_template: {path} does not exist or is not a file; set it "
+            f"to the organisers' sample prediction file (a relative path is read {relative_to})"
+        )
 
 
 def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
