@@ -228,5 +228,5 @@ def test_a_video_far_shorter_than_its_labels_gets_its_own_warning():
     far = next(t for t in texts if "far more than a few" in t)
     assert "cut (75 label rows, 39 video frames)" in far and "near" not in far
     assert "truncated" in far
-    usual = next(t for t in texts if "label rows != decoded video frames" in t)
+    usual = next(t for t in texts if "!= decoded video frames" in t)
     assert "near (60 label rows, 58 video frames)" in usual and "cut" not in usual

@@ -70,8 +70,10 @@ def test_extract_run_predict_on_the_official_layout(tmp_path_factory, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "padded with the last prediction: vid_f" in res.output
-    assert "truncated to the listed frames: vid_g_left" in res.output
+    # vid_f: 45 frames, the template lists 3 more; vid_g_left: 40 frames, 2 fewer listed
+    assert "padded with the last prediction: vid_f (3 of 48 rows)" in res.output
+    assert "truncated to the listed frames: vid_g_left (2 of 40 frames cut)" in res.output
+    assert "far more than a few" not in res.output  # a few frames: no warning
     rows = read_csv(out)
     template = read_csv(fx.template)
     assert rows[0] == ["image_location", "valence", "arousal"]
@@ -111,7 +113,7 @@ def test_runs_per_target_merge_into_one_file(tmp_path):
     assert rows[0] == ["image_location", "valence", "arousal"]
     assert rows[2] == ["a/00002.jpg", "0.200000", "0.100000"]
     assert rows[6] == ["a/00006.jpg", "0.600000", "0.300000"]  # frame 5 > last: last value
-    assert summary["padded"] == ["a"]
+    assert summary["padded"] == {"a": (2, 6)}  # 2 of its 6 listed rows
     with pytest.raises(DataError, match="'valence' is predicted by both"):
         write_submission([fake_run("x", ("valence",), 1), fake_run("y", ("valence",), 1)], out)
     with pytest.raises(DataError, match=r"no run predicts arousal.*--missing-value"):

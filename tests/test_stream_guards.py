@@ -596,15 +596,16 @@ def _rows(video: str, frames: range) -> dict[str, list[tuple[str, int]]]:
 
 @pytest.mark.parametrize(
     ("listed", "padded", "truncated"),
-    [(range(4), [], []), (range(6), ["a"], []), (range(2), [], ["a"])],
+    [(range(4), {}, {}), (range(6), {"a": (2, 6)}, {}), (range(2), {}, {"a": (2, 4)})],
     ids=["exact", "past_the_end", "fewer"],
 )
 def test_padded_and_truncated_name_each_video_once_and_only_when_so(
     tmp_path, listed, padded, truncated
 ):
-    """A video is padded when a listed frame lies past its last frame id and truncated when
-    it has frames past the last listed one; a list ending at the last frame is neither, and
-    a video is named once even when two runs fill its columns."""
+    """A video is padded when a listed frame lies past its last frame id (with how many of its
+    listed rows) and truncated when it has frames past the last listed one (how many of its
+    frames); a list ending at the last frame is neither, and a video is named once even when
+    two runs fill its columns."""
     runs = [
         _fake("v", ("valence",), {"a": [0, 1, 2, 3]}, _rows("a", listed)),
         _fake("r", ("arousal",), {"a": [0, 1, 2, 3]}, _rows("a", listed)),
@@ -623,8 +624,8 @@ def test_the_summary_counts_rows_videos_and_the_filled_columns(tmp_path):
     assert summary == {
         "rows": 7,
         "videos": 2,
-        "padded": [],
-        "truncated": [],
+        "padded": {},
+        "truncated": {},
         "columns": ["valence", "arousal"],
         "missing": ["arousal"],
     }

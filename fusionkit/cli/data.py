@@ -142,16 +142,13 @@ def predict(
         f"{', '.join(summary['columns'])}",
         highlight=False,
     )
-    if summary["padded"]:
-        console.print(
-            f"padded with the last prediction: {first_few(summary['padded'], 10)}",
-            highlight=False,
-        )
-    if summary["truncated"]:
-        console.print(
-            f"truncated to the listed frames: {first_few(summary['truncated'], 10)}",
-            highlight=False,
-        )
+    for key, text, unit in (
+        ("padded", "padded with the last prediction", "rows"),
+        ("truncated", "truncated to the listed frames", "frames cut"),
+    ):
+        if summary[key]:
+            items = [f"{v} ({n} of {of} {unit})" for v, (n, of) in summary[key].items()]
+            console.print(f"{text}: {first_few(items, 10)}", highlight=False)
     if summary["missing"]:
         err_console.print(
             f"[yellow]filled with {missing_value}[/]: {', '.join(summary['missing'])}"

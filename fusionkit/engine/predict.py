@@ -25,6 +25,7 @@ differently cut data are refused rather than paired video by video.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ __all__ = [
     "submission_rows",
     "write_submission",
 ]
+
+#: listed rows and predicted frames this far apart (or 2 % of the rows, if more) are not the
+#: usual few-frame difference between two decoders of one video
+FAR_ROWS = 5
 
 
 @dataclass
@@ -154,6 +159,25 @@ def submission_rows(frame_ids: Tensor, pred: Tensor, frames: list[int]) -> Tenso
     return pred[pos.clamp(0, pred.shape[0] - 1)]
 
 
+def _far(n: int, of: int) -> bool:
+    """More than a few rows: over ``FAR_ROWS`` and over 2 % of ``of``."""
+    return n > max(FAR_ROWS, 0.02 * of)
+
+
+def _warn_far(padded: dict[str, tuple[int, int]], truncated: dict[str, tuple[int, int]]) -> None:
+    """Warn about the videos whose listed rows and predicted frames differ by far more than the
+    usual few frames of two decoders: the video file is probably truncated or another one."""
+    far = [f"{v} ({n} of {of} rows padded)" for v, (n, of) in padded.items() if _far(n, of)]
+    far += [f"{v} ({n} of {of} frames cut)" for v, (n, of) in truncated.items() if _far(n, of)]
+    if far:
+        warnings.warn(
+            f"submission: {len(far)} video(s) differ from the listed rows by far more than a "
+            f"few frames: {first_few(far)}; their video files are probably truncated or other "
+            "than the organisers' (decode them, or download them again, then extract again)",
+            stacklevel=2,
+        )
+
+
 def check_missing_value(value: float | None) -> None:
     """Refuse a ``--missing-value`` that is not a finite float32 number (the file would hold
     NaN, inf, or a value the predictions' float32 cannot represent)."""
@@ -218,7 +242,8 @@ def write_submission(
         lines = ["video,frame," + ",".join(columns)]
     else:
         lines = ["image_location," + ",".join(columns)]
-    padded, truncated = [], []
+    padded: dict[str, tuple[int, int]] = {}  # video -> (rows padded, rows listed)
+    truncated: dict[str, tuple[int, int]] = {}  # video -> (frames cut, frames predicted)
     for video, listed in rows.items():
         frames = [k for _, k in listed]
         cols = []
@@ -232,16 +257,19 @@ def write_submission(
             ids, pred = run.per_video[video]
             cols.append(submission_rows(ids, pred[:, j], frames))
             last = int(ids[-1]) if len(ids) else -1
-            if frames and max(frames) > last and video not in padded:
-                padded.append(video)
-            if len(ids) and last > (max(frames) if frames else -1) and video not in truncated:
-                truncated.append(video)
+            pad = sum(k > last for k in frames)
+            if pad:
+                padded[video] = max(padded.get(video, (0, 0)), (pad, len(frames)))
+            cut = last - max(frames, default=-1)
+            if len(ids) and cut > 0:
+                truncated[video] = max(truncated.get(video, (0, 0)), (cut, last + 1))
         values = torch.stack(cols, 1) if cols else torch.zeros(len(frames), 0)
         for (name, _), row in zip(listed, values.tolist(), strict=True):
             if not all(math.isfinite(x) for x in row):
                 raise DataError(f"non-finite prediction for {name}")
             lines.append(name + "," + ",".join(f"{x:.6f}" for x in row))
     atomic_write_text(out, "\n".join(lines) + "\n")
+    _warn_far(padded, truncated)
     return {
         "rows": len(lines) - 1,
         "videos": len(rows),

@@ -64,6 +64,7 @@ from fusionkit_affwild2.layout import (
     read_test_list,
     require_submission_template,
     template_rows,
+    warn_shared_media,
     zero_based_crops_error,
 )
 from fusionkit_affwild2.params import AffWild2Params
@@ -540,39 +541,50 @@ class AffWild2Dataset:
             self._labels[trial] = read_labels(self.label_paths[trial])
         return self._labels[trial]
 
-    def _length(self, trial: str, frames: int) -> int:
-        """Rows of a trial: its label rows (labels define the frames), else the number of
-        frames decoded from its video (test trials)."""
+    def _length(self, trial: str, frames: int, crops: int) -> int:
+        """Rows of a trial: its label rows (labels define the frames), else the frames decoded
+        from its video or up to its last face crop, whichever is more (test trials: the
+        organisers' crops come from their own decode, and a face is not dropped because a
+        local decode came out shorter)."""
         if trial in self.label_paths:
             return self.labels(trial).rows
-        return frames
+        return max(frames, crops)
 
     def _warn_lengths(self, trials: Sequence[str]) -> None:
+        """Warn about trials whose decoded video is shorter or longer than their labels, or
+        (unlabelled trials) shorter than their face crops."""
         diffs, far = [], []
         for t in trials:
-            if t not in self.label_paths:
-                continue
             info = self.audio_cache.info(self.media_key(t))
             if info is None:
                 continue
-            frames, rows = int(info["info"]["num_frames"]), self.labels(t).rows
+            frames = int(info["info"]["num_frames"])
+            if t in self.label_paths:
+                rows, what = self.labels(t).rows, "label rows"
+            else:  # fewer crops than frames is usual: the last frames without a face
+                crops = self.video_cache.info(t)
+                rows, what = int((crops or {}).get("info", {}).get("max_frame", 0)), "face crops"
+                if rows <= frames:
+                    continue
             if frames != rows:
-                text = f"{t} ({rows} label rows, {frames} video frames)"
+                text = f"{t} ({rows} {what}, {frames} video frames)"
                 # a few frames apart is usual; far more means a truncated or wrong file
                 (far if abs(frames - rows) > max(FAR_FRAMES, 0.02 * rows) else diffs).append(text)
         if far:
             warnings.warn(
-                f"affwild2: {len(far)} trial(s) differ from their labels by far more than a few "
-                f"frames: {first_few(far, 8, '; ')}. The video file may be truncated or another "
+                f"affwild2: {len(far)} trial(s) differ from their labels or face crops by far "
+                f"more than a few frames: {first_few(far, 8, '; ')}. The video file may be "
+                "truncated or another "
                 "video's: check it (decode it, or download it again), then extract again; until "
                 "then the frames it lacks repeat the last audio row.",
                 stacklevel=3,
             )
         if diffs:
             warnings.warn(
-                f"affwild2: {len(diffs)} trial(s) have label rows != decoded video frames: "
-                f"{first_few(diffs, 8, '; ')}. Labels define the frames; frames past the "
-                "video's end repeat the last audio row and have a face only where a crop exists.",
+                f"affwild2: {len(diffs)} trial(s) have label rows (or face crops) != decoded "
+                f"video frames: {first_few(diffs, 8, '; ')}. Labels define the frames (without "
+                "labels, the longer of video and crops); frames past the video's end repeat the "
+                "last audio row and have a face only where a crop exists.",
                 stacklevel=3,
             )
 
@@ -580,19 +592,26 @@ class AffWild2Dataset:
         verify = self.params.verify_sources
         path = self._trial_media(trial)
         m = path.stem  # the audio cache of this file (media_key), verified once per file
+        fix = _FIX
+        if trial not in self.label_paths:  # a test trial: extracted only with a test list
+            fix = (
+                "run `fusionkit extract RECIPE data.params.test_list="
+                f"{self.params.test_list}` with the same data.params first (extract reads the "
+                "test trials from the test list)"
+            )
         if m not in audio_memo:
             audio_memo[m] = self.audio_cache.load_or_raise(
-                m, {"media": path} if verify else None, _FIX
+                m, {"media": path} if verify else None, fix
             )
         a_tensors, a_meta = audio_memo[m]
         crops = self.crops_path(trial)
         if (crops / ZERO_CROP).exists():  # a cache made from it would be one frame off
             raise zero_based_crops_error(crops)
         v_tensors, _ = self.video_cache.load_or_raise(
-            trial, {"crops": crops} if verify else None, _FIX
+            trial, {"crops": crops} if verify else None, fix
         )
         info = a_meta["info"]
-        n = self._length(trial, int(info["num_frames"]))
+        n = self._length(trial, int(info["num_frames"]), int(v_tensors["present"].shape[0]))
         audio = fit_rows(a_tensors["features"].float(), n, "edge")
         a_present = fit_rows(a_tensors["present"].bool(), n, "zero")
         v_present = fit_rows(v_tensors["present"].bool(), n, "zero")
@@ -630,6 +649,8 @@ class AffWild2Dataset:
             memo: dict[str, Any] = {}
             self._videos[split] = [self._load_trial(t, memo) for t in names]
             self._warn_lengths(names)
+            if split == "val":
+                warn_shared_media("affwild2", self.trials("train"), names, split, stacklevel=2)
             if not self._unused_warned:
                 self._unused_warned = True
                 self._warn_unused(stacklevel=3)

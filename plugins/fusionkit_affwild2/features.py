@@ -47,6 +47,7 @@ from fusionkit_affwild2.layout import (
     read_test_list,
     require_submission_template,
     template_rows,
+    warn_shared_media,
 )
 from fusionkit_affwild2.params import FeaturesParams
 
@@ -360,7 +361,10 @@ class FeaturesDataset:
         if split not in self._videos:
             mismatches: list[str] = []
             compacted: list[str] = []
-            self._videos[split] = [self._load(v, mismatches, compacted) for v in self.trials(split)]
+            names = self.trials(split)
+            self._videos[split] = [self._load(v, mismatches, compacted) for v in names]
+            if split == "val":
+                warn_shared_media("features", self.trials("train"), names, split, stacklevel=2)
             if mismatches:
                 hint = ""
                 if compacted:

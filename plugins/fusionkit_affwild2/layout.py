@@ -31,6 +31,7 @@ __all__ = [
     "read_submission_template",
     "require_submission_template",
     "template_rows",
+    "warn_shared_media",
     "zero_based_crops_error",
 ]
 
@@ -40,6 +41,8 @@ UNLABELLED = -5.0
 MEDIA_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".mpg", ".mpeg", ".webm", ".m4v")
 _SIDE = re.compile(r"_(left|right)$")
 _CROP = re.compile(r"^(\d+)\.jpg$", re.IGNORECASE)
+#: image files that are not crops as named above, in a crop folder that holds no crop
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 # Folder names of the partitions across ABAW editions.
 TRAIN_NAMES = ("Train_Set", "Training_Set")
 VAL_NAMES = ("Validation_Set",)
@@ -388,15 +391,20 @@ def crop_indices(folder: Path) -> dict[int, Path]:
 
     Raises:
         DataError: when the folder does not exist, holds a crop numbered 0 (``00000.jpg``:
-            a 0-based folder, whose faces would all be one frame off), or two files of one
-            frame (``7.jpg`` beside ``00007.jpg``: which one is the face would be chance).
+            a 0-based folder, whose faces would all be one frame off), two files of one
+            frame (``7.jpg`` beside ``00007.jpg``: which one is the face would be chance), or
+            images but no crop named as Aff-Wild2 names them (``00001.png``, ``img_1.jpg``:
+            the trial would train without a face).
     """
     if not folder.is_dir():
         raise DataError(f"face-crop folder {folder} does not exist")
     out: dict[int, Path] = {}
+    others: list[str] = []
     for entry in sorted(folder.iterdir()):
         m = _CROP.match(entry.name)
         if m is None:
+            if entry.suffix.lower() in _IMAGE_SUFFIXES:
+                others.append(entry.name)
             continue
         if int(m.group(1)) == 0:
             raise zero_based_crops_error(folder, entry.name)
@@ -407,10 +415,40 @@ def crop_indices(folder: Path) -> dict[int, Path]:
                 f"{out[frame].name} and {entry.name}; keep one of them"
             )
         out[frame] = entry
+    if others and not out:
+        raise DataError(
+            f"face-crop folder {folder} holds {len(others)} image(s) ({first_few(others)}) but "
+            "no crop named <frame>.jpg (00001.jpg for the first frame): convert or rename "
+            "them to JPEG files named by their 1-based frame number"
+        )
     return out
 
 
 # --------------------------------------------------------------------------- splits
+
+
+def warn_shared_media(
+    dataset: str, train: Sequence[str], evaluated: Sequence[str], split: str, stacklevel: int
+) -> None:
+    """Warn when trials of ``split`` come from the raw video of a training trial (``X_right``
+    evaluated, ``X_left`` trained on): the two share the scene and the sound (one audio
+    feature array), so the score of ``split`` is optimistic."""
+    trained: dict[str, list[str]] = {}
+    for t in train:
+        trained.setdefault(media_name(t), []).append(t)
+    shared = [
+        f"{t} ({', '.join(trained[media_name(t)])} in train)"
+        for t in evaluated
+        if media_name(t) in trained
+    ]
+    if shared:
+        warnings.warn(
+            f"{dataset}: {len(shared)} trial(s) of split {split!r} come from the raw video of a "
+            f"training trial: {first_few(shared, 8, '; ')}; both sides of a video share its "
+            "scene and its sound, so this split's score is optimistic. With folds, another "
+            "data.params.split.fold or split.chunks may keep them together.",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def fold_split(train: Sequence[str], val: Sequence[str], fold: int, chunks: int = 5):
