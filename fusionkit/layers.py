@@ -144,11 +144,12 @@ def masked_batch_norm(bn: nn.BatchNorm1d, x: Tensor, keep: Tensor) -> Tensor:
 
     In training mode (or without running statistics) this equals ``bn(x[keep])`` on the kept
     rows, including the running-statistics update (skipped when fewer than 2 rows are kept,
-    where ``nn.BatchNorm1d`` would raise), and puts zeros on the other rows. Otherwise it is
-    ``bn(x)``: running statistics do not depend on the batch.
+    where ``nn.BatchNorm1d`` would raise). Otherwise it is ``bn(x)`` on the kept rows: running
+    statistics do not depend on the batch. The other rows are zeros in both modes, so that a
+    later component that reads padded frames sees in evaluation what it was trained on.
     """
     if not bn.training and bn.track_running_stats:
-        return bn(x)
+        return bn(x) * rearrange(keep, "n -> n 1").to(x.dtype)
     xf = x if x.dtype == torch.float64 else x.float()  # statistics in at least float32
     w = rearrange(keep, "n -> n 1").to(xf.dtype)
     n = w.sum(dim=0)  # (1,), stays on the device

@@ -76,7 +76,11 @@ def test_masked_batch_norm_equals_batch_norm_on_the_kept_rows(momentum: float | 
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
     ours.eval(), ref.eval()
     x = torch.randn(7, 5)
-    torch.testing.assert_close(masked_batch_norm(ours, x, torch.zeros(7, dtype=torch.bool)), ref(x))
+    keep = torch.tensor([True, False, True, True, False, True, False])
+    got = masked_batch_norm(ours, x, keep)
+    # evaluation: the running statistics on the kept rows, zeros on the others as in training
+    torch.testing.assert_close(got[keep], ref(x)[keep])
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
 
 
 def test_masked_batch_norm_leaves_running_stats_alone_without_two_kept_rows() -> None:

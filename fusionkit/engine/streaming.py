@@ -13,9 +13,14 @@ frame; the compute latency is one forward pass over ``context`` frames.
   context, so those frames can differ from the streamed ones (a model whose encoders look at
   one frame at a time, e.g. ``linear``, gives the same numbers either way).
 - For a model that attends across its window (``rjca`` correlates over all frames of the
-  window), the streamed prediction is the *trailing-window* prediction: the model applied to
-  frames ``t - context + 1 .. t``, read at the last frame. It differs from the offline
-  (centred, overlapping-window averaged) prediction, which uses future frames.
+  window), the streamed prediction is the *trailing-window* prediction: the components after
+  the encoders see the encoder outputs of frames ``t - context + 1 .. t``, read at the last
+  frame. An encoder that is not causal, or whose receptive field exceeds ``context``, is run
+  on those frames alone, as the model on that window would; a causal encoder whose receptive
+  field fits gives its outputs on the whole stream (each frame encoded from its own receptive
+  field, so the earliest frames of the window see up to ``receptive_field - 1`` frames before
+  it, as inside a longer video). It differs from the offline (centred, overlapping-window
+  averaged) prediction, which uses future frames.
 - An encoder with a streaming form (``init_stream(batch, device)`` and
   ``step(frame, state) -> (output, state)``, as ``tcn`` has) encodes each new frame in O(1)
   from its carried state, which equals encoding the whole stream.
@@ -162,7 +167,8 @@ class StreamingPredictor:
         if across:
             notes.append(
                 f"{', '.join(across)} sees across frames: the predictions are those of the "
-                f"trailing window of {c} frames, not of the whole video"
+                f"trailing window of {c} frames (of encoder outputs; a causal encoder's reach "
+                "back before the window by up to its receptive field), not of the whole video"
             )
         return notes
 
