@@ -792,6 +792,8 @@ def test_from_env_joins_the_job_torchrun_describes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert Dist.from_env("cpu") == Dist(rank=3, world_size=4, local_rank=1)
     assert Dist.from_env("cuda") == Dist(rank=3, world_size=4, local_rank=1)
     assert joined == ["gloo", "nccl"] and devices == [1]

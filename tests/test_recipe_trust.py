@@ -358,7 +358,7 @@ def test_error_line_names_the_rank_of_a_multi_process_launch(monkeypatch, capsys
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    code, out, err = run_cli(monkeypatch, capsys, "recipe", "validate", "no/such/recipe.yaml")
+    code, out, err = run_cli(monkeypatch, capsys, "run", "no/such/recipe.yaml")
     assert code == 2, out + err
     assert err.startswith(prefix), err
     assert "no/such/recipe.yaml" in err

@@ -30,14 +30,26 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: the commands that train as one job over the processes of a torchrun launch
+MULTI_PROCESS = frozenset({"run", "resume"})
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
     ] = False,
 ) -> None:
     """fusionkit: audio-visual fusion for continuous valence/arousal."""
+    command = ctx.invoked_subcommand
+    if _rank_tag() and command is not None and command not in MULTI_PROCESS:
+        # every process would run the whole command, each against the others' files and locks
+        raise FusionkitError(
+            f"fusionkit {command} runs as one process; only `run` and `resume` train under "
+            "torchrun: start it without torchrun"
+        )
 
 
 def _register() -> None:

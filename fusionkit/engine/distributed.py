@@ -11,14 +11,18 @@ stopping; only rank 0 writes files. Backend: NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from fusionkit.core.errors import FusionkitError
 
 __all__ = ["Dist"]
 
@@ -33,15 +37,42 @@ class Dist:
 
     @classmethod
     def from_env(cls, device_type: str) -> Dist:
-        """Join the process group described by torchrun's environment (no-op when absent)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
+        """Join the process group described by torchrun's environment (no-op when absent).
+
+        Raises:
+            FusionkitError: ``WORLD_SIZE`` is set but the rest of torchrun's environment is
+                missing or not numbers (a shell that kept a job's variables, or a process a
+                torchrun job started), where the rendezvous would fail in a traceback or wait
+                for peers that never come.
+        """
+        env = os.environ
+        raw = env.get("WORLD_SIZE", "").strip()
+        if not raw or (raw.isdigit() and int(raw) == 1):
             return cls()
-        rank = int(os.environ["RANK"])
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        numbers = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")
+        bad = [f"{k}={env[k]!r}" for k in numbers if env.get(k) and not env[k].strip().isdigit()]
+        if not bad and int(raw) < 1:
+            bad = [f"WORLD_SIZE={raw!r}"]
+        if missing or bad:
+            what = f"{', '.join(missing)} not set" if missing else f"{', '.join(bad)} is invalid"
+            raise FusionkitError(
+                f"WORLD_SIZE={env.get('WORLD_SIZE')} asks for a multi-process job but "
+                f"torchrun's environment is incomplete ({what}): start the command with "
+                "`torchrun --nproc_per_node N -m fusionkit ...`, or unset WORLD_SIZE to run "
+                "in one process"
+            )
+        world, rank, local = int(raw), int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             if device_type == "cuda":
                 torch.cuda.set_device(local)
+            if rank == 0:  # a stale environment waits here for peers that never come
+                print(
+                    f"waiting for the {world} processes of the job to join at "
+                    f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         return cls(rank=rank, world_size=world, local_rank=local)
 
@@ -61,6 +92,15 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def seed(self, seed: int) -> int:
+        """This process's seed in a run of ``seed`` (``seed`` itself on rank 0): for rank > 0
+        a hash of both, so that no process of one run draws another seed's stream (a seed
+        ``seed + k * rank`` would, for the run of seed ``seed + k``)."""
+        if self.rank == 0:
+            return seed
+        digest = hashlib.sha256(f"fusionkit-rank:{seed}:{self.rank}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's device: its own GPU under torchrun."""
@@ -107,13 +147,23 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (e.g. the run directory it created)."""
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``value`` on every rank (e.g. the run directory rank 0 created)."""
         if not self.enabled:
             return value
-        box = [value if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        box = [value if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def first_flagged(self, step: Tensor, none: int) -> tuple[int, int]:
+        """The earliest ``step`` over the ranks (``none``: nothing flagged) and the lowest rank
+        that flagged it, agreed by every rank (collective: every rank calls it)."""
+        code = torch.where(step < none, step * self.world_size + self.rank, step.new_full((), -1))
+        code = torch.where(code < 0, torch.full_like(code, none * self.world_size), code)
+        if self.enabled:
+            dist.all_reduce(code, op=dist.ReduceOp.MIN)
+        first = int(code)
+        return first // self.world_size, first % self.world_size
 
     def gather_rng(self, rng: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every rank's RNG state, keys suffixed by rank (collective: every rank calls it)."""

@@ -114,6 +114,13 @@ def set_threads(requested: int | None, share: int = 1) -> int:
         n = cores
     else:
         n = requested
+        if share > 1 and n * share > cores:
+            warnings.warn(
+                f"training.num_threads={n} in each of the {share} processes on this machine is "
+                f"{n * share} threads on {cores} cores, which can run many times slower; set "
+                f"training.num_threads={max(1, cores // share)} or leave it unset",
+                stacklevel=2,
+            )
     torch.set_num_threads(n)
     return n
 

@@ -208,7 +208,7 @@ class Trainer:
         )
         self._tb: Any = None  # TensorBoard writer, when training.loggers asks for it
         if self.dist.rank > 0:  # same initial weights everywhere, own dropout stream per rank
-            torch.manual_seed(tr.seed + 7919 * self.dist.rank)
+            torch.manual_seed(self.dist.seed(tr.seed))
 
     # ------------------------------------------------------------------ state
 
@@ -236,7 +236,7 @@ class Trainer:
         starts from scratch."""
         path = self.run / STATE_FILE
         if not path.is_file():
-            recover_best_weights(self.run, None)
+            self._recover(None)
             return
         state, rng = load_state(path, self.model, self.optimizer, self.scheduler)
         if state.recipe_sha256 != self.recipe.training_sha256():
@@ -255,9 +255,22 @@ class Trainer:
         state.world_size = self.dist.world_size
         for group in self.optimizer.param_groups:  # loaded with the saved run's setting
             group["capturable"] = self.graphs
-        recover_best_weights(self.run, state)
+        self._recover(state)
         self.state = state
         self._set_rng_state(rng)
+
+    def _recover(self, state: TrainState | None) -> None:
+        """:func:`recover_best_weights` on rank 0 alone (it renames or deletes files), its
+        verdict shared with the other processes, which go on only once it is done."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                recover_best_weights(self.run, state)
+            except CheckpointError as exc:
+                problem = str(exc)
+        problem = self.dist.broadcast(problem)
+        if problem is not None:
+            raise CheckpointError(problem)
 
     # ------------------------------------------------------------------ one epoch
 
@@ -327,14 +340,21 @@ class Trainer:
             )
             loss_sum += loss
             self.progress.step()
-        bad = int(first_bad)
+        # every process stops on the first non-finite step of any of them (averaged gradients
+        # made every replica non-finite), with the message of the process that saw it
+        bad, rank = self.dist.first_flagged(first_bad, steps)
         if bad < steps:
-            self._non_finite(train, perm[bad * bs : (bad + 1) * bs], epoch, bad + 1, steps)
+            why = None
+            if rank == self.dist.rank:
+                windows = perm[bad * bs : (bad + 1) * bs]
+                why = self._non_finite(train, windows, epoch, bad + 1, steps)
+            raise Diverged(self.dist.broadcast(why, src=rank))
         return float(self.dist.mean(loss_sum)) / steps
 
     def _non_finite(
         self, store: FrameStore, windows: torch.Tensor, epoch: int, step: int, steps: int
-    ) -> None:
+    ) -> str:
+        """The message of a non-finite loss at ``step`` of ``epoch`` (on this process)."""
         batch = store.batch(windows)
         cause = next(
             (m for m, x in sorted(batch.inputs.items()) if not bool(torch.isfinite(x).all())),
@@ -350,9 +370,11 @@ class Trainer:
         kept = (
             f"the run keeps its last finished epoch ({done})" if done else "no epoch had finished"
         )
-        raise Diverged(
-            f"training stopped: the loss is not finite at epoch {epoch}, step {step} of {steps}; "
-            f"{why}. Nothing of this epoch was saved; {kept}"
+        d = self.dist
+        where = f" (process {d.rank} of {d.world_size})" if d.enabled else ""
+        return (
+            f"training stopped: the loss is not finite at epoch {epoch}, step {step} of "
+            f"{steps}{where}; {why}. Nothing of this epoch was saved; {kept}"
         )
 
     def _check_labels(self, train: FrameStore, val: FrameStore) -> None:
