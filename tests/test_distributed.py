@@ -76,11 +76,14 @@ def test_torchrun_two_gloo_processes_match_one_process_with_double_batch(tmp_pat
     assert json.loads((runs / "ddp" / "metrics.json").read_text()) == a
 
 
-def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
-    """One rank of a data-parallel tiny run (spawned): writes its per-epoch validation
-    CCC-means and learning rates to ``out/rank<N>.json``."""
+def join_tiny_job(rank: int, world: int, port: int, raw: dict):
+    """As process ``rank`` of a ``world``-process gloo job on this machine (spawned): join it
+    and build the Trainer of recipe ``raw`` in the run folder rank 0 creates. Returns the
+    trainer and the run folder when this process created it (rank 0), else None."""
     import os
-    from pathlib import Path
+    from datetime import timedelta
+
+    import torch.distributed as tdist
 
     from fusionkit.core.recipe import validate_recipe
     from fusionkit.engine.distributed import Dist
@@ -94,6 +97,7 @@ def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
+    tdist.init_process_group("gloo", timeout=timedelta(seconds=120))  # never a long hang
     registry = make_registry()
     rc = validate_recipe(raw, "r.yaml", registry)
     dist = Dist.from_env("cpu")
@@ -101,18 +105,23 @@ def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     run = made or RunDir(dist.broadcast(None))
     if made:
         dist.broadcast(str(made.path))
+    return Trainer(build_session(rc, registry), run, dist=dist), made
+
+
+def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    """One rank of a data-parallel tiny run (spawned): writes its per-epoch validation
+    CCC-means and learning rates to ``out/rank<N>.json``."""
+    from pathlib import Path
+
+    trainer, _ = join_tiny_job(rank, world, port, raw)
     seen: list[dict] = []
-    trainer = Trainer(build_session(rc, registry), run, dist=dist)
     trainer.on_epoch_end = lambda epoch, record: seen.append(
         {"val": record["val_ccc_mean"], "lr": trainer.optimizer.param_groups[0]["lr"]}
     )
     trainer.fit()
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
-    dist.barrier()
-    torch.distributed.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_every_rank_validates_the_same_model_with_batchnorm(tmp_path):
     """Each rank updates BatchNorm statistics on its own shard; validation must still see one
     model everywhere, or the ranks disagree on the LR schedule and early stopping (a hang, or

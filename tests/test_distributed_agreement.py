@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import socket
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -95,30 +93,11 @@ def _diverging_rank(rank: int, port: int, raw: dict, out: str) -> None:
     """One rank of a 2-process tiny run in which rank 1 alone gets a non-finite loss (and so
     non-finite gradients, which DDP averages into both replicas) at the last step of epoch 1.
     Writes what the rank raised to ``out/rank<N>.json``."""
-    import torch.distributed as tdist
-
     import fusionkit.engine.train as train_mod
-    from fusionkit.core.recipe import validate_recipe
-    from fusionkit.engine.distributed import Dist
-    from fusionkit.engine.runs import RunDir
-    from fusionkit.engine.session import build_session
     from fusionkit.engine.train import Trainer
-    from tests.conftest import make_registry
+    from tests.test_distributed import join_tiny_job
 
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", timeout=timedelta(seconds=60))  # never a long hang
-    registry = make_registry()
-    rc = validate_recipe(raw, "r.yaml", registry)
-    dist = Dist.from_env("cpu")
-    made = RunDir.create(rc, registry) if dist.is_main else None
-    run = made or RunDir(dist.broadcast(None))
-    if made:
-        dist.broadcast(str(made.path))
-    trainer = Trainer(build_session(rc, registry), run, dist=dist)
+    trainer, made = join_tiny_job(rank, 2, port, raw)
     calls = {"n": 0, "last": -1}
     original_epoch, original_loss = Trainer._train_epoch, train_mod.ccc_loss
 
