@@ -92,6 +92,7 @@ from fusionkit.engine.perturb import (
     stream_generator,
     video_generator,
     with_features,
+    with_moved_frames,
 )
 from fusionkit.engine.progress import TaskProgress
 from fusionkit.engine.runs import run_or_grid_holding
@@ -188,5 +189,6 @@ __all__ = [
     "stream_generator",
     "video_generator",
     "with_features",
+    "with_moved_frames",
     "xavier_init_",
 ]

@@ -230,11 +230,16 @@ def _param_problems(raw: dict[str, Any]) -> list[str]:
         )
     except ValidationError as exc:
         lines = describe_validation_error(exc)
-        return [
-            "--param " + line.removeprefix("params.")
-            for line in lines
-            if any(
-                line.startswith(f"params.{k}:") or line.startswith(f"params.{k}.") for k in params
+        out = []
+        for line in lines:
+            key = next(
+                (k for k in params if line.startswith((f"params.{k}:", f"params.{k}."))), None
             )
-        ]
+            if key is None:
+                continue
+            text = "--param " + line.removeprefix("params.")
+            if "valid list" in line and not isinstance(params[key], list):
+                text += f" (write a list as --param '{key}=[{params[key]}]')"
+            out.append(text)
+        return out
     return []

@@ -467,10 +467,7 @@ class RobustnessSpec(Strict):
             )
         if self.axis in self.params:
             raise error_at(("params", self.axis), "is the swept axis; remove it from params")
-        keys = [json.dumps(v, sort_keys=True, default=str) for v in self.values]
-        if len(set(keys)) != len(keys):
-            raise error_at(("values",), f"contains duplicates ({self.values})")
-        points = []
+        points, swept = [], []
         for j, value in enumerate(self.values):
             raw = {
                 "name": self.perturbation,
@@ -478,10 +475,35 @@ class RobustnessSpec(Strict):
                 "params": {**self.params, self.axis: value},
             }
             try:
-                points.append(PerturbationSpec.model_validate(raw, context=info.context))
+                point = PerturbationSpec.model_validate(raw, context=info.context)
             except ValidationError as exc:
                 first = describe_validation_error(exc)[0].removeprefix("params.")
                 raise error_at(("values", j), f"{value!r} -> {first}") from None
+            # the value as the perturbation reads it: `0` of a float axis is 0.0, `1e-1` 0.1
+            params = point.params
+            got = (
+                params.model_dump(mode="json")[self.axis]
+                if isinstance(params, BaseModel)
+                else value
+            )
+            if not isinstance(got, (int, float)) or isinstance(got, bool):
+                raise error_at(
+                    ("values", j),
+                    f"{value!r} is not a number: a sweep's curve and AUC are over numbers. To "
+                    "compare settings such as removing audio and removing video, declare one "
+                    f"sweep per setting, each holding it in params, over a numeric axis",
+                )
+            points.append(point)
+            swept.append(got)
+        keys = [json.dumps(v) for v in swept]
+        if len(set(keys)) != len(keys):
+            same = next(k for k in keys if keys.count(k) > 1)
+            raise error_at(
+                ("values",),
+                f"contains duplicates ({self.values}: {same} appears more than once as the "
+                f"{self.axis!r} param reads it)",
+            )
+        self.values = swept
         self._points = points
         return self
 

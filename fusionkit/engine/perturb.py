@@ -39,6 +39,7 @@ __all__ = [
     "stream_generator",
     "video_generator",
     "with_features",
+    "with_moved_frames",
 ]
 
 
@@ -75,6 +76,20 @@ def with_features(
         keep = ~gone.bool()
         present[m] = keep if was is None else was.bool() & keep
     return dataclasses.replace(video, features={**video.features, **updates}, present=present)
+
+
+def with_moved_frames(video: Video, sources: dict[str, Tensor]) -> Video:
+    """A new :class:`Video` in which frame ``i`` of each modality ``m`` of ``sources`` shows
+    frame ``sources[m][i]`` of ``video`` (``(T,)`` long, e.g. :func:`shift_index`), and is
+    present where that frame was: a frame the data never had (a missing face, filled with 0)
+    stays absent wherever it moves, so z-scoring keeps it at 0. ``video`` is left untouched.
+    """
+    present = dict(video.present)
+    for m, index in sources.items():
+        if m in present:
+            present[m] = present[m][index]
+    moved = {m: video.features[m][index] for m, index in sources.items()}
+    return dataclasses.replace(video, features={**video.features, **moved}, present=present)
 
 
 def check_modalities(video: Video, wanted: Iterable[str] | None, who: str) -> list[str]:

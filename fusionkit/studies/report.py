@@ -614,10 +614,25 @@ class Sweep:
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.key)
 
 
-def _sort_values(values: list[Any]) -> list[Any]:
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return sorted(values)
-    return values
+def _by_number(results: dict[str, Any]) -> dict[Any, Any]:
+    """A sweep's stored results keyed by :func:`value_key` of the value as a float, so that
+    ``0`` and ``0.0`` (files written before values were stored as their params read them) are
+    one value; a value that is not a number is keyed None."""
+    from fusionkit.studies.robustness import value_key
+
+    out: dict[Any, Any] = {}
+    for point in results.values():
+        v = point.get("value") if isinstance(point, dict) else None
+        if isinstance(v, str):  # `1e-1` of an old --values list: the param read it as 0.1
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+            else:
+                point = {**point, "value": v}
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        out[value_key(float(v)) if number else None] = point
+    return out
 
 
 def _robustness_problem(rec: Any) -> str | None:
@@ -738,7 +753,7 @@ def robustness_sweeps(
                     use,
                 )
                 entry = found.setdefault(key, {"header": rec, "split": use, "by": {}})
-                entry["by"].setdefault(row["variant"], []).append(results[use])
+                entry["by"].setdefault(row["variant"], []).append(_by_number(results[use]))
     declared: list[str] = []  # sweeps in the order the recipes declare them, then the rest
     for row in rows:
         for run in row["runs"]:
@@ -753,16 +768,22 @@ def robustness_sweeps(
                         kv[0][0]),
     ):  # fmt: skip
         per_run = [r for runs in entry["by"].values() for r in runs]
-        keys = set.intersection(*(set(r) for r in per_run))
-        every = {k for r in per_run for k in r}
+        if any(None in r for r in per_run):
+            notes.append(
+                f"robustness sweep {label} ({pert} over {axis} on {use}): its values are not "
+                "all numbers, so it has no curve or AUC; sweep a numeric param instead."
+            )
+            continue
+        keys = [k for k in per_run[0] if all(k in r for r in per_run[1:])]  # stored order
+        every = {k: r[k]["value"] for r in per_run for k in r}
         if not keys:
             notes.append(
                 f"robustness sweep {label} ({pert} over {axis} on {use}): its runs share no "
                 "value, so it has no curves."
             )
             continue
-        values = _sort_values([per_run[0][k]["value"] for k in keys])
-        dropped = _sort_values([json.loads(k) for k in every - keys])
+        values = sorted((per_run[0][k]["value"] for k in keys), key=float)  # as first stored
+        dropped = sorted((v for k, v in every.items() if k not in keys), key=float)
         sweep = Sweep(label, pert, entry["header"]["params"], axis, seed, use, values, [], dropped)
         taken = {sw.slug for sw in sweeps}
         n = 1
@@ -770,16 +791,17 @@ def robustness_sweeps(
             n += 1
             sweep.key = f"{label}-{n}"
         for variant, runs in entry["by"].items():
-            targets = [k for k in runs[0][value_key(values[0])]["metrics"] if k.startswith("ccc_")]
+            at = {v: value_key(float(v)) for v in values}
+            targets = [k for k in runs[0][at[values[0]]]["metrics"] if k.startswith("ccc_")]
             mean: dict[str, list[float]] = {k: [] for k in targets}
             std: dict[str, list[float]] = {k: [] for k in targets}
             for v in values:
                 for k in targets:
-                    m, s = _mean_std([r[value_key(v)]["metrics"][k] for r in runs])
+                    m, s = _mean_std([r[at[v]]["metrics"][k] for r in runs])
                     mean[k].append(m)
                     std[k].append(s)
             aucs = [
-                auc_normalised(values, [r[value_key(v)]["metrics"]["ccc_mean"] for v in values])
+                auc_normalised(values, [r[at[v]]["metrics"]["ccc_mean"] for v in values])
                 for r in runs
             ]
             sweep.curves.append(Curve(variant, values, mean, std, _mean_std(aucs), len(runs)))

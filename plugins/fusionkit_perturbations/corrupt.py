@@ -123,7 +123,8 @@ class SpanDropoutParams(Params):
     summary="set a fraction `rate` of frames, in spans of `span` frames, to fill",
 )
 class SpanDropout:
-    """Missing spans of frames: exactly ``round(rate * n)`` of the ``n`` frames (halves up) are
+    """Missing spans of frames: exactly ``round(rate * n)`` of the ``n`` frames (halves up, of
+    the binary floating-point product: 0.58 * 25 is 14.4999..., so 14 frames) are
     set to ``fill`` (in the units of the features as read) and marked absent, so that
     z-scoring keeps a fill of 0 at 0. The video is cut into consecutive blocks of ``span``
     frames, and blocks in random order are dropped until that many frames are; the last block

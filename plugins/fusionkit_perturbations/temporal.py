@@ -4,10 +4,14 @@
 Sign convention (the same as the synthetic dataset's ``lag``): shifting a modality by ``+k``
 makes its frame ``i`` show what the original showed at frame ``i - k``, i.e. that stream
 arrives ``k`` frames late; ``-k`` makes it early. Frames shifted in from outside the video
-repeat the first (or last) frame (edge padding), so the length never changes.
+repeat the first (or last) frame (edge padding), so the length never changes. Whether a frame
+is present moves with it: a frame the data never had (a missing face, filled with 0) stays
+absent where it lands.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -20,6 +24,7 @@ from fusionkit.plugin import (
     shift_index,
     stream_generator,
     with_features,
+    with_moved_frames,
 )
 
 __all__ = [
@@ -54,6 +59,10 @@ class ShiftParams(Params):
 class Shift:
     """Shift one modality by ``k`` frames against the others (and the labels), edge-padded."""
 
+    #: 2: presence moves with the frames (1: it stayed in place, so a missing frame moved onto
+    #: a present one was z-scored to -mean / std)
+    revision: ClassVar[int] = 2
+
     def __init__(self, params: ShiftParams) -> None:
         self.params = params
 
@@ -61,8 +70,8 @@ class Shift:
         (m,) = check_modalities(video, [self.params.modality], "shift")
         if self.params.k == 0:
             return with_features(video, {})
-        x = video.features[m]
-        return with_features(video, {m: x[shift_index(x.shape[0], self.params.k)]})
+        n = video.features[m].shape[0]
+        return with_moved_frames(video, {m: shift_index(n, self.params.k)})
 
 
 class JitterParams(Params):
@@ -82,6 +91,9 @@ class JitterParams(Params):
 class Jitter:
     """Shift one modality of each video by its own random ``k`` in ``[-max_k, max_k]``."""
 
+    #: 2: presence moves with the frames (see ``shift``)
+    revision: ClassVar[int] = 2
+
     def __init__(self, params: JitterParams) -> None:
         self.params = params
 
@@ -93,8 +105,7 @@ class Jitter:
     def __call__(self, video: Video, generator: torch.Generator) -> Video:
         (m,) = check_modalities(video, [self.params.modality], "jitter")
         k = self.draw(generator)
-        x = video.features[m]
-        return with_features(video, {m: x[shift_index(x.shape[0], k)]})
+        return with_moved_frames(video, {m: shift_index(video.features[m].shape[0], k)})
 
 
 class FrameDropParams(Params):
@@ -111,19 +122,22 @@ class FrameDropParams(Params):
 )
 class FrameDrop:
     """Dropped frames: each frame after the first is lost with probability ``p``, independently
-    per modality, and replaced by the last frame that arrived (a frozen frame)."""
+    per modality, and replaced by the last frame that arrived (a frozen frame), present where
+    that frame was."""
+
+    #: 2: a frozen frame is present where the frame it repeats was (see ``shift``)
+    revision: ClassVar[int] = 2
 
     def __init__(self, params: FrameDropParams) -> None:
         self.params = params
 
     def __call__(self, video: Video, generator: torch.Generator) -> Video:
-        updates = {}
+        sources = {}
         for m in check_modalities(video, self.params.modalities, "frame_drop"):
-            x = video.features[m]
-            n = x.shape[0]
+            n = video.features[m].shape[0]
             g = stream_generator(generator, m)
             kept = torch.rand(n, generator=g) >= self.params.p
             kept[:1] = True
             source = torch.where(kept, torch.arange(n), torch.zeros(n, dtype=torch.long))
-            updates[m] = x[torch.cummax(source, dim=0).values]
-        return with_features(video, updates)
+            sources[m] = torch.cummax(source, dim=0).values
+        return with_moved_frames(video, sources)
