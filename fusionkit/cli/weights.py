@@ -26,7 +26,13 @@ import typer
 from rich.markup import escape
 
 from fusionkit.cli._common import console
-from fusionkit.core.errors import CheckpointError, PluginError, RecipeError, one_line
+from fusionkit.core.errors import (
+    CheckpointError,
+    FusionkitError,
+    PluginError,
+    RecipeError,
+    one_line,
+)
 from fusionkit.core.params import first_few
 
 if TYPE_CHECKING:
@@ -240,6 +246,7 @@ def convert_weights(
 
     from fusionkit.core.registry import get_registry
     from fusionkit.engine.files import (
+        cast_like,
         file_sha256,
         non_finite_tensor,
         save_tensors,
@@ -271,7 +278,10 @@ def convert_weights(
     if callable(convert):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sd = dict(convert(dict(sd)))
+            try:
+                sd = dict(convert(dict(sd)))
+            except FusionkitError as exc:  # the plugin's reason, named with the file
+                raise CheckpointError(f"{src}: {exc}") from None
         notes = [str(w.message) for w in caught]
     problems = state_dict_mismatch(own, sd)
     if problems:
@@ -291,39 +301,16 @@ def convert_weights(
             "predictions: convert a checkpoint of a healthy model (one saved before training "
             "diverged)"
         )
-    # integers where the module holds floats (or fractions where it holds integers) are not
-    # these weights: named here rather than failing deep in load_state_dict
-    kinds = [
-        f"{k!r} ({str(v.dtype).removeprefix('torch.')} in the file, "
-        f"{str(own[k].dtype).removeprefix('torch.')} in the module)"
-        for k, v in sd.items()
-        if (own[k].is_floating_point() and not v.is_floating_point())
-        or (v.is_complex() != own[k].is_complex())
-        or (
-            not own[k].is_floating_point()
-            and v.is_floating_point()
-            and not bool((v == v.round()).all())
-        )
-    ]
-    if kinds:
+    # integers where the module holds floats are not these weights; the rest is stored as
+    # the module holds it (a float64 checkpoint as float32), so the file holds exactly what
+    # the module will
+    try:
+        sd = cast_like(own, sd)
+    except ValueError as exc:
         raise CheckpointError(
-            f"{src}: tensors of another kind than {comp.kind} {comp.name!r} holds: "
-            f"{first_few(kinds, sep='; ')}; check --arch and --param, or that the file holds "
-            "these weights"
-        )
-    # stored as the module holds them (a float64 checkpoint as the module's float32), so the
-    # file holds exactly what the module will: a value beyond that dtype's range is refused
-    for k, v in list(sd.items()):
-        if v.dtype != own[k].dtype:
-            sd[k] = v.to(own[k].dtype)
-            if not bool(sd[k].isfinite().all()):
-                dtype = str(own[k].dtype).removeprefix("torch.")
-                raise CheckpointError(
-                    f"{src}: tensor {k!r} holds {str(v.dtype).removeprefix('torch.')} values "
-                    f"beyond {dtype}'s range (largest |x| {float(v.abs().max()):.3g}), which "
-                    f"become infinite in the module's {dtype}: convert a checkpoint of a "
-                    "healthy model"
-                )
+            f"{src}: {exc}; check --arch and --param, or that the file holds these weights of "
+            f"{comp.kind} {comp.name!r} (of a healthy model)"
+        ) from None
     try:  # the final check: the tensors load into the architecture, strictly
         module.load_state_dict(sd, strict=True, assign=_on_meta(module))
     except RuntimeError as exc:

@@ -40,6 +40,7 @@ __all__ = [
     "EncoderBuild",
     "ExtractReport",
     "Extractable",
+    "FeatureIdentity",
     "FrameLocal",
     "Fusion",
     "FusionBuild",
@@ -123,6 +124,17 @@ class ZScoreDefault(Protocol):
     Datasets without it are z-scored."""
 
     zscore_by_default: bool
+
+
+@runtime_checkable
+class FeatureIdentity(Protocol):
+    """A dataset whose features come from settings its data files do not show, e.g. an
+    extractor and its weights: ``feature_identity()`` names them per modality (text that
+    changes with them, such as a feature cache folder's name). A run records it at the end
+    of training; ``eval``, ``predict``, ``stream`` and robustness sweeps refuse the run on
+    data of another identity (features of another backbone fed to the run's model)."""
+
+    def feature_identity(self) -> dict[str, str]: ...
 
 
 class DatasetBuild(Protocol):

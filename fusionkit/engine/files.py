@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "cast_like",
     "clean_temp_files",
     "file_sha256",
     "finite_json",
@@ -329,6 +330,49 @@ def non_finite_tensor(tensors: Mapping[str, torch.Tensor]) -> str | None:
             if bad:
                 return f"{key!r} ({bad} of {t.numel()} values are NaN or infinite)"
     return None
+
+
+def cast_like(
+    own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``loaded`` (keys and shapes as ``own``'s) in the dtypes of a module's ``own`` state
+    dict, e.g. a float64 checkpoint as the module's float32, so that what is checked is what
+    the module will hold.
+
+    Raises:
+        ValueError: a tensor of another kind than the module's (integers or booleans where it
+            holds floats, fractions where it holds integers, complex against real), or values
+            beyond the module dtype's range (they would become infinite).
+    """
+
+    def name(t: torch.Tensor) -> str:
+        return str(t.dtype).removeprefix("torch.")
+
+    kinds = [
+        f"{k!r} ({name(v)} in the file, {name(own[k])} in the module)"
+        for k, v in loaded.items()
+        if (own[k].is_floating_point() and not v.is_floating_point())
+        or (v.is_complex() != own[k].is_complex())
+        or (
+            not own[k].is_floating_point()
+            and v.is_floating_point()
+            and not bool((v == v.round()).all())
+        )
+    ]
+    if kinds:
+        raise ValueError(
+            f"tensors of another kind than the module holds: {first_few(kinds, sep='; ')}"
+        )
+    out = {}
+    for k, v in loaded.items():
+        out[k] = v if v.dtype == own[k].dtype else v.to(own[k].dtype)
+        if out[k].is_floating_point() and not bool(out[k].isfinite().all()):
+            raise ValueError(
+                f"tensor {k!r} holds {name(v)} values beyond {name(own[k])}'s range (largest "
+                f"|x| {float(v.abs().max()):.3g}), which become infinite in the module's "
+                f"{name(own[k])}"
+            )
+    return out
 
 
 def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:

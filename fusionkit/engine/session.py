@@ -24,7 +24,7 @@ from fusionkit.core.errors import (
     RecipeError,
     ShapeError,
 )
-from fusionkit.core.interfaces import Dataset, Video, ZScoreDefault
+from fusionkit.core.interfaces import Dataset, FeatureIdentity, Video, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
@@ -638,6 +638,24 @@ def data_as_evaluated(
     return now
 
 
+def _check_feature_identity(run: RunDir, dataset: object) -> None:
+    """Refuse data whose :class:`~fusionkit.core.interfaces.FeatureIdentity` differs from the
+    one the run recorded when it finished (what it does not record is not checked)."""
+    recorded = recorded_metrics(run.path).get("feature_identity")
+    if not isinstance(recorded, dict) or not isinstance(dataset, FeatureIdentity):
+        return
+    now = dataset.feature_identity()
+    changed = sorted(m for m, was in recorded.items() if m in now and now[m] != was)
+    if changed:
+        m = changed[0]
+        raise DataError(
+            f"{run}: its {m} features came from {recorded[m]}, and the data gives {now[m]} "
+            "now (the extractor's settings or its weights file changed since training), so "
+            "the run's model would read features it was not trained on; restore what it was "
+            "trained with (e.g. the weights file), or train a new run on these features"
+        )
+
+
 def load_run(
     run_dir: str | Path | RunDir,
     *,
@@ -698,5 +716,6 @@ def load_run(
     # not the run's by its hash
     _check_unchanged(run, marker, BEST_FILE, required=True)
     _check_unchanged(run, marker, NORMALIZATION_FILE, required=False)
+    _check_feature_identity(run, session.dataset)
     session.model.eval()
     return LoadedRun(run, session)

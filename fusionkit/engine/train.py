@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fusionkit.core.errors import CheckpointError, TrainingError, one_line
-from fusionkit.core.interfaces import NamedSteps
+from fusionkit.core.interfaces import FeatureIdentity, NamedSteps
 from fusionkit.core.params import first_few
 from fusionkit.engine.checkpoint import (
     TrainState,
@@ -650,6 +650,9 @@ class Trainer:
                 "val": self._data_record(self.recipe.data.val_split),
             },
         }
+        dataset = self.session.dataset
+        if isinstance(dataset, FeatureIdentity):  # what reloading the run checks the data by
+            payload["feature_identity"] = dict(dataset.feature_identity())
         atomic_write_json(self.run / METRICS_FILE, payload)
         if self.session.normalizer is not None:
             written.append(NORMALIZATION_FILE)

@@ -39,7 +39,7 @@ the module's state dict.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
@@ -55,6 +55,7 @@ from fusionkit.plugin import (
     DataError,
     Kind,
     Params,
+    cast_like,
     first_few,
     non_finite_tensor,
     register,
@@ -211,7 +212,24 @@ def read_weights(path: Path) -> dict[str, Tensor]:
             f"backbone weights {path} are not a readable safetensors file: {exc}"
         ) from None
     _refuse_non_finite(tensors, path)
-    return {k.removeprefix("module."): v for k, v in tensors.items()}
+    return _renamed(tensors, lambda k: k.removeprefix("module."), f"backbone weights {path}")
+
+
+def _renamed(sd: dict[str, Tensor], rename: Callable[[str], str], where: str) -> dict[str, Tensor]:
+    """``sd`` with each key renamed; two keys of one new name (``x`` beside ``module.x``: two
+    copies of the weights, e.g. a model and its EMA or a wrapped and an unwrapped save) are
+    refused, where one copy would silently overwrite parts of the other."""
+    out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in sd.items():
+        new = rename(key)
+        if new in out:
+            raise DataError(
+                f"{where} holds {origin[new]!r} and {key!r}, two copies of one tensor (a file "
+                "with two copies of the weights, e.g. a model and its EMA): save one copy only"
+            )
+        out[new], origin[new] = value, key
+    return out
 
 
 def _refuse_non_finite(tensors: dict[str, Tensor], path: Path) -> None:
@@ -233,9 +251,17 @@ def load_backbone_weights(
         tensors = read_weights(path)  # refuses non-finite tensors
     else:
         _refuse_non_finite(tensors, path)
-    problems = state_dict_mismatch(module.state_dict(), tensors)
+    own = module.state_dict()
+    problems = state_dict_mismatch(own, tensors)
     if problems:
         raise DataError(f"backbone weights {path} do not fit {type(module).__name__}: {problems}")
+    try:  # what `fusionkit weights convert` checks too: integers for floats, values out of range
+        tensors = cast_like(own, tensors)
+    except ValueError as exc:
+        raise DataError(
+            f"backbone weights {path}: {exc}; convert the checkpoint with `fusionkit weights "
+            "convert`, or check that the file holds these weights"
+        ) from None
     module.load_state_dict(tensors, strict=True)
 
 
@@ -244,15 +270,17 @@ def _strip_prefixes(
 ) -> dict[str, Tensor]:
     """Keys without DataParallel ``module.`` prefixes (at any depth of wrapping), then without
     a wrapper module's prefix (e.g. ``backbone.``) that the module's own keys do not have."""
-    out = {}
-    for key, value in sd.items():
+
+    def unwrapped(key: str) -> str:
         while key.startswith("module."):
             key = key.removeprefix("module.")
-        out[key] = value
+        return key
+
+    out = _renamed(sd, unwrapped, "the checkpoint")
     own = set(own)
     for prefix in wrappers:
         if not any(k.startswith(prefix) for k in own) and any(k.startswith(prefix) for k in out):
-            out = {k.removeprefix(prefix): v for k, v in out.items()}
+            out = _renamed(out, lambda k, p=prefix: k.removeprefix(p), "the checkpoint")
     return out
 
 

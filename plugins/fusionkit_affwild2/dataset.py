@@ -364,6 +364,11 @@ class AffWild2Dataset:
         }
         return CacheFolder(self.cache_root, "video", identity, self._versions)
 
+    def feature_identity(self) -> dict[str, str]:
+        """Each modality's feature cache folder (its extractor, settings and weights' SHA-256):
+        a run refuses to be reloaded on features of another."""
+        return {"audio": self.audio_cache.path.name, "video": self.video_cache.path.name}
+
     def _audio_job(self, media: str, path: Path, device: str) -> AudioJob:
         a = self.params.audio
         return AudioJob(

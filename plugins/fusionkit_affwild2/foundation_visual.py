@@ -154,13 +154,37 @@ class TimmFaces(nn.Module):
         it is, or an original layout (DINOv2, OpenAI CLIP) through timm's checkpoint filter,
         which also resamples position embeddings to this image size."""
         sd = {k.removeprefix("net."): v for k, v in sd.items()}
+        self._check_patch_size(sd)
         module = sys.modules.get(type(self.net).__module__)
         filt = getattr(module, "checkpoint_filter_fn", None)
         if filt is not None:
-            sd = filt(sd, self.net)
+            try:
+                sd = filt(sd, self.net)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise DataError(
+                    f"the weights do not fit {type(self.net).__name__} ({one_line(exc)}): "
+                    "check the component's size, registers or model against the file"
+                ) from None
         if not self.head:  # the classifier / projection this module does not use
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         return {f"net.{k}": v for k, v in sd.items()}
+
+    def _check_patch_size(self, sd: dict[str, Tensor]) -> None:
+        """Refuse the weights of a ViT of another patch size: timm's checkpoint filter would
+        resample its patch embedding (and positions) into this one without a word."""
+        proj = getattr(getattr(self.net, "patch_embed", None), "proj", None)
+        mine = getattr(proj, "weight", None)
+        theirs = next(
+            (sd[k] for k in ("patch_embed.proj.weight", "visual.conv1.weight") if k in sd), None
+        )
+        if mine is None or theirs is None or theirs.dim() != 4:
+            return
+        if tuple(theirs.shape[-2:]) != tuple(mine.shape[-2:]):
+            raise DataError(
+                f"the weights are of a ViT with {theirs.shape[-1]}-pixel patches and "
+                f"{type(self.net).__name__} here has {mine.shape[-1]}-pixel patches: choose the "
+                "component's size or model that matches the file (e.g. clip_vit size b32)"
+            )
 
     def forward(self, faces: Tensor) -> Tensor:
         if faces.shape[-2:] != (self.input_size, self.input_size):
@@ -214,7 +238,11 @@ def build_timm_faces(component: str, model: str, p: _TimmCommon, head: bool) -> 
     size = p.img_size or int(cfg.input_size[-1])
     faces = TimmFaces(net, p.pool, head, cfg.mean, cfg.std, size)
     if p.weights is not None:
-        tensors = faces.convert_state_dict(read_weights(p.weights))
+        read = read_weights(p.weights)
+        try:
+            tensors = faces.convert_state_dict(read)
+        except DataError as exc:
+            raise DataError(f"backbone weights {p.weights}: {exc}") from None
         load_backbone_weights(faces, p.weights, tensors)
     return faces.eval()
 
