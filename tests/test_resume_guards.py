@@ -139,7 +139,9 @@ def test_a_committed_leftover_best_file_is_rolled_forward(tmp_path):
     old, new = b"weights of epoch 1", b"weights of epoch 2"
     (tmp_path / BEST_FILE).write_bytes(old)
     (tmp_path / NEXT_FILE).write_bytes(new)
-    state = TrainState(recipe_sha256="r", best_epoch=2, best_weights_sha256=sha256(new))
+    state = TrainState(
+        recipe_sha256="r", epochs_done=2, best_epoch=2, best_weights_sha256=sha256(new)
+    )
     recover_best_weights(RunDir(tmp_path), state)
     assert (tmp_path / BEST_FILE).read_bytes() == new
     assert not (tmp_path / NEXT_FILE).exists()
@@ -151,7 +153,9 @@ def test_an_uncommitted_leftover_best_file_is_deleted_and_the_best_kept(tmp_path
     old = b"weights of epoch 1"
     (tmp_path / BEST_FILE).write_bytes(old)
     (tmp_path / NEXT_FILE).write_bytes(b"half-written weights of epoch 2")
-    state = TrainState(recipe_sha256="r", best_epoch=1, best_weights_sha256=sha256(old))
+    state = TrainState(
+        recipe_sha256="r", epochs_done=1, best_epoch=1, best_weights_sha256=sha256(old)
+    )
     recover_best_weights(RunDir(tmp_path), state)
     assert (tmp_path / BEST_FILE).read_bytes() == old
     assert not (tmp_path / NEXT_FILE).exists()
@@ -164,9 +168,10 @@ def test_best_weights_without_a_state_that_names_them_are_refused(tmp_path):
     recover_best_weights(RunDir(tmp_path), None)
     assert not (tmp_path / NEXT_FILE).exists()
     (tmp_path / BEST_FILE).write_bytes(b"weights of another run")
-    for state in (None, TrainState(recipe_sha256="r", epochs_done=1)):
-        with pytest.raises(CheckpointError, match="records no best epoch"):
-            recover_best_weights(RunDir(tmp_path), state)
+    with pytest.raises(CheckpointError, match=r"state\.safetensors is missing or not a regular"):
+        recover_best_weights(RunDir(tmp_path), None)  # the state itself is what is missing
+    with pytest.raises(CheckpointError, match="the training state records no best epoch"):
+        recover_best_weights(RunDir(tmp_path), TrainState(recipe_sha256="r", epochs_done=1))
 
 
 def test_resuming_a_run_without_a_state_refuses_a_stray_best_file(tmp_path, registry):
@@ -175,7 +180,9 @@ def test_resuming_a_run_without_a_state_refuses_a_stray_best_file(tmp_path, regi
     rc = recipe(tmp_path, registry, epochs=1)
     with RunDir.create(rc, registry) as run:
         (run / BEST_FILE).write_bytes(b"weights of another run")
-        with pytest.raises(CheckpointError, match=r"model\.safetensors exists but the training"):
+        with pytest.raises(
+            CheckpointError, match=r"model\.safetensors exists but .*state\.safetensors is missing"
+        ):
             Trainer(build_session(rc, registry), run).restore()
 
 

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fusionkit.cli._common import console
-from fusionkit.core.errors import PluginError
+from fusionkit.core.errors import PluginError, one_line
 from fusionkit.core.registry import PluginLoadWarning
 
 if TYPE_CHECKING:
@@ -297,8 +297,8 @@ def plugins_check(
             raise PluginError(f"--params applies to one component; {len(comps)} match: {listing}")
         try:
             given = json.loads(params)
-        except json.JSONDecodeError as exc:
-            raise PluginError(f"--params is not valid JSON ({exc.msg}): {params}") from None
+        except (ValueError, RecursionError) as exc:  # not JSON, or nested too deep
+            raise PluginError(f"--params is not valid JSON ({one_line(exc)}): {params}") from None
         if not isinstance(given, dict):
             raise PluginError(f"--params must be a JSON object; got {params}")
         _validate_params(comps[0], given, reg)

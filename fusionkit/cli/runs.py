@@ -36,6 +36,7 @@ def runs_list(
         read_grid_record,
         read_metrics,
     )
+    from fusionkit.studies.scan import folders_under
 
     if not folder.exists():
         raise CheckpointError(f"not found: {folder}")
@@ -44,8 +45,9 @@ def runs_list(
     for col in ("status", "epochs", "test CCC-mean"):
         table.add_column(col)
     rows = 0
-    for marker in sorted(folder.rglob(MARKER_FILE)):
-        run = RunDir(marker.parent)
+    found = folders_under(folder)  # links followed once; unreadable folders passed over
+    for run_path in [f for f, files in found if MARKER_FILE in files]:
+        run = RunDir(run_path)
         status, epochs, score = "?", "", ""
         try:
             m = run.marker()
@@ -69,7 +71,7 @@ def runs_list(
             status = f"unreadable: {exc}"
         table.add_row(escape(str(run.path)), escape(status), epochs, score)
         rows += 1
-    for grid in sorted(folder.rglob(GRID_FILE)):
+    for grid in [f / GRID_FILE for f, files in found if GRID_FILE in files]:
         rec = read_grid_record(grid.parent)
         if rec is None:
             table.add_row(escape(str(grid)), "unreadable (damaged)")

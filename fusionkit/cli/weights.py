@@ -162,9 +162,10 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL [\w.]+", text) or re.search(
-            r"Unsupported global[^\n.]*", text
-        )
+        # torch words it "Unsupported global: GLOBAL x.y" or, for a blocked module (os,
+        # posix, subprocess), "unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"unsupported global:? (?:GLOBAL )?[\w.]+", text, re.IGNORECASE)
+        found = found or re.search(r"Unsupported global[^\n.]*", text)
         if found is None:  # not a pickle the weights-only reader understands
             detail = re.search(r"Unsupported [^\n]*", text)
             raise CheckpointError(

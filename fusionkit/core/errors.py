@@ -24,6 +24,10 @@ class FusionkitError(Exception):
     """Base class of user-facing errors: the message says what is wrong and how to fix it."""
 
 
+#: Most problems of one recipe listed in its error message (the rest are counted).
+MAX_PROBLEMS_SHOWN = 20
+
+
 class RecipeError(FusionkitError):
     """A recipe (file or command-line override) is invalid.
 
@@ -39,7 +43,10 @@ class RecipeError(FusionkitError):
         if len(self.problems) == 1:
             super().__init__(f"{head}: {self.problems[0]}")
         else:
-            lines = "\n".join(f"  - {p}" for p in self.problems)
+            shown = [f"  - {p}" for p in self.problems[:MAX_PROBLEMS_SHOWN]]
+            if len(self.problems) > MAX_PROBLEMS_SHOWN:
+                shown.append(f"  - and {len(self.problems) - MAX_PROBLEMS_SHOWN} more")
+            lines = "\n".join(shown)
             super().__init__(f"{head} ({len(self.problems)} problems):\n{lines}")
 
 

@@ -101,6 +101,25 @@ class _BoundedLoader(yaml.SafeLoader):
                 seen.add((k.tag, k.value))
 
 
+#: Most characters of a number in a recipe (Python refuses to read integers of more than
+#: 4300 digits; no recipe field takes a number anywhere near this long).
+MAX_NUMBER_CHARS = 100
+
+
+def _construct_bounded_int(loader: yaml.SafeLoader, node: Any) -> Any:
+    if len(str(node.value)) > MAX_NUMBER_CHARS:
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            f"a number of {len(node.value)} characters (at most {MAX_NUMBER_CHARS})",
+            node.start_mark,
+        )
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _construct_bounded_int)
+
+
 def _key_text(index: Any) -> str:
     if isinstance(index, yaml.ScalarNode):
         return str(index.value)

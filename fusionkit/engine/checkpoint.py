@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from fusionkit.core.errors import CheckpointError
@@ -59,10 +59,10 @@ class TrainState(BaseModel):
             versions): a resume under another number would change every step's batch.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     recipe_sha256: str
-    epochs_done: int = Field(0, ge=0)
+    epochs_done: int = Field(0, ge=0, le=100_000)  # training.epochs is at most 100,000
     best_epoch: int | None = Field(None, ge=1)
     best_val_ccc_mean: float | None = None
     best_weights_sha256: str | None = None
@@ -73,6 +73,20 @@ class TrainState(BaseModel):
     data_sha256: dict[str, str] | None = None
     cpu_threads: int | None = Field(None, ge=1)
     world_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainState:
+        """A state whose parts disagree (edited, or not written by fusionkit) is refused: a
+        resume from it would pick the wrong best epoch or count the wrong epochs."""
+        if self.best_epoch is not None and self.best_epoch > self.epochs_done:
+            raise ValueError(
+                f"best_epoch {self.best_epoch} is after epochs_done {self.epochs_done}"
+            )
+        if len(self.history) > self.epochs_done:
+            raise ValueError(
+                f"history has {len(self.history)} epochs but epochs_done is {self.epochs_done}"
+            )
+        return self
 
 
 def save_weights(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> None:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from fusionkit.core.errors import CheckpointError
+from fusionkit.core.errors import CheckpointError, one_line
 from fusionkit.core.params import first_few
 
 M = TypeVar("M", bound=BaseModel)
@@ -146,8 +146,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise CheckpointError(f"{what} {p} is larger than {MAX_JSON_BYTES >> 20} MiB")
     try:
         return json.loads(p.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{what} {p} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{what} {p} is not valid JSON ({one_line(exc)})") from None
     except OSError as exc:
         raise CheckpointError(f"{what} {p} cannot be read ({exc.strerror or exc})") from None
 
@@ -228,8 +228,8 @@ def _read_header(path: Path) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"))
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _unreadable(path, f"header is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep
+        raise _unreadable(path, f"header is not JSON: {one_line(exc)}") from None
     if not isinstance(header, dict):
         raise _unreadable(path, "header is not a JSON object")
     return header
@@ -290,8 +290,10 @@ def json_metadata(meta: dict[str, str], key: str, path: Path) -> Any:
         raise CheckpointError(f"{path} has no {key!r} metadata; it was not written by fusionkit")
     try:
         return json.loads(meta[key])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested too deep
+        raise CheckpointError(
+            f"{path}: metadata {key!r} is not valid JSON ({one_line(exc)})"
+        ) from None
 
 
 def parse_record(model: type[M], raw: Any, path: Path, what: str) -> M:

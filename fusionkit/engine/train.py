@@ -140,9 +140,14 @@ def recover_best_weights(run: RunDir, state: TrainState | None) -> None:
             nxt.unlink()
     if want is None:
         if best.is_file():
+            why = (
+                f"{run / STATE_FILE} is missing or not a regular file, so nothing records "
+                "which epoch it holds"
+                if state is None
+                else "the training state records no best epoch"
+            )
             raise CheckpointError(
-                f"{best} exists but the training state records no best epoch; the run's files "
-                f"do not belong together: start a new run"
+                f"{best} exists but {why}; the run's files do not belong together: start a new run"
             )
         return
     if not best.is_file():
@@ -155,6 +160,14 @@ def recover_best_weights(run: RunDir, state: TrainState | None) -> None:
             f"{best} is not the file saved at epoch {state.best_epoch} (its SHA-256 differs from "
             "the training state); restore it, or start a new run"
         )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA, the CPU allocator, Python)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 class Trainer:
@@ -591,6 +604,17 @@ class Trainer:
                 self.progress.epoch(record, improved)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(epoch, record)
+        except (RuntimeError, MemoryError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            tr, data = self.recipe.training, self.recipe.data
+            raise TrainingError(
+                f"out of memory on {self.device} at epoch {st.epochs_done + 1} "
+                f"({one_line(exc, pick='first', limit=160)}): a training step holds "
+                f"training.batch_size={tr.batch_size} windows of data.window={data.window} "
+                f"frames (evaluation: evaluation.batch_size={self.recipe.evaluation.batch_size}); "
+                "lower them, or use a device with more memory"
+            ) from None
         finally:
             self.progress.close()
             if self._tb is not None:

@@ -80,7 +80,7 @@ def _stored(path: Path) -> dict[str, Any] | None:
         return None
     try:
         stored = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
         return None
     return stored if isinstance(stored, dict) else None
 

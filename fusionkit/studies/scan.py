@@ -38,6 +38,7 @@ __all__ = [
     "RunScan",
     "axis_names",
     "collect_runs",
+    "folders_under",
     "read_run",
     "scan_runs",
     "variant_label",
@@ -250,7 +251,7 @@ def _find(paths: list[Path]) -> tuple[dict[Path, tuple[Path, int]], dict[Path, P
     for i, root in enumerate(paths):
         if not root.exists():
             raise CheckpointError(f"not found: {root}")
-        for folder, files in _folders(root):
+        for folder, files in folders_under(root):
             if MARKER_FILE in files or METRICS_FILE in files:
                 run_dirs.setdefault(folder.resolve(), (folder, i))
             if GRID_FILE in files:
@@ -258,13 +259,14 @@ def _find(paths: list[Path]) -> tuple[dict[Path, tuple[Path, int]], dict[Path, P
     return run_dirs, grid_dirs
 
 
-def _folders(root: Path) -> list[tuple[Path, set[str]]]:
+def folders_under(root: Path) -> list[tuple[Path, set[str]]]:
     """Every folder under ``root`` (itself included) with the names of its files, sorted.
 
     Links to folders are followed (runs gathered with ``ln -s``) after everything reached
     without one, and a folder reached through a link is listed under its real path: a grid
     point linked elsewhere stays a point of its grid, and a folder also reached directly is
-    listed once. A link to a folder that holds the link (``..``, ``/``) is not followed."""
+    listed once. A link to a folder that holds the link (``..``, ``/``) is not followed, and
+    a folder that cannot be read is passed over."""
     out: dict[str, tuple[Path, set[str]]] = {}
     links: list[Path] = []
     tops = [root]

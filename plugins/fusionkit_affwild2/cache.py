@@ -325,7 +325,7 @@ class CacheFolder:
             raise _Corrupt("no fusionkit cache metadata")
         try:
             meta = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # not JSON, or nested too deep
             raise _Corrupt(f"metadata is not JSON ({exc})") from None
         if not isinstance(meta, dict):
             raise _Corrupt("metadata is not a JSON object")
