@@ -121,6 +121,9 @@ def _diverging_rank(rank: int, port: int, raw: dict, out: str) -> None:
         if made:
             made.unlock()
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    import torch.distributed as tdist
+
+    tdist.destroy_process_group()  # leaving with it alive can abort the process at exit
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")

@@ -11,6 +11,7 @@ stopping; only rank 0 writes files. Backend: NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import os
@@ -25,6 +26,13 @@ from torch import Tensor, nn
 from fusionkit.core.errors import FusionkitError
 
 __all__ = ["Dist"]
+
+
+def _leave() -> None:
+    """Leave the process group (at exit), where its threads would otherwise be torn down with
+    the process, which can abort it after a peer has gone."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ class Dist:
                     flush=True,
                 )
             dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            atexit.register(_leave)  # a group alive at exit can abort the process
         return cls(rank=rank, world_size=world, local_rank=local)
 
     @staticmethod
