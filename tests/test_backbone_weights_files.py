@@ -4,6 +4,7 @@ not reloaded on features of a replaced weights file."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -193,3 +194,33 @@ def test_dinov2_weights_of_the_other_register_variant_name_the_file(tmp_path):
     msg = str(info.value)
     assert msg.startswith(f"backbone weights {path}: the weights do not fit VisionTransformer")
     assert "check the component's size, registers or model" in msg
+
+
+def test_a_weights_file_replaced_during_an_extraction_is_refused(tmp_path):
+    """Jobs build their backbone from the weights file by path; one that no longer has the
+    SHA-256 its cache folder was named after (replaced while a long extraction ran) fails,
+    where its features would be filed under the old weights."""
+    from fusionkit.engine.files import file_sha256
+    from fusionkit_affwild2.extraction import build_backbone
+
+    path = tmp_path / "face.safetensors"
+    save_file(face_state(1), path)
+    reg = get_registry()
+    comp = reg.get("visual_backbone", "face_cnn")
+    from fusionkit.core.recipe import ComponentSpec
+
+    class Spec(ComponentSpec):
+        kind = "visual_backbone"
+
+    spec = Spec.model_validate(
+        {"name": "face_cnn", "params": {**FACE, "weights": str(path)}},
+        context={"registry": reg},
+    )
+    assert comp.params is type(spec.params)
+    sha = file_sha256(path)
+    build_backbone(spec, "cpu", sha)  # the file the folder was named after
+    save_file(face_state(2), path)  # replaced mid-way (a later modification time, as it is)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(FusionkitError, match=r"changed since this extraction started"):
+        build_backbone(spec, "cpu", sha)

@@ -53,12 +53,42 @@ def resolve_device(spec: str) -> str:
     return spec
 
 
-def build_backbone(spec: ComponentSpec, device: str) -> nn.Module:
-    """The backbone ``spec`` (validated) on ``device`` in eval mode (memoised per process)."""
-    key = json.dumps([spec.kind, spec.model_dump(mode="json"), device], sort_keys=True)
+def build_backbone(
+    spec: ComponentSpec, device: str, weights_sha256: str | None = None
+) -> nn.Module:
+    """The backbone ``spec`` (validated) on ``device`` in eval mode (memoised per process).
+
+    ``weights_sha256``: what the cache folder the features go to was named after; a weights
+    file that no longer has it (replaced while a long extraction ran) is refused, where its
+    features would be filed under the old weights."""
+    now = _weights_sha256(spec)
+    if weights_sha256 is not None and now is not None and now != weights_sha256:
+        raise DataError(
+            f"backbone weights file {spec.params.weights} changed since this extraction "
+            f"started (SHA-256 {weights_sha256[:12]}... then, {now[:12]}... now): run "
+            "`fusionkit extract` again, which files the new weights' features apart"
+        )
+    key = json.dumps([spec.kind, spec.model_dump(mode="json"), device, now], sort_keys=True)
     if key not in _MODELS:
         _MODELS[key] = spec.build().to(device).eval()
     return _MODELS[key]
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_sha256(spec: ComponentSpec) -> str | None:
+    """SHA-256 of the spec's weights file (None without one), hashed once per process for a
+    file of the same size and modification time."""
+    weights = getattr(spec.params, "weights", None)
+    if weights is None:
+        return None
+    path = Path(weights)
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
 
 
 @dataclass(frozen=True)
@@ -160,7 +190,7 @@ class AudioJob:
         info = probe(path, self.frame_count)  # type: ignore[arg-type]
         if info.num_frames == 0:
             raise DataError(f"media file {path} has no video frames")
-        model = build_backbone(self.backbone, self.device)
+        model = build_backbone(self.backbone, self.device, _named_sha(self.extractor))
         if audio_input(model) == "waveform":
             tensors, extra = self._waveform_features(model, path, info)
         else:
@@ -261,7 +291,7 @@ class VisualJob:
     def run(self) -> None:
         folder_path = Path(self.crops)
         crops = crop_indices(folder_path)
-        model = build_backbone(self.backbone, self.device)
+        model = build_backbone(self.backbone, self.device, _named_sha(self.extractor))
         size = int(getattr(model, "input_size", self.resize))
         n = max(crops) + 1 if crops else 0
         order = sorted(crops)
@@ -285,6 +315,14 @@ class VisualJob:
             {"crops": folder_path},
             {"crops": len(order), "max_frame": n},
         )
+
+
+def _named_sha(extractor: dict[str, Any]) -> str | None:
+    """The weights SHA-256 a cache folder's extractor identity names (None without one)."""
+    backbone = extractor.get("backbone")
+    params = backbone.get("params") if isinstance(backbone, dict) else None
+    sha = params.get("weights_sha256") if isinstance(params, dict) else None
+    return sha if isinstance(sha, str) else None
 
 
 def execute(job: AudioJob | VisualJob) -> None:
