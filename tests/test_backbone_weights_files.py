@@ -224,3 +224,19 @@ def test_a_weights_file_replaced_during_an_extraction_is_refused(tmp_path):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     with pytest.raises(FusionkitError, match=r"changed since this extraction started"):
         build_backbone(spec, "cpu", sha)
+
+
+def test_convert_says_which_of_two_state_dicts_it_converts(tmp_path):
+    """A training checkpoint with `state_dict` and `state_dict_ema`: the first is converted,
+    with a note naming the other and how to convert it instead."""
+    from fusionkit.cli.weights import convert_weights
+    from fusionkit.engine.files import load_tensors
+
+    a, b = face_state(1), face_state(2)
+    src = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": a, "state_dict_ema": b, "epoch": 3}, src)
+    out = tmp_path / "out.safetensors"
+    with pytest.warns(UserWarning, match=r"also holds state_dict_ema; converting its 'state_dict'"):
+        convert_weights(src, out, "face_cnn", params=["channels=[4, 8]", "dim=6"])
+    got, _ = load_tensors(out)
+    assert all(torch.equal(got[k], a[k].float() if a[k].is_floating_point() else a[k]) for k in a)

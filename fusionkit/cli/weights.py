@@ -196,9 +196,18 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         )
 
     if isinstance(obj, Mapping) and not tensors_only(obj):
+        others = sorted(
+            str(k) for k, v in obj.items() if k not in _WRAPPER_KEYS and "state_dict" in str(k)
+        )
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping):
+                if others:  # e.g. state_dict_ema of a timm training checkpoint
+                    warnings.warn(
+                        f"{path} also holds {', '.join(others)}; converting its {key!r} (to "
+                        f"convert another, save it alone: torch.save(ckpt[{others[0]!r}], path))",
+                        stacklevel=2,
+                    )
                 obj = inner
                 break
     if not isinstance(obj, Mapping):
