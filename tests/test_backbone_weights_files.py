@@ -20,6 +20,7 @@ from fusionkit.core.errors import FusionkitError
 from fusionkit.core.registry import get_registry
 from fusionkit_affwild2.backbones import FaceCNN, FaceCNNParams
 from tests.affwild2_fixture import make_tree
+from tests.conftest import tiny_recipe
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:affwild2"),
@@ -125,16 +126,7 @@ def test_predict_refuses_features_of_a_replaced_backbone_weights_file(tmp_path):
             "window": 16,
             "hop": 8,
         },
-        "model": {
-            "encoders": {
-                "audio": {"name": "linear", "params": {"dim": 8}},
-                "video": {"name": "linear", "params": {"dim": 8}},
-            },
-            "fusion": {"name": "concat"},
-            "gate": {"name": "last"},
-            "head": {"name": "regression", "params": {"hidden": 8}},
-            "targets": ["valence", "arousal"],
-        },
+        "model": {**tiny_recipe(tmp_path)["model"], "targets": ["valence", "arousal"]},
         "training": {"epochs": 1, "batch_size": 4, "seed": 0, "num_threads": 1},
         "evaluation": {"splits": ["val"]},
         "output": {"dir": str(tmp_path / "runs")},
