@@ -215,6 +215,11 @@ class Trainer:
             factor=tr.plateau.factor,
             patience=tr.plateau.patience,
             min_lr=tr.plateau.min_lr,
+            # a gain is a score strictly above the best, as for the best epoch and early
+            # stopping (torch's default asks for 1e-4 of the best more: on negative CCC, less)
+            threshold=0.0,
+            threshold_mode="abs",
+            eps=0.0,  # every decay down to min_lr (torch skips those under 1e-8 by default)
         )
         self.state = TrainState(
             recipe_sha256=self.recipe.training_sha256(), world_size=self.dist.world_size
@@ -510,7 +515,9 @@ class Trainer:
         st.history.append(record)
         st.train_seconds += record["seconds"]
         st.epochs_done = epoch
-        st.stopped_early = st.bad_epochs >= self.recipe.training.early_stopping
+        # stopped: epochs were left to run (reaching the count on the last one stops nothing)
+        tr = self.recipe.training
+        st.stopped_early = st.bad_epochs >= tr.early_stopping and epoch < tr.epochs
         rng = self._rng_state()
         if self.dist.is_main:
             if improved:
