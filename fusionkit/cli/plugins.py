@@ -336,10 +336,19 @@ def plugins_check(
                 f"[dim]{escape(f.distribution)}[/]: not loaded: {escape(f.error)}",
                 highlight=False,
             )
-        style = "bold red" if failed or unloaded else "green"
+        # a component whose every check was skipped (params without defaults) is unchecked
+        unchecked = [r for r in reports if r.ok and not r.counts().get("pass", 0)]
+        names = ", ".join(_label(r, reports) for r in unchecked)
+        style = "bold red" if failed or unloaded else "yellow" if unchecked else "green"
+        conform = len(reports) - len(failed) - len(unchecked)
         console.print(
-            f"[{style}]{len(reports) - len(failed)} of {len(reports)} components conform[/]"
+            f"[{style}]{conform} of {len(reports)} components conform[/]"
             + (": failed " + ", ".join(_label(r, reports) for r in failed) if failed else "")
+            + (
+                f"; {len(unchecked)} not checked ({names}: give their params with --params)"
+                if unchecked
+                else ""
+            )
             + (f"; {len(unloaded)} plugin(s) did not load" if unloaded else ""),
             highlight=False,
         )

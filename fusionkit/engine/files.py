@@ -367,7 +367,17 @@ def cast_like(
         )
     out = {}
     for k, v in loaded.items():
-        out[k] = v if v.dtype == own[k].dtype else v.to(own[k].dtype)
+        dtype = own[k].dtype
+        if v.is_floating_point() and not bool(v.isfinite().all()):
+            raise ValueError(f"tensor {k!r} holds NaN or infinite values")
+        if v.dtype != dtype and v.numel() and not dtype.is_floating_point and dtype != torch.bool:
+            info = torch.iinfo(dtype)  # an integer beyond the module's would wrap around
+            if float(v.min()) < info.min or float(v.max()) > info.max:
+                raise ValueError(
+                    f"tensor {k!r} holds values from {float(v.min()):.6g} to "
+                    f"{float(v.max()):.6g}, beyond {name(own[k])}'s range"
+                )
+        out[k] = v if v.dtype == dtype else v.to(dtype)
         if out[k].is_floating_point() and not bool(out[k].isfinite().all()):
             raise ValueError(
                 f"tensor {k!r} holds {name(v)} values beyond {name(own[k])}'s range (largest "

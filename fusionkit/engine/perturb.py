@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,9 +167,17 @@ class AppliedPerturbation:
 
 
 def perturbation_revision(name: str, registry: Registry | None = None) -> int:
-    """The ``revision`` a registered perturbation declares (1 when it declares none)."""
+    """The ``revision`` a registered perturbation declares (1 when it declares none): on the
+    registered class, on the build function, or on the class a build function's return
+    annotation names (``def build(params) -> MyPerturbation``)."""
     build = (registry or get_registry()).get("perturbation", name).build
-    revision = getattr(build, "revision", 1)
+    revision = getattr(build, "revision", None)
+    if revision is None and not isinstance(build, type):
+        try:
+            returned = typing.get_type_hints(build).get("return")
+        except Exception:  # an annotation that does not resolve: nothing declared there
+            returned = None
+        revision = getattr(returned, "revision", None)
     return revision if isinstance(revision, int) and not isinstance(revision, bool) else 1
 
 

@@ -21,11 +21,14 @@ from fusionkit.core.errors import (
     CheckpointError,
     DataError,
     FusionkitError,
+    PluginError,
     RecipeError,
     ShapeError,
+    one_line,
 )
 from fusionkit.core.interfaces import Dataset, FeatureIdentity, Video, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
+from fusionkit.core.params import short_repr
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
@@ -52,6 +55,7 @@ __all__ = [
     "available_cores",
     "build_session",
     "check_recipe",
+    "feature_identity",
     "load_run",
     "native_bf16",
     "resolve_device",
@@ -638,21 +642,54 @@ def data_as_evaluated(
     return now
 
 
+def feature_identity(dataset: object) -> dict[str, str] | None:
+    """The dataset's :class:`~fusionkit.core.interfaces.FeatureIdentity` (None when it has
+    none), checked to be ``{modality: text}``.
+
+    Raises:
+        PluginError: ``feature_identity()`` failed or returned something else (a bug in the
+            dataset plugin), in one line.
+    """
+    if not isinstance(dataset, FeatureIdentity):
+        return None
+    try:
+        identity = dataset.feature_identity()
+    except FusionkitError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"dataset {type(dataset).__name__}.feature_identity() raised "
+            f"{type(exc).__name__}: {one_line(exc)} (a bug in the dataset plugin, or a file "
+            "it reads is missing)"
+        ) from None
+    if not isinstance(identity, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in identity.items()
+    ):
+        raise PluginError(
+            f"dataset {type(dataset).__name__}.feature_identity() must return "
+            f"{{modality: text}}; got {short_repr(identity)}"
+        )
+    return identity
+
+
 def _check_feature_identity(run: RunDir, dataset: object) -> None:
     """Refuse data whose :class:`~fusionkit.core.interfaces.FeatureIdentity` differs from the
     one the run recorded when it finished (what it does not record is not checked)."""
     recorded = recorded_metrics(run.path).get("feature_identity")
-    if not isinstance(recorded, dict) or not isinstance(dataset, FeatureIdentity):
+    if not isinstance(recorded, dict):
         return
-    now = dataset.feature_identity()
-    changed = sorted(m for m, was in recorded.items() if m in now and now[m] != was)
+    now = feature_identity(dataset)
+    if now is None:
+        return
+    changed = sorted(m for m, was in recorded.items() if now.get(m) != was)
     if changed:
         m = changed[0]
+        gives = f"gives {now[m]} now" if m in now else "no longer names where they come from"
         raise DataError(
-            f"{run}: its {m} features came from {recorded[m]}, and the data gives {now[m]} "
-            "now (the extractor's settings or its weights file changed since training), so "
-            "the run's model would read features it was not trained on; restore what it was "
-            "trained with (e.g. the weights file), or train a new run on these features"
+            f"{run}: its {m} features came from {recorded[m]}, and the data {gives} (the "
+            "extractor's settings or its weights file changed since training), so the run's "
+            "model would read features it was not trained on; restore what it was trained "
+            "with (e.g. the weights file), or train a new run on these features"
         )
 
 

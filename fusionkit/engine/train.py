@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fusionkit.core.errors import CheckpointError, TrainingError, one_line
-from fusionkit.core.interfaces import FeatureIdentity, NamedSteps
+from fusionkit.core.interfaces import NamedSteps
 from fusionkit.core.params import first_few
 from fusionkit.engine.checkpoint import (
     TrainState,
@@ -62,7 +62,12 @@ from fusionkit.engine.runs import (
     RunDir,
     resume_command,
 )
-from fusionkit.engine.session import Session, available_cores, check_cuda_graphs
+from fusionkit.engine.session import (
+    Session,
+    available_cores,
+    check_cuda_graphs,
+    feature_identity,
+)
 
 __all__ = [
     "Diverged",
@@ -225,6 +230,7 @@ class Trainer:
             recipe_sha256=self.recipe.training_sha256(), world_size=self.dist.world_size
         )
         self._tb: Any = None  # TensorBoard writer, when training.loggers asks for it
+        self._identity: dict[str, str] | None = None  # the dataset's FeatureIdentity
         if self.dist.rank > 0:  # same initial weights everywhere, own dropout stream per rank
             torch.manual_seed(self.dist.seed(tr.seed))
 
@@ -580,6 +586,8 @@ class Trainer:
         val = self.session.store(rc.data.val_split)
         self._check_labels(train, val)
         self._check_same_data(train, val)
+        # read before the first epoch: a dataset plugin failing at it fails before the work
+        self._identity = feature_identity(self.session.dataset)
         self._check_threads()
         bs = tr.batch_size
         steps = math.ceil(self.dist.windows_per_rank(train.num_windows) / bs)
@@ -681,9 +689,8 @@ class Trainer:
                 "val": self._data_record(self.recipe.data.val_split),
             },
         }
-        dataset = self.session.dataset
-        if isinstance(dataset, FeatureIdentity):  # what reloading the run checks the data by
-            payload["feature_identity"] = dict(dataset.feature_identity())
+        if self._identity is not None:  # what reloading the run checks the data by
+            payload["feature_identity"] = self._identity
         atomic_write_json(self.run / METRICS_FILE, payload)
         if self.session.normalizer is not None:
             written.append(NORMALIZATION_FILE)

@@ -58,6 +58,14 @@ def check_video(v: Any, i: int, split: str, dims: dict[str, int], n_targets: int
         raise Violation(f"{where}: fps must be a positive number; got {v.fps!r}")
     if v.frame_ids is not None and tuple(v.frame_ids.shape) != (n,):
         raise Violation(f"{where}: frame_ids must be (N={n},) or None; got {shape_of(v.frame_ids)}")
+    for m, p in sorted(v.present.items()):
+        if m not in v.features:
+            raise Violation(f"{where}: present names {m!r}, which has no features")
+        if not isinstance(p, Tensor) or tuple(p.shape) != (n,) or p.dtype != torch.bool:
+            raise Violation(
+                f"{where}: present['{m}'] must be bool (N={n},); got {shape_of(p)} "
+                f"{getattr(p, 'dtype', '')}".rstrip()
+            )
 
 
 class DatasetChecks:
@@ -182,20 +190,23 @@ def check_dataset(
 
 
 def dummy_video(n: int = 40) -> Video:
-    """A small two-modality record (audio 6, video 5 features) with a few unlabelled frames."""
+    """A small two-modality record (audio 6, video 5 features) with a few unlabelled frames,
+    and frames 12-17 without video (zero-filled, not present), as a missing face."""
     gen = torch.Generator().manual_seed(1234)
     mask = torch.ones(n, dtype=torch.bool)
     mask[5:9] = False
+    video = torch.randn(n, 5, generator=gen)
+    present = torch.ones(n, dtype=torch.bool)
+    present[12:18] = False
+    video[~present] = 0.0
     return Video(
         name="conformance_video",
-        features={
-            "audio": torch.randn(n, 6, generator=gen),
-            "video": torch.randn(n, 5, generator=gen),
-        },
+        features={"audio": torch.randn(n, 6, generator=gen), "video": video},
         labels=torch.rand(n, 2, generator=gen) * 2 - 1,
         label_mask=mask,
         fps=30.0,
         frame_ids=torch.arange(n),
+        present={"video": present},
     )
 
 
@@ -206,6 +217,8 @@ def same_video(a: Video, b: Video) -> bool:
         and all(identical(a.features[m], b.features[m]) for m in a.features)
         and identical(a.labels, b.labels)
         and identical(a.label_mask, b.label_mask)
+        and set(a.present) == set(b.present)
+        and all(identical(a.present[m], b.present[m]) for m in a.present)
     )
 
 
@@ -234,6 +247,26 @@ class PerturbationChecks:
             )
         dims = {m: int(x.shape[1]) for m, x in video.features.items()}
         check_video(out, 0, "<dummy>", dims, int(video.labels.shape[1]))
+
+    def presence(self) -> None:
+        """A frame moved to another position (its row equals input row ``j != i``) carries
+        the presence of the frame it shows, so that a missing frame moved onto a present one
+        stays absent (``plugin.with_moved_frames`` does this)."""
+        video = dummy_video()
+        out = self._apply(self.fn, video)
+        for m, was in video.present.items():
+            x_in, x_out = video.features[m], out.features[m]
+            now = out.present.get(m, torch.ones(len(x_out), dtype=torch.bool))
+            rows = {x_in[j].numpy().tobytes(): j for j in range(len(x_in)) if bool(was[j])}
+            for i in range(len(x_out)):
+                j = rows.get(x_out[i].numpy().tobytes())
+                if j is not None and j != i and not bool(now[i]):
+                    raise Violation(
+                        f"modality {m!r}: frame {i} shows input frame {j}, which is present, "
+                        f"but is marked absent (and the absent frames moved elsewhere are "
+                        "marked present, so z-scoring turns their fill into -mean/std): move "
+                        "presence with the frames, with plugin.with_moved_frames"
+                    )
 
     def out_of_place(self) -> None:
         video = dummy_video()
@@ -281,6 +314,7 @@ def check_perturbation(
             return report
         runner.run("params", lambda: params_checks(params))
         runner.run("apply", checks.apply)
+        runner.run("presence", checks.presence)
         runner.run("out-of-place", checks.out_of_place)
         runner.run("determinism", checks.determinism)
     return report

@@ -31,7 +31,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
         "bf16-cuda",
     ),
     "dataset": ("build", "params", "protocol", "videos", "unknown-split", "determinism"),
-    "perturbation": ("build", "params", "apply", "out-of-place", "determinism"),
+    "perturbation": ("build", "params", "apply", "presence", "out-of-place", "determinism"),
 }
 
 
