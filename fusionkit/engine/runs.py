@@ -25,6 +25,7 @@ Files::
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import platform
 import re
@@ -223,6 +224,20 @@ def check_output_file(path: Path, force: bool = False, option: str = "--out") ->
         raise FusionkitError(
             f"{option} {out} exists; pass --force to overwrite it, or give a new file"
         )
+
+
+def _merged_sweep(
+    old: RobustnessSpec, new: RobustnessSpec, registry: Registry | None
+) -> RobustnessSpec:
+    """``new``, with ``old``'s values added when the two differ in their values alone."""
+    head_old = old.model_dump(mode="json", exclude={"values"})
+    head_new = new.model_dump(mode="json", exclude={"values"})
+    if head_old != head_new:
+        return new
+    values = sorted({json.dumps(v): v for v in [*old.values, *new.values]}.values(), key=float)
+    return RobustnessSpec.model_validate(
+        {**head_new, "values": values}, context={"registry": registry or get_registry()}
+    )
 
 
 class RunDir:
@@ -447,10 +462,12 @@ class RunDir:
     def record_robustness(
         self, specs: list[RobustnessSpec], registry: Registry | None = None
     ) -> None:
-        """List ``specs`` in the run's ``recipe.yaml`` (a spec replaces the one of its name),
-        so that the run's own recipe names every sweep in ``robustness/``: sweeps added with
-        ``run --resume``, to a finished grid, or by ``fusionkit robustness``. Robustness sweeps
-        are not part of the training hash, so the run stays resumable."""
+        """List ``specs`` in the run's ``recipe.yaml``, so that the run's own recipe names
+        every sweep in ``robustness/``: sweeps added with ``run --resume``, to a finished grid,
+        or by ``fusionkit robustness``. A spec of a name already listed with the same
+        perturbation, params, axis, seed and splits adds its values to that one's (in numeric
+        order); otherwise it replaces it. Robustness sweeps are not part of the training hash,
+        so the run stays resumable."""
         rc = self.recipe(registry)
         have = list(rc.evaluation.robustness)
         labels = [s.label for s in have]
@@ -458,8 +475,10 @@ class RunDir:
             if spec.label not in labels:
                 have.append(spec)
                 labels.append(spec.label)
-            elif have[labels.index(spec.label)] != spec:
-                have[labels.index(spec.label)] = spec
+                continue
+            i = labels.index(spec.label)
+            if have[i] != spec:
+                have[i] = _merged_sweep(have[i], spec, registry)
         if have == list(rc.evaluation.robustness):
             return
         ev = rc.evaluation.model_copy(update={"robustness": have})

@@ -727,6 +727,40 @@ def _revision_problem(rec: dict[str, Any], run_dir: Path) -> str | None:
     )
 
 
+def _note_undone_values(rows: list[dict[str, Any]], split: str, notes: list[str]) -> None:
+    """One note per sweep whose values some runs' recipes declare but their files lack (a
+    sweep interrupted in every run would otherwise show a curve and an AUC over the values
+    computed, with nothing saying the declared axis is longer)."""
+    from fusionkit.core.errors import FusionkitError
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.studies.robustness import missing_values
+
+    undone: dict[str, list[tuple[Path, list[Any], int]]] = {}
+    for row in rows:
+        for run in row["runs"]:
+            try:
+                specs = RunDir(run.run_dir).recipe().evaluation.robustness
+            except FusionkitError:  # reported elsewhere (the run's recipe is unreadable)
+                continue
+            for spec in specs:
+                use = split if split in spec.splits else spec.splits[0]
+                lacking = [v for s, v in missing_values(run.run_dir, spec) if s == use]
+                if lacking:
+                    undone.setdefault(spec.label, []).append(
+                        (run.run_dir, lacking, len(spec.values))
+                    )
+    for label, runs in sorted(undone.items()):
+        where = first_few([str(r) for r, _, _ in runs], 3)
+        _, lacking, total = runs[0]
+        values = first_few([str(v) for v in lacking], 3)
+        notes.append(
+            f"robustness sweep {label}: {len(runs)} run(s) lack values their recipe declares "
+            f"({where}; e.g. {len(lacking)} of {total}: {values}), as an interrupted sweep "
+            "leaves them, so its curves and AUC cover the values computed only; complete it "
+            "with `fusionkit robustness RUN` (or the grid's `fusionkit run` again)."
+        )
+
+
 def robustness_sweeps(
     rows: list[dict[str, Any]], split: str, notes: list[str] | None = None
 ) -> list[Sweep]:
@@ -736,6 +770,7 @@ def robustness_sweeps(
     from fusionkit.studies.robustness import value_key
 
     notes = [] if notes is None else notes
+    _note_undone_values(rows, split, notes)
     found: dict[tuple, dict[str, Any]] = {}
     for row in rows:
         for run in row["runs"]:

@@ -1,0 +1,63 @@
+"""Robustness sweeps left short or extended: a report says which declared values its runs lack,
+and values added from the command line join the recipe's sweep of that name."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import tiny_recipe
+
+
+def test_a_sweep_interrupted_in_every_run_is_noted_in_the_report(tmp_path, cli):
+    """A grid Ctrl-C'd during its robustness sweeps leaves complete runs whose
+    ``robustness/<name>.json`` holds the first values only (written after every value). The
+    report's AUC then covers a shorter axis than the recipe declares: it must say so."""
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["evaluation"]["robustness"] = [
+        {"name": "span", "perturbation": "span_dropout", "axis": "rate", "values": [0, 0.5, 1]}
+    ]
+    raw["sweep"] = {"training.seed": [0, 1]}
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(json.dumps(raw))
+    code, _, err = cli("run", recipe, "-q")
+    assert code == 0, err
+    grid = tmp_path / "tiny"
+    for run in ("seed-0", "seed-1"):  # the state a Ctrl-C after the second value leaves
+        path = grid / run / "robustness" / "span.json"
+        rec = json.loads(path.read_text())
+        assert list(rec["results"]["test"]) == ["0.0", "0.5", "1.0"]
+        del rec["results"]["test"]["1.0"]
+        path.write_text(json.dumps(rec))
+    code, out, err = cli("runs", "list", grid)
+    assert code == 0, err
+    assert "partial" in out and "1 of 3" in out  # runs list sees it (a wrapped table cell)
+    code, _, err = cli("report", grid, "--out", tmp_path / "rep", "--no-throughput",
+                       "--bootstrap", "100")  # fmt: skip
+    assert code == 0, err
+    text = " ".join((tmp_path / "rep" / "report.md").read_text().split())
+    notes = text.split("Notes:", 1)[1] if "Notes:" in text else ""
+    assert "robustness sweep span: 2 run(s) lack values their recipe declares" in notes
+    assert "e.g. 1 of 3: 1.0" in notes and "fusionkit robustness RUN" in notes
+
+
+def test_command_line_values_join_the_recipes_sweep_of_that_name(tmp_path, cli):
+    """`fusionkit robustness RUN --name span` with other values of the same sweep adds them to
+    the run's recipe.yaml (it replaced the declared ones), so later sweeps check all."""
+    import yaml
+
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["evaluation"]["robustness"] = [
+        {"name": "span", "perturbation": "span_dropout", "axis": "rate", "values": [0, 0.5]}
+    ]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(raw))
+    code, _, err = cli("run", recipe, "-q")
+    assert code == 0, err
+    run = tmp_path / "tiny"
+    code, _, err = cli("robustness", run, "--perturb", "span_dropout", "--axis", "rate",
+                       "--values=0.25,1", "--name", "span")  # fmt: skip
+    assert code == 0, err
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())["evaluation"]["robustness"]
+    assert [s["values"] for s in saved if s["name"] == "span"] == [[0.0, 0.25, 0.5, 1.0]]
+    rec = json.loads((run / "robustness" / "span.json").read_text())
+    assert sorted(p["value"] for p in rec["results"]["test"].values()) == [0.0, 0.25, 0.5, 1.0]
