@@ -285,7 +285,9 @@ def test_a_template_whose_video_rows_are_interleaved_is_warned_about(tree, tmp_p
     with pytest.warns(UserWarning) as caught:
         out = ds.submission_frames("test")
     msg = str(caught[0].message)
-    assert msg.startswith(f"affwild2: {tmpl}:4: the rows of video 'vid_f' resume after other ")
+    assert msg.startswith(
+        f"submission template: {tmpl}:4: the rows of video 'vid_f' resume after other "
+    )
     assert "its row order differs from the template's" in msg
     assert [r for r, _ in out["vid_f"]] == ["vid_f/00001.jpg", "vid_f/00002.jpg"]
 

@@ -183,3 +183,28 @@ def test_a_run_built_by_another_plugin_version_says_so_and_a_missing_one_is_name
     _with_components(run, gone)
     with pytest.raises(CheckpointError, match=r"fusion 'retired_fusion' from .* 0\.0\.1, which no"):
         load_run(run, device="cpu", registry=registry)
+
+
+def test_a_run_whose_plugin_is_gone_names_it_for_every_command(tmp_path, cli):
+    """A run built with a component no installed plugin provides now: reading its recipe (as
+    eval, robustness and runs list do first) names the distribution to install, where it read
+    as a damaged recipe ('unknown fusion', with a suggestion of another one)."""
+    from fusionkit.core.recipe import validate_recipe
+    from fusionkit.engine.runs import RunDir
+    from fusionkit.studies.grid import train_and_evaluate
+    from tests.conftest import make_registry, tiny_recipe
+
+    with_plugin = make_registry()
+    concat = with_plugin.get("fusion", "concat")
+    with_plugin.add("fusion", "gone_concat", build=concat.build)
+    raw = tiny_recipe(tmp_path, epochs=1, num_threads=1)
+    raw["model"]["fusion"] = {"name": "gone_concat"}
+    rc = validate_recipe(raw, "r.yaml", with_plugin)
+    with RunDir.create(rc, with_plugin) as run:
+        train_and_evaluate(rc, run, resume=False, registry=with_plugin)
+    without = make_registry()
+    with pytest.raises(CheckpointError) as info:
+        RunDir(run.path).recipe(without)
+    msg = str(info.value)
+    assert "was built with fusion 'gone_concat' from" in msg and "pip install '" in msg
+    assert "unknown fusion" not in msg

@@ -172,8 +172,8 @@ def _warn_far(padded: dict[str, tuple[int, int]], truncated: dict[str, tuple[int
     if far:
         warnings.warn(
             f"submission: {len(far)} video(s) differ from the listed rows by far more than a "
-            f"few frames: {first_few(far)}; their video files are probably truncated or other "
-            "than the organisers' (decode them, or download them again, then extract again)",
+            f"few frames: {first_few(far)}; their data are probably not the organisers' (a "
+            "truncated or other video file, or features at another frame rate): check them",
             stacklevel=2,
         )
 

@@ -432,7 +432,34 @@ class RunDir:
             raw = read_yaml(p, "run recipe")
         except RecipeError as exc:
             raise CheckpointError(f"{exc}; the run's recipe.yaml was edited or damaged") from None
-        return validate_recipe(raw, str(p), registry)
+        try:
+            return validate_recipe(raw, str(p), registry)
+        except RecipeError:
+            missing = self.uninstalled_component(registry or get_registry())
+            if missing is not None:  # the recipe is fine: the plugin that built it is gone
+                raise CheckpointError(missing) from None
+            raise
+
+    def uninstalled_component(self, registry: Registry) -> str | None:
+        """What to install to use this run, when ``run.json`` records a component built by a
+        plugin that no longer provides it (None when every recorded one is installed)."""
+        try:
+            recorded = (self.marker().model_extra or {}).get("components")
+        except FusionkitError:
+            return None
+        for c in recorded if isinstance(recorded, list) else []:
+            if not isinstance(c, dict):
+                continue
+            kind, name = str(c.get("kind")), str(c.get("name"))
+            if (kind, name) in registry:
+                continue
+            dist, version = c.get("distribution"), c.get("version")
+            return (
+                f"{self} was built with {kind} {name!r} from {dist} {version}, which no "
+                f"installed plugin provides now: install it (pip install '{dist}=={version}') "
+                "to use the run"
+            )
+        return None
 
     def checked_recipe(self, registry: Registry | None = None) -> Recipe:
         """:meth:`recipe`, refused when its training settings no longer match the hash in

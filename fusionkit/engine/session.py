@@ -573,6 +573,9 @@ def _check_components(run: RunDir, marker: RunMarker, registry: Registry) -> Non
     """Compare the plugins ``run.json`` says built the run with those installed: a component
     no installed plugin provides is refused naming the distribution to install; another
     version of one is warned about (its numbers may differ: ``fusionkit eval`` compares)."""
+    missing = run.uninstalled_component(registry)
+    if missing is not None:
+        raise CheckpointError(missing)
     recorded = (marker.model_extra or {}).get("components")
     changed = []
     for c in recorded if isinstance(recorded, list) else []:
@@ -580,13 +583,7 @@ def _check_components(run: RunDir, marker: RunMarker, registry: Registry) -> Non
             continue
         kind, name = str(c.get("kind")), str(c.get("name"))
         dist, version = c.get("distribution"), c.get("version")
-        try:
-            now = registry.get(kind, name)
-        except FusionkitError:
-            raise CheckpointError(
-                f"{run} was built with {kind} {name!r} from {dist} {version}, which no installed "
-                f"plugin provides now: install it (pip install '{dist}=={version}') to use the run"
-            ) from None
+        now = registry.get(kind, name)
         if now.distribution == dist and version and now.version != version:
             changed.append(
                 f"{kind} {name!r} ({dist} {version} built it, {now.version} is installed)"

@@ -195,8 +195,9 @@ def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
         out.setdefault(video, []).append((loc, int(m.group(1)) - 1))
     if resumed is not None:
         warnings.warn(
-            f"affwild2: {resumed}; the prediction file lists each video's rows together, in "
-            "the order of the videos' first rows, so its row order differs from the template's "
+            f"submission template: {resumed}; the prediction file lists each video's rows "
+            "together, in the order of the videos' first rows, so its row order differs from "
+            "the template's "
             "(the rows themselves are the same)",
             stacklevel=2,
         )
