@@ -126,6 +126,22 @@ def test_a_closed_stdout_ends_a_stream_and_not_a_report(cli_env, tmp_path, regis
     assert (tmp_path / "rep" / "report.md").is_file()
 
 
+@pytest.mark.parametrize("listing", [["recipe", "list"], ["plugins", "list"]])
+def test_a_closed_stdout_ends_a_listing_quietly(cli_env, tmp_path, listing):
+    """`fusionkit recipe list | head -1`: the listing is the command's whole product, so a
+    closed reader ends it as it ends `stream` (status 141), with no warning that it goes on."""
+    env, _ = cli_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fusionkit", *listing], env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    proc.stdout.close()  # closed before anything is printed
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=120) == 141, err
+    assert "warning" not in err and "Traceback" not in err
+
+
 def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     env, recipe = cli_env
     run = fk(["run", str(recipe), "training.epochs=2", "-q"], env, tmp_path)

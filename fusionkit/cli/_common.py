@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,24 @@ class _Console(Console):
 
 #: Standard output; long lines are never hard-wrapped (paths and hints stay copyable in logs).
 console = _Console(soft_wrap=True, highlight=False)
+
+
+def listing(command: Callable[..., None]) -> Callable[..., None]:
+    """A command whose printed lines are its whole product (``recipe list``, ``plugins list``):
+    when its reader closes the output (``| head``), it ends quietly, as such a listing does,
+    rather than warning that it goes on without printing."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        console.stop_on_closed = True
+        try:
+            command(*args, **kwargs)
+        finally:
+            console.stop_on_closed = False
+
+    return run
+
+
 #: Standard error.
 err_console = _Console(stderr=True, soft_wrap=True, highlight=False)
 

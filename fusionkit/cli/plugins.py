@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fusionkit.cli._common import console
+from fusionkit.cli._common import console, listing
 from fusionkit.core.errors import PluginError, one_line
 from fusionkit.core.registry import PluginLoadWarning
 
@@ -101,6 +101,7 @@ def _load(strict: bool, *, quiet: bool = False) -> Registry:
 
 
 @app.command("list")
+@listing
 def plugins_list(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="fail on a broken plugin")] = False,

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fusionkit.cli._common import console, load
+from fusionkit.cli._common import console, listing, load
 
 app = typer.Typer(no_args_is_help=True, help="Validate, show, list and copy recipes.")
 
@@ -98,6 +98,7 @@ def _describe(path: Path) -> str:
 
 
 @app.command("list")
+@listing
 def recipe_list() -> None:
     """The recipes shipped with fusionkit, with one line each."""
     table = Table(show_header=True, box=None, padding=(0, 2), pad_edge=False)
