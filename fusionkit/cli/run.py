@@ -195,14 +195,14 @@ def _finish_robustness(rc, run, *, quiet: bool) -> None:
     added with ``run --resume``), on the run's best weights; nothing to do when none is."""
     from fusionkit.engine.runs import resume_command
     from fusionkit.engine.session import load_run
-    from fusionkit.studies.robustness import missing_values, results_path, run_recipe_robustness
+    from fusionkit.studies.robustness import missing_by_sweep, results_path, run_recipe_robustness
 
     specs = list(rc.evaluation.robustness)
-    todo = []
-    for spec in specs:
-        missing = len(missing_values(run.path, spec))
-        if missing:
-            todo.append(f"{spec.label} ({missing} of {len(spec.values) * len(spec.splits)})")
+    todo = [
+        f"{spec.label} ({len(miss)} of {len(spec.values) * len(spec.splits)})"
+        for spec, miss in zip(specs, missing_by_sweep(run.path, specs), strict=True)
+        if miss
+    ]
     if not todo:
         console.print(
             f"{escape(str(run.path))} is complete already; nothing to do (its results are in "

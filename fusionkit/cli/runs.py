@@ -95,11 +95,12 @@ def _robustness_gaps(run) -> str:
     interrupted after training; ``fusionkit resume`` evaluates them), ``", robustness not
     checked (...)"`` when the recipe cannot be validated in this process, else ``""``."""
     from fusionkit.core.errors import FusionkitError, one_line
-    from fusionkit.studies.robustness import missing_values
+    from fusionkit.studies.robustness import missing_by_sweep
 
     try:
         specs = run.recipe().evaluation.robustness
-        gaps = [(s.label, len(missing_values(run.path, s)), s) for s in specs]
+        missing = missing_by_sweep(run.path, specs)
+        gaps = [(s.label, len(m), s) for s, m in zip(specs, missing, strict=True)]
     except FusionkitError as exc:  # e.g. a plugin of the recipe is not installed here
         return f", robustness not checked (recipe.yaml: {one_line(exc, pick='first')})"
     shown = [

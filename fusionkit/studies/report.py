@@ -733,7 +733,7 @@ def _note_undone_values(rows: list[dict[str, Any]], split: str, notes: list[str]
     computed, with nothing saying the declared axis is longer)."""
     from fusionkit.core.errors import FusionkitError
     from fusionkit.engine.runs import RunDir
-    from fusionkit.studies.robustness import missing_values
+    from fusionkit.studies.robustness import missing_by_sweep
 
     undone: dict[str, list[tuple[Path, list[Any], int]]] = {}
     for row in rows:
@@ -742,9 +742,10 @@ def _note_undone_values(rows: list[dict[str, Any]], split: str, notes: list[str]
                 specs = RunDir(run.run_dir).recipe().evaluation.robustness
             except FusionkitError:  # reported elsewhere (the run's recipe is unreadable)
                 continue
-            for spec in specs:
+            missing = missing_by_sweep(run.run_dir, specs)
+            for spec, miss in zip(specs, missing, strict=True):
                 use = split if split in spec.splits else spec.splits[0]
-                lacking = [v for s, v in missing_values(run.run_dir, spec) if s == use]
+                lacking = [v for s, v in miss if s == use]
                 if lacking:
                     undone.setdefault(spec.label, []).append(
                         (run.run_dir, lacking, len(spec.values))

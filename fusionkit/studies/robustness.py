@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from fusionkit.engine.session import Session, data_as_evaluated, load_run, set_t
 
 __all__ = [
     "measure_throughput",
+    "missing_by_sweep",
     "missing_values",
     "robustness_complete",
     "run_recipe_robustness",
@@ -95,26 +96,40 @@ def _load(path: Path, header: dict[str, Any]) -> dict[str, Any]:
     return stored
 
 
+def missing_by_sweep(
+    run_dir: Path, specs: Sequence[RobustnessSpec], registry: Registry | None = None
+) -> list[list[tuple[str, Any]]]:
+    """For each of ``specs``, the ``(split, value)`` pairs not yet computed for the run's
+    checkpoint (with the installed revision of the perturbation); the checkpoint is hashed
+    once for all of them."""
+    ckpt = Path(run_dir) / BEST_FILE
+    sha = file_sha256(ckpt) if specs and ckpt.is_file() else None
+    out = []
+    for spec in specs:
+        done: dict[str, Any] = {}
+        if sha is not None:
+            done = _load(results_path(run_dir, spec), _header(spec, sha, registry))["results"]
+        out.append(
+            [
+                (s, v)
+                for s in spec.splits
+                for v in spec.values
+                if value_key(v) not in done.get(s, {})
+            ]
+        )
+    return out
+
+
 def missing_values(
     run_dir: Path, spec: RobustnessSpec, registry: Registry | None = None
 ) -> list[tuple[str, Any]]:
-    """``(split, value)`` pairs of ``spec`` not yet computed for the run's checkpoint (with
-    the installed revision of the perturbation)."""
-    ckpt = Path(run_dir) / BEST_FILE
-    if not ckpt.is_file():
-        return [(s, v) for s in spec.splits for v in spec.values]
-    stored = _load(results_path(run_dir, spec), _header(spec, file_sha256(ckpt), registry))
-    return [
-        (s, v)
-        for s in spec.splits
-        for v in spec.values
-        if value_key(v) not in stored["results"].get(s, {})
-    ]
+    """``(split, value)`` pairs of ``spec`` not yet computed (:func:`missing_by_sweep`)."""
+    return missing_by_sweep(run_dir, [spec], registry)[0]
 
 
 def robustness_complete(run_dir: Path, recipe: Recipe) -> bool:
     """Whether every robustness sweep of ``recipe`` has all its values in ``run_dir``."""
-    return not any(missing_values(run_dir, spec) for spec in recipe.evaluation.robustness)
+    return not any(missing_by_sweep(run_dir, recipe.evaluation.robustness))
 
 
 def run_sweep(
@@ -190,7 +205,8 @@ def run_recipe_robustness(
     if keep_others:
         for spec in specs:
             _refuse_replacing(run.path, spec)
-    todo = [s for s in specs if missing_values(run.path, s, registry)]
+    todo = [s for s, miss in zip(specs, missing_by_sweep(run.path, specs, registry), strict=True)
+            if miss]  # fmt: skip
     if todo and session is None:
         session = load_run(run, device=device, registry=registry).session
     records = []
