@@ -167,8 +167,11 @@ class Dist:
     def first_flagged(self, step: Tensor, none: int) -> tuple[int, int]:
         """The earliest ``step`` over the ranks (``none``: nothing flagged) and the lowest rank
         that flagged it, agreed by every rank (collective: every rank calls it)."""
-        code = torch.where(step < none, step * self.world_size + self.rank, step.new_full((), -1))
-        code = torch.where(code < 0, torch.full_like(code, none * self.world_size), code)
+        code = torch.where(
+            step < none,
+            step * self.world_size + self.rank,
+            step.new_full((), none * self.world_size),
+        )
         if self.enabled:
             dist.all_reduce(code, op=dist.ReduceOp.MIN)
         first = int(code)

@@ -440,13 +440,17 @@ class RunDir:
                 raise CheckpointError(missing) from None
             raise
 
-    def uninstalled_component(self, registry: Registry) -> str | None:
-        """What to install to use this run, when ``run.json`` records a component built by a
-        plugin that no longer provides it (None when every recorded one is installed)."""
+    def uninstalled_component(
+        self, registry: Registry, marker: RunMarker | None = None
+    ) -> str | None:
+        """What to install to use this run, when ``run.json`` (``marker``, read here when not
+        given) records a component built by a plugin that no longer provides it (None when
+        every recorded one is installed)."""
         try:
-            recorded = (self.marker().model_extra or {}).get("components")
+            marker = marker or self.marker()
         except FusionkitError:
             return None
+        recorded = (marker.model_extra or {}).get("components")
         for c in recorded if isinstance(recorded, list) else []:
             if not isinstance(c, dict):
                 continue

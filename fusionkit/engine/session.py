@@ -573,7 +573,7 @@ def _check_components(run: RunDir, marker: RunMarker, registry: Registry) -> Non
     """Compare the plugins ``run.json`` says built the run with those installed: a component
     no installed plugin provides is refused naming the distribution to install; another
     version of one is warned about (its numbers may differ: ``fusionkit eval`` compares)."""
-    missing = run.uninstalled_component(registry)
+    missing = run.uninstalled_component(registry, marker)
     if missing is not None:
         raise CheckpointError(missing)
     recorded = (marker.model_extra or {}).get("components")

@@ -622,12 +622,11 @@ class Trainer:
         except (RuntimeError, MemoryError) as exc:
             if not _out_of_memory(exc):
                 raise
-            tr, data = self.recipe.training, self.recipe.data
             raise TrainingError(
                 f"out of memory on {self.device} at epoch {st.epochs_done + 1} "
                 f"({one_line(exc, pick='first', limit=160)}): a training step holds "
-                f"training.batch_size={tr.batch_size} windows of data.window={data.window} "
-                f"frames (evaluation: evaluation.batch_size={self.recipe.evaluation.batch_size}); "
+                f"training.batch_size={tr.batch_size} windows of data.window={rc.data.window} "
+                f"frames (evaluation: evaluation.batch_size={rc.evaluation.batch_size}); "
                 "lower them, or use a device with more memory"
             ) from None
         finally:

@@ -21,7 +21,14 @@ from fusionkit.testing._adapters import (
     HeadAdapter,
 )
 from fusionkit.testing._params import not_pydantic, params_checks
-from fusionkit.testing._report import CHECKS, ConformanceReport, NotApplicable, Runner, Violation
+from fusionkit.testing._report import (
+    CHECKS,
+    ONE_KIND,
+    ConformanceReport,
+    NotApplicable,
+    Runner,
+    Violation,
+)
 from fusionkit.testing._sync import host_syncs, simulated_host_syncs
 from fusionkit.testing._util import (
     ATOL,
@@ -625,8 +632,7 @@ def run_module_checks(
     checks = ModuleChecks(adapter, seed)
     extra = list(extra)
     own = {check for check, _ in extra}
-    only_extra = {"shapes-single-stream", "shapes-targets"}  # checks of one kind each
-    order = [c for c in CHECKS["module"] if c not in only_extra or c in own]
+    order = [c for c in CHECKS["module"] if c not in ONE_KIND or c in own]
     if not runner.run("build", checks.build):
         runner.skip_rest(order, "the component could not be built")
         return report

@@ -9,7 +9,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from fusionkit.testing._report import CHECKS, CheckResult, ConformanceReport, Violation
+from fusionkit.testing._report import (
+    CHECKS,
+    ONE_KIND,
+    CheckResult,
+    ConformanceReport,
+    Violation,
+)
 
 
 def not_pydantic(kind: str, name: str, params: Any) -> ConformanceReport | None:
@@ -24,9 +30,7 @@ def not_pydantic(kind: str, name: str, params: Any) -> ConformanceReport | None:
         f"plugin.Params); got {type(params).__name__}"
     )
     for check in CHECKS.get(kind, CHECKS["module"]):
-        if (check, kind) in (("shapes-single-stream", "gate"), ("shapes-targets", "head")):
-            pass
-        elif check in ("shapes-single-stream", "shapes-targets"):
+        if ONE_KIND.get(check, kind) != kind:
             continue
         if check == "params":
             report.results.append(CheckResult("params", "fail", message))

@@ -35,6 +35,10 @@ CHECKS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Module checks that run for one kind only (as that kind's extra check): check -> kind.
+ONE_KIND: dict[str, str] = {"shapes-single-stream": "gate", "shapes-targets": "head"}
+
+
 def known_checks() -> list[str]:
     """Every check id of every kind (for validating ``skip``)."""
     return sorted({c for checks in CHECKS.values() for c in checks})

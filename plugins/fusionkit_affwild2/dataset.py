@@ -579,9 +579,8 @@ class AffWild2Dataset:
             warnings.warn(
                 f"affwild2: {len(far)} trial(s) differ from their labels or face crops by far "
                 f"more than a few frames: {first_few(far, 8, '; ')}. The video file may be "
-                "truncated or another "
-                "video's: check it (decode it, or download it again), then extract again; until "
-                "then the frames it lacks repeat the last audio row.",
+                "truncated or another video's: check it (decode it, or download it again), then "
+                "extract again; until then the frames it lacks repeat the last audio row.",
                 stacklevel=3,
             )
         if diffs:

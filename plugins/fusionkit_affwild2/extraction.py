@@ -151,7 +151,7 @@ def backbone_identity(spec: ComponentSpec) -> dict[str, Any]:
         path = Path(weights)
         if not path.is_file():
             raise DataError(f"backbone weights file {path} does not exist")
-        params["weights_sha256"] = file_sha256(path)
+        params["weights_sha256"] = _weights_sha256(spec)
     return {"name": spec.name, "params": params}
 
 

@@ -197,8 +197,7 @@ def read_submission_template(path: Path) -> dict[str, list[tuple[str, int]]]:
         warnings.warn(
             f"submission template: {resumed}; the prediction file lists each video's rows "
             "together, in the order of the videos' first rows, so its row order differs from "
-            "the template's "
-            "(the rows themselves are the same)",
+            "the template's (the rows themselves are the same)",
             stacklevel=2,
         )
     return out
