@@ -8,9 +8,6 @@ with other content of the same byte size makes its visual cache stale.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 import time
 from fractions import Fraction
@@ -19,7 +16,7 @@ import numpy as np
 import yaml
 
 from tests.affwild2_fixture import TINY_AUDIO, TINY_VIDEO, MediaSpec, write_jpeg, write_media
-from tests.conftest import REPO
+from tests.test_grid_trust import run_worker_script
 
 # ----------------------------------------------------------------------------- grid workers
 
@@ -59,15 +56,7 @@ WORKER_SIGINT_IGNORED = textwrap.dedent(
 def test_a_grid_worker_started_with_sigint_ignored_stops_on_the_forwarded_interrupt(tmp_path):
     """SIGTERM to a grid reaches its workers as SIGINT: a worker that inherited SIGINT ignored
     still stops at the interrupt and says so (it trained on to the end, and the grid waited)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-c", WORKER_SIGINT_IGNORED],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_worker_script(WORKER_SIGINT_IGNORED, tmp_path)
     assert done.stdout == "sent ('interrupted', 'interrupted')\n", done.stdout + done.stderr
 
 

@@ -187,15 +187,16 @@ WORKER = textwrap.dedent(
 )
 
 
-def test_a_worker_stopped_by_ctrl_c_reports_and_exits_quietly(tmp_path):
+def run_worker_script(code: str, cwd) -> subprocess.CompletedProcess:
+    """Run ``code`` (a grid worker scenario) in a fresh Python of this checkout, one thread."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-c", WORKER],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=120,
-    )
+    )  # fmt: skip
+
+
+def test_a_worker_stopped_by_ctrl_c_reports_and_exits_quietly(tmp_path):
+    done = run_worker_script(WORKER, tmp_path)
     assert done.stdout == "sent ('interrupted', 'interrupted')\n"
     assert done.stderr == "" and done.returncode == 0
