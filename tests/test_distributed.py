@@ -108,6 +108,20 @@ def join_tiny_job(rank: int, world: int, port: int, raw: dict):
     return Trainer(build_session(rc, registry), run, dist=dist), made
 
 
+def leave_tiny_job() -> None:
+    """Leave the job of :func:`join_tiny_job` in step with the other ranks: the trainers (and
+    their DDP wrappers, which hold the process group) are collected and every rank has finished
+    its work before the group goes, so no rank tears down communication threads at interpreter
+    exit or while a peer still writes (either can abort a process with SIGABRT)."""
+    import gc
+
+    import torch.distributed as tdist
+
+    gc.collect()
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
 def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
     """One rank of a data-parallel tiny run (spawned): writes its per-epoch validation
     CCC-means and learning rates to ``out/rank<N>.json``."""
@@ -115,11 +129,14 @@ def _train_rank(rank: int, world: int, port: int, raw: dict, out: str) -> None:
 
     trainer, _ = join_tiny_job(rank, world, port, raw)
     seen: list[dict] = []
+    groups = trainer.optimizer.param_groups
     trainer.on_epoch_end = lambda epoch, record: seen.append(
-        {"val": record["val_ccc_mean"], "lr": trainer.optimizer.param_groups[0]["lr"]}
+        {"val": record["val_ccc_mean"], "lr": groups[0]["lr"]}
     )
     trainer.fit()
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    del trainer
+    leave_tiny_job()
 
 
 def test_every_rank_validates_the_same_model_with_batchnorm(tmp_path):

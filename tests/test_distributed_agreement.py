@@ -95,7 +95,7 @@ def _diverging_rank(rank: int, port: int, raw: dict, out: str) -> None:
     Writes what the rank raised to ``out/rank<N>.json``."""
     import fusionkit.engine.train as train_mod
     from fusionkit.engine.train import Trainer
-    from tests.test_distributed import join_tiny_job
+    from tests.test_distributed import join_tiny_job, leave_tiny_job
 
     trainer, made = join_tiny_job(rank, 2, port, raw)
     calls = {"n": 0, "last": -1}
@@ -121,9 +121,9 @@ def _diverging_rank(rank: int, port: int, raw: dict, out: str) -> None:
         if made:
             made.unlock()
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
-    import torch.distributed as tdist
-
-    tdist.destroy_process_group()  # leaving with it alive can abort the process at exit
+    del trainer, train_epoch  # the bound epoch function holds the trainer in a cycle
+    train_mod.ccc_loss = original_loss
+    leave_tiny_job()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")

@@ -12,6 +12,7 @@ stopping; only rank 0 writes files. Backend: NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import math
 import os
@@ -29,9 +30,12 @@ __all__ = ["Dist"]
 
 
 def _leave() -> None:
-    """Leave the process group (at exit), where its threads would otherwise be torn down with
-    the process, which can abort it after a peer has gone."""
+    """Leave the process group at exit, while the interpreter is whole: a group (or a DDP
+    wrapper, which holds one, kept alive by a reference cycle) torn down during interpreter
+    finalization has its communication threads reach for the GIL and abort the process
+    ("terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()  # DDP wrappers that only a cycle keeps alive go first, while Python runs
         dist.destroy_process_group()
 
 
