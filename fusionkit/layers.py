@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from einops import EinopsError, parse_shape, rearrange
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from fusionkit.core.errors import ShapeError
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_shapes",
     "masked_batch_norm",
     "reverse_padded",
+    "run_lstm",
     "shifted_bilstm",
     "xavier_init_",
 ]
@@ -201,8 +203,68 @@ def shifted_bilstm(lstm: nn.LSTM, seq: Tensor, mask: Tensor) -> Tensor:
     to_left = rearrange((pos[None] - pad[:, None]) % t, "b t -> b t 1")
     to_right = rearrange((pos[None] + pad[:, None]) % t, "b t -> b t 1")
     left = torch.gather(seq, 1, to_left.expand_as(seq))
-    out, _ = lstm(torch.cat([seq, left]))  # (2B, T, 2H)
+    out, _ = run_lstm(lstm, torch.cat([seq, left]))  # (2B, T, 2H)
     fwd = out[:b, :, :hidden]
     bwd = torch.gather(out[b:, :, hidden:], 1, to_right.expand(b, t, hidden))
     h = torch.cat([fwd, bwd], dim=-1)
     return h * rearrange(mask, "b t -> b t 1").to(h.dtype)
+
+
+#: Per autocast dtype: whether this CPU runs ``nn.LSTM`` under CPU autocast in that dtype.
+_CPU_LSTM_RUNS_IN: dict[torch.dtype, bool] = {}
+
+
+@torch.compiler.disable
+def _probe_cpu_lstm(dtype: torch.dtype) -> bool:
+    lstm = nn.LSTM(2, 2, bidirectional=True, batch_first=True)
+    x = torch.zeros(1, 2, 2, requires_grad=True)
+    try:
+        with torch.enable_grad(), torch.autocast("cpu", dtype=dtype):
+            out, _ = lstm(x)
+        out.float().sum().backward()
+    except RuntimeError:  # oneDNN: "could not create a primitive descriptor ..."
+        ok = False
+    else:
+        ok = True
+    _CPU_LSTM_RUNS_IN[dtype] = ok
+    return ok
+
+
+def cpu_lstm_runs_in(dtype: torch.dtype) -> bool:
+    """Whether ``nn.LSTM`` runs under ``torch.autocast("cpu", dtype)`` on this CPU.
+
+    PyTorch hands a reduced-precision LSTM on the CPU to oneDNN, which has kernels for it on
+    AVX-512 processors only; on an AVX2-only processor the call raises ``RuntimeError: could not
+    create a primitive descriptor for the LSTM ...``. Probed once per process with a tiny LSTM.
+    """
+    known = _CPU_LSTM_RUNS_IN.get(dtype)
+    return _probe_cpu_lstm(dtype) if known is None else known
+
+
+def _as_float(x: Tensor | PackedSequence) -> Tensor | PackedSequence:
+    return x._replace(data=x.data.float()) if isinstance(x, PackedSequence) else x.float()
+
+
+def run_lstm(
+    lstm: nn.LSTM,
+    x: Tensor | PackedSequence,
+    hx: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+    """``lstm(x, hx)`` under CPU autocast on every processor.
+
+    Under ``torch.autocast("cpu", bfloat16)`` (``training.precision: bf16`` on the CPU) on a
+    processor whose oneDNN has no reduced-precision LSTM kernel (see :func:`cpu_lstm_runs_in`),
+    the LSTM runs in float32 with autocast off and its outputs are cast to the autocast dtype,
+    as ``nn.LSTM`` returns them where the kernel exists. Anywhere else it is ``lstm(x, hx)``.
+    """
+    data = x.data if isinstance(x, PackedSequence) else x
+    if data.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return lstm(x, hx)
+    low = torch.get_autocast_dtype("cpu")
+    if low == torch.float32 or cpu_lstm_runs_in(low):
+        return lstm(x, hx)
+    with torch.autocast("cpu", enabled=False):
+        state = None if hx is None else (hx[0].float(), hx[1].float())
+        out, (h, c) = lstm(_as_float(x), state)
+    out = out._replace(data=out.data.to(low)) if isinstance(out, PackedSequence) else out.to(low)
+    return out, (h.to(low), c.to(low))

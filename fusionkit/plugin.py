@@ -106,6 +106,7 @@ from fusionkit.layers import (
     check_shapes,
     masked_batch_norm,
     reverse_padded,
+    run_lstm,
     shifted_bilstm,
     xavier_init_,
 )
@@ -184,6 +185,7 @@ __all__ = [
     "one_line",
     "register",
     "reverse_padded",
+    "run_lstm",
     "run_or_grid_holding",
     "save_tensors",
     "shift_index",

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fusionkit import layers
 from fusionkit.layers import masked_batch_norm, shifted_bilstm
 from fusionkit.testing import host_syncs
 
@@ -114,3 +115,78 @@ def test_masked_batch_norm_keeps_float64_in_float64() -> None:
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, ref(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_run_lstm_runs_float32_where_the_cpu_has_no_bf16_lstm(monkeypatch, packed) -> None:
+    """Where oneDNN has no bf16 LSTM kernel (AVX2-only processors), ``run_lstm`` under bf16
+    autocast gives the float32 LSTM's outputs and gradients rounded to bf16, as ``nn.LSTM``
+    returns them where the kernel exists; the initial state is honoured."""
+    monkeypatch.setitem(layers._CPU_LSTM_RUNS_IN, torch.bfloat16, False)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 5, bidirectional=True, batch_first=True)
+    seq = torch.randn(3, 7, 6)
+    hx = (torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+    lengths = torch.tensor([7, 4, 2])
+
+    def arg(x):
+        if not packed:
+            return x
+        return pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+
+    def unpack(out):
+        return pad_packed_sequence(out, batch_first=True)[0] if packed else out
+
+    x1, x2 = seq.clone().requires_grad_(), seq.clone().requires_grad_()
+    out, (h, c) = lstm(arg(x1), hx)  # the reference: plain float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, (gh, gc) = layers.run_lstm(lstm, arg(x2), hx)
+    for a, b in ((unpack(got), unpack(out)), (gh, h), (gc, c)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b.to(torch.bfloat16), rtol=0, atol=0)
+    w = torch.randn_like(unpack(out))
+    (g_ref,) = torch.autograd.grad((unpack(out).to(torch.bfloat16).float() * w).sum(), [x1])
+    (g_got,) = torch.autograd.grad((unpack(got).float() * w).sum(), [x2])
+    torch.testing.assert_close(g_got, g_ref)
+
+
+def test_a_bf16_run_trains_on_a_cpu_without_bf16_lstm_kernels(tmp_path) -> None:
+    """On a processor whose oneDNN has no bf16 LSTM (simulated by capping oneDNN at AVX2, as on
+    AVX2-only machines), ``training.precision: bf16`` trains a model with BiLSTM encoders (one
+    and two layers) and the time-aware TAGF gate to finite metrics instead of failing in the
+    first forward."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = "import torch; from fusionkit.layers import cpu_lstm_runs_in; "
+    code += "print(cpu_lstm_runs_in(torch.bfloat16))"
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert probe.stdout.strip() == "False", probe.stderr
+    over = [
+        "data.params={seed: 0, num_train: 3, num_val: 2, num_test: 2, min_frames: 40, "
+        "max_frames: 70, audio_dim: 8, video_dim: 8}",
+        "data.window=32",
+        "data.hop=24",
+        "model.encoders.audio={name: bilstm, params: {hidden: 4}}",
+        "model.encoders.video={name: bilstm, params: {hidden: 4, layers: 2}}",
+        "model.gate.params.hidden=4",
+        "model.head.params.hidden=8",
+        "training.epochs=1",
+        "training.precision=bf16",
+        "training.num_threads=1",
+        f"output.dir={tmp_path}",
+    ]
+    cmd = [sys.executable, "-m", "fusionkit", "run", str(REPO / "recipes/tagf_temporal.yaml")]
+    done = subprocess.run([*cmd, *over], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (metrics,) = tmp_path.glob("*/metrics.json")
+    stored = json.loads(metrics.read_text())
+    assert stored["precision"] == "bf16"
+    test = stored["splits"]["test"]
+    assert test["n_frames"] > 0
+    assert all(-1 <= test[f"ccc_{t}"] <= 1 for t in ("valence", "arousal"))

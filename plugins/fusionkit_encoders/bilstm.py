@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fusionkit.plugin import Params, check_mask, check_shape, register, shifted_bilstm
+from fusionkit.plugin import Params, check_mask, check_shape, register, run_lstm, shifted_bilstm
 from fusionkit_encoders._masking import lengths_from_mask
 
 __all__ = ["BiLSTMEncoder", "BiLSTMParams", "build_bilstm"]
@@ -59,7 +59,7 @@ class BiLSTMEncoder(nn.Module):
         packed = pack_padded_sequence(
             x, lengths_from_mask(mask), batch_first=True, enforce_sorted=False
         )
-        out, _ = self.lstm(packed)
+        out, _ = run_lstm(self.lstm, packed)
         h, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return self.proj(h) if self.proj is not None else h
 

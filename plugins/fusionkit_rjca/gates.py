@@ -29,6 +29,7 @@ from fusionkit.plugin import (
     check_shape,
     check_shapes,
     register,
+    run_lstm,
     shifted_bilstm,
     xavier_init_,
 )
@@ -173,7 +174,7 @@ class StepEncoder(nn.Module):
         state = self.init_state
         h0 = rearrange(state[:2], "dir h -> dir 1 h").expand(2, n, self.hidden).contiguous()
         c0 = rearrange(state[2:], "dir h -> dir 1 h").expand(2, n, self.hidden).contiguous()
-        h, _ = self.lstm(x, (h0, c0))
+        h, _ = run_lstm(self.lstm, x, (h0, c0))
         e = self.proj(self.dropout(torch.cat([x, h], dim=-1)))
         return F.normalize(e, dim=-1)
 
