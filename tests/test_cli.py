@@ -107,7 +107,8 @@ def test_a_closed_stdout_ends_a_stream_and_not_a_report(cli_env, tmp_path, regis
         [*cmd, "--fps", "5"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.stdout is not None and proc.stdout.readline().startswith("0,0.000,")
+    assert proc.stdout is not None and proc.stdout.readline().startswith("frame,seconds,")
+    assert proc.stdout.readline().startswith("0,0.000,")
     proc.stdout.close()
     err = proc.stderr.read() if proc.stderr else ""
     assert proc.wait(timeout=60) == 141, err  # 128 + SIGPIPE, as a killed pipe writer

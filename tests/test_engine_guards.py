@@ -523,6 +523,24 @@ def test_eval_fails_when_metrics_json_lacks_a_number_it_recomputes(trained, tmp_
     assert set(re.findall(r"(test\.\w+): stored None", err)) == {f"test.{k}" for k in gone}, err
 
 
+def test_eval_evaluates_a_split_given_twice_once(trained, tmp_path, cli, monkeypatch):
+    """``--split test --split test`` evaluates test once and lists it once in the verdict."""
+    import fusionkit.engine.evaluate as evaluate
+
+    asked = []
+    real = evaluate.evaluate_splits
+
+    def spy(session, splits, *args, **kwargs):
+        asked.append(list(splits))
+        return real(session, splits, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_splits", spy)
+    code, out, err = cli("eval", trained[0], "--split", "test", "--split", "test", "--device=cpu")
+    assert code == 0, out + err
+    assert asked == [["test"]]
+    assert "reproduces metrics.json exactly (test;" in " ".join(out.split())
+
+
 def test_eval_refuses_a_predictions_file_changed_after_the_run(trained, tmp_path, cli):
     """`eval` says a run reproduces its numbers only when the predictions that reports read
     are those the metrics came from: an edited predictions file is named, not passed."""

@@ -94,6 +94,20 @@ def test_repeated_target_is_refused_naming_it(tmp_path, registry):
     assert p.startswith("model.targets: 'valence' listed twice")
 
 
+def test_a_split_listed_twice_is_refused_naming_it(tmp_path, registry):
+    """A split evaluated twice (a typo for another split) is named, in the evaluation and in
+    a robustness sweep."""
+    raw = tiny_recipe(tmp_path)
+    raw["evaluation"]["splits"] = ["val", "test", "val"]
+    (p,) = problems_of(raw, registry)
+    assert p.startswith("evaluation.splits: 'val' listed twice; list each split once")
+    raw = tiny_recipe(tmp_path)
+    sweep = {"perturbation": "shift", "axis": "k", "values": [0, 1], "splits": ["test", "test"]}
+    raw["evaluation"]["robustness"] = [sweep]
+    (p,) = problems_of(raw, registry)
+    assert "splits: 'test' listed twice" in p, p
+
+
 # ----------------------------------------------------------------------------- (13) bounds
 
 

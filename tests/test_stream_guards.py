@@ -395,6 +395,7 @@ def test_stream_defaults_to_30_fps_and_the_run_window_as_context(run16, tmp_path
     code, stdout, err = cli("stream", run, feats, "--out", out, "-q")
     assert code == 0, err
     assert "at 30 fps" in stdout
+    assert "holds no frame rate" in err and "assume 30 fps" in err and "--fps" in err
     rows = _csv(out)
     assert [r["seconds"] for r in rows[:2]] + [rows[30]["seconds"]] == ["0.000", "0.033", "1.000"]
     online = torch.tensor([[float(r["valence"]), float(r["arousal"])] for r in rows])
@@ -408,14 +409,17 @@ def test_stream_defaults_to_30_fps_and_the_run_window_as_context(run16, tmp_path
 
 
 def test_stream_prints_one_line_per_frame_and_only_the_summary_with_q(run16, cli):
-    """Without --out the frame lines are the product: one ``frame,seconds,...`` line per
-    frame, then the summary; with -q only the summary is printed."""
+    """Without --out the frame lines are the product: a header naming the columns, one
+    ``frame,seconds,...`` line per frame, then the summary; with -q only the summary is
+    printed. With --fps there is no note about an assumed frame rate."""
     run, feats, _ = run16
-    code, stdout, err = cli("stream", run, feats)
+    code, stdout, err = cli("stream", run, feats, "--fps", "30")
     assert code == 0, err
+    assert "frame rate" not in err
     lines = stdout.splitlines()
-    assert [ln.split(",")[0] for ln in lines[:-1]] == [str(i) for i in range(40)]
-    assert all(len(ln.split(",")) == 5 for ln in lines[:-1])
+    assert lines[0] == "frame,seconds,valence,arousal,latency_ms"
+    assert [ln.split(",")[0] for ln in lines[1:-1]] == [str(i) for i in range(40)]
+    assert all(len(ln.split(",")) == 5 for ln in lines[1:-1])
     assert lines[-1].startswith("streamed 40 frames")
     code, stdout, err = cli("stream", run, feats, "-q")
     assert code == 0, err
@@ -459,7 +463,8 @@ def test_an_interrupted_printing_stream_names_the_frames_printed(
     monkeypatch.setattr(StreamingPredictor, "push", push)
     code, stdout, err = cli("stream", run, feats)
     assert code == 130, err
-    assert [ln.split(",")[0] for ln in stdout.splitlines()] == [str(i) for i in range(frames)]
+    want = ["frame", *map(str, range(frames))]  # the header, then the frames streamed
+    assert [ln.split(",")[0] for ln in stdout.splitlines()] == want
     assert f"interrupted after {frames} of 40 frames" in err and said in err
     assert "0 to -1" not in err
 

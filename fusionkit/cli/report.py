@@ -164,7 +164,7 @@ def robustness(
             "params": parse_overrides(param or [], "--param"),
             "axis": axis,
             "values": _parse_values(values),
-            "splits": split or ["test"],
+            "splits": list(dict.fromkeys(split or ["test"])),
             "seed": seed,
         }
         try:

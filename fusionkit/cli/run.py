@@ -293,7 +293,7 @@ def eval_cmd(
     loaded = load_run(run, device=device)
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
-    splits = list(split or rc.evaluation.splits)
+    splits = list(dict.fromkeys(split or rc.evaluation.splits))  # --split val --split val: once
     digests = run.marker().files
     for s in splits:  # other data than the run's cannot reproduce its numbers: say why
         if s in stored["splits"]:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from fusionkit.engine.session import Session
 
 
+#: The frame rate a features file is streamed at when ``--fps`` is not given.
+ASSUMED_FPS = 30.0
+
+
 def register(app: typer.Typer) -> None:
     app.command("stream")(stream)
 
@@ -42,7 +46,12 @@ def stream(
         bool, typer.Option("--force", help="overwrite an existing --out file")
     ] = False,
     fps: Annotated[
-        float | None, typer.Option(min=0.1, help="frames per second of a features file")
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="frames per second of a features file (it holds none; 30 when not given, "
+            "with a note): sets the seconds column, the --realtime pace and the latency budget",
+        ),
     ] = None,
     realtime: Annotated[
         bool, typer.Option("--realtime", help="pace the input at the video's frame rate")
@@ -75,6 +84,12 @@ def stream(
     session = load_run(run_dir, device=device).session
     rc = session.recipe
     features, rate = _read_source(source, session, fps)
+    if rate is None:
+        rate = ASSUMED_FPS
+        err_console.print(
+            f"[yellow]note:[/] {escape(str(source))} holds no frame rate: the seconds column "
+            f"and the latency budget assume {ASSUMED_FPS:g} fps; give the video's rate with --fps"
+        )
     dims = {m: int(x.shape[1]) for m, x in features.items()}
     predictor = StreamingPredictor(
         session.model, dims, context or rc.data.window, session.normalizer, bf16=session.bf16
@@ -87,6 +102,8 @@ def stream(
     latencies: list[float] = []
     shown = console if out is not None and not quiet else None
     console.stop_on_closed = out is None and not quiet  # the printed lines are the product
+    if out is None and not quiet:  # the header names the columns (the run's target order)
+        console.print(lines[0], highlight=False)
     try:
         with sigterm_as_interrupt(), TaskProgress("stream", total, shown) as progress:
             for f in run_stream(predictor, features, rate, realtime):
@@ -117,9 +134,12 @@ def stream(
     console.print(_summary(latencies, rate) + (f"; wrote {escape(str(out))}" if out else ""))
 
 
-def _read_source(source: Path, session: Session, fps: float | None) -> tuple[dict[str, Any], float]:
+def _read_source(
+    source: Path, session: Session, fps: float | None
+) -> tuple[dict[str, Any], float | None]:
     """The per-modality features of ``source`` (a features file, or a media file the run's
-    dataset can extract) checked against the run's inputs, and their frame rate."""
+    dataset can extract) checked against the run's inputs, and their frame rate: ``fps``, else
+    the media file's, else None (a features file holds none)."""
     from fusionkit.core.errors import DataError
     from fusionkit.core.interfaces import MediaFeatures
     from fusionkit.engine.streaming import check_features, read_feature_file
@@ -127,7 +147,7 @@ def _read_source(source: Path, session: Session, fps: float | None) -> tuple[dic
     modalities = sorted(session.recipe.model.encoders)
     expected = {m: int(session.dataset.feature_dims[m]) for m in modalities}
     if source.suffix in (".safetensors", ".npz"):
-        return read_feature_file(source, modalities, expected), fps or 30.0
+        return read_feature_file(source, modalities, expected), fps
     if isinstance(session.dataset, MediaFeatures):
         features, media_fps = session.dataset.media_features(source)
         return check_features(features, source, modalities, expected), fps or media_fps

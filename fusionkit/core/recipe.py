@@ -395,17 +395,21 @@ class ModelSpec(Strict):
     @field_validator("targets")
     @classmethod
     def _distinct_targets(cls, targets: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for target in targets:
-            if target in seen:
-                raise PydanticCustomError(
-                    "fusionkit_duplicate_target",
-                    "{name} listed twice; list each target once (ccc_mean is the mean over the "
-                    "targets listed)",
-                    {"name": repr(target)},
-                )
-            seen.add(target)
-        return targets
+        return listed_once(targets, "target", " (ccc_mean is the mean over the targets listed)")
+
+
+def listed_once(items: list[str], what: str, why: str = "") -> list[str]:
+    """``items`` when none is listed twice; else a validation error naming the first repeat."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise PydanticCustomError(
+                "fusionkit_listed_twice",
+                "{message}",
+                {"message": f"{item!r} listed twice; list each {what} once{why}"},
+            )
+        seen.add(item)
+    return items
 
 
 class PlateauSpec(Strict):
@@ -436,10 +440,15 @@ class RobustnessSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="fixed params")
     axis: str = Field(description="the params field swept (e.g. k for shift)")
     values: list[Any] = Field(min_length=1, max_length=1000, description="values of the axis")
-    splits: list[str] = Field(default_factory=lambda: ["test"])
+    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
     _points: list[PerturbationSpec] = PrivateAttr(default_factory=list)
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct_splits(cls, splits: list[str]) -> list[str]:
+        return listed_once(splits, "split")
 
     @field_validator("params", mode="before")
     @classmethod
@@ -600,6 +609,11 @@ class EvaluationSpec(Strict):
         max_length=64,
         description="perturbation sweeps run on the best checkpoint (see docs/ablations.md)",
     )
+
+    @field_validator("splits")
+    @classmethod
+    def _distinct_splits(cls, splits: list[str]) -> list[str]:
+        return listed_once(splits, "split")
 
     @model_validator(mode="after")
     def _distinct_labels(self) -> EvaluationSpec:
