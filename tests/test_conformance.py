@@ -450,3 +450,43 @@ def test_false_receptive_field_and_streaming_claims_fail():
     results = {r.check: r for r in check_encoder(broken, EmptyParams(), name="x").results}
     assert results["streaming"].status == "fail"
     assert "step() frame by frame" in results["streaming"].message
+
+
+LSTM_ENCODER = """
+import torch
+from torch import nn
+from fusionkit.plugin import EmptyParams, check_encoder, run_lstm
+
+class Enc(nn.Module):
+    out_dim = 8
+
+    def __init__(self, in_dim, through_helper):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, 4, bidirectional=True, batch_first=True)
+        self.through_helper = through_helper
+
+    def forward(self, x, mask):
+        h, _ = run_lstm(self.lstm, x) if self.through_helper else self.lstm(x)
+        return h * mask[..., None].to(h.dtype)
+
+for helper in (False, True):
+    def build(params, *, in_dim, modality, helper=helper):
+        return Enc(in_dim, helper)
+
+    report = check_encoder(build, EmptyParams(), name="mine", skip=["masking", "masking-train"])
+    print(helper, [(r.status, r.message) for r in report.results if r.check == "bf16-cpu"])
+"""
+
+
+def test_an_lstm_plugin_on_a_cpu_without_bf16_lstm_is_told_to_use_run_lstm():
+    """On a processor without a bf16 LSTM kernel (oneDNN capped at AVX2 here), a plugin that
+    calls its nn.LSTM directly fails ``bf16-cpu`` with a hint naming ``plugin.run_lstm``; the
+    same plugin calling it through ``run_lstm`` passes."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", LSTM_ENCODER], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    direct, helper = done.stdout.strip().splitlines()
+    assert direct.startswith("False [('fail',") and "plugin.run_lstm(lstm, x, hx)" in direct
+    assert helper == "True [('pass', '')]", helper

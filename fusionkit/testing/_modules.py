@@ -105,9 +105,12 @@ class ModuleChecks:
         except Violation:
             raise
         except Exception as exc:
+            hint = ""
+            if "primitive descriptor for the LSTM" in str(exc):  # no bf16 LSTM on this CPU
+                hint = "; call the nn.LSTM through plugin.run_lstm(lstm, x, hx)"
             raise Violation(
                 f"forward raised {type(exc).__name__} {what} on inputs "
-                f"{describe_inputs(inputs)}, mask {tuple(mask.shape)}: {exc}"
+                f"{describe_inputs(inputs)}, mask {tuple(mask.shape)}: {exc}{hint}"
             ) from None
 
     def _judge(
