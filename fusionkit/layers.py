@@ -214,7 +214,6 @@ def shifted_bilstm(lstm: nn.LSTM, seq: Tensor, mask: Tensor) -> Tensor:
 _CPU_LSTM_RUNS_IN: dict[torch.dtype, bool] = {}
 
 
-@torch.compiler.disable
 def _probe_cpu_lstm(dtype: torch.dtype) -> bool:
     lstm = nn.LSTM(2, 2, bidirectional=True, batch_first=True)
     x = torch.zeros(1, 2, 2, requires_grad=True)
@@ -238,7 +237,10 @@ def cpu_lstm_runs_in(dtype: torch.dtype) -> bool:
     create a primitive descriptor for the LSTM ...``. Probed once per process with a tiny LSTM.
     """
     known = _CPU_LSTM_RUNS_IN.get(dtype)
-    return _probe_cpu_lstm(dtype) if known is None else known
+    if known is None:  # eager even inside torch.compile (disabling is applied here, not at
+        # import: importing torch.compiler's machinery costs a second at every start)
+        known = torch.compiler.disable(_probe_cpu_lstm)(dtype)
+    return known
 
 
 def _as_float(x: Tensor | PackedSequence) -> Tensor | PackedSequence:
