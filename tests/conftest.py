@@ -230,3 +230,39 @@ def assert_streams_trailing_windows(model, xs, online, context: int, times) -> N
             win = {m: x[lo : t + 1][None] for m, x in xs.items()}
             ref = model(win, torch.ones(1, t + 1 - lo, dtype=torch.bool)).pred[0, -1]
             torch.testing.assert_close(online[t], ref, atol=1e-5, rtol=1e-5)
+
+
+class CliResult:
+    """What an in-process `fusionkit` call gave: exit status, stdout, stderr."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli_inproc(monkeypatch, capsys):
+    """Run the CLI in this process (no interpreter start-up) with the in-test `tiny`
+    dataset registered, like the installed plugins."""
+    import sys
+
+    import fusionkit.core.registry as fk_registry
+
+    fk_registry.clear_registry_cache()
+    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+    def run(args):
+        from fusionkit.cli import root
+
+        monkeypatch.setattr(sys, "argv", ["fusionkit", *args])
+        capsys.readouterr()
+        try:
+            root.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    yield run
+    fk_registry.clear_registry_cache()

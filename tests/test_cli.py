@@ -143,15 +143,16 @@ def test_a_closed_stdout_ends_a_listing_quietly(cli_env, tmp_path, listing):
     assert "warning" not in err and "Traceback" not in err
 
 
-def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
+def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path, cli_inproc):
+    """A run trained by the installed command; eval (in this process) reproduces it."""
     env, recipe = cli_env
     run = fk(["run", str(recipe), "training.epochs=2", "-q"], env, tmp_path)
     assert run.returncode == 0, run.stderr
     run_dir = tmp_path / "runs" / "tiny"
-    ok = fk(["eval", str(run_dir)], env, tmp_path)
+    ok = cli_inproc(["eval", str(run_dir)])
     assert ok.returncode == 0 and "reproduces metrics.json exactly" in ok.stdout
     # a split the run never evaluated is shown and said to be so, not silently skipped
-    extra = fk(["eval", str(run_dir), "--split", "train", "--split", "test"], env, tmp_path)
+    extra = cli_inproc(["eval", str(run_dir), "--split", "train", "--split", "test"])
     assert extra.returncode == 0, extra.stderr
     lines = extra.stdout.splitlines()
     assert "train: not in metrics.json (the run evaluated test, val); shown, not compared" in lines
@@ -160,7 +161,7 @@ def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     val_ccc = metrics["splits"]["val"]["ccc_mean"]
     metrics["splits"]["val"]["ccc_mean"] += 0.01
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    bad = fk(["eval", str(run_dir)], env, tmp_path)
+    bad = cli_inproc(["eval", str(run_dir)])
     assert bad.returncode == 1 and "val.ccc_mean" in bad.stderr
     # every stored number is compared, not only the CCCs: one ulp or one frame is found
     metrics["splits"]["val"]["ccc_mean"] = val_ccc
@@ -169,7 +170,7 @@ def test_eval_reproduces_metrics_and_detects_tampering(cli_env, tmp_path):
     test["pcc_arousal"] = math.nextafter(test["pcc_arousal"], -math.inf)
     test["n_frames"] += 1
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    bad = fk(["eval", str(run_dir)], env, tmp_path)
+    bad = cli_inproc(["eval", str(run_dir)])
     assert bad.returncode == 1, bad.stdout + bad.stderr
     named = {line.split(":")[0].strip() for line in bad.stderr.splitlines()[1:]}
     assert named == {"test.rmse_valence", "test.pcc_arousal", "test.n_frames"}, bad.stderr

@@ -41,39 +41,6 @@ def fk(args, env=None, cwd=None, timeout=300):
     )
 
 
-class _Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def cli_inproc(monkeypatch, capsys):
-    """Run the CLI in this process (no interpreter start-up) with the in-test `tiny`
-    dataset registered, like the installed plugins."""
-    import fusionkit.core.registry as fk_registry
-    from tests.conftest import make_registry
-
-    fk_registry.clear_registry_cache()
-    monkeypatch.setattr(fk_registry, "load_registry", lambda strict=None: make_registry())
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-    def run(args):
-        from fusionkit.cli import root
-
-        monkeypatch.setattr(sys, "argv", ["fusionkit", *args])
-        capsys.readouterr()
-        try:
-            root.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return _Result(code, out.out, out.err)
-
-    yield run
-    fk_registry.clear_registry_cache()
-
-
 def one_line_error(proc, *fragments):
     """Exit 2, no traceback, one `error:` line holding every fragment."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
@@ -386,18 +353,18 @@ def cli(tmp_path):
 
 
 def test_resume_of_a_repeated_run_continues_that_run_and_a_finished_run_is_left_alone(
-    cli, tmp_path
+    cli, tmp_path, cli_inproc
 ):
-    env, recipe = cli
-    assert fk(["run", str(recipe), "-q"], env, tmp_path).returncode == 0
-    second = fk(["run", str(recipe), "-q"], env, tmp_path)
-    assert second.returncode == 0
+    _, recipe = cli
+    assert cli_inproc(["run", str(recipe), "-q"]).returncode == 0
+    second = cli_inproc(["run", str(recipe), "-q"])
+    assert second.returncode == 0, second.stderr
     first_dir, second_dir = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-2"
     assert RunDir(second_dir).is_complete()
     before = snapshot(first_dir), snapshot(second_dir)
     for args in (["resume", str(second_dir)], ["run", str(recipe), "--resume"],
                  ["run", str(recipe), "output.name=tiny-2", "--resume"]):  # fmt: skip
-        proc = fk([*args, "-q"], env, tmp_path)
+        proc = cli_inproc([*args, "-q"])
         assert proc.returncode == 0, proc.stderr
         assert "complete already; nothing to do" in proc.stdout
     assert (snapshot(first_dir), snapshot(second_dir)) == before
@@ -609,40 +576,40 @@ def _rewrite_metadata(path: Path, key: str, value: str | None) -> None:
     save_file(load_file(str(path)), str(path), metadata=meta)
 
 
-def test_damaged_run_files_end_in_one_line_naming_file_and_key(damaged, tmp_path):
-    env, run = damaged
+def test_damaged_run_files_end_in_one_line_naming_file_and_key(damaged, cli_inproc):
+    _, run = damaged
     _rewrite_metadata(run / BEST_FILE, "fusionkit", "{not json")  # not the file it wrote
-    one_line_error(fk(["eval", str(run)], env, tmp_path), "model.safetensors", "changed after")
+    one_line_error(cli_inproc(["eval", str(run)]), "model.safetensors", "changed after")
 
     with RunDir.open(run) as r:
         r.mark_running()
     _rewrite_metadata(run / STATE_FILE, "scheduler", None)
-    one_line_error(fk(["resume", str(run)], env, tmp_path), "state.safetensors", "'scheduler'")
+    one_line_error(cli_inproc(["resume", str(run)]), "state.safetensors", "'scheduler'")
     _rewrite_metadata(run / STATE_FILE, "scheduler", "{}")
     _rewrite_metadata(run / STATE_FILE, "trainer", '{"recipe_sha256": "x", "epochz": 1}')
-    one_line_error(fk(["resume", str(run)], env, tmp_path), "state.safetensors", "trainer.epochz")
+    one_line_error(cli_inproc(["resume", str(run)]), "state.safetensors", "trainer.epochz")
 
 
-def test_a_damaged_run_recipe_is_one_line(damaged, tmp_path):
-    env, run = damaged
+def test_a_damaged_run_recipe_is_one_line(damaged, cli_inproc):
+    _, run = damaged
     (run / "recipe.yaml").write_text("data: [unclosed\n")
-    one_line_error(fk(["resume", str(run)], env, tmp_path), "recipe.yaml", "YAML syntax error")
-    one_line_error(fk(["eval", str(run)], env, tmp_path), "recipe.yaml")
+    one_line_error(cli_inproc(["resume", str(run)]), "recipe.yaml", "YAML syntax error")
+    one_line_error(cli_inproc(["eval", str(run)]), "recipe.yaml")
 
 
-def test_metrics_missing_keys_is_one_line(damaged, tmp_path):
-    env, run = damaged
+def test_metrics_missing_keys_is_one_line(damaged, cli_inproc):
+    _, run = damaged
     m = json.loads((run / METRICS_FILE).read_text())
     del m["splits"]["test"]["ccc_valence"]
     (run / METRICS_FILE).write_text(json.dumps(m))
-    one_line_error(fk(["eval", str(run)], env, tmp_path), "metrics.json", "ccc_valence")
+    one_line_error(cli_inproc(["eval", str(run)]), "metrics.json", "ccc_valence")
 
 
-def test_weights_that_are_a_folder_is_one_line(damaged, tmp_path):
-    env, run = damaged
+def test_weights_that_are_a_folder_is_one_line(damaged, cli_inproc):
+    _, run = damaged
     (run / BEST_FILE).unlink()
     (run / BEST_FILE).mkdir()
-    one_line_error(fk(["eval", str(run)], env, tmp_path), "model.safetensors is a folder")
+    one_line_error(cli_inproc(["eval", str(run)]), "model.safetensors is a folder")
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, registry, monkeypatch):

@@ -14,12 +14,12 @@ from fusionkit.core.recipe import validate_recipe
 from fusionkit.engine.runs import RunDir
 from fusionkit.studies.grid import train_and_evaluate
 from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput
+from tests.conftest import CliResult as _Result
 from tests.conftest import tiny_recipe
-from tests.test_reliability import _Result, cli_inproc  # noqa: F401 (fixture)
 
 
 @pytest.fixture
-def cli(cli_inproc):  # noqa: F811
+def cli(cli_inproc):
     """The console entry point in this process (`error: ...`, exit 2) with the `tiny` data."""
     return lambda *args: cli_inproc([str(a) for a in args])
 
