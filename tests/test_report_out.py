@@ -227,3 +227,63 @@ def test_a_throughput_cached_for_one_split_is_not_reused_for_another(runs, regis
 
     with pytest.raises(DataError, match="on split 'nope': its dataset has 'train', 'val'"):
         measure_throughput(run, "nope", **fast)
+
+
+@pytest.mark.parametrize(
+    "damage", [{"frames_per_second": None}, {"frames_per_second": "fast"}, {"threads": 0}]
+)
+def test_a_damaged_throughput_cache_is_measured_again(runs, registry, tmp_path, damage):
+    """A cache that is JSON but not a whole record (no usable rate, threads or device) is
+    measured again and rewritten, not read (it ended a report in a traceback)."""
+    import shutil
+
+    run = tmp_path / "b"
+    shutil.copytree(runs["b"], run, ignore=shutil.ignore_patterns(".lock"))
+    fast = {"min_seconds": 0.0, "min_passes": 1, "registry": registry}
+    rec = measure_throughput(run, "test", **fast)
+    bad = {k: v for k, v in {**rec, **damage}.items() if v is not None}
+    (run / THROUGHPUT_FILE).write_text(json.dumps(bad))
+    again = measure_throughput(run, "test", **fast)
+    assert isinstance(again["frames_per_second"], float) and again["frames_per_second"] > 0
+    assert json.loads((run / THROUGHPUT_FILE).read_text()) == again
+
+
+def _frames_per_second(folder: Path) -> dict[str, str]:
+    import csv
+
+    with (folder / "summary.csv").open() as fh:
+        return {r["variant"]: r["frames_per_second"] for r in csv.DictReader(fh)}
+
+
+def test_no_throughput_shows_only_caches_of_the_split_and_of_one_setup(
+    cli, runs, registry, tmp_path
+):
+    """``--no-throughput`` reads caches, but a cache measured on another split is not shown as
+    this split's, and caches measured on different devices or thread counts are not put in
+    one column: each case leaves the frames/s out with a note saying why."""
+    import shutil
+
+    copies = {}
+    for name, src in runs.items():
+        copies[name] = tmp_path / "runs" / name
+        shutil.copytree(src, copies[name], ignore=shutil.ignore_patterns(".lock"))
+    fast = {"min_seconds": 0.0, "min_passes": 1, "registry": registry}
+    measure_throughput(copies["a"], "test", **fast)
+    measure_throughput(copies["b"], "val", **fast)  # another split than the report's
+    res = report(cli, str(copies["a"]), str(copies["b"]), "--out", str(tmp_path / "r1"))
+    assert res.returncode == 0, res.stderr
+    shown = _frames_per_second(tmp_path / "r1")
+    assert float(shown["a"]) > 0 and shown["b"] == ""
+    text = " ".join((tmp_path / "r1" / "report.md").read_text().split())
+    assert "b: no frames/s:" in text and "measured on split 'val', not 'test'" in text
+
+    measure_throughput(copies["b"], "test", **fast)
+    cache = copies["b"] / THROUGHPUT_FILE
+    rec = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**rec, "device": "cuda:0", "threads": 16}))  # another machine
+    res = report(cli, str(copies["a"]), str(copies["b"]), "--out", str(tmp_path / "r2"))
+    assert res.returncode == 0, res.stderr
+    assert set(_frames_per_second(tmp_path / "r2").values()) == {""}
+    text = " ".join((tmp_path / "r2" / "report.md").read_text().split())
+    assert "frames/s left out: the cached measurements were made on different devices" in text
+    assert "b: cuda:0, 16 thread(s)" in text

@@ -1056,7 +1056,7 @@ def _may_belong(
 
 def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) -> None:
     """Inference frames/s of each row's first run (measured now or read from its cache)."""
-    from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput
+    from fusionkit.studies.robustness import THROUGHPUT_FILE, measure_throughput, read_throughput
 
     for row in rep.rows:
         first = row["runs"][0].run_dir
@@ -1066,17 +1066,37 @@ def _add_throughput(rep: Report, measure: bool, remeasure: bool, registry: Any) 
                 row["throughput"] = measure_throughput(
                     first, rep.split, registry=registry, refresh=remeasure
                 )
-            elif (first / THROUGHPUT_FILE).is_file():
-                row["throughput"] = read_json(first / THROUGHPUT_FILE, "throughput cache")
+            elif (first / THROUGHPUT_FILE).is_file():  # --no-throughput: caches of this split
+                row["throughput"], why = read_throughput(first / THROUGHPUT_FILE, rep.split)
+                if row["throughput"] is None:
+                    rep.notes.append(
+                        f"{row['variant']}: no frames/s: {why}; make the report without "
+                        "--no-throughput to measure it."
+                    )
         except (FusionkitError, OSError) as exc:
             rep.notes.append(f"{row['variant']}: throughput not measured ({exc}).")
-    tp = [r["throughput"] for r in rep.rows if r["throughput"]]
-    if tp:
+    used = [r for r in rep.rows if r["throughput"]]
+    setups = {(r["throughput"]["device"], r["throughput"]["threads"]) for r in used}
+    if len(setups) > 1:  # cached on different machines or settings: not one comparison
+        held = "; ".join(
+            f"{r['variant']}: {r['throughput']['device']}, {r['throughput']['threads']} thread(s)"
+            for r in used
+        )
+        rep.notes.append(
+            f"frames/s left out: the cached measurements were made on different devices or "
+            f"thread counts ({held}); make the report without --no-throughput to measure every "
+            "variant under the same conditions."
+        )
+        for r in used:
+            r["throughput"] = None
+        used = []
+    if used:
+        tp = used[0]["throughput"]
         rep.throughput_note = (
             "frames/s: inference over the whole split as evaluation runs it (the recipe's "
             "windows, hop and batch size, overlapping windows averaged), the fastest of at least "
             "5 passes, for the first seed's run of each variant, on "
-            f"{tp[0]['device']} with {tp[0]['threads']} thread(s) (cached in the run's "
+            f"{tp['device']} with {tp['threads']} thread(s) (cached in the run's "
             "`throughput.json`, measured again for another split, device or thread count)"
         )
 

@@ -18,6 +18,7 @@ skipped. A changed checkpoint or spec starts the file afresh.
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -237,22 +238,50 @@ def _refuse_replacing(run_dir: Path, spec: RobustnessSpec) -> None:
         )
 
 
+def read_throughput(path: Path, split: str) -> tuple[dict[str, Any] | None, str]:
+    """The throughput record in ``path`` when it is whole and was measured on ``split``, else
+    None and why not (no file, damaged, or measured on another split)."""
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    try:
+        rec = read_json(path, "throughput record")
+    except FusionkitError as exc:
+        return None, f"{path} is damaged ({exc})"
+    if not isinstance(rec, dict):
+        return None, f"{path} is damaged (not a JSON object)"
+    fps, threads, device = rec.get("frames_per_second"), rec.get("threads"), rec.get("device")
+    whole = (
+        isinstance(fps, int | float)
+        and not isinstance(fps, bool)
+        and math.isfinite(fps)
+        and fps > 0
+        and isinstance(threads, int)
+        and not isinstance(threads, bool)
+        and threads >= 1
+        and isinstance(device, str)
+        and bool(device)
+    )
+    if not whole:
+        return None, (
+            f"{path} is damaged (frames_per_second must be a positive number, threads a "
+            "positive integer and device a name)"
+        )
+    if rec.get("split") != split:
+        return None, f"{path} was measured on split {rec.get('split')!r}, not {split!r}"
+    return rec, ""
+
+
 def _cached_throughput(path: Path, split: str) -> dict[str, Any] | None:
     """The record in ``path`` if it was measured as :func:`measure_throughput` would measure
     now (same split, device and thread count), else None (missing, damaged or different)."""
     from fusionkit.engine.session import resolve_device
 
-    if not path.is_file():
-        return None
-    try:
-        rec = read_json(path, "throughput record")
-    except FusionkitError:
-        return None  # damaged: measured again and rewritten
+    rec, _ = read_throughput(path, split)
+    if rec is None:
+        return None  # measured again and rewritten
     device = resolve_device("auto")  # as load_run picks it
     threads = 1 if device.type == "cpu" else torch.get_num_threads()
-    if not isinstance(rec, dict) or (rec.get("split"), rec.get("threads")) != (split, threads):
-        return None
-    if str(rec.get("device", "")).split(":")[0] != device.type:
+    if rec["threads"] != threads or rec["device"].split(":")[0] != device.type:
         return None
     return rec
 
