@@ -149,7 +149,7 @@ def robustness(
     from fusionkit.engine.session import resolve_device, set_run_threads
     from fusionkit.engine.workers import interrupt_exit_code, sigterm_as_interrupt
     from fusionkit.studies.robustness import run_recipe_robustness
-    from fusionkit.studies.scan import collect_runs
+    from fusionkit.studies.scan import collect_runs, scan_runs
 
     resolve_device(device, what="--device")  # refused before any run is read
     specs: list[RobustnessSpec] | None = None
@@ -175,7 +175,14 @@ def robustness(
         specs = [spec]
     elif any(x is not None for x in (axis, values, param, split, name)):
         raise FusionkitError("--axis/--values/--param/--split/--name need --perturb")
-    runs = collect_runs(paths)
+    scan = scan_runs(paths)
+    runs = collect_runs(paths, scan)
+    skipped = [e for e in scan.excluded if e.status != "duplicate"]
+    for e in skipped:  # a later report would otherwise pool the sweep over the others only
+        err_console.print(
+            f"[yellow]left out[/] {escape(e.where)} ({escape(e.variant)}): "
+            f"{escape(e.status)}: {escape(e.detail)}"
+        )
     finished: list[str] = []
     try:
         with sigterm_as_interrupt():
@@ -199,6 +206,12 @@ def robustness(
                 for rec in records:
                     console.print(f"  robustness/{escape(str(rec['name']))}.json: complete")
                 finished.append(str(run.run_dir))
+        if skipped:
+            err_console.print(
+                f"[yellow]{len(skipped)} run(s) left out[/] (listed above): they have no "
+                "results of this sweep; finish them (fusionkit resume, or the grid's "
+                "fusionkit run) and run this command again to compute theirs"
+            )
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (timeout, kill, a batch scheduler)
         done = f" ({len(finished)} of {len(runs)} runs finished)" if len(runs) > 1 else ""
         err_console.print(

@@ -841,6 +841,19 @@ def robustness_sweeps(
                 for r in runs
             ]
             sweep.curves.append(Curve(variant, values, mean, std, _mean_std(aucs), len(runs)))
+        short = [
+            f"{row['variant']}: {len(entry['by'].get(row['variant'], []))} of {len(row['runs'])}"
+            for row in rows
+            if len(entry["by"].get(row["variant"], [])) < len(row["runs"])
+        ]
+        if short:  # e.g. `fusionkit robustness` given a grid before all its runs were done
+            notes.append(
+                f"robustness sweep {label} ({pert} over {axis} on {use}) was computed for part "
+                f"of the runs only ({first_few(short, 4, sep='; ')} runs): its curves and AUCs "
+                "are over the runs that have it, and a variant with none has no curve; compute "
+                "it for the others with `fusionkit robustness` on their folders (the same "
+                "--perturb, --param, --axis and --values)."
+            )
         sweeps.append(sweep)
     return sweeps
 

@@ -358,10 +358,11 @@ def scan_runs(paths: list[Path]) -> RunScan:
     return RunScan(sorted(runs.values(), key=lambda r: r.order), excluded, notes)
 
 
-def collect_runs(paths: list[Path]) -> list[RunRecord]:
-    """Every complete run under ``paths``, in grid order, each run once; an error naming what
-    was left out when there is none."""
-    scan = scan_runs(paths)
+def collect_runs(paths: list[Path], scan: RunScan | None = None) -> list[RunRecord]:
+    """Every complete run under ``paths`` (``scan``: their :func:`scan_runs`, when made
+    already), in grid order, each run once; an error naming what was left out when there is
+    none."""
+    scan = scan_runs(paths) if scan is None else scan
     if not scan.runs:
         where = ", ".join(map(str, paths))
         shown = first_few([f"{e.where} ({e.status}: {e.detail})" for e in scan.excluded], sep="; ")
