@@ -90,3 +90,37 @@ def test_a_sweep_run_while_a_run_was_unfinished_is_named_then_noted_in_the_repor
     text = " ".join((tmp_path / "rep" / "report.md").read_text().split())
     said = "robustness sweep span_dropout_rate (span_dropout over rate on test) was computed "
     assert said + "for part of the runs only (tiny: 2 of 3 runs)" in text
+
+
+def test_runs_list_and_report_agree_on_what_a_run_is(tmp_path, cli, monkeypatch):
+    """A run whose recipe.yaml was edited is unreadable in `runs list` as in `report` (it
+    showed complete with a score), and a grid point recorded as done is incomplete without its
+    run.json and missing without its folder (it showed done)."""
+    import shutil
+
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["sweep"] = {"training.seed": [0, 1, 2, 3]}
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(json.dumps(raw))
+    code, _, err = cli("run", recipe, "-q")
+    assert code == 0, err
+    grid = tmp_path / "tiny"
+    saved = grid / "seed-0" / "recipe.yaml"
+    saved.write_text(saved.read_text().replace("lr: 0.003", "lr: 0.004"))
+    (grid / "seed-1" / "run.json").unlink()
+    shutil.rmtree(grid / "seed-2")
+    monkeypatch.setenv("COLUMNS", "500")  # one table row per line
+    code, out, err = cli("runs", "list", grid)
+    assert code == 0, err
+    listed = " ".join(out.split())
+    assert f"{grid / 'seed-0'} unreadable:" in listed and "recipe.yaml" in listed
+    assert f"{grid / 'seed-1'} incomplete: no run.json" in listed
+    assert f"{grid / 'seed-2'} missing: recorded as done, but the run is gone" in listed
+    assert f"{grid / 'seed-3'} complete" in listed
+    code, out, err = cli("report", grid, "--out", tmp_path / "rep", "--no-throughput",
+                         "--bootstrap", "100")  # fmt: skip
+    assert code == 0, err
+    said = " ".join(out.split())
+    for point, status in (("seed-0", "unreadable"), ("seed-1", "incomplete"),
+                          ("seed-2", "missing")):  # fmt: skip
+        assert f"left out {grid / point} (tiny): {status}:" in said, said

@@ -29,14 +29,11 @@ def runs_list(
     from fusionkit.engine.runs import (
         GRID_FILE,
         MARKER_FILE,
-        METRICS_FILE,
         STATE_FILE,
         RunDir,
-        check_unchanged,
         read_grid_record,
-        read_metrics,
     )
-    from fusionkit.studies.scan import folders_under
+    from fusionkit.studies.scan import folders_under, read_run
 
     if not folder.exists():
         raise CheckpointError(f"not found: {folder}")
@@ -63,9 +60,9 @@ def runs_list(
             if (run / STATE_FILE).is_file():
                 epochs = str(read_train_state(run / STATE_FILE).epochs_done)
             if status.startswith("complete"):
-                # the number shown is the run's only if metrics.json is the file it wrote
-                check_unchanged(run.path, m.files, METRICS_FILE)
-                test = read_metrics(run.path)["splits"].get("test", {}).get("ccc_mean")
+                # read as a report reads it: the number shown is the run's only if metrics.json
+                # and recipe.yaml are the files it wrote
+                test = read_run(run.path).metrics["splits"].get("test", {}).get("ccc_mean")
                 score = f"{test:.4f}" if isinstance(test, float) else ""
         except FusionkitError as exc:
             status = f"unreadable: {exc}"
@@ -82,6 +79,12 @@ def runs_list(
             if entry.get("status") == "failed" or not (point / MARKER_FILE).is_file():
                 error = one_line(entry.get("error"), pick="final", limit=None)
                 why = f"{entry.get('status', 'pending')}" + (f": {error}" if error else "")
+                if entry.get("status") == "done":  # recorded as done, but not a run now
+                    why = (
+                        f"incomplete: no {MARKER_FILE}"
+                        if point.is_dir()
+                        else "missing: recorded as done, but the run is gone"
+                    )
                 table.add_row(escape(str(point)), escape(why), "", "")
                 rows += 1
     if not rows:
