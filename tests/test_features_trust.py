@@ -27,7 +27,7 @@ from fusionkit_affwild2.layout import HEADER
 from tests.affwild2_fixture import TINY_AUDIO, TINY_VIDEO
 from tests.conftest import REPO
 from tests.test_affwild2 import _features_dataset
-from tests.test_reliability import cli_inproc, one_line_error  # noqa: F401 (fixture)
+from tests.test_reliability import one_line_error
 from tests.test_weights import invoke, plugin_backbone
 
 FRAMES = 20
@@ -238,7 +238,7 @@ def test_an_array_of_another_width_is_named_when_loading(tmp_path):
 # --------------------------------------------------------------------------- 16: validate
 
 
-def test_recipe_validate_reports_missing_folders_and_overlaps(cli_inproc, tmp_path):  # noqa: F811
+def test_recipe_validate_reports_missing_folders_and_overlaps(cli_inproc, tmp_path):
     feats, labels = make_features(tmp_path)
     recipe = str(write_recipe(tmp_path, feats, labels))
     assert cli_inproc(["recipe", "validate", recipe]).returncode == 0

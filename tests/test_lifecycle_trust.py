@@ -26,7 +26,7 @@ from fusionkit.engine.runs import RunDir
 from fusionkit.engine.session import load_run
 from fusionkit.engine.streaming import read_feature_file
 from tests.conftest import tiny_recipe
-from tests.test_reliability import cli_inproc, one_line_error  # noqa: F401 (fixture)
+from tests.test_reliability import one_line_error
 
 SWEEP = {
     "name": "ash",
@@ -39,7 +39,7 @@ SWEEP = {
 
 
 @pytest.fixture
-def cli(cli_inproc, monkeypatch):  # noqa: F811
+def cli(cli_inproc, monkeypatch):
     """The CLI's entry point in this process with the in-test `tiny` dataset."""
     monkeypatch.setenv("COLUMNS", "400")
     yield lambda *args: cli_inproc([str(a) for a in args])
