@@ -563,6 +563,12 @@ def damaged(finished, tmp_path):
     return env, dst
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    from fusionkit.engine.files import tensors_metadata
+
+    return dict(tensors_metadata(path))
+
+
 def _rewrite_metadata(path: Path, key: str, value: str | None) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -759,3 +765,55 @@ def test_bf16_on_a_cpu_without_native_bf16_says_to_use_fp32(cli, tmp_path, cli_i
                            "training.epochs=1", f"output.name={precision}-{native}"])  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert ("no native bf16" in proc.stdout) == said, proc.stdout
+
+
+def _interrupted_after_one_epoch(tmp_path, registry):
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    rc = validate_recipe(tiny_recipe(tmp_path, epochs=3, num_threads=1), "tiny.yaml", registry)
+    with RunDir.create(rc, registry) as run, pytest.raises(KeyboardInterrupt):
+        Trainer(build_session(rc, registry), run, on_epoch_end=stop).fit()
+    return rc, run.path
+
+
+@pytest.mark.parametrize(
+    ("recorded", "said"),
+    [({"precision": "bf16"}, "cpu in bf16"), ({"device_type": "cuda"}, "cuda in fp32")],
+)
+def test_a_resume_on_another_device_or_precision_is_refused(tmp_path, registry, recorded, said):
+    """The state records where and how the first epoch trained (here: on the CPU in fp32); a
+    resume that would go on on another device type or in another precision (a run moved
+    between a GPU and a CPU machine with training.device auto) is refused, since one run
+    would mix two computations, and the run's files are left as they were."""
+    from fusionkit.engine.checkpoint import read_train_state
+    from fusionkit.engine.train import ResumeRefused
+
+    rc, path = _interrupted_after_one_epoch(tmp_path, registry)
+    st = read_train_state(path / STATE_FILE)
+    assert (st.device_type, st.precision) == ("cpu", "fp32")
+    trainer = json.loads(_metadata(path / STATE_FILE)["trainer"])
+    _rewrite_metadata(path / STATE_FILE, "trainer", json.dumps({**trainer, **recorded}))
+    before = snapshot(path)
+    with pytest.raises(
+        ResumeRefused, match=f"trained on {said}, and this process would go on on cpu in fp32"
+    ):
+        resume(rc, path, registry)
+    assert snapshot(path) == before
+
+
+def test_auto_resumes_on_the_device_type_the_run_trained_on(tmp_path, registry, monkeypatch):
+    """With training.device auto, a CPU run resumed on a machine with CUDA goes on on the
+    CPU; a CUDA run on a machine without CUDA is left to the refusal above; an explicit
+    device is kept."""
+    from fusionkit.engine.train import resumed_device
+
+    _, path = _interrupted_after_one_epoch(tmp_path, registry)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resumed_device(path, "auto") == "cpu"
+    assert resumed_device(path, "cuda:0") == "cuda:0"
+    trainer = json.loads(_metadata(path / STATE_FILE)["trainer"])
+    _rewrite_metadata(path / STATE_FILE, "trainer", json.dumps({**trainer, "device_type": "cuda"}))
+    assert resumed_device(path, "auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resumed_device(path, "auto") == "auto"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -57,6 +57,10 @@ class TrainState(BaseModel):
             states of older versions).
         world_size: processes the run trains on (``torchrun``; ``None`` in states of older
             versions): a resume under another number would change every step's batch.
+        device_type: ``cpu`` or ``cuda``, where the first epoch trained (``None`` in states of
+            older versions).
+        precision: ``fp32`` or ``bf16``, how the first epoch trained (``None`` likewise): a
+            resume on another device type or precision would mix two computations in one run.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -73,6 +77,8 @@ class TrainState(BaseModel):
     data_sha256: dict[str, str] | None = None
     cpu_threads: int | None = Field(None, ge=1)
     world_size: int | None = Field(None, ge=1)
+    device_type: Literal["cpu", "cuda"] | None = None
+    precision: Literal["fp32", "bf16"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainState:

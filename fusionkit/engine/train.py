@@ -115,6 +115,23 @@ def resumed_threads(run: RunDir | Path) -> int | None:
     return None if threads is None else min(threads, available_cores())
 
 
+def resumed_device(run: RunDir | Path, spec: str) -> str:
+    """The device a resume of ``run`` asks for: ``spec`` (``training.device``), except that
+    ``auto`` resumes on the device type its first epoch trained on (``cpu`` on a machine with
+    CUDA too), so that one run never mixes CPU and CUDA epochs; a state that cannot be read is
+    left to :meth:`Trainer.restore` to report."""
+    path = run / STATE_FILE
+    if spec != "auto" or not path.is_file():
+        return spec
+    try:
+        recorded = read_train_state(path).device_type
+    except CheckpointError:
+        return spec
+    if recorded is None or (recorded == "cuda" and not torch.cuda.is_available()):
+        return spec  # Trainer.restore says where the run must resume
+    return recorded
+
+
 def restore_threads(run: RunDir) -> None:
     """Before resuming ``run`` on the CPU without ``training.num_threads``: use
     :func:`resumed_threads`, so that the resumed epochs compute what an uninterrupted run
@@ -227,7 +244,10 @@ class Trainer:
             eps=0.0,  # every decay down to min_lr (torch skips those under 1e-8 by default)
         )
         self.state = TrainState(
-            recipe_sha256=self.recipe.training_sha256(), world_size=self.dist.world_size
+            recipe_sha256=self.recipe.training_sha256(),
+            world_size=self.dist.world_size,
+            device_type="cuda" if self.device.type == "cuda" else "cpu",
+            precision="bf16" if self.bf16 else "fp32",
         )
         self._tb: Any = None  # TensorBoard writer, when training.loggers asks for it
         self._identity: dict[str, str] | None = None  # the dataset's FeatureIdentity
@@ -275,8 +295,18 @@ class Trainer:
                 f"{self.dist.world_size}: every step would see another batch of windows. "
                 f"Resume it as it was: {resume_command(self.run.path, have)}"
             )
+        setup = (self.device.type, "bf16" if self.bf16 else "fp32")
+        if state.device_type is not None and (state.device_type, state.precision) != setup:
+            raise ResumeRefused(
+                f"{self.run}: its {state.epochs_done} finished epoch(s) trained on "
+                f"{state.device_type} in {state.precision}, and this process would go on on "
+                f"{setup[0]} in {setup[1]}: one run would mix two computations. Resume it "
+                f"where it trained (training.device: auto resumes on {state.device_type} "
+                "when this machine has it), or start a new run"
+            )
         # a state of an older version does not say: recorded from now on
         state.world_size = self.dist.world_size
+        state.device_type, state.precision = setup
         for group in self.optimizer.param_groups:  # loaded with the saved run's setting
             group["capturable"] = self.graphs
         self._recover(state)

@@ -75,7 +75,13 @@ from fusionkit.engine.session import (
     resolve_device,
     set_threads,
 )
-from fusionkit.engine.train import RunResult, Trainer, restore_threads, resumed_threads
+from fusionkit.engine.train import (
+    RunResult,
+    Trainer,
+    restore_threads,
+    resumed_device,
+    resumed_threads,
+)
 from fusionkit.engine.workers import Terminated, die_with_parent, sigterm_as_interrupt
 from fusionkit.studies.robustness import robustness_complete, run_recipe_robustness
 
@@ -105,7 +111,8 @@ def train_and_evaluate(
     With a ``console``, what is about to run (model, device, threads, data per split) is
     printed first, then progress per epoch."""
     dist = dist or Dist()
-    device = dist.device(resolve_device(recipe.training.device, source=recipe.source))
+    spec = resumed_device(run, recipe.training.device) if resume else recipe.training.device
+    device = dist.device(resolve_device(spec, source=recipe.source))
     session = build_session(recipe, registry, device=device)
     if resume and device.type == "cpu" and recipe.training.num_threads is None:
         restore_threads(run)  # before saying how many threads train
