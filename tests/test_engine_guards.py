@@ -541,6 +541,26 @@ def test_eval_evaluates_a_split_given_twice_once(trained, tmp_path, cli, monkeyp
     assert "reproduces metrics.json exactly (test;" in " ".join(out.split())
 
 
+def test_eval_re_runs_a_cpu_run_on_the_cpu_on_a_machine_with_cuda(trained, cli, monkeypatch):
+    """Without --device, eval uses the device type the run was evaluated on: a CPU run is not
+    re-run on a GPU (whose sums differ, so eval said a correct run differs); --device wins."""
+    import fusionkit.engine.session as session
+
+    asked = []
+    real = session.load_run
+
+    def spy(run, *args, device="auto", **kwargs):
+        asked.append(device)
+        return real(run, *args, device="cpu", **kwargs)
+
+    monkeypatch.setattr(session, "load_run", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code, out, err = cli("eval", trained[0])
+    assert code == 0, out + err
+    code, out, err = cli("eval", trained[0], "--device", "auto")
+    assert asked == ["cpu", "auto"]
+
+
 def test_eval_refuses_a_predictions_file_changed_after_the_run(trained, tmp_path, cli):
     """`eval` says a run reproduces its numbers only when the predictions that reports read
     are those the metrics came from: an edited predictions file is named, not passed."""

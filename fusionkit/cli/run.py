@@ -276,7 +276,13 @@ def eval_cmd(
     split: Annotated[
         list[str] | None, typer.Option("--split", help="split(s) to evaluate (default: the run's)")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (CUDA when present), cpu or cuda (default: the device type the run was "
+            "evaluated on, when this machine has it)"
+        ),
+    ] = None,
 ) -> None:
     """Reload a run's best weights and recompute its metrics; compares with metrics.json
     (exactly: every stored number must come out bit for bit the same)."""
@@ -284,13 +290,14 @@ def eval_cmd(
     from fusionkit.engine.runs import PREDICTIONS_DIR, RunDir, check_unchanged, read_metrics
     from fusionkit.engine.session import (
         data_as_evaluated,
+        evaluated_device,
         load_run,
         set_run_threads,
     )
 
     run = RunDir.open(run_dir)
     threads, origin = set_run_threads(run, run.recipe().training.num_threads)
-    loaded = load_run(run, device=device)
+    loaded = load_run(run, device=device or evaluated_device(run))
     rc = loaded.session.recipe
     stored = read_metrics(run.path, list(rc.model.targets))
     splits = list(dict.fromkeys(split or rc.evaluation.splits))  # --split val --split val: once

@@ -151,6 +151,16 @@ def set_run_threads(run: RunDir, asked: int | None) -> tuple[int, str]:
     return set_threads(recorded), "(as the run was evaluated)"
 
 
+def evaluated_device(run: RunDir) -> str:
+    """The ``--device`` that re-runs ``run`` as its metrics were computed: ``cpu`` for a run
+    evaluated on the CPU (also on a machine with CUDA, whose sums differ), ``cuda`` for one
+    evaluated on CUDA when this machine has it, else ``auto``."""
+    recorded = str(recorded_metrics(run.path).get("device", "")).split(":")[0]
+    if recorded == "cpu" or (recorded == "cuda" and torch.cuda.is_available()):
+        return recorded
+    return "auto"
+
+
 #: What ``--device`` and ``training.device`` accept (``cuda:N``: CUDA device ``N``).
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
