@@ -817,3 +817,24 @@ def test_auto_resumes_on_the_device_type_the_run_trained_on(tmp_path, registry, 
     assert resumed_device(path, "auto") == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resumed_device(path, "auto") == "auto"
+
+
+def test_no_run_or_grid_is_made_inside_another_run_or_grid(tmp_path, registry):
+    """output.dir inside a run (even its predictions/ folder) or inside a grid is refused
+    before anything is created there: reports, resumes and the clean-up of a run's leftovers
+    would take the new folder for the run's own; a grid still makes its own points."""
+    _, base, _ = train(tmp_path / "runs", registry, epochs=1)
+    grid_raw = tiny_recipe(tmp_path / "grids", epochs=1)
+    grid_raw["sweep"] = {"training.seed": [0]}
+    run_grid(validate_recipe(grid_raw, "g.yaml", registry), registry=registry)
+    grid = tmp_path / "grids" / "tiny"
+    assert (grid / "seed-0" / "run.json").is_file()  # its own point
+    before = snapshot(base), snapshot(grid)
+    for inside, kind in ((base / "predictions", "run"), (base, "run"), (grid, "grid")):
+        rc = validate_recipe(tiny_recipe(inside, epochs=1), "tiny.yaml", registry)
+        with pytest.raises(CheckpointError, match=f"inside the fusionkit {kind} directory"):
+            RunDir.create(rc, registry)
+        raw = {**tiny_recipe(inside, epochs=1), "sweep": {"training.seed": [0]}}
+        with pytest.raises(CheckpointError, match=f"inside the fusionkit {kind} directory"):
+            run_grid(validate_recipe(raw, "g.yaml", registry), registry=registry)
+    assert (snapshot(base), snapshot(grid)) == before

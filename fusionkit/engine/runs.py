@@ -204,6 +204,22 @@ def run_or_grid_holding(path: str | Path) -> tuple[Path, str, str] | None:
     return None
 
 
+def check_output_dir(parent: Path, what: str, *, in_grid: bool = False) -> None:
+    """Refuse to make a new run or grid (``what``, for the message) under ``parent`` when
+    ``parent`` is, or is inside, a run directory, or a grid directory unless ``in_grid`` (a
+    grid making its own points): their files belong to them, and reports, resumes and the
+    clean-up of leftovers would read or delete the new folder as theirs."""
+    held = run_or_grid_holding(parent)
+    if held is None or (in_grid and held[1] == "grid"):
+        return
+    folder, kind, marker = held
+    raise CheckpointError(
+        f"output.dir {parent} is inside the fusionkit {kind} directory {folder} (it has "
+        f"{marker}); a new {what} is never made inside another run or grid: set output.dir "
+        "(or --out) to a folder outside it"
+    )
+
+
 def check_output_file(path: Path, force: bool = False, option: str = "--out") -> None:
     """Refuse a file target of a command (``option`` names it in the message): one that is a
     folder, one that is or is inside a run or grid directory (always: those files belong to
@@ -264,19 +280,26 @@ class RunDir:
 
     @classmethod
     def create(
-        cls, recipe: Recipe, registry: Registry | None = None, *, exact: bool = False
+        cls,
+        recipe: Recipe,
+        registry: Registry | None = None,
+        *,
+        exact: bool = False,
+        in_grid: bool = False,
     ) -> RunDir:
         """Make a new run directory ``<output.dir>/<run name>`` (``-2``, ``-3``, ... when taken,
         or an error when ``exact``), lock it and write ``run.json`` and ``recipe.yaml``.
 
         The folder is created with one ``mkdir`` that fails if it exists, so two runs never
-        share one.
+        share one. ``output.dir`` may not lie in a run, nor in a grid unless ``in_grid`` (the
+        grid's own points).
         """
         registry = registry or get_registry()
         parent = Path(recipe.output.dir)
         name = recipe.run_name
         if not re.match(NAME_PATTERN, name):
             raise RecipeError([f"output.name: {name!r} cannot name a folder"], recipe.source)
+        check_output_dir(parent, "run", in_grid=in_grid)
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

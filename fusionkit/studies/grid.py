@@ -62,6 +62,7 @@ from fusionkit.engine.runs import (
     LOCK_FILE,
     RecipeChanged,
     RunDir,
+    check_output_dir,
     is_run_dir,
     read_grid_record,
     read_metrics,
@@ -287,7 +288,7 @@ def _open_or_create(recipe: Recipe, registry: Registry | None) -> tuple[RunDir, 
             f"{path} exists but fusionkit did not create it (no run.json); move it away or use "
             "another output.dir"
         )
-    return RunDir.create(recipe, registry, exact=True), False
+    return RunDir.create(recipe, registry, exact=True, in_grid=True), False
 
 
 def _run_point(
@@ -419,6 +420,7 @@ def _stale_runs(points: list[GridPoint], gdir: Path) -> list[str]:
 
 def _prepare_grid_dir(recipe: Recipe) -> Path:
     gdir = grid_dir(recipe)
+    check_output_dir(gdir.parent, "grid")
     record = gdir / GRID_FILE
     # the grid's lock file alone is what a grid stopped before its first grid.json leaves
     if gdir.exists() and not record.is_file() and any(p.name != LOCK_FILE for p in gdir.iterdir()):
