@@ -44,6 +44,12 @@ class _Console(Console):
 console = _Console(soft_wrap=True, highlight=False)
 
 
+def shown_path(path: Path) -> str:
+    """``path`` for a message: bytes that are not UTF-8 (a file name from another system) as
+    ``\\xff`` escapes, which any output can print, and rich markup escaped."""
+    return escape(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
 def listing(command: Callable[..., None]) -> Callable[..., None]:
     """A command whose printed lines are its whole product (``recipe list``, ``plugins list``):
     when its reader closes the output (``| head``), it ends quietly, as such a listing does,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from fusionkit.cli._common import console, err_console
+from fusionkit.cli._common import console, err_console, shown_path
 
 if TYPE_CHECKING:
     from fusionkit.engine.session import Session
@@ -87,7 +87,7 @@ def stream(
     if rate is None:
         rate = ASSUMED_FPS
         err_console.print(
-            f"[yellow]note:[/] {escape(str(source))} holds no frame rate: the seconds column "
+            f"[yellow]note:[/] {shown_path(source)} holds no frame rate: the seconds column "
             f"and the latency budget assume {ASSUMED_FPS:g} fps; give the video's rate with --fps"
         )
     dims = {m: int(x.shape[1]) for m, x in features.items()}
