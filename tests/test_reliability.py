@@ -838,3 +838,105 @@ def test_no_run_or_grid_is_made_inside_another_run_or_grid(tmp_path, registry):
         with pytest.raises(CheckpointError, match=f"inside the fusionkit {kind} directory"):
             run_grid(validate_recipe(raw, "g.yaml", registry), registry=registry)
     assert (snapshot(base), snapshot(grid)) == before
+
+
+@pytest.mark.parametrize("where", ["_provenance", "atomic_write_text"])
+def test_an_interrupt_while_a_run_folder_is_made_leaves_none(
+    tmp_path, registry, monkeypatch, where
+):
+    """Ctrl-C while RunDir.create gathers provenance (git) or writes run.json/recipe.yaml
+    leaves no folder (it left one holding only .lock, which no command can use)."""
+    import fusionkit.engine.runs as runs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, where, interrupted)
+    rc = validate_recipe(tiny_recipe(tmp_path / "runs", epochs=1), "tiny.yaml", registry)
+    with pytest.raises(KeyboardInterrupt):
+        RunDir.create(rc, registry)
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_an_interrupt_between_making_the_folder_and_training_removes_it(
+    cli, tmp_path, cli_inproc, monkeypatch
+):
+    """Ctrl-C after the run folder exists but before training took over: exit 130, the
+    usual line, and no folder (a retry gets the same name)."""
+    import fusionkit.cli.run as run_cli
+
+    _, recipe = cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_cli, "_train", interrupted)
+    res = cli_inproc(["run", str(recipe), "-q"])
+    assert res.returncode == 130, res.stderr
+    assert "interrupted before the first epoch finished" in res.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+SIGTERM_AT_START = """
+import os, signal, sys, time
+import fusionkit.cli.run as run_cli
+from fusionkit.cli import root
+
+def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler interrupts this
+    raise AssertionError("SIGTERM was not delivered")
+
+run_cli._train = terminated
+sys.argv = ["fusionkit", "run", sys.argv[1], "-q"]
+root.main()
+"""
+
+
+def test_a_sigterm_between_making_the_folder_and_training_is_an_interrupt(cli, tmp_path):
+    """A scheduler's SIGTERM in the same window ends like Ctrl-C (exit 143, no folder), not
+    with the default action (killed: status -15, the folder left behind)."""
+    env, recipe = cli
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_AT_START)
+    proc = subprocess.run([sys.executable, str(script), str(recipe)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert "interrupted before the first epoch finished" in proc.stderr
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_second_interrupt_during_the_clean_up_waits_until_it_is_done(tmp_path, registry):
+    """remove_if_unstarted runs to its end when a SIGINT arrives in the middle (a second
+    Ctrl-C left a folder with recipe.yaml but no run.json); the interrupt comes after."""
+    rc = validate_recipe(tiny_recipe(tmp_path / "runs", epochs=1), "tiny.yaml", registry)
+    run = RunDir.create(rc, registry)
+    real, calls = Path.unlink, []
+
+    def unlink(self, *args, **kwargs):
+        calls.append(self.name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # delivered here, were it not held
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "unlink", unlink)
+        with pytest.raises(KeyboardInterrupt):
+            run.remove_if_unstarted()
+    assert len(calls) == 3 and not run.path.exists()
+
+
+def test_resuming_a_complete_run_removes_the_leftovers_of_a_kill(cli, tmp_path, cli_inproc):
+    """A kill during a write after the run completed (a robustness sweep, a recipe.yaml
+    update) leaves a temporary file; `fusionkit resume` removes it as for an unfinished run,
+    and changes nothing else."""
+    _, recipe = cli
+    assert cli_inproc(["run", str(recipe), "-q"]).returncode == 0
+    run = tmp_path / "runs" / "tiny"
+    before = snapshot(run)
+    (run / ".metrics.json.x1.tmp").write_text("{half")
+    res = cli_inproc(["resume", str(run), "-q"])
+    assert res.returncode == 0 and "complete already" in res.stdout, res.stderr
+    assert not (run / ".metrics.json.x1.tmp").exists()
+    assert snapshot(run) == before

@@ -87,13 +87,20 @@ def run(
             )
         _resume(rc, RunDir.open(target) if dist.is_main else RunDir(target), quiet, dist, threads)
         return
-    made = RunDir.create(rc) if dist.is_main else None
-    path = dist.broadcast(str(made.path) if made else None)
-    run_dir = made or RunDir(path)
+    made = run_dir = None
     try:
-        _train(rc, run_dir, resume=False, quiet=quiet, dist=dist, threads=threads)
+        with sigterm_as_interrupt():  # from the folder's first moment (a scheduler's SIGTERM)
+            made = RunDir.create(rc) if dist.is_main else None
+            path = dist.broadcast(str(made.path) if made else None)
+            run_dir = made or RunDir(path)
+            _train(rc, run_dir, resume=False, quiet=quiet, dist=dist, threads=threads)
+    except KeyboardInterrupt as exc:  # before _train took over: the folder holds nothing yet
+        if made is not None and made.remove_if_unstarted():
+            err_console.print("\n[yellow]interrupted[/] before the first epoch finished")
+        raise typer.Exit(interrupt_exit_code(exc)) from None
     finally:
-        run_dir.unlock()
+        if run_dir is not None:
+            run_dir.unlock()
 
 
 def resume(
@@ -135,6 +142,7 @@ def _train(rc, run, *, resume: bool, quiet: bool, dist, threads: int) -> None:
         console.quiet = True
     if resume and run.is_complete():  # every process: none of them trains a finished run
         if dist.is_main:
+            run.clean_temp_files()  # a kill's leftovers (e.g. during a robustness sweep)
             _finish_robustness(rc, run, quiet=quiet)
         return
     verb = "resuming" if resume else "fusionkit run"

@@ -30,11 +30,13 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -300,6 +302,12 @@ class RunDir:
         if not re.match(NAME_PATTERN, name):
             raise RecipeError([f"output.name: {name!r} cannot name a folder"], recipe.source)
         check_output_dir(parent, "run", in_grid=in_grid)
+        marker = RunMarker(  # before the folder exists: nothing slow runs while it is bare
+            recipe_sha256=recipe.training_sha256(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            training_view=recipe.training_view(),  # names a key of a later edit
+            **_provenance(recipe, registry),
+        )
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -322,14 +330,8 @@ class RunDir:
             except OSError as exc:
                 raise CheckpointError(f"cannot create {path}: {exc.strerror or exc}") from None
             run = cls(path)
-            run.lock()
-            marker = RunMarker(
-                recipe_sha256=recipe.training_sha256(),
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                training_view=recipe.training_view(),  # names a key of a later edit
-                **_provenance(recipe, registry),
-            )
-            try:
+            try:  # an interrupt or a failure in here leaves no folder behind
+                run.lock()
                 atomic_write_json(path / MARKER_FILE, marker.model_dump(mode="json"))
                 atomic_write_text(path / RECIPE_FILE, recipe_to_yaml(recipe))
             except BaseException:
@@ -654,11 +656,26 @@ class RunDir:
         for p in self.path.iterdir():
             if p.name not in created and not (p.name.startswith(".") and p.name.endswith(".tmp")):
                 return False
-        for p in self.path.iterdir():
-            p.unlink()
-        self.unlock()
-        self.path.rmdir()
+        with signals_held():  # a second Ctrl-C does not leave half a run (no run.json)
+            for p in self.path.iterdir():
+                p.unlink()
+            self.unlock()
+            self.path.rmdir()
         return True
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside wait until it is left (then they act as usual):
+    for a few file operations that must not stop half-way."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_unchanged(run_dir: Path, files: Mapping[str, str], name: str) -> None:
