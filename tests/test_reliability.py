@@ -940,3 +940,23 @@ def test_resuming_a_complete_run_removes_the_leftovers_of_a_kill(cli, tmp_path, 
     assert res.returncode == 0 and "complete already" in res.stdout, res.stderr
     assert not (run / ".metrics.json.x1.tmp").exists()
     assert snapshot(run) == before
+
+
+def test_a_resume_with_other_plugin_versions_says_so(tmp_path, registry, cli_inproc):
+    """A run started with other versions of its plugins (upgraded between the interrupt and
+    the resume) trains its remaining epochs with the installed code: the resume says so,
+    naming each component once, instead of going on in silence."""
+    _, path = _interrupted_after_one_epoch(tmp_path, registry)
+    marker = json.loads((path / "run.json").read_text())
+    for c in marker["components"]:
+        if c["kind"] == "encoder":
+            c["version"] = "0.0.1"
+    (path / "run.json").write_text(json.dumps(marker))
+    res = cli_inproc(["resume", str(path), "-q"])
+    assert res.returncode == 0, res.stderr
+    said = " ".join(res.stderr.split())
+    assert (
+        "was started with other plugin versions: encoder 'linear' (fusionkit 0.0.1 built it" in said
+    )
+    assert said.count("encoder 'linear'") == 1  # audio and video use it: named once
+    assert "remaining epochs train with the installed ones" in said

@@ -490,6 +490,29 @@ class RunDir:
             )
         return None
 
+    def changed_versions(self, registry: Registry, marker: RunMarker | None = None) -> list[str]:
+        """The components ``run.json`` (``marker``, read here when not given) records with
+        another version of their plugin than the installed one, as ``kind 'name' (dist 0.1
+        built it, 0.2 is installed)``, each once; ``[]`` when none (or run.json is
+        unreadable)."""
+        try:
+            marker = marker or self.marker()
+        except FusionkitError:
+            return []
+        recorded = (marker.model_extra or {}).get("components")
+        changed: dict[str, None] = {}
+        for c in recorded if isinstance(recorded, list) else []:
+            if not isinstance(c, dict) or (str(c.get("kind")), str(c.get("name"))) not in registry:
+                continue
+            kind, name = str(c.get("kind")), str(c.get("name"))
+            dist, version = c.get("distribution"), c.get("version")
+            now = registry.get(kind, name)
+            if now.distribution == dist and version and now.version != version:
+                changed[
+                    f"{kind} {name!r} ({dist} {version} built it, {now.version} is installed)"
+                ] = None
+        return list(changed)
+
     def checked_recipe(self, registry: Registry | None = None) -> Recipe:
         """:meth:`recipe`, refused when its training settings no longer match the hash in
         ``run.json`` (the file was edited after the run was created: swapped targets, another

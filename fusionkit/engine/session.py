@@ -586,18 +586,7 @@ def _check_components(run: RunDir, marker: RunMarker, registry: Registry) -> Non
     missing = run.uninstalled_component(registry, marker)
     if missing is not None:
         raise CheckpointError(missing)
-    recorded = (marker.model_extra or {}).get("components")
-    changed = []
-    for c in recorded if isinstance(recorded, list) else []:
-        if not isinstance(c, dict):
-            continue
-        kind, name = str(c.get("kind")), str(c.get("name"))
-        dist, version = c.get("distribution"), c.get("version")
-        now = registry.get(kind, name)
-        if now.distribution == dist and version and now.version != version:
-            changed.append(
-                f"{kind} {name!r} ({dist} {version} built it, {now.version} is installed)"
-            )
+    changed = run.changed_versions(registry, marker)
     if changed:
         warnings.warn(
             f"{run} was built with other plugin versions: {'; '.join(changed)}; its numbers may "

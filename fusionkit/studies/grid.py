@@ -60,6 +60,7 @@ from fusionkit.engine.progress import duration, train_progress, warnings_to
 from fusionkit.engine.runs import (
     GRID_FILE,
     LOCK_FILE,
+    STATE_FILE,
     RecipeChanged,
     RunDir,
     check_output_dir,
@@ -122,6 +123,15 @@ def train_and_evaluate(
     if resume and dist.is_main:
         run.mark_running()
         run.clean_temp_files()
+        changed = run.changed_versions(session.registry) if (run / STATE_FILE).is_file() else []
+        if changed:  # the finished epochs were computed by the other code
+            warnings.warn(
+                f"{run.path} was started with other plugin versions: {'; '.join(changed)}; its "
+                "remaining epochs train with the installed ones, so its numbers may differ "
+                "from an uninterrupted run's (install the versions it was started with to "
+                "resume it exactly)",
+                stacklevel=2,
+            )
     progress = train_progress(console, recipe.run_name)
     trainer = Trainer(session, run, progress, dist, on_epoch_end)
     result = trainer.fit(resume=resume)
