@@ -638,3 +638,31 @@ def test_check_shapes_with_a_missing_stream_raises_shape_error_naming_it():
         plugin.check_shapes("gate 'g'", x, "b t d", {"a": {"d": 4}, "v": {"d": 4}})
     with pytest.raises(plugin.ShapeError, match=r"axis 'q' .* pattern 'b t d' has no such axis"):
         plugin.check_shape("gate 'g'", "a", x["a"], "b t d", q=3)
+
+
+TAKES_A_BUILTIN_KIND = """
+from typing import Protocol, runtime_checkable
+from fusionkit import plugin
+
+class Build(Protocol):
+    def __call__(self, params): ...
+
+@runtime_checkable
+class Thing(Protocol):
+    pass
+
+@plugin.hookimpl
+def fusionkit_register_kinds(registry):
+    registry.add_kind(plugin.Kind("audio_backbone", build=Build, returns=Thing))
+"""
+
+
+def test_a_plugin_cannot_take_over_a_kind_of_fusionkits_own_plugins(tmp_path, monkeypatch):
+    """A distribution whose name sorts before `fusionkit` and declares `audio_backbone` is
+    the one skipped (and named): fusionkit's own plugins load first, so the Aff-Wild2
+    datasets and backbones stay (they all vanished, and the warning blamed fusionkit)."""
+    reg, msgs = _load(tmp_path, monkeypatch, ("aaa-kind", "fkt_aaakind", TAKES_A_BUILTIN_KIND))
+    assert ("dataset", "affwild2") in reg and ("audio_backbone", "vggish") in reg
+    assert {f.distribution for f in reg.failures} == {"aaa-kind"}
+    assert len(msgs) == 1 and "from distribution 'aaa-kind'" in msgs[0]
+    assert "kind 'audio_backbone', already declared by 'fusionkit'" in msgs[0]

@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "fusionkit"
+#: The distribution whose plugins ship with fusionkit (loaded before any other).
+DISTRIBUTION = "fusionkit"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _MARK = "__fusionkit_component__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -583,9 +585,15 @@ def _load_all(strict: bool, problems: list[str]) -> Registry:
     """Load every plugin; with ``strict``, append one line per failed plugin to ``problems``
     instead of warning."""
     registry = Registry()
+    # fusionkit's own plugins first: the kinds they declare are theirs, whatever another
+    # distribution is called (one sorting before it could otherwise take a kind over)
     eps = sorted(
         md.entry_points(group=ENTRY_POINT_GROUP),
-        key=lambda e: (e.dist.name if e.dist else "", e.name),
+        key=lambda e: (
+            (e.dist.name if e.dist else "") != DISTRIBUTION,
+            e.dist.name if e.dist else "",
+            e.name,
+        ),
     )
 
     def fail(ep: Any, dist: str, version: str, exc: BaseException | str, hint: bool = True) -> None:
