@@ -960,3 +960,25 @@ def test_a_resume_with_other_plugin_versions_says_so(tmp_path, registry, cli_inp
     )
     assert said.count("encoder 'linear'") == 1  # audio and video use it: named once
     assert "remaining epochs train with the installed ones" in said
+
+
+@pytest.mark.parametrize("leak", ["val", "train"])
+def test_a_dataset_whose_test_split_repeats_another_is_refused(tmp_path, leak):
+    """A dataset plugin that hands back its validation (or training) videos as `test` would
+    report those scores as test scores with exit 0; the split is refused, naming both."""
+    from tests.conftest import TinyDataset, TinyParams, make_registry
+
+    class Leaky(TinyDataset):
+        def videos(self, split):
+            return super().videos(leak if split == "test" else split)
+
+    registry = make_registry()
+    registry.add("dataset", "leaky", build=Leaky, params=TinyParams)
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["data"]["name"] = "leaky"
+    rc = validate_recipe(raw, "tiny.yaml", registry)
+    with RunDir.create(rc, registry) as run, pytest.raises(DataError) as info:
+        Trainer(build_session(rc, registry), run).fit()
+    said = str(info.value)
+    assert f"dataset 'leaky': splits '{leak}' and 'test' hold the same videos ({leak}_0" in said
+    assert not (run.path / METRICS_FILE).exists()

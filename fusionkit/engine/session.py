@@ -28,7 +28,7 @@ from fusionkit.core.errors import (
 )
 from fusionkit.core.interfaces import Dataset, FeatureIdentity, Video, ZScoreDefault
 from fusionkit.core.overrides import apply_overrides, parse_overrides
-from fusionkit.core.params import short_repr
+from fusionkit.core.params import first_few, short_repr
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
@@ -318,6 +318,8 @@ class Session:
     normalizer: Normalizer | None = None
     #: split -> (features_sha256, labels_fingerprint) of the split, computed once per session
     _hashes: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    #: split -> the names of its videos, for every split read in this session
+    _names: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     def data_hashes(self, split: str) -> tuple[str, str]:
         """``(features_sha256, labels_fingerprint)`` of ``split`` of the clean dataset
@@ -388,6 +390,7 @@ class Session:
         data = dataset if dataset is not None else self.dataset
         self.check_split(split, data)
         videos = data.videos(split)
+        self._check_disjoint(split, frozenset(v.name for v in videos))
         return FrameStore(
             videos,
             sorted(self.recipe.model.encoders),
@@ -398,6 +401,21 @@ class Session:
             where=f"dataset {self.recipe.data.name!r} split {split!r}",
             normalizer=self.normalizer,
         )
+
+    def _check_disjoint(self, split: str, names: frozenset[str]) -> None:
+        """Refuse a split that shares videos with another split read in this session (a
+        dataset handing back its validation videos as ``test`` would report validation
+        scores as test scores, or training ones)."""
+        for other, seen in self._names.items():
+            shared = sorted(names & seen)
+            if other != split and shared:
+                raise DataError(
+                    f"dataset {self.recipe.data.name!r}: splits {other!r} and {split!r} hold "
+                    f"the same videos ({first_few(shared, 3)}; {len(shared)} of {len(names)}), "
+                    "so the scores of one would be reported as the other's: fix the dataset's "
+                    "splits (data.params), or leave the split out of evaluation.splits"
+                )
+        self._names[split] = names
 
 
 #: frames of the zero video every perturbation of a recipe is tried on before a run starts
