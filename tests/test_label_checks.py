@@ -7,7 +7,7 @@ import torch
 
 from fusionkit.core.errors import DataError
 from fusionkit.core.interfaces import Video
-from fusionkit.engine.data import _check_video
+from fusionkit.engine.data import check_video
 
 
 def test_a_non_finite_label_names_its_own_frame():
@@ -20,7 +20,7 @@ def test_a_non_finite_label_names_its_own_frame():
     mask[:10] = False  # frames 0-9 unlabelled
     video = Video("vid", {"audio": torch.zeros(n, 3)}, labels, mask)
     with pytest.raises(DataError, match=r"first at frame 17\)"):
-        _check_video(video, ["audio"], [0, 1], "split 'train'")
+        check_video(video, ["audio"], [0, 1], "split 'train'")
     labels[17, 0] = 0.0
     labels[3, 1] = float("nan")  # frame 3 is unlabelled: never read
-    _check_video(video, ["audio"], [0, 1], "split 'train'")
+    check_video(video, ["audio"], [0, 1], "split 'train'")

@@ -982,3 +982,54 @@ def test_a_dataset_whose_test_split_repeats_another_is_refused(tmp_path, leak):
     said = str(info.value)
     assert f"dataset 'leaky': splits '{leak}' and 'test' hold the same videos ({leak}_0" in said
     assert not (run.path / METRICS_FILE).exists()
+
+
+def _malformed(mode, video):
+    import dataclasses
+
+    n = video.num_frames
+    if mode == "present":
+        return dataclasses.replace(video, present={"video": torch.ones(3, dtype=torch.bool)})
+    if mode == "labels":
+        return dataclasses.replace(video, labels=video.labels[:, 0])
+    if mode == "label_mask":
+        return dataclasses.replace(video, label_mask=video.label_mask.long())
+    if mode == "width":
+        feats = {**video.features, "audio": video.features["audio"][:, :4]}
+        return dataclasses.replace(video, features=feats)
+    assert mode == "fps"
+    return dataclasses.replace(video, fps=0.0 * n)
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("present", "present['video'] is torch.bool (3,), expected bool ("),
+        ("labels", "labels are ("),
+        ("label_mask", "label_mask is torch.int64"),
+        ("width", "audio features are ("),
+        ("fps", "fps is 0.0, expected a number > 0"),
+    ],
+)
+def test_a_malformed_video_from_a_dataset_is_one_error_naming_it(tmp_path, mode, said):
+    """A dataset plugin's Video with a presence mask of the wrong length (read first by the
+    z-scoring), 1-D labels, a non-bool label mask, features narrower than its feature_dims, or
+    fps 0 ends in a DataError naming the video, before training (tracebacks, or an encoder
+    error naming no dataset, before)."""
+    from tests.conftest import TinyDataset, TinyParams, make_registry
+
+    class Broken(TinyDataset):
+        def videos(self, split):
+            out = list(super().videos(split))
+            return [_malformed(mode, out[0]), *out[1:]] if split == "train" else out
+
+    registry = make_registry()
+    registry.add("dataset", "broken", build=Broken, params=TinyParams)
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["data"].update(name="broken", normalize="zscore")
+    rc = validate_recipe(raw, "tiny.yaml", registry)
+    with RunDir.create(rc, registry) as run, pytest.raises(DataError) as info:
+        Trainer(build_session(rc, registry), run).fit()
+    assert "video 'train_0'" in str(info.value) and said in str(info.value), str(info.value)
+    if mode == "width":
+        assert "6, the dataset's feature_dims['audio']" in str(info.value)

@@ -81,7 +81,7 @@ def test_stream_says_when_the_context_is_shorter_than_the_receptive_field(tmp_pa
     code, _, err = cli("stream", run, feats, "--context", "2", "-q")
     assert code == 0, err
     assert "note:" in err and "has a receptive field of" in err and "than the 2 frames" in err
-    code, _, err = cli("stream", run, feats, "-q")
+    code, _, err = cli("stream", run, feats, "--fps", "30", "-q")
     assert code == 0 and "note:" not in err, err
 
 

@@ -12,9 +12,10 @@ a video in which a modality is never present is reported with a :class:`DataWarn
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,16 +127,16 @@ class Normalizer:
 
     @classmethod
     def fit(cls, videos: Sequence[Video], modalities: Sequence[str]) -> Normalizer:
-        """Statistics over every present frame of ``videos`` (float64 sums: exact enough for
-        any split size)."""
+        """Statistics over every present frame of ``videos``, checked by :func:`check_video`
+        (float64 sums: exact enough for any split size)."""
         mean, std = {}, {}
         for m in modalities:
             total, sq, n = None, None, 0
             for v in videos:
                 x = v.features[m].double()
                 present = v.present.get(m)
-                if present is not None:
-                    x = x[present.bool()]
+                if present is not None:  # bool (N,): see check_video
+                    x = x[present]
                 total = x.sum(0) if total is None else total + x.sum(0)
                 sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
                 n += x.shape[0]
@@ -224,11 +225,39 @@ class Batch:
     frame_index: Tensor
 
 
-def _check_video(
-    v: Video, modalities: Sequence[str], target_columns: Sequence[int], where: str
+def _check_present(v: Video, m: str, present: Tensor, where: str) -> None:
+    """Refuse a presence mask that is not bool ``(N,)``."""
+    if present.dtype != torch.bool or tuple(present.shape) != (v.num_frames,):
+        raise DataError(
+            f"{where}: video {v.name!r}: present[{m!r}] is {present.dtype} "
+            f"{tuple(present.shape)}, expected bool ({v.num_frames},)"
+        )
+
+
+def check_video(
+    v: Video,
+    modalities: Sequence[str],
+    target_columns: Sequence[int],
+    where: str,
+    dims: Mapping[str, int] | None = None,
 ) -> None:
-    """Refuse a video whose features, presence masks, labelled targets or flags a store cannot
-    use, naming the video and what is wrong."""
+    """Refuse a video whose labels, features (of the widths in ``dims``, when given),
+    presence masks, frame rate or flags a store cannot use, naming the video and what is
+    wrong."""
+    labels, keep = v.labels, v.label_mask
+    if labels.dim() != 2 or labels.shape[1] <= max(target_columns, default=-1):
+        raise DataError(
+            f"{where}: video {v.name!r}: labels are {tuple(labels.shape)}, expected (N, "
+            f"{max(target_columns, default=-1) + 1} or more): one row per frame, one column per "
+            "target of the dataset"
+        )
+    if keep.dtype != torch.bool or tuple(keep.shape) != (v.num_frames,):
+        raise DataError(
+            f"{where}: video {v.name!r}: label_mask is {keep.dtype} {tuple(keep.shape)}, "
+            f"expected bool ({v.num_frames},)"
+        )
+    if not (isinstance(v.fps, int | float) and math.isfinite(v.fps) and v.fps > 0):
+        raise DataError(f"{where}: video {v.name!r}: fps is {v.fps!r}, expected a number > 0")
     for m in modalities:
         if m not in v.features:
             raise DataError(
@@ -236,21 +265,18 @@ def _check_video(
                 "the recipe's model.encoders must name modalities the dataset provides"
             )
         x = v.features[m]
-        if x.dim() != 2 or x.shape[0] != v.num_frames:
+        width = None if dims is None else dims.get(m)
+        if x.dim() != 2 or x.shape[0] != v.num_frames or width not in (None, x.shape[1]):
+            want = "F" if width is None else f"{width}, the dataset's feature_dims[{m!r}]"
             raise DataError(
                 f"{where}: video {v.name!r}: {m} features are {tuple(x.shape)}, "
-                f"expected ({v.num_frames}, F): one row per labelled frame"
+                f"expected ({v.num_frames}, {want}): one row per labelled frame"
             )
         _check_finite(v, f"{m} features", x, where)
         present = v.present.get(m)
-        if present is not None and (
-            present.dtype != torch.bool or tuple(present.shape) != (v.num_frames,)
-        ):
-            raise DataError(
-                f"{where}: video {v.name!r}: present[{m!r}] is {present.dtype} "
-                f"{tuple(present.shape)}, expected bool ({v.num_frames},)"
-            )
-    labels = v.labels[:, list(target_columns)]
+        if present is not None:
+            _check_present(v, m, present, where)
+    labels = labels[:, list(target_columns)]
     # unlabelled frames may hold anything (they are never read); labelled ones must be finite,
     # and are named by their frame, not their index among the labelled frames
     _check_finite(v, "labels", torch.where(v.label_mask.bool()[:, None], labels, 0.0), where)
@@ -279,6 +305,7 @@ class FrameStore:
         device: torch.device | str = "cpu",
         where: str = "dataset",
         normalizer: Normalizer | None = None,
+        dims: Mapping[str, int] | None = None,
     ) -> None:
         if not videos:
             raise DataError(f"{where} has no videos")
@@ -298,7 +325,7 @@ class FrameStore:
         shown: dict[str, list[Tensor]] = {m: [] for m in modalities}  # present frames
         absent: dict[str, list[str]] = {}
         for v in videos:
-            _check_video(v, modalities, target_columns, where)
+            check_video(v, modalities, target_columns, where, dims)
             for m in modalities:
                 present = v.present.get(m)
                 if present is not None and not bool(present.any()):

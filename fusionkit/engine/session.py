@@ -32,7 +32,13 @@ from fusionkit.core.params import first_few, short_repr
 from fusionkit.core.recipe import PerturbationSpec, Recipe, validate_recipe
 from fusionkit.core.registry import Registry, get_registry
 from fusionkit.engine.checkpoint import WeightsMismatch, load_weights
-from fusionkit.engine.data import FrameStore, Normalizer, features_sha256, labels_fingerprint
+from fusionkit.engine.data import (
+    FrameStore,
+    Normalizer,
+    check_video,
+    features_sha256,
+    labels_fingerprint,
+)
 from fusionkit.engine.files import load_tensors, save_tensors
 from fusionkit.engine.model import FusionModel, build_model
 from fusionkit.engine.perturb import AppliedPerturbation, PerturbedDataset, build_perturbation
@@ -352,8 +358,13 @@ class Session:
     def fit_normalizer(self) -> Normalizer | None:
         """Fit the z-scoring statistics on the training split (as training reads it)."""
         if self.zscore:
-            videos = self.train_dataset.videos(self.recipe.data.train_split)
-            self.normalizer = Normalizer.fit(videos, sorted(self.recipe.model.encoders))
+            split = self.recipe.data.train_split
+            videos = self.train_dataset.videos(split)
+            modalities = sorted(self.recipe.model.encoders)
+            where = f"dataset {self.recipe.data.name!r} split {split!r}"
+            for v in videos:  # what the statistics read must be whole
+                check_video(v, modalities, self.target_columns, where, self.dataset.feature_dims)
+            self.normalizer = Normalizer.fit(videos, modalities)
         return self.normalizer
 
     def save_normalizer(self, run: RunDir) -> None:
@@ -400,6 +411,7 @@ class Session:
             self.device,
             where=f"dataset {self.recipe.data.name!r} split {split!r}",
             normalizer=self.normalizer,
+            dims=data.feature_dims,
         )
 
     def _check_disjoint(self, split: str, names: frozenset[str]) -> None:
