@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # xdist sets a terminal size of 80 x 24 in its
+    # workers, which would fix the width of every console fusionkit prints with; the tests
+    # that read tables set COLUMNS themselves, as in a serial run
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
 import textwrap
 from pathlib import Path
 from typing import ClassVar

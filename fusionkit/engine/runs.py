@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -689,16 +690,22 @@ class RunDir:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM that arrive inside wait until it is left (then they act as usual):
-    for a few file operations that must not stop half-way."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM that arrive inside wait until it is left, then act as usual: for a
+    few file operations that must not stop half-way. Python runs signal handlers in the main
+    thread only, so elsewhere nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if held:  # delivered now, to the handler it would have met
+            signal.raise_signal(held[0])
 
 
 def check_unchanged(run_dir: Path, files: Mapping[str, str], name: str) -> None:
