@@ -153,17 +153,24 @@ def test_a_component_param_beside_its_name_says_to_write_it_under_params(tmp_pat
         validate_recipe(raw, "r.yaml", registry)
 
 
-def test_a_number_where_text_belongs_says_how_to_quote_it(tmp_path, registry):
-    """`output.name=2024` is read by YAML as a number: the message says how to quote it in a
-    file and on the command line (and the quoted form is accepted)."""
-    raw = tiny_recipe(tmp_path)
-    raw["output"]["name"] = 2024
+@pytest.mark.parametrize(("typed", "read"), [("2024", "a number, 2024"),
+                                             ("12:30", "a number, 750"),
+                                             ("2024-01-01", "a date, 2024-01-01")])  # fmt: skip
+def test_a_number_where_text_belongs_says_how_to_quote_it(tmp_path, registry, typed, read):
+    """`output.name=12:30` is read by YAML as a number (base 60: 750): the message says what
+    YAML read and how to quote the text as written, without offering the number as the name
+    (it suggested '750'); the quoted form is accepted."""
+    from fusionkit.core.overrides import apply_overrides, parse_overrides
+
+    raw = apply_overrides(tiny_recipe(tmp_path), parse_overrides([f"output.name={typed}"]))
     with pytest.raises(RecipeError) as err:
         validate_recipe(raw, "r.yaml", registry)
-    assert "which YAML reads as a number); quote it: name: '2024' in a file" in str(err.value)
-    assert """output.name='"2024"' on the command line""" in str(err.value)
-    raw["output"]["name"] = "2024"
-    assert validate_recipe(raw, "r.yaml", registry).run_name == "2024"
+    said = str(err.value)
+    assert f"(YAML read what was written as {read}); put the text in quotes as written" in said
+    assert """name: '...' in a file, output.name='"..."' on the command line""" in said
+    raw = apply_overrides(tiny_recipe(tmp_path), parse_overrides([f'output.name="{typed}"']))
+    if ":" not in typed:  # a name cannot hold ':'
+        assert validate_recipe(raw, "r.yaml", registry).run_name == typed
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ the recipe checks every validated params block with :func:`nonfinite_fields`.
 
 from __future__ import annotations
 
+import datetime
 import math
 import reprlib
 import types
@@ -241,11 +242,15 @@ def describe_validation_error(
                 f"{path}: {msg} (got {short_repr(err['input'])}); write a list in brackets: "
                 f"[{items}]"
             )
-        elif kind == "string_type" and isinstance(err.get("input"), int | float):
+        elif kind == "string_type" and isinstance(
+            err.get("input"), int | float | datetime.date | datetime.time
+        ):  # 2024, 12:30 (base 60: 750), 0x1F, 1e3, 2024-01-01: YAML reads no text there
             got = err["input"]
+            what = "a number" if isinstance(got, int | float) else "a date"
             problems.append(
-                f"{path}: {msg} (got {short_repr(got)}, which YAML reads as a number); quote "
-                f"it: {loc[-1]}: '{got}' in a file, {path}='\"{got}\"' on the command line"
+                f"{path}: {msg} (YAML read what was written as {what}, {got}); put the text "
+                f"in quotes as written: {loc[-1]}: '...' in a file, {path}='\"...\"' on the "
+                "command line"
             )
         else:
             problems.append(f"{path}: {msg} (got {short_repr(err.get('input'))})")
