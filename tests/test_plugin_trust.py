@@ -666,3 +666,29 @@ def test_a_plugin_cannot_take_over_a_kind_of_fusionkits_own_plugins(tmp_path, mo
     assert {f.distribution for f in reg.failures} == {"aaa-kind"}
     assert len(msgs) == 1 and "from distribution 'aaa-kind'" in msgs[0]
     assert "kind 'audio_backbone', already declared by 'fusionkit'" in msgs[0]
+
+
+REGISTERS_NOTHING = """
+from torch import nn
+from fusionkit import plugin
+
+def build(params, *, in_dims, num_steps):  # @plugin.register forgotten
+    return nn.Identity()
+
+@plugin.hookimpl
+def fusionkit_register_components(registry):
+    import sys
+    registry.add_module(sys.modules[__name__])
+"""
+
+
+def test_a_plugin_that_registers_nothing_is_named_not_invisible(tmp_path, monkeypatch):
+    """A plugin whose build function lacks @plugin.register loads but adds nothing: it is
+    named with the likely cause (it was in no listing and --strict passed)."""
+    reg, msgs = _load(tmp_path, monkeypatch, ("fk-empty", "fkt_empty", REGISTERS_NOTHING))
+    (failure,) = reg.failures
+    assert failure.distribution == "fk-empty"
+    assert "registers no component and declares no kind" in failure.error
+    assert len(msgs) == 1 and "@plugin.register(kind, name)" in msgs[0]
+    with pytest.raises(PluginError, match="fk-empty"):
+        load_registry(strict=True)

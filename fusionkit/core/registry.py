@@ -649,6 +649,17 @@ def _load_all(strict: bool, problems: list[str]) -> Registry:
         except (Exception, SystemExit) as exc:
             fail(item.ep, item.dist, item.version, exc)
             continue
+        if not scratch._items and not item.kinds:  # loaded, but adds nothing at all
+            fail(
+                item.ep,
+                item.dist,
+                item.version,
+                "registers no component and declares no kind: mark each build function "
+                "with @plugin.register(kind, name) in the module its hook passes to "
+                "registry.add_module, or call registry.add in the hook",
+                hint=False,
+            )
+            continue
         item.scratch = scratch
     _drop_failed_kinds(registry, loaded, fail)
     for item in loaded:
