@@ -343,6 +343,20 @@ def test_validate_reports_what_run_would_reject(tmp_path):
             r"data\.params\.audio\.backbone\.params\.weights",
         ),
     ]
+    key = "data.params.video.backbone.params.weights"
+    truncated, pickled, folder = tmp_path / "cut.safetensors", tmp_path / "w.pth", tmp_path / "w"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    torch.save({"w": torch.zeros(2)}, pickled)
+    folder.mkdir()
+    cases += [  # told once by validate, not once per extraction job
+        ((good, [f"{key}={truncated}"]), r"cut\.safetensors \(data\.params\.video\.backbone"
+         r"\.params\.weights\) are not a readable safetensors file"),
+        ((good, [f"{key}={pickled}"]), r"converts with `fusionkit weights convert`"),
+        ((good, [f"{key}={folder}"]), r"backbone weights .*w is a folder; set data\.params"),
+    ]  # fmt: skip
     (good / "leak.txt").write_text("t1\na\n")
     for (root, extra), match in cases:
         with pytest.raises(DataError, match=match):

@@ -39,6 +39,7 @@ the module's state dict.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, ClassVar, Protocol, runtime_checkable
@@ -46,7 +47,7 @@ from typing import Annotated, ClassVar, Protocol, runtime_checkable
 import torch
 from einops import rearrange
 from pydantic import BaseModel, Field, model_validator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -198,6 +199,32 @@ class _WeightsParams(Params):
         None, description="safetensors file with the backbone's weights (default: random init)"
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random initialisation")
+
+
+def check_weights_file(path: Path, key: str) -> None:
+    """Refuse, from its header alone (cheap: no tensor is read), a weights file that cannot be
+    loaded: missing, a folder, a PyTorch pickle, or not a whole safetensors file. ``key``:
+    the recipe key that names it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"backbone weights {path} is a folder; set {key} to a .safetensors file")
+    if not path.is_file():
+        raise DataError(
+            f"backbone weights file {path} does not exist; set {key} to an existing "
+            ".safetensors file"
+        )
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        convert = (
+            "; a PyTorch checkpoint (.pth, .pt) converts with `fusionkit weights convert`"
+            if zipfile.is_zipfile(path) or path.suffix in (".pth", ".pt", ".bin", ".ckpt")
+            else ""
+        )
+        raise DataError(
+            f"backbone weights {path} ({key}) are not a readable safetensors file: {exc}{convert}"
+        ) from None
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:

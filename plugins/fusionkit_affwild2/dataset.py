@@ -37,6 +37,7 @@ from fusionkit.plugin import (
     first_few,
     run_or_grid_holding,
 )
+from fusionkit_affwild2.backbones import check_weights_file
 from fusionkit_affwild2.cache import CacheFolder, Job, library_versions, plan, run_jobs
 from fusionkit_affwild2.extraction import (
     AudioJob,
@@ -157,12 +158,8 @@ class AffWild2Dataset:
             ("video", self.params.video.backbone),
         ):
             weights = getattr(spec.params, "weights", None)
-            if weights is not None and not Path(weights).is_file():
-                raise DataError(
-                    f"backbone weights file {weights} does not exist; set "
-                    f"data.params.{modality}.backbone.params.weights to an existing "
-                    ".safetensors file"
-                )
+            if weights is not None:  # once here, not in every extraction job
+                check_weights_file(weights, f"data.params.{modality}.backbone.params.weights")
 
     # ------------------------------------------------------------------ layout
 
