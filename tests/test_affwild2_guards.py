@@ -222,7 +222,7 @@ def test_a_video_far_shorter_than_its_labels_gets_its_own_warning():
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        AffWild2Dataset._warn_lengths(fake, ["ok", "near", "cut"])
+        AffWild2Dataset._check_lengths(fake, ["ok", "near", "cut"])
     texts = [str(w.message) for w in caught]
     assert len(texts) == 2
     far = next(t for t in texts if "far more than a few" in t)
@@ -230,3 +230,34 @@ def test_a_video_far_shorter_than_its_labels_gets_its_own_warning():
     assert "truncated" in far
     usual = next(t for t in texts if "!= decoded video frames" in t)
     assert "near (60 label rows, 58 video frames)" in usual and "cut" not in usual
+
+
+def test_labels_many_times_longer_than_their_video_are_refused(tmp_path):
+    """An annotation file with more than ten times as many rows as its video has frames (a
+    file of another video, or one concatenated over and over) is refused naming the file:
+    nearly every frame trained on would have no video behind it (it trained with exit 0).
+    A file of more than a million rows is refused before it is read."""
+    from types import SimpleNamespace
+
+    from fusionkit.plugin import DataError
+    from fusionkit_affwild2.dataset import AffWild2Dataset
+    from fusionkit_affwild2.layout import MAX_LABEL_ROWS, read_labels
+
+    frames, rows = {"ok": 60, "huge": 66}, {"ok": 60, "huge": 3_000}
+    fake = SimpleNamespace(
+        label_paths={t: tmp_path / f"{t}.txt" for t in frames},
+        media_key=lambda t: t,
+        audio_cache=SimpleNamespace(info=lambda m: {"info": {"num_frames": frames[m]}}),
+        labels=lambda t: SimpleNamespace(rows=rows[t]),
+    )
+    with pytest.raises(DataError, match=r"huge\.txt \(3000 rows, 66 video frames\)"):
+        AffWild2Dataset._check_lengths(fake, ["ok", "huge"])
+    rows["huge"] = 600  # 9 times: a truncated video, warned about as before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AffWild2Dataset._check_lengths(fake, ["ok", "huge"])
+    assert any("far more than a few" in str(w.message) for w in caught)
+    big = tmp_path / "big.txt"
+    big.write_text("valence,arousal\n" + "0.1,0.2\n" * (MAX_LABEL_ROWS + 1))
+    with pytest.raises(DataError, match="more than 1,000,000; it is not an annotation file"):
+        read_labels(big)

@@ -76,6 +76,9 @@ _FIX = "run `fusionkit extract RECIPE` with the same data.params first"
 #: label rows and decoded frames this far apart (or 2 % of the rows, if more) are not the usual
 #: few-frame difference: the video file is probably truncated or another video's
 FAR_FRAMES = 5
+#: label rows more than this many times the decoded frames (and FAR_FRAMES more) are refused:
+#: nearly every frame trained on would have no video behind it
+MAX_LABELS_PER_FRAME = 10
 
 
 def fit_rows(x: Tensor, n: int, fill: str) -> Tensor:
@@ -484,7 +487,7 @@ class AffWild2Dataset:
         report.seconds = time.perf_counter() - t0
         self._warn_no_audio(media, trials)
         if not failed:
-            self._warn_lengths(trials)
+            self._check_lengths(trials)
         return report
 
     def _warn_random_init(self) -> None:
@@ -552,10 +555,11 @@ class AffWild2Dataset:
             return self.labels(trial).rows
         return max(frames, crops)
 
-    def _warn_lengths(self, trials: Sequence[str]) -> None:
+    def _check_lengths(self, trials: Sequence[str]) -> None:
         """Warn about trials whose decoded video is shorter or longer than their labels, or
-        (unlabelled trials) shorter than their face crops."""
-        diffs, far = [], []
+        (unlabelled trials) shorter than their face crops; refuse label files many times
+        longer than their video."""
+        diffs, far, absurd = [], [], []
         for t in trials:
             info = self.audio_cache.info(self.media_key(t))
             if info is None:
@@ -563,6 +567,8 @@ class AffWild2Dataset:
             frames = int(info["info"]["num_frames"])
             if t in self.label_paths:
                 rows, what = self.labels(t).rows, "label rows"
+                if rows > MAX_LABELS_PER_FRAME * frames and rows - frames > FAR_FRAMES:
+                    absurd.append(f"{self.label_paths[t]} ({rows} rows, {frames} video frames)")
             else:  # fewer crops than frames is usual: the last frames without a face
                 crops = self.video_cache.info(t)
                 rows, what = int((crops or {}).get("info", {}).get("max_frame", 0)), "face crops"
@@ -572,6 +578,14 @@ class AffWild2Dataset:
                 text = f"{t} ({rows} {what}, {frames} video frames)"
                 # a few frames apart is usual; far more means a truncated or wrong file
                 (far if abs(frames - rows) > max(FAR_FRAMES, 0.02 * rows) else diffs).append(text)
+        if absurd:
+            raise DataError(
+                f"affwild2: {len(absurd)} annotation file(s) hold more than "
+                f"{MAX_LABELS_PER_FRAME} times as many rows as their video has frames: "
+                f"{first_few(absurd, 4, '; ')}. Such a file is another video's labels or a "
+                "damaged one (training would run on frames with no video behind them): fix or "
+                "remove it"
+            )
         if far:
             warnings.warn(
                 f"affwild2: {len(far)} trial(s) differ from their labels or face crops by far "
@@ -649,7 +663,7 @@ class AffWild2Dataset:
             self._template_rows(split, names)
             memo: dict[str, Any] = {}
             self._videos[split] = [self._load_trial(t, memo) for t in names]
-            self._warn_lengths(names)
+            self._check_lengths(names)
             if split == "val":
                 warn_shared_media("affwild2", self.trials("train"), names, split, stacklevel=2)
             if not self._unused_warned:

@@ -72,10 +72,20 @@ class Labels:
         return int(self.values.shape[0])
 
 
+#: Most frame rows an annotation file may hold (over 9 hours at 30 fps; the longest Aff-Wild2
+#: video has about 50,000 frames): a larger file is refused before it is read.
+MAX_LABEL_ROWS = 1_000_000
+
+
 def read_labels(path: Path) -> Labels:
     """Read ``valence,arousal`` then one ``v,a`` row per video frame; ``-5`` marks a frame
     without annotation (masked). Values other than ``-5`` must lie in ``[-1, 1]``."""
-    try:
+    try:  # a row is at least 4 bytes ("0,0\n"); 32 is far beyond any real one
+        if path.stat().st_size > 32 * MAX_LABEL_ROWS:
+            raise DataError(
+                f"annotation file {path} is {path.stat().st_size:,} bytes, far more than "
+                f"{MAX_LABEL_ROWS:,} frame rows; it is not an annotation file of one video"
+            )
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read annotation file {path}: {exc}") from None
@@ -85,6 +95,11 @@ def read_labels(path: Path) -> Labels:
     if not lines or lines[0].strip().replace(" ", "").lower() != HEADER:
         first = lines[0].strip() if lines else "<empty file>"
         raise DataError(f"{path}:1: expected the header {HEADER!r}, found {first!r}")
+    if len(lines) - 1 > MAX_LABEL_ROWS:
+        raise DataError(
+            f"{path} has {len(lines) - 1:,} frame rows, more than {MAX_LABEL_ROWS:,}; it is not "
+            "an annotation file of one video"
+        )
     values = np.zeros((len(lines) - 1, 2), dtype=np.float32)
     mask = np.ones(len(lines) - 1, dtype=bool)
     for k, line in enumerate(lines[1:]):
