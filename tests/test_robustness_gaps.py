@@ -63,18 +63,23 @@ def test_command_line_values_join_the_recipes_sweep_of_that_name(tmp_path, cli):
     assert sorted(p["value"] for p in rec["results"]["test"].values()) == [0.0, 0.25, 0.5, 1.0]
 
 
+def _seed_grid(tmp_path, cli, seeds: int):
+    """A trained one-epoch grid of the tiny recipe over ``seeds`` seeds: its folder."""
+    raw = tiny_recipe(tmp_path, epochs=1)
+    raw["sweep"] = {"training.seed": list(range(seeds))}
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text(json.dumps(raw))
+    code, _, err = cli("run", recipe, "-q")
+    assert code == 0, err
+    return tmp_path / "tiny"
+
+
 def test_a_sweep_run_while_a_run_was_unfinished_is_named_then_noted_in_the_report(tmp_path, cli):
     """`fusionkit robustness GRID` names every run it leaves out (here one without its
     metrics.json, as before a run finishes) instead of passing over it; once that run is whole,
     the report says the sweep covers 2 of its 3 runs rather than giving an AUC over fewer seeds
     without a word."""
-    raw = tiny_recipe(tmp_path, epochs=1)
-    raw["sweep"] = {"training.seed": [0, 1, 2]}
-    recipe = tmp_path / "grid.yaml"
-    recipe.write_text(json.dumps(raw))
-    code, _, err = cli("run", recipe, "-q")
-    assert code == 0, err
-    grid = tmp_path / "tiny"
+    grid = _seed_grid(tmp_path, cli, 3)
     metrics = grid / "seed-2" / "metrics.json"
     kept = metrics.read_bytes()
     metrics.unlink()
@@ -98,13 +103,7 @@ def test_runs_list_and_report_agree_on_what_a_run_is(tmp_path, cli, monkeypatch)
     run.json and missing without its folder (it showed done)."""
     import shutil
 
-    raw = tiny_recipe(tmp_path, epochs=1)
-    raw["sweep"] = {"training.seed": [0, 1, 2, 3]}
-    recipe = tmp_path / "grid.yaml"
-    recipe.write_text(json.dumps(raw))
-    code, _, err = cli("run", recipe, "-q")
-    assert code == 0, err
-    grid = tmp_path / "tiny"
+    grid = _seed_grid(tmp_path, cli, 4)
     saved = grid / "seed-0" / "recipe.yaml"
     saved.write_text(saved.read_text().replace("lr: 0.003", "lr: 0.004"))
     (grid / "seed-1" / "run.json").unlink()
