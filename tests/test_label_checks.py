@@ -24,3 +24,27 @@ def test_a_non_finite_label_names_its_own_frame():
     labels[17, 0] = 0.0
     labels[3, 1] = float("nan")  # frame 3 is unlabelled: never read
     check_video(video, ["audio"], [0, 1], "split 'train'")
+
+
+def test_a_split_whose_target_never_varies_is_warned_about():
+    """A split whose labelled frames all carry one value of a target (a placeholder file, a
+    constant fill) makes PCC undefined (reported as 0) and CCC only a distance to that value:
+    building its store warns, naming the column; a varying target is not named."""
+    import warnings
+
+    from fusionkit.engine.data import FrameStore
+
+    n = 30
+    labels = torch.stack([torch.full((n,), 0.3), torch.linspace(-1, 1, n)], dim=1)
+    video = Video("vid", {"audio": torch.randn(n, 3)}, labels, torch.ones(n, dtype=torch.bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FrameStore([video], ["audio"], [0, 1], 10, 5, where="dataset 'x' split 'val'")
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1
+    assert "dataset 'x' split 'val': label column(s) [0] hold one value" in said[0]
+    labels[5, 0] = 0.2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FrameStore([video], ["audio"], [0, 1], 10, 5, where="dataset 'x' split 'val'")
+    assert not [w for w in caught if "hold one value" in str(w.message)]

@@ -352,6 +352,18 @@ class FrameStore:
         # masked product (NaN * 0 = NaN) reaches a loss, a metric or a predictions file
         targets = torch.cat([v.labels[:, cols].float() for v in videos]).to(device)
         self.targets = torch.where(self.target_mask[:, None], targets, 0.0)
+        labelled = self.targets[self.target_mask]
+        if labelled.shape[0] > 1:  # a constant target: CCC is only a distance, PCC undefined
+            spread = (labelled.amax(0) - labelled.amin(0)).tolist()
+            flat = [j for j, s in enumerate(spread) if s == 0]
+            if flat:
+                warnings.warn(
+                    f"{where}: label column(s) {[cols[j] for j in flat]} hold one value on "
+                    f"every labelled frame ({labelled.shape[0]} frames): CCC there measures "
+                    "only how far the predictions are from it, and PCC is undefined (reported "
+                    "as 0); check the labels of this split",
+                    stacklevel=2,
+                )
         self._fingerprint = labels_fingerprint(videos, cols)
         names = sorted({f for v in videos for f in v.flags})
         #: flag name -> (total frames,) bool on the CPU (False on videos without the flag)
