@@ -687,3 +687,23 @@ def test_the_largest_float32_is_an_accepted_missing_value(tmp_path):
         assert float(row[3]) == value
     with pytest.raises(DataError, match="--missing-value"):
         check_missing_value(float(np.nextafter(top, np.inf)))
+
+
+def test_a_row_of_zeros_is_streamed_as_an_absent_frame(run16, tmp_path, cli, registry):
+    """A features file carries no presence flags; a row of zeros (a frame without a face, as
+    datasets fill it) stays zero after z-scoring, as for the run's own data, instead of
+    becoming -mean/std (stream then differed from predict on every faceless frame)."""
+    run, _, video = run16
+    feats = {m: x[:40].clone() for m, x in video.features.items()}
+    feats["video"][[4, 9, 10]] = 0.0
+    path = tmp_path / "faceless.safetensors"
+    save_file({m: x.contiguous() for m, x in feats.items()}, str(path))
+    out = tmp_path / "s.csv"
+    code, _, err = cli("stream", run, path, "--fps", "30", "--out", out, "-q")
+    assert code == 0, err
+    online = torch.tensor([[float(r["valence"]), float(r["arousal"])] for r in _csv(out)])
+    session = load_run(run, registry=registry, device="cpu").session
+    norm = session.normalizer
+    zs = {m: (x - norm.mean[m]) / norm.std[m].clamp(min=norm.eps) for m, x in feats.items()}
+    zs["video"][[4, 9, 10]] = 0.0  # independently of Normalizer.apply: absent stays zero
+    assert_streams_trailing_windows(session.model, zs, online, WINDOW, (4, 9, 10, 11, 39))

@@ -188,9 +188,12 @@ class StreamingPredictor:
         # ``context`` frames are always one contiguous slice (no per-frame roll or copy).
         c = self.context
         slot = self.count % c
-        if self.normalizer is not None:
+        if self.normalizer is not None:  # a row of zeros is a frame without the modality
+            # (a missing face): kept at zero as for the run's own data, which flags it absent
             frame = {
-                m: self.normalizer.apply(m, x) if m in self.modalities else x
+                m: self.normalizer.apply(m, x, present=(x != 0).any(dim=-1))
+                if m in self.modalities
+                else x
                 for m, x in frame.items()
             }
         for m in self.modalities:
