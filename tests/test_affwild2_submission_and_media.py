@@ -190,3 +190,30 @@ def test_a_test_trial_without_a_cache_names_the_test_list_to_extract_with(tmp_pa
     msg = str(info.value)
     assert msg.startswith("missing feature cache ") and "te.safetensors" in msg
     assert "run `fusionkit extract RECIPE data.params.test_list=test_list.txt`" in msg
+
+
+@pytest.mark.parametrize("rows", [None, "template"])
+def test_a_video_name_with_a_comma_is_quoted_in_the_csv(tmp_path, rows):
+    """A video named from a file name may hold a comma or a quote: its rows are quoted, so
+    a CSV reader gets the header's columns (the rows had one field more than the header)."""
+    import csv
+
+    name = 'vid,e "b"'
+    pred = torch.tensor([[0.25, -0.5], [0.5, -0.25]])
+    run = RunPredictions(
+        run_dir=tmp_path / "r",
+        targets=("valence", "arousal"),
+        dataset_targets=("valence", "arousal"),
+        per_video={name: (torch.arange(2), pred)},
+        rows=None if rows is None else {name: [(f"{name}/{k + 1:05d}.jpg", k) for k in range(2)]},
+    )
+    write_submission([run], tmp_path / "sub.csv")
+    with (tmp_path / "sub.csv").open(newline="") as fh:
+        header, *body = list(csv.reader(fh))
+    assert all(len(r) == len(header) for r in body)
+    got = [dict(zip(header, r, strict=True)) for r in body]
+    assert [float(r["valence"]) for r in got] == [0.25, 0.5]
+    if rows is None:
+        assert [(r["video"], r["frame"]) for r in got] == [(name, "0"), (name, "1")]
+    else:
+        assert got[1]["image_location"] == f"{name}/00002.jpg"

@@ -24,6 +24,8 @@ differently cut data are refused rather than paired video by video.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -232,16 +234,16 @@ def write_submission(
             "per dimension: train it with model.targets set to it) or fill the column with "
             "--missing-value"
         )
-    rows = runs[0].rows
+    rows: dict[str, list[tuple[Any, int]]] | None = runs[0].rows
     if rows is None:  # no official rows: one line per frame of every video
         first = runs[0]
         rows = {
-            video: [(f"{video},{int(f)}", int(f)) for f in ids.tolist()]
+            video: [((video, int(f)), int(f)) for f in ids.tolist()]
             for video, (ids, _) in first.per_video.items()
         }
-        lines = ["video,frame," + ",".join(columns)]
+        lines: list[list[Any]] = [["video", "frame", *columns]]
     else:
-        lines = ["image_location," + ",".join(columns)]
+        lines = [["image_location", *columns]]
     padded: dict[str, tuple[int, int]] = {}  # video -> (rows padded, rows listed)
     truncated: dict[str, tuple[int, int]] = {}  # video -> (frames cut, frames predicted)
     for video, listed in rows.items():
@@ -267,8 +269,11 @@ def write_submission(
         for (name, _), row in zip(listed, values.tolist(), strict=True):
             if not all(math.isfinite(x) for x in row):
                 raise DataError(f"non-finite prediction for {name}")
-            lines.append(name + "," + ",".join(f"{x:.6f}" for x in row))
-    atomic_write_text(out, "\n".join(lines) + "\n")
+            lead = list(name) if isinstance(name, tuple) else [name]
+            lines.append([*lead, *(f"{x:.6f}" for x in row)])
+    text = io.StringIO()  # quoted where a name holds a comma, a quote or a line break
+    csv.writer(text, lineterminator="\n").writerows(lines)
+    atomic_write_text(out, text.getvalue())
     _warn_far(padded, truncated)
     return {
         "rows": len(lines) - 1,
