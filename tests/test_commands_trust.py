@@ -161,6 +161,20 @@ def test_stream_refuses_its_out_before_loading_the_model(trained, tmp_path, cli,
     assert code == 2 and "exists; pass --force" in err
 
 
+def test_an_out_file_in_a_missing_folder_and_an_infinite_fps_are_refused(trained, tmp_path, cli):
+    """A mistyped --out folder makes no folder tree (predict created it); --fps inf (or any
+    rate over 1000) is refused instead of a seconds column of zeros and a budget of 0 ms."""
+    run, feats, _ = trained
+    for args in (("predict", run), ("stream", run, feats, "-q")):
+        out = tmp_path / "typo" / "sub" / "x.csv"
+        code, _, err = cli(*args, "--out", out)
+        assert code == 2 and f"the folder {out.parent} does not exist" in err, err
+        assert not (tmp_path / "typo").exists()
+    for fps in ("inf", "1e308", "5000"):
+        code, _, err = cli("stream", run, feats, "--fps", fps, "-q")
+        assert code == 2 and "--fps" in err, err
+
+
 def _audio_cnn_state():
     from fusionkit.cli.weights import _params, find_component
 

@@ -49,6 +49,7 @@ def stream(
         float | None,
         typer.Option(
             min=0.1,
+            max=1000.0,
             help="frames per second of a features file (it holds none; 30 when not given, "
             "with a note): sets the seconds column, the --realtime pace and the latency budget",
         ),

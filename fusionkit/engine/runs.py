@@ -243,6 +243,11 @@ def check_output_file(path: Path, force: bool = False, option: str = "--out") ->
         raise FusionkitError(
             f"{option} {out} exists; pass --force to overwrite it, or give a new file"
         )
+    if not out.parent.is_dir():  # a mistyped path makes no folders
+        raise FusionkitError(
+            f"{option} {out}: the folder {out.parent} does not exist; create it first, or give "
+            "a path in an existing folder"
+        )
 
 
 def _merged_sweep(
