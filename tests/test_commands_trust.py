@@ -440,3 +440,17 @@ def test_weights_convert_of_a_protocol_4_pickle_is_one_line(tmp_path, cli):
         )
     assert code == 2 and "Detected pickle protocol" not in err
     assert not [w for w in caught if "pickle protocol" in str(w.message)]
+
+
+def test_predict_warns_when_data_settings_change_an_evaluated_split(trained, tmp_path, cli):
+    """`predict --data` settings that deliver other data under the name of a split the run
+    was evaluated on (another fold, other features) are warned about: the file is not of the
+    data the metrics are; settings that deliver the same data are not."""
+    run, _, _ = trained
+    code, _, err = cli("predict", run, "--split", "val", "--out", tmp_path / "a.csv",
+                       "--data", "seed=1")  # fmt: skip
+    assert code == 0, err
+    assert "the --data settings change split 'val'" in err and "the val features" in err
+    code, _, err = cli("predict", run, "--split", "val", "--out", tmp_path / "b.csv",
+                       "--data", "seed=0")  # fmt: skip
+    assert code == 0 and "--data settings change" not in err, err

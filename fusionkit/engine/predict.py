@@ -42,7 +42,8 @@ from fusionkit.core.registry import Registry
 from fusionkit.engine.data import labels_fingerprint
 from fusionkit.engine.evaluate import predict as predict_frames
 from fusionkit.engine.files import atomic_write_text
-from fusionkit.engine.session import load_run, set_run_threads
+from fusionkit.engine.runs import recorded_metrics
+from fusionkit.engine.session import data_as_evaluated, load_run, set_run_threads
 
 __all__ = [
     "RunPredictions",
@@ -101,6 +102,16 @@ def predict_run(
     # sums, so the last digits of the predictions
     set_run_threads(loaded.run_dir, session.recipe.training.num_threads)
     dataset = session.dataset
+    if data_overrides and split in (recorded_metrics(loaded.run_dir.path).get("splits") or {}):
+        try:  # other --data settings may deliver another split under the same name
+            data_as_evaluated(loaded.run_dir, session, split)
+        except DataError as exc:
+            warnings.warn(
+                f"the --data settings change split {split!r}: {exc}. Its predictions are not "
+                "of the data the run's metrics are (another fold may even hold videos the run "
+                "trained on)",
+                stacklevel=2,
+            )
     store = session.store(split)
     preds = predict_frames(session.model, store, session.recipe.evaluation.batch_size, session.bf16)
     videos = {v.name: v for v in dataset.videos(split)}
