@@ -508,9 +508,11 @@ class RunDir:
         recorded = (marker.model_extra or {}).get("components")
         changed: dict[str, None] = {}
         for c in recorded if isinstance(recorded, list) else []:
-            if not isinstance(c, dict) or (str(c.get("kind")), str(c.get("name"))) not in registry:
+            if not isinstance(c, dict):
                 continue
             kind, name = str(c.get("kind")), str(c.get("name"))
+            if (kind, name) not in registry:
+                continue
             dist, version = c.get("distribution"), c.get("version")
             now = registry.get(kind, name)
             if now.distribution == dist and version and now.version != version:

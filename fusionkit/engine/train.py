@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -217,6 +217,8 @@ class Trainer:
         self.model = session.model
         self.device = session.device
         self.bf16 = session.bf16
+        #: how every epoch computes, as the training state and metrics.json record it
+        self.precision: Literal["fp32", "bf16"] = "bf16" if self.bf16 else "fp32"
         self.targets = session.targets
         self.progress = progress or train_progress(None)
         self.dist = dist or Dist()
@@ -246,8 +248,8 @@ class Trainer:
         self.state = TrainState(
             recipe_sha256=self.recipe.training_sha256(),
             world_size=self.dist.world_size,
-            device_type="cuda" if self.device.type == "cuda" else "cpu",
-            precision="bf16" if self.bf16 else "fp32",
+            device_type=self.device.type,
+            precision=self.precision,
         )
         self._tb: Any = None  # TensorBoard writer, when training.loggers asks for it
         self._identity: dict[str, str] | None = None  # the dataset's FeatureIdentity
@@ -295,7 +297,7 @@ class Trainer:
                 f"{self.dist.world_size}: every step would see another batch of windows. "
                 f"Resume it as it was: {resume_command(self.run.path, have)}"
             )
-        setup = (self.device.type, "bf16" if self.bf16 else "fp32")
+        setup = (self.device.type, self.precision)
         if state.device_type is not None and (state.device_type, state.precision) != setup:
             raise ResumeRefused(
                 f"{self.run}: its {state.epochs_done} finished epoch(s) trained on "
@@ -700,7 +702,7 @@ class Trainer:
             "train_seconds": st.train_seconds,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device),
-            "precision": "bf16" if self.bf16 else "fp32",
+            "precision": self.precision,
             "compile": self.recipe.training.compile,
             "cuda_graphs": self.graphs,
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
