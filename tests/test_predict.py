@@ -122,6 +122,20 @@ def test_runs_per_target_merge_into_one_file(tmp_path):
     assert read_csv(out)[1] == ["a/00001.jpg", "0.000000", "0.000000"]
 
 
+def test_runs_listing_other_submission_rows_are_not_merged(tmp_path):
+    """Merged runs follow one row list: a run whose dataset lists other rows (another
+    template) or none is refused, where the file took the first run's rows."""
+    out = tmp_path / "p.csv"
+    other = fake_run("val", ("valence",), 0.2)
+    other.rows = {"a": [(f"a/{k:05d}.png", k) for k in range(6)]}
+    with pytest.raises(DataError, match=r"name different submission rows.*videos a"):
+        write_submission([fake_run("aro", ("arousal",), 0.1), other], out)
+    other.rows = None
+    with pytest.raises(DataError, match="aro lists submission rows, val lists none"):
+        write_submission([fake_run("aro", ("arousal",), 0.1), other], out)
+    assert not out.exists()
+
+
 def test_rows_follow_frame_ids():
     ids = torch.tensor([0, 1, 2, 5, 6])  # a dataset that skipped frames 3 and 4
     pred = torch.tensor([0.0, 1.0, 2.0, 5.0, 6.0])

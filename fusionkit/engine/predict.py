@@ -164,6 +164,26 @@ def _check_same_data(first: RunPredictions, run: RunPredictions) -> None:
                 raise refuse(f"video {video!r} has other labels in each")
 
 
+def _check_same_rows(first: RunPredictions, run: RunPredictions) -> None:
+    """Refuse to merge two runs whose datasets list other submission rows (another template
+    file, or none): the file would follow the first run's list and the other's would be lost."""
+    if first.rows == run.rows:
+        return
+    if first.rows is None or run.rows is None:
+        listed, unlisted = (first, run) if run.rows is None else (run, first)
+        what = f"{listed.run_dir} lists submission rows, {unlisted.run_dir} lists none"
+    else:
+        differ = sorted(set(first.rows) ^ set(run.rows)) or sorted(
+            v for v in first.rows if first.rows[v] != run.rows[v]
+        )
+        what = f"their listed rows differ (videos {first_few(differ, 3)})"
+    raise DataError(
+        f"{first.run_dir} and {run.run_dir} name different submission rows: {what}. Give both "
+        "the same row list (the dataset's submission template; pass the same --data to all "
+        "of them)"
+    )
+
+
 def submission_rows(frame_ids: Tensor, pred: Tensor, frames: list[int]) -> Tensor:
     """Predictions at the listed frames: the row with the last ``frame_id <= frame``,
     clamped to the video (a frame past the end gets the last prediction)."""
@@ -231,6 +251,7 @@ def write_submission(
             )
         if run is not runs[0]:
             _check_same_data(runs[0], run)
+            _check_same_rows(runs[0], run)
         for j, t in enumerate(run.targets):
             if t in source:
                 raise DataError(
