@@ -48,3 +48,31 @@ def test_a_split_whose_target_never_varies_is_warned_about():
         warnings.simplefilter("always")
         FrameStore([video], ["audio"], [0, 1], 10, 5, where="dataset 'x' split 'val'")
     assert not [w for w in caught if "hold one value" in str(w.message)]
+
+
+def test_labels_outside_the_valence_arousal_range_are_warned_about():
+    """An unannotated-frame marker (-5) left on labelled frames is trained and scored as a
+    label: building the store warns, naming the column, the frame count and the range; an
+    unlabelled -5 (masked) and labels within [-1, 1] are not warned about."""
+    import warnings
+
+    from fusionkit.engine.data import DataWarning, FrameStore
+
+    n = 30
+    labels = torch.stack([torch.linspace(-1, 1, n), torch.linspace(1, -1, n)], dim=1)
+    labels[4:7, 1] = -5.0
+    mask = torch.ones(n, dtype=torch.bool)
+    video = Video("vid", {"audio": torch.randn(n, 3)}, labels, mask)
+
+    def said() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            FrameStore([video], ["audio"], [0, 1], 10, 5, where="dataset 'x' split 'train'")
+        return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+
+    got = said()
+    assert len(got) == 1
+    assert got[0].startswith("dataset 'x' split 'train': labelled frames hold values outside")
+    assert "column 1: 3 frame(s), from -5 to 1" in got[0] and "column 0" not in got[0]
+    mask[4:7] = False  # the marker on unlabelled frames, as datasets should write it
+    assert said() == []

@@ -292,6 +292,35 @@ def check_video(
             )
 
 
+#: the range of valence and arousal annotations; labels beyond it are warned about
+LABEL_RANGE = (-1.0, 1.0)
+
+
+def _warn_out_of_range(labelled: Tensor, columns: list[int], where: str) -> None:
+    """Warn when labelled frames (``(N, C)``) hold values outside :data:`LABEL_RANGE`: most
+    often a dataset's "no annotation" marker (Aff-Wild2 writes -5) left unmasked, which the
+    model would then be trained and scored on."""
+    lo, hi = LABEL_RANGE
+    outside = (labelled < lo) | (labelled > hi)
+    if not bool(outside.any()):
+        return
+    counts = outside.sum(0).tolist()
+    parts = [
+        f"column {c}: {k} frame(s), from {labelled[:, j].min().item():g} to "
+        f"{labelled[:, j].max().item():g}"
+        for j, (c, k) in enumerate(zip(columns, counts, strict=True))
+        if k
+    ]
+    warnings.warn(
+        f"{where}: labelled frames hold values outside [{lo:g}, {hi:g}] ({'; '.join(parts)}); "
+        "valence and arousal lie in that range, so these are probably an unannotated-frame "
+        "marker (Aff-Wild2 writes -5) the dataset did not mask (label_mask False), or labels "
+        "on another scale: check the dataset, since training and CCC use these values as given",
+        DataWarning,
+        stacklevel=3,
+    )
+
+
 class FrameStore:
     """The frames of one split, concatenated, plus the window table over them."""
 
@@ -364,6 +393,7 @@ class FrameStore:
                     "as 0); check the labels of this split",
                     stacklevel=2,
                 )
+        _warn_out_of_range(labelled, cols, where)
         self._fingerprint = labels_fingerprint(videos, cols)
         names = sorted({f for v in videos for f in v.flags})
         #: flag name -> (total frames,) bool on the CPU (False on videos without the flag)
