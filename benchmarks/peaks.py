@@ -1,16 +1,32 @@
-"""Measure this GPU's ceilings: a bf16 matrix product and a device-to-device copy.
+"""Measure this machine's ceilings: matrix products and, on a GPU, a device-to-device copy.
 
 The roofline columns of ``bench.py`` use datasheet peaks; this script measures what the device
 actually reaches, so a "% of roofline" can be read against a measured ceiling too::
 
     python benchmarks/peaks.py            # 8192^3 bf16 matmul, 4 GiB copy, CUDA events
+    python benchmarks/peaks.py --cpu --threads 2   # float32 against bf16 products on the CPU
+
+``--cpu`` times float32 and bf16 products side by side (interleaved, median of the repeats) at
+the shapes of the released TAGF step at batch 12, T = 300 (the gate's input projection and its
+``Linear``, a recurrent product) and one large square product: whether bf16 autocast can pay on
+this CPU (it needs AMX; ``amx`` says whether PyTorch sees it).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
+
+#: (rows, inner, columns) of products in the released TAGF step at batch 12, T = 300
+CPU_SHAPES = {
+    "gate input projection": (3600 * 3, 256, 2048),
+    "gate Linear": (3600 * 3, 768, 512),
+    "gate recurrent product": (3600, 256, 1024),
+    "square 4096": (4096, 4096, 4096),
+}
 
 
 def timed_ms(fn, repeats: int) -> float:
@@ -24,12 +40,42 @@ def timed_ms(fn, repeats: int) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def cpu_products(threads: int, repeats: int) -> None:
+    """GFLOP/s of float32 and bf16 products at :data:`CPU_SHAPES`, interleaved per repeat."""
+    torch.set_num_threads(threads)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)()
+    print(f"CPU, {threads} thread(s), AMX: {amx}, torch {torch.__version__}")
+    dtypes = (torch.float32, torch.bfloat16)
+    for name, (m, k, n) in CPU_SHAPES.items():
+        pairs = {dt: (torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)) for dt in dtypes}
+        times: dict[torch.dtype, list[float]] = {dt: [] for dt in dtypes}
+        for a, b in pairs.values():  # warm-up
+            for _ in range(2):
+                a @ b
+        for _ in range(repeats):
+            for dt, (a, b) in pairs.items():
+                t0 = time.perf_counter()
+                a @ b
+                times[dt].append(time.perf_counter() - t0)
+        rate = {dt: 2 * m * k * n / statistics.median(ts) / 1e9 for dt, ts in times.items()}
+        f32, b16 = rate[torch.float32], rate[torch.bfloat16]
+        print(
+            f"{name} ({m} x {k}) @ ({k} x {n}): float32 {f32:.0f} GFLOP/s, "
+            f"bf16 {b16:.0f} GFLOP/s, bf16/float32 {b16 / f32:.2f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8192, help="matrix side of the bf16 product")
     ap.add_argument("--copy-gib", type=float, default=4.0, help="size of the copied tensor")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--cpu", action="store_true", help="float32 against bf16 products on the CPU")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (with --cpu)")
     args = ap.parse_args()
+    if args.cpu:
+        cpu_products(args.threads, args.repeats)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("peaks.py needs a CUDA device")
     n = args.n

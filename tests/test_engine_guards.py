@@ -127,7 +127,7 @@ def test_a_containers_cpu_quota_caps_the_available_cores(tmp_path, monkeypatch, 
 
 def test_device_auto_is_cuda_when_present_and_bf16_auto_only_there(monkeypatch):
     """``--device auto`` takes the GPU when there is one; ``precision: auto`` is bf16 on CUDA
-    only (a CPU without native bf16 would emulate it, slower and less exact)."""
+    only (without AMX, bf16 trains slower on the CPU than float32, and it is less exact)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto", what="--device") == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -59,11 +59,11 @@ __all__ = [
     "LoadedRun",
     "Session",
     "available_cores",
+    "bf16_pays",
     "build_session",
     "check_recipe",
     "feature_identity",
     "load_run",
-    "native_bf16",
     "resolve_device",
     "set_run_threads",
     "set_threads",
@@ -239,14 +239,20 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively here; on a CPU without AVX512-BF16 or AMX
-    PyTorch emulates them, and bf16 autocast is slower than float32. True when unknown."""
+def bf16_pays(device: torch.device) -> bool:
+    """Whether bf16 autocast can be expected to train faster than float32 here: on the CPU only
+    with AMX tiles. On a CPU with AVX512-BF16 but no AMX, bf16 matrix products measured at about
+    half the speed of float32 ones, and the released TAGF step 1.4x slower than in float32
+    (docs/benchmarks.md); without AVX512-BF16 PyTorch emulates them. True on other devices and
+    when the check is unavailable."""
     if device.type != "cpu":
         return True
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is None:
+        return True
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        return bool(probe())
+    except RuntimeError:
         return True
 
 

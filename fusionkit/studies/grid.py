@@ -71,9 +71,9 @@ from fusionkit.engine.runs import (
 from fusionkit.engine.session import (
     Session,
     available_cores,
+    bf16_pays,
     build_session,
     check_recipe,
-    native_bf16,
     resolve_device,
     set_threads,
 )
@@ -150,10 +150,10 @@ def _describe(session: Session, console: Console, dist: Dist) -> None:
         f"model: {params:,} parameters on {session.device} "
         f"({'bf16' if session.bf16 else 'fp32'}){threads}"
     )
-    if session.bf16 and not native_bf16(session.device):
+    if session.bf16 and not bf16_pays(session.device):
         console.print(
-            "note: this CPU has no native bf16 matrix products (AVX512-BF16 or AMX), so bf16 "
-            "autocast is likely slower than fp32 here; set training.precision=fp32"
+            "note: this CPU has no AMX, and without it bf16 matrix products run slower than "
+            "fp32 ones, so bf16 autocast likely trains slower here; set training.precision=fp32"
         )
     if dist.enabled:
         console.print(
