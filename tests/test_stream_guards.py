@@ -536,7 +536,7 @@ class _OtherArousal(TinyDataset):
         out = super().videos(split)
         for v in out:
             v.labels = v.labels.clone()
-            v.labels[:, 1] += 0.25
+            v.labels[:, 1] *= 0.5  # still in [-1, 1]
         return out
 
 
