@@ -7,6 +7,7 @@ two threads per process can be many times slower than one.
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # xdist sets a terminal size of 80 x 24 in its
@@ -119,6 +120,16 @@ def tiny_plugin_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     site.mkdir(exist_ok=True)
     make_distribution(site, "fk-tiny", "fk_tiny", TINY_PLUGIN)
     return dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}", **extra)
+
+
+def hears_ctrl_c() -> None:
+    """``preexec_fn`` for a subprocess a test interrupts with SIGINT: SIGINT back to its default.
+
+    A test runner started as a background job of a script (``pytest ... &`` in a subshell, as
+    some CI and agent shells do) runs with SIGINT ignored, and its children inherit that across
+    exec (POSIX): such a ``fusionkit`` process rightly ignores SIGINT, as a background job
+    should, and a test of its Ctrl-C behaviour would wait for a stop that never comes."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def flagged_gate_recipe(tmp_path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_plugin_env, tiny_recipe
+from tests.conftest import REPO, hears_ctrl_c, tiny_plugin_env, tiny_recipe
 
 
 @pytest.fixture
@@ -50,6 +50,7 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(cli_env, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=hears_ctrl_c,
     )
     state = tmp_path / "runs" / "cut" / "state.safetensors"
     deadline = time.time() + 120
