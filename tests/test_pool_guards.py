@@ -88,6 +88,7 @@ class FakePool:
         self.calls: list[tuple[str, int]] = []
         self.kills: list[tuple[int, int]] = []
         self.methods: list[str] = []
+        self.join_timeouts = 0  # joins that ended with the worker still running
         self.lock = threading.Lock()
         pool = self
         ends: dict[int, Connection] = {}
@@ -125,6 +126,8 @@ class FakePool:
 
             def join(self, timeout: float | None = None) -> None:
                 self.thread.join(5.0 if timeout is None else min(timeout, 5.0))
+                if self.thread.is_alive():
+                    pool.join_timeouts += 1
 
             def is_alive(self) -> bool:
                 return self.thread.is_alive()
@@ -136,8 +139,11 @@ class FakePool:
             self.methods.append(method)
             return SimpleNamespace(Pipe=pipe, Process=Process)
 
+        self.interrupted = threading.Event()  # set by a SIGINT sent to a worker
+
         def kill(pid: int, sig: int) -> None:
             self.kills.append((pid, sig))
+            self.interrupted.set()
             proc = next(p for p in self.procs if p.pid == pid)
             proc.parent_end.send(None)  # a Ctrl-C stops the worker between points
 
@@ -155,6 +161,9 @@ class FakePool:
                 _worker_local.conn.close()
                 raise _Died
             if name.startswith("ctrl-c"):
+                raise KeyboardInterrupt
+            if name.startswith("slow"):  # trains until a SIGINT is sent to its worker
+                assert self.interrupted.wait(20), "the running point was never interrupted"
                 raise KeyboardInterrupt
             return {"splits": {}, "best_epoch": 1}
 
@@ -554,6 +563,33 @@ def test_a_point_interrupted_in_a_worker_stops_the_pool(fake_pool):
     assert not isinstance(info.value, Terminated)
     assert done.seen == [] and fake_pool.calls == [("ctrl-c", 1)]
     assert fake_pool.kills == []
+
+
+def test_a_ctrl_c_every_worker_heard_is_not_sent_to_them_again(fake_pool):
+    """A terminal's Ctrl-C reaches every process of the group: workers that report it
+    themselves get no second SIGINT."""
+    done = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        grid_mod._run_in_processes(points("ctrl-c-1", "ctrl-c-2", "a"), 2, 1, done)
+    assert sorted(fake_pool.calls) == [("ctrl-c-1", 1), ("ctrl-c-2", 1)]
+    assert done.seen == [] and fake_pool.kills == []
+
+
+def test_a_ctrl_c_of_the_grid_process_alone_is_passed_on_to_its_running_workers(
+    fake_pool, monkeypatch
+):
+    """`kill -INT` of the grid process (a script, a scheduler) reaches it alone: the workers
+    still running a point are sent SIGINT after a short wait for their own reports, so they
+    stop at once and keep their last finished epoch instead of training on, and idle workers
+    are told to stop: the grid waits on none of them in vain."""
+    monkeypatch.setattr(grid_mod, "INTERRUPT_GRACE_S", 0.2)
+    done = Recorder(raise_at_first=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt) as info:
+        grid_mod._run_in_processes(points("a", "slow"), 2, 1, done)
+    assert not isinstance(info.value, Terminated)
+    assert [s[:2] for s in done.seen] == [("a", "done")]  # "slow" stays pending
+    assert fake_pool.kills == [(fake_pool.procs[1].pid, signal.SIGINT)]
+    assert fake_pool.join_timeouts == 0
 
 
 def test_sigterm_to_the_grid_is_passed_on_to_its_workers_as_ctrl_c(fake_pool):

@@ -650,13 +650,7 @@ def _run_in_processes(
                     pool.remove(w)  # replaced when there is work left
                     done(tag, "failed", f"worker process died: {_signal_name(w.proc.exitcode)}")
     except KeyboardInterrupt as exc:
-        # Ctrl-C reaches the workers too (one process group); SIGTERM (`kill`, a scheduler)
-        # reaches this process only, so it is passed on as Ctrl-C. Each worker keeps its last
-        # finished epoch and stops; the next `fusionkit run` of the recipe resumes them.
-        if isinstance(exc, Terminated):
-            for w in pool:
-                if w.proc.is_alive() and w.proc.pid:
-                    os.kill(w.proc.pid, signal.SIGINT)
+        _pass_interrupt_on(pool, at_once=isinstance(exc, Terminated))
         for w in pool:
             w.proc.join(timeout=30)
         _record_sent(pool, done)
@@ -672,6 +666,39 @@ def _run_in_processes(
                 if w.proc.is_alive():
                     w.proc.terminate()
             w.conn.close()
+
+
+#: seconds the workers get to report an interrupt of their own (a terminal's Ctrl-C reaches
+#: the whole process group) before it is passed on to them
+INTERRUPT_GRACE_S = 2.0
+
+
+def _pass_interrupt_on(pool: list[_Worker], *, at_once: bool) -> None:
+    """Stop the workers after an interrupt of the grid: each running point keeps its last
+    finished epoch, and the next ``fusionkit run`` of the recipe resumes it.
+
+    SIGTERM (``at_once``: ``kill``, a scheduler) reaches this process only: every live worker
+    is sent Ctrl-C (SIGINT). A terminal's Ctrl-C reaches every process of the group, a ``kill
+    -INT`` of this process only this one: the workers still running a point that have not
+    reported within :data:`INTERRUPT_GRACE_S` are sent SIGINT, and the others, idle or done
+    with their point, are told to stop (without that the grid would wait on workers training
+    on, or waiting for a next point)."""
+    if not at_once:
+        deadline = time.monotonic() + INTERRUPT_GRACE_S
+        for w in pool:
+            if w.tag is not None:
+                w.conn.poll(max(0.0, deadline - time.monotonic()))
+    for w in pool:
+        if not w.proc.is_alive():
+            continue
+        if at_once or (w.tag is not None and not w.conn.poll()):
+            if w.proc.pid:
+                os.kill(w.proc.pid, signal.SIGINT)
+            continue
+        try:
+            w.conn.send(None)
+        except (OSError, ValueError):  # it has stopped already
+            pass
 
 
 def _record_sent(pool: list[_Worker], done: Callable[[str, str, Any], None]) -> None:
