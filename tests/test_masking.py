@@ -40,7 +40,7 @@ def _partly_labelled_videos(rng: np.random.Generator) -> list[Video]:
     for i, n in enumerate((90, 130, 57)):
         lat = np.tanh(np.cumsum(rng.normal(size=(n, 2)) * 0.2, axis=0))
         audio = np.repeat(lat, 2, axis=1) + 0.3 * rng.normal(size=(n, 4))
-        labels = lat + 0.1 * rng.normal(size=(n, 2))
+        labels = np.clip(lat + 0.1 * rng.normal(size=(n, 2)), -1, 1)  # valence/arousal range
         keep = np.ones(n, dtype=bool)
         for start in range(3 + i, n, 20):
             keep[start : start + 8] = False
