@@ -650,9 +650,8 @@ def _run_in_processes(
                     pool.remove(w)  # replaced when there is work left
                     done(tag, "failed", f"worker process died: {_signal_name(w.proc.exitcode)}")
     except KeyboardInterrupt as exc:
-        _pass_interrupt_on(pool, at_once=isinstance(exc, Terminated))
-        for w in pool:
-            w.proc.join(timeout=30)
+        for w in _pass_interrupt_on(pool, at_once=isinstance(exc, Terminated)):
+            w.proc.join(timeout=30)  # it stops at once, keeping its last finished epoch
         _record_sent(pool, done)
         raise
     finally:
@@ -673,32 +672,28 @@ def _run_in_processes(
 INTERRUPT_GRACE_S = 2.0
 
 
-def _pass_interrupt_on(pool: list[_Worker], *, at_once: bool) -> None:
-    """Stop the workers after an interrupt of the grid: each running point keeps its last
-    finished epoch, and the next ``fusionkit run`` of the recipe resumes it.
+def _pass_interrupt_on(pool: list[_Worker], *, at_once: bool) -> list[_Worker]:
+    """Send Ctrl-C (SIGINT) to the workers that did not hear the grid's interrupt, and return
+    them: each keeps its last finished epoch and stops, and the next ``fusionkit run`` of the
+    recipe resumes it. Idle workers are left to be told to stop like after a finished grid.
 
     SIGTERM (``at_once``: ``kill``, a scheduler) reaches this process only: every live worker
-    is sent Ctrl-C (SIGINT). A terminal's Ctrl-C reaches every process of the group, a ``kill
-    -INT`` of this process only this one: the workers still running a point that have not
-    reported within :data:`INTERRUPT_GRACE_S` are sent SIGINT, and the others, idle or done
-    with their point, are told to stop (without that the grid would wait on workers training
-    on, or waiting for a next point)."""
+    is sent SIGINT. A terminal's Ctrl-C reaches every process of the group, a ``kill -INT`` of
+    this process only this one: the workers still running a point that have not reported
+    within :data:`INTERRUPT_GRACE_S` are sent SIGINT (without it they would train on)."""
     if not at_once:
         deadline = time.monotonic() + INTERRUPT_GRACE_S
         for w in pool:
             if w.tag is not None:
                 w.conn.poll(max(0.0, deadline - time.monotonic()))
-    for w in pool:
-        if not w.proc.is_alive():
-            continue
-        if at_once or (w.tag is not None and not w.conn.poll()):
-            if w.proc.pid:
-                os.kill(w.proc.pid, signal.SIGINT)
-            continue
-        try:
-            w.conn.send(None)
-        except (OSError, ValueError):  # it has stopped already
-            pass
+
+    def silent(w: _Worker) -> bool:  # running a point, and nothing reported
+        return w.tag is not None and not w.conn.poll()
+
+    told = [w for w in pool if w.proc.is_alive() and w.proc.pid and (at_once or silent(w))]
+    for w in told:
+        os.kill(w.proc.pid, signal.SIGINT)
+    return told
 
 
 def _record_sent(pool: list[_Worker], done: Callable[[str, str, Any], None]) -> None:
